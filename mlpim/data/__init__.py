@@ -1,0 +1,1 @@
+"""Datasets: IOI prompts and base/source pairs, and a word-level tokenizer for tests."""

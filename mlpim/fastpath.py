@@ -1,0 +1,159 @@
+"""END-only fast path: patch one site at the END token and run only END from there upward.
+
+Attention is causal, so a patch at END leaves every earlier position unchanged. `end_state` runs
+the base prompts once (no gradients) and keeps the prefix keys/values of every later block; then
+`resume` runs a single token per prompt through the remaining blocks against that cache. Its
+logits equal the full-forward patched logits (see tests/test_fastpath.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mlpim.models import hook_name
+
+MLP_SITES = ("mlp_post", "mlp_out")
+MID_SITES = ("resid_mid", "attn_out", "z")
+
+
+@dataclass
+class EndState:
+    """Unpatched base-prompt activations the END-only forward needs."""
+
+    kind: str
+    layer: int
+    resid_pre: Float[Tensor, "b d"]  # at `layer`
+    resid_mid: Float[Tensor, "b d"]  # at `layer`
+    keys: dict[int, Float[Tensor, "b prefix kv dh"]]  # per block that runs; rotary applied
+    values: dict[int, Float[Tensor, "b prefix kv dh"]]
+    rotary: tuple[Tensor, Tensor] | None  # (cos, sin) at END, [1, dh]
+
+    def to(self, device) -> EndState:
+        mv = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        rot = None if self.rotary is None else tuple(t.to(device) for t in self.rotary)
+        return EndState(self.kind, self.layer, self.resid_pre.to(device),
+                        self.resid_mid.to(device), mv(self.keys), mv(self.values), rot)  # fmt: skip
+
+
+def first_block(kind: str, layer: int) -> int:
+    """Index of the first whole block the END token must run after a patch at (kind, layer)."""
+    return layer if kind == "resid_pre" else layer + 1
+
+
+def _rotary(model) -> bool:
+    return model.cfg.positional_embedding_type == "rotary"
+
+
+def state_names(model, kind: str, layer: int) -> set[str]:
+    """Hooks `state_from_cache` reads for a site (kind, layer)."""
+    blocks = range(first_block(kind, layer), model.cfg.n_layers)
+    k_hook = "hook_rot_k" if _rotary(model) else "hook_k"
+    names = {hook_name("resid_pre", layer), hook_name("resid_mid", layer)}
+    names |= {f"blocks.{i}.attn.{k_hook}" for i in blocks} | {f"blocks.{i}.attn.hook_v" for i in blocks}
+    if _rotary(model):
+        names |= {"blocks.0.attn.hook_cos", "blocks.0.attn.hook_sin"}
+    return names
+
+
+def state_from_cache(model, cache, kind: str, layer: int) -> EndState:
+    """EndState for a site from an activation cache of the base prompts holding `state_names`."""
+    blocks = range(first_block(kind, layer), model.cfg.n_layers)
+    k_hook = "hook_rot_k" if _rotary(model) else "hook_k"
+    rot = None
+    if _rotary(model):  # positions are shared by every block
+        rot = (cache["blocks.0.attn.hook_cos"][:, -1], cache["blocks.0.attn.hook_sin"][:, -1])
+    return EndState(
+        kind, layer,
+        cache[hook_name("resid_pre", layer)][:, -1], cache[hook_name("resid_mid", layer)][:, -1],
+        {i: cache[f"blocks.{i}.attn.{k_hook}"][:, :-1] for i in blocks},
+        {i: cache[f"blocks.{i}.attn.hook_v"][:, :-1] for i in blocks},
+        rot,
+    )  # fmt: skip
+
+
+def end_state(model, tokens: Int[Tensor, "b seq"], kind: str, layer: int) -> EndState:
+    """Run the base prompts once and keep what `resume` needs for a site (kind, layer)."""
+    names = state_names(model, kind, layer)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    return state_from_cache(model, cache, kind, layer)
+
+
+def _bias(attn, name: str, like: Tensor) -> Tensor:
+    b = getattr(attn, name, None)
+    return torch.zeros_like(like) if b is None else b
+
+
+def _rotate(x: Float[Tensor, "b h dh"], cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def attn_end(model, i: int, x: Float[Tensor, "b d"], state: EndState) -> Float[Tensor, "b h dh"]:
+    """hook_z at END of block i for END input x (already normalised), against the cached prefix."""
+    attn = model.blocks[i].attn
+    W_Q, W_K, W_V = attn.W_Q, attn.W_K, attn.W_V  # [h, d, dh], [kv, d, dh]
+    q = torch.einsum("bd,hde->bhe", x, W_Q) + _bias(attn, "b_Q", W_Q[:, 0])
+    k = torch.einsum("bd,hde->bhe", x, W_K) + _bias(attn, "b_K", W_K[:, 0])
+    v = torch.einsum("bd,hde->bhe", x, W_V) + _bias(attn, "b_V", W_V[:, 0])
+    if state.rotary is not None:
+        q, k = _rotate(q, *state.rotary), _rotate(k, *state.rotary)
+    keys = torch.cat([state.keys[i], k[:, None]], dim=1)  # [b, seq, kv, dh]
+    values = torch.cat([state.values[i], v[:, None]], dim=1)
+    group = q.shape[1] // keys.shape[2]
+    keys, values = keys.repeat_interleave(group, 2), values.repeat_interleave(group, 2)
+    scores = torch.einsum("bhe,bshe->bhs", q, keys) / math.sqrt(q.shape[-1])
+    return torch.einsum("bhs,bshe->bhe", scores.softmax(-1), values)
+
+
+def attn_out_from_z(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b d"]:
+    """Attention output of block i from its per-head z."""
+    attn = model.blocks[i].attn
+    out = torch.einsum("bhe,hed->bd", z, attn.W_O)
+    return out + _bias(attn, "b_O", out[0])
+
+
+def mlp_out_from_post(model, i: int, post: Float[Tensor, "b m"]) -> Float[Tensor, "b d"]:
+    """MLP output of block i from its hidden activations (the input to W_out)."""
+    return model.blocks[i].mlp.out(post)
+
+
+def _norm(module, x: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
+    return module(x[:, None])[:, 0]
+
+
+def mlp_end(model, i: int, mid: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
+    """Residual after block i's MLP, from its resid_mid."""
+    blk = model.blocks[i]
+    return mid + blk.mlp(blk.ln2(mid[:, None]))[:, 0]
+
+
+def block_end(model, i: int, h: Float[Tensor, "b d"], state: EndState) -> Float[Tensor, "b d"]:
+    """One whole block for the END token."""
+    z = attn_end(model, i, _norm(model.blocks[i].ln1, h), state)
+    return mlp_end(model, i, h + attn_out_from_z(model, i, z))
+
+
+def resume(model, state: EndState, act: Tensor) -> Float[Tensor, "b vocab"]:
+    """END logits when the site's END activation is `act` (patched) and everything else is base."""
+    kind, layer = state.kind, state.layer
+    if kind in ("resid_pre", "resid_post"):
+        h = act
+    elif kind in MLP_SITES:
+        out = mlp_out_from_post(model, layer, act) if kind == "mlp_post" else act
+        h = state.resid_mid + out
+    elif kind in MID_SITES:
+        attn = attn_out_from_z(model, layer, act) if kind == "z" else act
+        mid = act if kind == "resid_mid" else state.resid_pre + attn
+        h = mlp_end(model, layer, mid)
+    else:
+        raise ValueError(f"fast path has no site kind {kind!r}")
+    for i in range(first_block(kind, layer), model.cfg.n_layers):
+        h = block_end(model, i, h, state)
+    return model.unembed(model.ln_final(h[:, None]))[:, 0]

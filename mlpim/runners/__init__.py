@@ -1,0 +1,25 @@
+"""Registry of experiment runners: name -> `run(cfg, run_dir) -> metrics DataFrame`."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+RUNNERS = {
+    "ioi_baseline": "mlpim.runners.baseline",
+    "ioi_locate": "mlpim.runners.locate",
+    "subspace": "mlpim.runners.subspace",
+}
+
+Runner = Callable[[DictConfig, Path], pd.DataFrame]
+
+
+def get_runner(name: str) -> Runner:
+    """The runner function registered under `name`."""
+    if name not in RUNNERS:
+        raise KeyError(f"unknown runner {name!r}; registered: {', '.join(sorted(RUNNERS))}")
+    return importlib.import_module(RUNNERS[name]).run
