@@ -84,9 +84,43 @@ def end_state(model, tokens: Int[Tensor, "b seq"], kind: str, layer: int) -> End
     return state_from_cache(model, cache, kind, layer)
 
 
-def _bias(attn, name: str, like: Tensor) -> Tensor:
+@dataclass(frozen=True)
+class AttnWeights:
+    """One block's attention weights as flat matrices: [d, heads*dh] in, [heads*dh, d] out."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    o: Tensor
+    bq: Tensor
+    bk: Tensor
+    bv: Tensor
+    bo: Tensor
+    n_heads: int
+    n_kv: int
+
+
+def _flat_in(w: Tensor) -> Tensor:  # [h, d, dh] -> [d, h*dh]
+    return w.permute(1, 0, 2).reshape(w.shape[1], -1).contiguous()
+
+
+def _bias(attn, name: str, n: int, like: Tensor) -> Tensor:
     b = getattr(attn, name, None)
-    return torch.zeros_like(like) if b is None else b
+    return like.new_zeros(n) if b is None else b.reshape(-1)
+
+
+def attn_weights(model, i: int) -> AttnWeights:
+    """Block i's attention weights, flattened once and cached on the (frozen) model."""
+    cache = model.__dict__.setdefault("_mlpim_attn_weights", {})
+    if i not in cache:
+        a = model.blocks[i].attn
+        q, k, v, o = _flat_in(a.W_Q), _flat_in(a.W_K), _flat_in(a.W_V), a.W_O.reshape(-1, a.W_O.shape[-1])
+        cache[i] = AttnWeights(
+            q, k, v, o.contiguous(), _bias(a, "b_Q", q.shape[1], q), _bias(a, "b_K", k.shape[1], k),
+            _bias(a, "b_V", v.shape[1], v), _bias(a, "b_O", o.shape[1], o),
+            a.W_Q.shape[0], a.W_K.shape[0],
+        )  # fmt: skip
+    return cache[i]
 
 
 def _rotate(x: Float[Tensor, "b h dh"], cos: Tensor, sin: Tensor) -> Tensor:
@@ -97,26 +131,25 @@ def _rotate(x: Float[Tensor, "b h dh"], cos: Tensor, sin: Tensor) -> Tensor:
 
 def attn_end(model, i: int, x: Float[Tensor, "b d"], state: EndState) -> Float[Tensor, "b h dh"]:
     """hook_z at END of block i for END input x (already normalised), against the cached prefix."""
-    attn = model.blocks[i].attn
-    W_Q, W_K, W_V = attn.W_Q, attn.W_K, attn.W_V  # [h, d, dh], [kv, d, dh]
-    q = torch.einsum("bd,hde->bhe", x, W_Q) + _bias(attn, "b_Q", W_Q[:, 0])
-    k = torch.einsum("bd,hde->bhe", x, W_K) + _bias(attn, "b_K", W_K[:, 0])
-    v = torch.einsum("bd,hde->bhe", x, W_V) + _bias(attn, "b_V", W_V[:, 0])
+    w = attn_weights(model, i)
+    b = x.shape[0]
+    q = (x @ w.q + w.bq).view(b, w.n_heads, -1)
+    k = (x @ w.k + w.bk).view(b, w.n_kv, -1)
+    v = (x @ w.v + w.bv).view(b, w.n_kv, -1)
     if state.rotary is not None:
         q, k = _rotate(q, *state.rotary), _rotate(k, *state.rotary)
     keys = torch.cat([state.keys[i], k[:, None]], dim=1)  # [b, seq, kv, dh]
     values = torch.cat([state.values[i], v[:, None]], dim=1)
-    group = q.shape[1] // keys.shape[2]
-    keys, values = keys.repeat_interleave(group, 2), values.repeat_interleave(group, 2)
-    scores = torch.einsum("bhe,bshe->bhs", q, keys) / math.sqrt(q.shape[-1])
-    return torch.einsum("bhs,bshe->bhe", scores.softmax(-1), values)
+    q = q.view(b, w.n_kv, w.n_heads // w.n_kv, -1)  # query heads grouped by their kv head
+    scores = torch.einsum("bkge,bske->bkgs", q, keys) / math.sqrt(q.shape[-1])
+    z = torch.einsum("bkgs,bske->bkge", scores.softmax(-1), values)
+    return z.reshape(b, w.n_heads, -1)
 
 
 def attn_out_from_z(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b d"]:
     """Attention output of block i from its per-head z."""
-    attn = model.blocks[i].attn
-    out = torch.einsum("bhe,hed->bd", z, attn.W_O)
-    return out + _bias(attn, "b_O", out[0])
+    w = attn_weights(model, i)
+    return z.reshape(z.shape[0], -1) @ w.o + w.bo
 
 
 def mlp_out_from_post(model, i: int, post: Float[Tensor, "b m"]) -> Float[Tensor, "b d"]:

@@ -30,13 +30,14 @@ def prepare(model, batches: list[PairBatch], kind: str, layer: int, fast: bool =
     name = validate_site(model, kind, layer)
     if kind == "resid_mid":
         raise ValueError("resid_mid cannot be patched: TransformerBridge's hook_resid_mid only feeds the MLP's input; patch resid_post of layer-1 or attn_out instead")
+    names = {name} | (fastpath.state_names(model, kind, layer) if fast else set())
     out = []
     with torch.no_grad():
         for pb in batches:
-            logits, base = model.run_with_cache(pb.base.tokens, names_filter=[name])
+            logits, base = model.run_with_cache(pb.base.tokens, names_filter=lambda n: n in names)
             _, src = model.run_with_cache(pb.source.tokens, names_filter=[name])
             clean_ld = metrics.logit_diff(logits[:, -1], pb.base.io, pb.base.s)
-            state = fastpath.end_state(model, pb.base.tokens, kind, layer) if fast else None
+            state = fastpath.state_from_cache(model, base, kind, layer) if fast else None
             out.append(Prepared(pb, base[name][:, -1], src[name][:, -1], clean_ld, state))
     return out
 

@@ -60,3 +60,12 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     wide = df.pivot_table(index="intervention", columns=["split", "metric"], values="value", sort=False)
     wide.columns = [f"{m} ({s})" for s, m in wide.columns]
     return wide
+
+
+def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
+    """A DataFrame as a GitHub markdown table (index as the first column)."""
+    cols = [df.index.name or "", *map(str, df.columns)]
+    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join([str(i), *map(fmt, row)]) + " |" for i, row in zip(df.index, df.values)]
+    return "\n".join(lines)

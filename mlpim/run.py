@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -37,12 +38,12 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame | None:
     df = runner(cfg, run_dir)
     io.write_metrics(df, run_dir)
     (run_dir / C.DONE).write_text(f"{time.time() - start:.1f} s\n")
-    print_summary(cfg, df, run_dir, time.time() - start)
+    summarize = getattr(sys.modules[runner.__module__], "summarize", io.summary_table)
+    print_summary(cfg, summarize(df), run_dir, time.time() - start)
     return df
 
 
-def print_summary(cfg: DictConfig, df: pd.DataFrame, run_dir: Path, seconds: float) -> None:
-    table = io.summary_table(df)
+def print_summary(cfg: DictConfig, table: pd.DataFrame, run_dir: Path, seconds: float) -> None:
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(f"\n{cfg.experiment} on {cfg.model.name} ({seconds:.0f} s)\n{table.round(3)}")
     print(f"\nrun directory: {run_dir}")

@@ -1,0 +1,99 @@
+"""ioi_locate: full-component patching at END (ABB->BAB and BAB->ABB), per layer and per head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from mlpim import fastpath, io, metrics
+from mlpim.data.ioi import PairBatch, make_pairs
+from mlpim.models import hook_name
+from mlpim.patching import full, head
+from mlpim.runners.common import model_for
+
+COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+
+
+def sites(n_layers: int, n_heads: int) -> list[tuple[str, int, int]]:
+    """(kind, layer, head) for every component and head; head -1 = the whole component."""
+    comps = [(k, layer, -1) for layer in range(n_layers) for k in COMPONENTS]
+    return comps + [("z", layer, h) for layer in range(n_layers) for h in range(n_heads)]
+
+
+def patch_batch(model, pb: PairBatch, todo: list[tuple[str, int, int]]) -> dict[tuple, torch.Tensor]:
+    """Patched END logits of one batch for every site, from one base and one source run."""
+    kinds_layers = {(k, layer) for k, layer, _ in todo}
+    acts = {hook_name(k, layer) for k, layer in kinds_layers}
+    state_hooks = set().union(*(fastpath.state_names(model, k, layer) for k, layer in kinds_layers))
+    with torch.no_grad():
+        _, base = model.run_with_cache(pb.base.tokens, names_filter=lambda n: n in acts | state_hooks)
+        _, src = model.run_with_cache(pb.source.tokens, names_filter=lambda n: n in acts)
+        out = {}
+        for kind, layer, h in todo:
+            state = fastpath.state_from_cache(model, base, kind, layer)
+            name = hook_name(kind, layer)
+            patched = (full if h < 0 else head(h))(base[name][:, -1], src[name][:, -1])
+            out[(kind, layer, h)] = fastpath.resume(model, state, patched)
+    return out
+
+
+def locate(model, batches: list[PairBatch]) -> pd.DataFrame:
+    """One row per site: LD, FLDD, IIA and flip rate of the full patch."""
+    todo = sites(model.cfg.n_layers, model.cfg.n_heads)
+    logits: dict[tuple, list] = {s: [] for s in todo}
+    clean = []
+    for pb in tqdm(batches, desc="patching components"):
+        with torch.no_grad():
+            clean.append(metrics.logit_diff(model(pb.base.tokens)[:, -1], pb.base.io, pb.base.s))
+        for s, lg in patch_batch(model, pb, todo).items():
+            logits[s].append(lg)
+    cl = torch.cat(clean)
+    io_, s_ = (torch.cat([getattr(pb.base, f) for pb in batches]) for f in ("io", "s"))
+    label = torch.cat([pb.label for pb in batches])
+    rows = []
+    for (kind, layer, h), lg in logits.items():
+        lg = torch.cat(lg)
+        ld = metrics.logit_diff(lg, io_, s_)
+        values = {"logit_diff": ld.mean().item(), "fldd": metrics.fldd(ld, cl),
+                  "iia": metrics.iia(lg, label), "flip_rate": metrics.flip_rate(ld, cl)}  # fmt: skip
+        rows += io.metric_rows(values, intervention="full", site=kind, layer=layer, head=h)
+    return pd.DataFrame(rows)
+
+
+def heatmaps(df: pd.DataFrame, run_dir: Path, title: str) -> None:
+    """FLDD heatmaps: layer × component and layer × head."""
+    fldd = df[(df.metric == "fldd") & (df.split == "test")]
+    comp = fldd[fldd["head"] < 0].pivot_table(index="layer", columns="site", values="value")[list(COMPONENTS)]
+    heads = fldd[fldd.site == "z"].pivot_table(index="layer", columns="head", values="value")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.25 * len(comp) + 2.5))
+    for ax, data, xlabel in ((axes[0], comp, "component"), (axes[1], heads, "head")):
+        lim = max(abs(data.values).max(), 1e-6)
+        im = ax.imshow(data.values, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set(xticks=range(data.shape[1]), xticklabels=data.columns, yticks=range(len(data)),
+               yticklabels=data.index, xlabel=xlabel, ylabel="layer")  # fmt: skip
+        fig.colorbar(im, ax=ax, label="FLDD (1 = LD removed)")
+    axes[0].set_title(f"{title}: full patch at END")
+    axes[1].set_title("per head (hook_z)")
+    io.save_figure(fig, run_dir, "locate.png")
+
+
+def summarize(df: pd.DataFrame, top: int = 12) -> pd.DataFrame:
+    """The sites whose full patch moves LD most (largest |FLDD|)."""
+    wide = df.pivot_table(index=["site", "layer", "head"], columns="metric", values="value")
+    return wide.reindex(wide.fldd.abs().sort_values(ascending=False).index).head(top)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    model = model_for(cfg)
+    n = cfg.get("extra", {}).get("n_pairs_per_direction", 50)
+    combos = [("ABB", "BAB"), ("BAB", "ABB")]
+    batches = make_pairs(model.tokenizer, cfg.dataset, "test", combos, n, cfg.seed)
+    df = locate(model, [b.to(model.cfg.device) for b in batches]).assign(split="test")
+    df = io.tidy(df.to_dict("records"), cfg)
+    heatmaps(df, run_dir, f"{cfg.model.name}, ABB<->BAB")
+    return df
