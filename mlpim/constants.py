@@ -9,5 +9,14 @@ DONE = "DONE"  # written last: a run directory holding it is finished and is nev
 DIRECTION = "subspace.pt"
 COLLECTED = "collected.csv"
 
-METRIC_COLUMNS = ["model", "experiment", "intervention", "site", "layer", "split", "metric", "value"]
+METRIC_COLUMNS = [
+    "model",
+    "experiment",
+    "intervention",
+    "site",
+    "layer",
+    "split",
+    "metric",
+    "value",
+]
 METRIC_NAMES = ("logit_diff", "accuracy", "iia", "fldd", "flip_rate")

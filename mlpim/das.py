@@ -16,6 +16,7 @@ def train_das(
     method: DictConfig, seed: int, progress: bool = True,
 ) -> tuple[RotatedSubspace, pd.DataFrame]:  # fmt: skip
     """Adam + LinearLR, cross-entropy over the full vocabulary at END; returns basis and history."""
+    torch.manual_seed(seed)  # the orthogonal parametrization draws from the global generator
     gen = torch.Generator().manual_seed(seed)
     d = train[0].base_act.shape[-1]
     rot = RotatedSubspace(d, method.dim, generator=gen).to(train[0].base_act.device)
@@ -24,7 +25,9 @@ def train_das(
         opt, start_factor=1.0, end_factor=method.lr_end_factor, total_iters=method.epochs
     )
     rows = []
-    bar = tqdm(range(method.epochs), desc=f"DAS {kind} L{layer} k={method.dim}", disable=not progress)
+    bar = tqdm(
+        range(method.epochs), desc=f"DAS {kind} L{layer} k={method.dim}", disable=not progress
+    )
     for epoch in bar:
         total, n = 0.0, 0
         for i in torch.randperm(len(train), generator=gen).tolist():

@@ -54,7 +54,9 @@ def state_names(model, kind: str, layer: int) -> set[str]:
     blocks = range(first_block(kind, layer), model.cfg.n_layers)
     k_hook = "hook_rot_k" if _rotary(model) else "hook_k"
     names = {hook_name("resid_pre", layer), hook_name("resid_mid", layer)}
-    names |= {f"blocks.{i}.attn.{k_hook}" for i in blocks} | {f"blocks.{i}.attn.hook_v" for i in blocks}
+    names |= {f"blocks.{i}.attn.{k_hook}" for i in blocks} | {
+        f"blocks.{i}.attn.hook_v" for i in blocks
+    }
     if _rotary(model):
         names |= {"blocks.0.attn.hook_cos", "blocks.0.attn.hook_sin"}
     return names
@@ -114,7 +116,12 @@ def attn_weights(model, i: int) -> AttnWeights:
     cache = model.__dict__.setdefault("_mlpim_attn_weights", {})
     if i not in cache:
         a = model.blocks[i].attn
-        q, k, v, o = _flat_in(a.W_Q), _flat_in(a.W_K), _flat_in(a.W_V), a.W_O.reshape(-1, a.W_O.shape[-1])
+        q, k, v, o = (
+            _flat_in(a.W_Q),
+            _flat_in(a.W_K),
+            _flat_in(a.W_V),
+            a.W_O.reshape(-1, a.W_O.shape[-1]),
+        )
         cache[i] = AttnWeights(
             q, k, v, o.contiguous(), _bias(a, "b_Q", q.shape[1], q), _bias(a, "b_K", k.shape[1], k),
             _bias(a, "b_V", v.shape[1], v), _bias(a, "b_O", o.shape[1], o),

@@ -21,15 +21,19 @@ class Prepared:
     pairs: PairBatch
     base_act: Float[Tensor, "b ..."]
     source_act: Float[Tensor, "b ..."]
-    clean_ld: Float[Tensor, "b"]
+    clean_ld: Float[Tensor, b]
     state: fastpath.EndState | None  # for the END-only fast path
 
 
-def prepare(model, batches: list[PairBatch], kind: str, layer: int, fast: bool = True) -> list[Prepared]:
+def prepare(
+    model, batches: list[PairBatch], kind: str, layer: int, fast: bool = True
+) -> list[Prepared]:
     """Run base and source once per batch (no gradients) and keep what patching needs."""
     name = validate_site(model, kind, layer)
     if kind == "resid_mid":
-        raise ValueError("resid_mid cannot be patched: TransformerBridge's hook_resid_mid only feeds the MLP's input; patch resid_post of layer-1 or attn_out instead")
+        raise ValueError(
+            "resid_mid cannot be patched: TransformerBridge's hook_resid_mid only feeds the MLP's input; patch resid_post of layer-1 or attn_out instead"
+        )
     names = {name} | (fastpath.state_names(model, kind, layer) if fast else set())
     out = []
     with torch.no_grad():
@@ -50,7 +54,9 @@ def patched_end_logits(model, prep: Prepared, setter: Setter, kind: str, layer: 
     return patched_logits(model, prep.pairs.base.tokens, {name: prep.source_act}, {name: setter})
 
 
-def evaluate(model, prepared: list[Prepared], setter: Setter, kind: str, layer: int) -> dict[str, float]:
+def evaluate(
+    model, prepared: list[Prepared], setter: Setter, kind: str, layer: int
+) -> dict[str, float]:
     """Patched LD, FLDD, IIA and flip rate over all prepared batches."""
     lds, clean, hits = [], [], []
     with torch.no_grad():

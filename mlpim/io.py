@@ -57,7 +57,9 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """Rows interventions; columns metric per split (the table printed at the end of a run)."""
     if "template" in df:
         df = df[df.template == "all"]
-    wide = df.pivot_table(index="intervention", columns=["split", "metric"], values="value", sort=False)
+    wide = df.pivot_table(
+        index="intervention", columns=["split", "metric"], values="value", sort=False
+    )
     wide.columns = [f"{m} ({s})" for s, m in wide.columns]
     return wide
 
@@ -67,5 +69,8 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
     cols = [df.index.name or "", *map(str, df.columns)]
     fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join([str(i), *map(fmt, row)]) + " |" for i, row in zip(df.index, df.values)]
+    lines += [
+        "| " + " | ".join([str(i), *map(fmt, row)]) + " |"
+        for i, row in zip(df.index, df.values, strict=True)
+    ]
     return "\n".join(lines)

@@ -7,27 +7,27 @@ from torch import Tensor
 
 
 def logit_diff(
-    logits: Float[Tensor, "b vocab"], io: Int[Tensor, "b"], s: Int[Tensor, "b"]
-) -> Float[Tensor, "b"]:
+    logits: Float[Tensor, "b vocab"], io: Int[Tensor, b], s: Int[Tensor, b]
+) -> Float[Tensor, b]:
     """logit(IO) - logit(S) per prompt."""
     return logits.gather(1, io[:, None])[:, 0] - logits.gather(1, s[:, None])[:, 0]
 
 
-def accuracy(logits: Float[Tensor, "b vocab"], target: Int[Tensor, "b"]) -> float:
+def accuracy(logits: Float[Tensor, "b vocab"], target: Int[Tensor, b]) -> float:
     """Share of prompts whose argmax over the whole vocabulary is `target`."""
     return (logits.argmax(-1) == target).float().mean().item()
 
 
-def iia(logits: Float[Tensor, "b vocab"], label: Int[Tensor, "b"]) -> float:
+def iia(logits: Float[Tensor, "b vocab"], label: Int[Tensor, b]) -> float:
     """Interchange-intervention accuracy: argmax equals the patched answer."""
     return accuracy(logits, label)
 
 
-def fldd(ld_patched: Float[Tensor, "b"], ld_clean: Float[Tensor, "b"]) -> float:
+def fldd(ld_patched: Float[Tensor, b], ld_clean: Float[Tensor, b]) -> float:
     """Fraction of logit-difference decrease, 1 - mean(LD_patched) / mean(LD_clean)."""
     return 1.0 - ld_patched.mean().item() / ld_clean.mean().item()
 
 
-def flip_rate(ld_patched: Float[Tensor, "b"], ld_clean: Float[Tensor, "b"]) -> float:
+def flip_rate(ld_patched: Float[Tensor, b], ld_clean: Float[Tensor, b]) -> float:
     """Share of prompts whose IO-vs-S preference changes sign under the patch."""
     return ((ld_patched > 0) != (ld_clean > 0)).float().mean().item()

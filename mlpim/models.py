@@ -52,18 +52,20 @@ def validate_site(model, kind: str, layer: int) -> str:
     name = hook_name(kind, layer)
     n = model.cfg.n_layers
     if not 0 <= layer < n:
-        raise ConfigError(f"layer {layer} is outside the model: {model.cfg.model_name} has layers 0..{n - 1}")
+        raise ConfigError(
+            f"layer {layer} is outside the model: {model.cfg.model_name} has layers 0..{n - 1}"
+        )
     return name
 
 
 def load_model(cfg: DictConfig, device: str = "cpu", vocab: list[str] | None = None):
     """Load `cfg` (a `conf/model/*.yaml`) as a TransformerBridge in eval mode with frozen weights."""
-    from transformer_lens.model_bridge import TransformerBridge
-
     loaders = {"gguf": _load_gguf, "hf": _load_hf, "tiny": lambda c: _build_tiny(c, vocab)}
     if cfg.source not in loaders:
         raise ConfigError(f"unknown model source {cfg.source!r}; allowed: {', '.join(loaders)}")
     hf_model, tokenizer = loaders[cfg.source](cfg)
+    from transformer_lens.model_bridge import TransformerBridge  # slow import: after the checks
+
     hf_model = hf_model.to(getattr(torch, cfg.dtype)).eval()
     bridge = TransformerBridge.boot_transformers(
         cfg.hf_name or cfg.arch, hf_model=hf_model, tokenizer=tokenizer, device=device

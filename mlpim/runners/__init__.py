@@ -13,6 +13,7 @@ RUNNERS = {
     "ioi_baseline": "mlpim.runners.baseline",
     "ioi_locate": "mlpim.runners.locate",
     "subspace": "mlpim.runners.subspace",
+    "toy_illusion": "mlpim.runners.toy",
 }
 
 Runner = Callable[[DictConfig, Path], pd.DataFrame]

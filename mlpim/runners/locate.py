@@ -25,13 +25,17 @@ def sites(n_layers: int, n_heads: int) -> list[tuple[str, int, int]]:
     return comps + [("z", layer, h) for layer in range(n_layers) for h in range(n_heads)]
 
 
-def patch_batch(model, pb: PairBatch, todo: list[tuple[str, int, int]]) -> dict[tuple, torch.Tensor]:
+def patch_batch(
+    model, pb: PairBatch, todo: list[tuple[str, int, int]]
+) -> dict[tuple, torch.Tensor]:
     """Patched END logits of one batch for every site, from one base and one source run."""
     kinds_layers = {(k, layer) for k, layer, _ in todo}
     acts = {hook_name(k, layer) for k, layer in kinds_layers}
     state_hooks = set().union(*(fastpath.state_names(model, k, layer) for k, layer in kinds_layers))
     with torch.no_grad():
-        _, base = model.run_with_cache(pb.base.tokens, names_filter=lambda n: n in acts | state_hooks)
+        _, base = model.run_with_cache(
+            pb.base.tokens, names_filter=lambda n: n in acts | state_hooks
+        )
         _, src = model.run_with_cache(pb.source.tokens, names_filter=lambda n: n in acts)
         out = {}
         for kind, layer, h in todo:
@@ -68,7 +72,9 @@ def locate(model, batches: list[PairBatch]) -> pd.DataFrame:
 def heatmaps(df: pd.DataFrame, run_dir: Path, title: str) -> None:
     """FLDD heatmaps: layer × component and layer × head."""
     fldd = df[(df.metric == "fldd") & (df.split == "test")]
-    comp = fldd[fldd["head"] < 0].pivot_table(index="layer", columns="site", values="value")[list(COMPONENTS)]
+    comp = fldd[fldd["head"] < 0].pivot_table(index="layer", columns="site", values="value")[
+        list(COMPONENTS)
+    ]
     heads = fldd[fldd.site == "z"].pivot_table(index="layer", columns="head", values="value")
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.25 * len(comp) + 2.5))
     for ax, data, xlabel in ((axes[0], comp, "component"), (axes[1], heads, "head")):

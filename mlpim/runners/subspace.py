@@ -18,7 +18,7 @@ from mlpim.interventions import Prepared, clean_metrics, evaluate, prepare
 from mlpim.models import ConfigError
 from mlpim.patching import full, subspace
 from mlpim.runners.common import model_for, site_of
-from mlpim.subspace import load_subspace, orthonormalize, save_subspace
+from mlpim.subspace import load_subspace, save_subspace
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,9 @@ def mean_diff_direction(prepared: list[Prepared]) -> torch.Tensor:
     acts = torch.cat([p.base_act for p in prepared])
     patterns = [pat for p in prepared for pat in p.pairs.base.pattern]
     mask = torch.tensor([pat == "ABB" for pat in patterns])
-    diff = acts[mask].mean(0) - acts[~mask & torch.tensor([pat == "BAB" for pat in patterns])].mean(0)
+    diff = acts[mask].mean(0) - acts[~mask & torch.tensor([pat == "BAB" for pat in patterns])].mean(
+        0
+    )
     return (diff / diff.norm())[:, None]
 
 
@@ -85,20 +87,28 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
                    kind, layer, fast)
         for s in ("train", "test")
     }  # fmt: skip
-    found = {"das": find_basis(cfg, model, splits["train"], splits["test"], kind, layer, run_dir, "das")}
+    found = {
+        "das": find_basis(cfg, model, splits["train"], splits["test"], kind, layer, run_dir, "das")
+    }
     if cfg.method.name == "mean_diff":
-        found["mean_diff"] = find_basis(cfg, model, splits["train"], None, kind, layer, run_dir, "mean_diff")
+        found["mean_diff"] = find_basis(
+            cfg, model, splits["train"], None, kind, layer, run_dir, "mean_diff"
+        )
     keys = {"site": kind, "layer": layer, "dim": cfg.method.dim, "seed": cfg.seed}
     rows = []
     for split, prepared in splits.items():
         rows += io.metric_rows(clean_metrics(prepared), intervention="clean", split=split, **keys)
-        setters = {"full": full} | {n: subspace(b.to(prepared[0].base_act)) for n, b in found.items()}
+        setters = {"full": full} | {
+            n: subspace(b.to(prepared[0].base_act)) for n, b in found.items()
+        }
         for name, setter in setters.items():
             values = evaluate(model, prepared, setter, kind, layer)
             rows += io.metric_rows(values, intervention=name, split=split, **keys)
     if "mean_diff" in found:
         cos = subspace_cosine(found["mean_diff"], found["das"])
-        rows += io.metric_rows({"cosine_with_das": cos}, intervention="mean_diff", split="train", **keys)
+        rows += io.metric_rows(
+            {"cosine_with_das": cos}, intervention="mean_diff", split="train", **keys
+        )
     df = io.tidy(rows, cfg)
     method = cfg.method.name
     test = df[(df.split == "test") & (df.intervention == method)].set_index("metric").value

