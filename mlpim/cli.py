@@ -20,6 +20,7 @@ Examples:
 def _hydra_main(argv: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig
 
     from mlpim.models import ConfigError, ModelNotFoundError
@@ -33,7 +34,8 @@ def _hydra_main(argv: list[str]) -> None:
             run(cfg, Path(HydraConfig.get().runtime.output_dir))
         except (ConfigError, ModelNotFoundError, RunDirError, ValueError) as e:
             print(f"mlpim: error: {e}", file=sys.stderr)
-            sys.exit(2)
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                sys.exit(2)  # in a sweep, the other jobs still run; this one has no DONE
 
     sys.argv = ["mlpim", *argv]
     main()
