@@ -27,44 +27,47 @@ def sites(n_layers: int, n_heads: int) -> list[tuple[str, int, int]]:
 
 def patch_batch(
     model, pb: PairBatch, todo: list[tuple[str, int, int]]
-) -> dict[tuple, torch.Tensor]:
-    """Patched END logits of one batch for every site, from one base and one source run."""
+) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
+    """(patched LD, IIA hit) per prompt for every site, from one base and one source run."""
     kinds_layers = {(k, layer) for k, layer, _ in todo}
     acts = {hook_name(k, layer) for k, layer in kinds_layers}
     state_hooks = set().union(*(fastpath.state_names(model, k, layer) for k, layer in kinds_layers))
+    out = {}
     with torch.no_grad():
         _, base = model.run_with_cache(
             pb.base.tokens, names_filter=lambda n: n in acts | state_hooks
         )
         _, src = model.run_with_cache(pb.source.tokens, names_filter=lambda n: n in acts)
-        out = {}
+        states = {kl: fastpath.state_from_cache(model, base, *kl) for kl in kinds_layers}
         for kind, layer, h in todo:
-            state = fastpath.state_from_cache(model, base, kind, layer)
             name = hook_name(kind, layer)
             patched = (full if h < 0 else head(h))(base[name][:, -1], src[name][:, -1])
-            out[(kind, layer, h)] = fastpath.resume(model, state, patched)
+            logits = fastpath.resume(model, states[(kind, layer)], patched)
+            ld = metrics.logit_diff(logits, pb.base.io, pb.base.s)
+            out[(kind, layer, h)] = (ld, (logits.argmax(-1) == pb.label).float())
     return out
 
 
 def locate(model, batches: list[PairBatch]) -> pd.DataFrame:
-    """One row per site: LD, FLDD, IIA and flip rate of the full patch."""
+    """One row per site and metric: LD, FLDD, IIA and flip rate of the full patch."""
     todo = sites(model.cfg.n_layers, model.cfg.n_heads)
-    logits: dict[tuple, list] = {s: [] for s in todo}
+    results: dict[tuple, list] = {s: [] for s in todo}
     clean = []
-    for pb in tqdm(batches, desc="patching components"):
+    for pb in tqdm(batches, desc=f"patching {len(todo)} sites"):
         with torch.no_grad():
             clean.append(metrics.logit_diff(model(pb.base.tokens)[:, -1], pb.base.io, pb.base.s))
-        for s, lg in patch_batch(model, pb, todo).items():
-            logits[s].append(lg)
+        for s, res in patch_batch(model, pb, todo).items():
+            results[s].append(res)
     cl = torch.cat(clean)
-    io_, s_ = (torch.cat([getattr(pb.base, f) for pb in batches]) for f in ("io", "s"))
-    label = torch.cat([pb.label for pb in batches])
     rows = []
-    for (kind, layer, h), lg in logits.items():
-        lg = torch.cat(lg)
-        ld = metrics.logit_diff(lg, io_, s_)
-        values = {"logit_diff": ld.mean().item(), "fldd": metrics.fldd(ld, cl),
-                  "iia": metrics.iia(lg, label), "flip_rate": metrics.flip_rate(ld, cl)}  # fmt: skip
+    for (kind, layer, h), res in results.items():
+        ld, hit = (torch.cat(t) for t in zip(*res, strict=True))
+        values = {
+            "logit_diff": ld.mean().item(),
+            "fldd": metrics.fldd(ld, cl),
+            "iia": hit.mean().item(),
+            "flip_rate": metrics.flip_rate(ld, cl),
+        }
         rows += io.metric_rows(values, intervention="full", site=kind, layer=layer, head=h)
     return pd.DataFrame(rows)
 

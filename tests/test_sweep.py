@@ -1,0 +1,173 @@
+"""Sweeps through the command line (`mlpim run -m`) with each launcher, re-runs, `mlpim collect`.
+
+The end-to-end tests run the tiny random model as subprocesses (2 jobs each, 1 DAS epoch, small
+datasets), with `hydra.sweep.dir` under tmp_path; `collect` is also tested on synthetic metrics.
+The re-run (skipping finished jobs) is tested with the basic launcher only: a re-run through the
+joblib or submitit launcher costs ~20 s of worker start-up for the same code path (`run` skips a
+directory holding DONE, whichever process calls it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mlpim import constants as C
+from mlpim.collect import CollectError, collect, collect_cli
+
+FAST = [
+    "experiment=ioi_mlp8_das",
+    "model=tiny",
+    "device=cpu",
+    "method.epochs=1",
+    "dataset.n_train_pairs=20",
+    "dataset.n_test_pairs=20",
+    "dataset.n_eval_prompts=20",
+]
+
+
+def mlpim_command() -> list[str]:
+    """`python -m mlpim` when mlpim/__main__.py exists, else the console script of this venv."""
+    if importlib.util.find_spec("mlpim.__main__") is not None:
+        return [sys.executable, "-m", "mlpim"]
+    script = Path(sys.executable).parent / "mlpim"
+    if not script.exists():
+        pytest.skip(f"no mlpim/__main__.py and no console script at {script}")
+    return [str(script)]
+
+
+def mlpim(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*mlpim_command(), *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"mlpim {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def sweep(tmp_path: Path, sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return mlpim("run", "-m", *FAST, *overrides, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+
+
+def finished_jobs(sweep_dir: Path, n: int) -> dict[Path, int]:
+    """Assert jobs 0..n-1 finished; their metrics.csv paths -> mtime (ns)."""
+    out = {}
+    for i in range(n):
+        job = sweep_dir / str(i)
+        assert (job / C.DONE).exists(), f"{job} did not finish: {sorted(os.listdir(sweep_dir))}"
+        metrics = pd.read_csv(job / C.METRICS)
+        assert {"fldd", "iia"} <= set(metrics.metric)
+        out[job / C.METRICS] = (job / C.METRICS).stat().st_mtime_ns
+    assert not (sweep_dir / str(n)).exists()
+    return out
+
+
+def assert_rerun_skips(tmp_path: Path, sweep_dir: Path, before: dict[Path, int], *overrides):
+    sweep(tmp_path, sweep_dir, *overrides)
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert after == before, "a finished job was re-run (metrics.csv rewritten)"
+
+
+def test_basic_sweep_rerun_and_collect(tmp_path, capsys):
+    sweep_dir = tmp_path / "multirun"
+    sweep(tmp_path, sweep_dir, "site.layer=range(0,2)")
+    before = finished_jobs(sweep_dir, 2)
+    layers = {int(pd.read_csv(p).layer.iloc[0]) for p in before}
+    assert layers == {0, 1}
+
+    assert_rerun_skips(tmp_path, sweep_dir, before, "site.layer=range(0,2)")
+
+    df = collect(sweep_dir)
+    assert sorted(df.job.unique()) == ["0", "1"]
+    assert len(df) == sum(len(pd.read_csv(p)) for p in before)
+    assert (sweep_dir / C.COLLECTED).exists()
+    assert (sweep_dir / "by_layer_mlp_post.png").exists()
+    assert not (sweep_dir / "by_dim_mlp_post.png").exists()  # one dim only: no plot
+    collect_cli([str(sweep_dir)])
+    out = capsys.readouterr().out
+    assert "collected 2 job(s)" in out and "FLDD" in out and str(sweep_dir / C.COLLECTED) in out
+
+
+def test_joblib_sweep(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep_dir = tmp_path / "multirun"
+    proc = sweep(tmp_path, sweep_dir, "hydra/launcher=local", "seed=0,1")
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    finished_jobs(sweep_dir, 2)
+
+
+def test_submitit_local_sweep(tmp_path):
+    pytest.importorskip(
+        "hydra_plugins.hydra_submitit_launcher",
+        reason="hydra-submitit-launcher is not installed (pip install 'mlpim[slurm]')",
+    )
+    sweep_dir = tmp_path / "multirun"
+    sweep(tmp_path, sweep_dir, "hydra/launcher=submitit_local_test", "seed=0,1")
+    assert (sweep_dir / ".submitit").is_dir()
+    finished_jobs(sweep_dir, 2)
+
+
+# ----- collect on synthetic metrics (fast) -----
+
+
+def fake_job(path: Path, layer: int, dim: int, seed: int, overrides: list[str] | None = None):
+    rows = []
+    for intervention in ("clean", "full", "das"):
+        for split in ("train", "test"):
+            for metric in ("fldd", "iia", "logit_diff"):
+                value = None if intervention == "clean" and metric == "iia" else layer + dim + seed
+                rows.append(dict(model="tiny", experiment="x", intervention=intervention,
+                                 site="mlp_post", layer=layer, split=split, metric=metric,
+                                 value=value, dim=dim, seed=seed))  # fmt: skip
+    path.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(path / C.METRICS, index=False)
+    if overrides is not None:
+        (path / ".hydra").mkdir()
+        (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+
+
+def test_collect_synthetic(tmp_path, capsys):
+    n = 0
+    for layer in (0, 1, 2):
+        for dim in (1, 2):
+            for seed in (0, 1):
+                lr = 0.1 if layer == 2 else 0.01
+                fake_job(tmp_path / "sweep" / ("nested" if n >= 10 else "") / str(n), layer, dim,
+                         seed, [f"site.layer={layer}", f"method.dim={dim}", f"seed={seed}",
+                                f"method.lr={lr}"])  # fmt: skip
+                n += 1
+    (tmp_path / "sweep" / ".submitit" / "1").mkdir(parents=True)
+    (tmp_path / "sweep" / ".submitit" / "1" / C.METRICS).write_text("not,a\nmetrics,file\n")
+    df = collect(tmp_path / "sweep")
+    assert df.job.nunique() == 12 and df.job.iloc[0] == "0" and df.job.iloc[-1] == "nested/11"
+    assert list(df.columns[:2]) == ["job", "model"]
+    assert set(df["method.lr"]) == {0.1, 0.01}  # a swept override without its own column
+    assert (tmp_path / "sweep" / "by_layer_mlp_post.png").exists()
+    assert (tmp_path / "sweep" / "by_dim_mlp_post.png").exists()
+    again = pd.read_csv(tmp_path / "sweep" / C.COLLECTED)
+    assert len(again) == len(df) == 12 * 18
+
+    collect_cli([str(tmp_path / "sweep")])
+    out = capsys.readouterr().out
+    assert "collected 12 job(s)" in out
+    assert "1.500 ± 0.707" in out  # layer 0, dim 1: seeds 0 and 1 give values 1 and 2
+    assert "4.500 ± 0.707" in out  # layer 2, dim 2
+
+
+def test_collect_errors(tmp_path, capsys):
+    with pytest.raises(CollectError, match="does not exist"):
+        collect(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CollectError, match="no metrics.csv"):
+        collect(tmp_path / "empty")
+    with pytest.raises(SystemExit) as e:
+        collect_cli([str(tmp_path / "empty")])
+    assert e.value.code == 2
+    assert "no metrics.csv" in capsys.readouterr().err
