@@ -270,7 +270,12 @@ def train_das(
     flip_rate: share of the two x ≠ x′ pairs whose output sign becomes the source's.
     """
     hb, hs, target = das_pairs(model)
-    sub = RotatedSubspace(model.d, k, generator=torch.Generator().manual_seed(seed)).to(DTYPE)
+    # torch's orthogonal parametrization completes the d×k start to a d×d orthogonal matrix with
+    # the global RNG, so seed that too (inside fork_rng, leaving the caller's RNG untouched).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sub = RotatedSubspace(model.d, k, generator=torch.Generator().manual_seed(seed))
+    sub = sub.to(DTYPE)
     opt = torch.optim.Adam(sub.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.1, total_iters=steps)
     with _single_thread():
