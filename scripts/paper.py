@@ -1,0 +1,230 @@
+"""`make paper`: run every experiment of the paper in order and write REPORT.md.
+
+usage: python scripts/paper.py [--only EXP[,EXP]] [--out DIR] model=smollm2-135m [overrides]
+
+Each step writes `outputs/paper/<model>/<experiment>/`; a finished step (DONE) is not re-run, so
+an interrupted `make paper` resumes. Directions are reused: the residual and MLP DAS directions
+trained by the first steps are passed to every later analysis. The report puts each number of
+the paper (GPT-2 small) next to the measured one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+
+from mlpim import constants as C
+from mlpim.config import CONF_DIR, compose
+from mlpim.io import markdown_table
+from mlpim.run import run
+
+RESID = "{out}/ioi_resid8_das/" + C.DIRECTION
+MLP = "{out}/ioi_mlp8_das/" + C.DIRECTION
+WITH_BOTH = [f"direction={MLP}", f"++extra.resid_direction={RESID}"]
+STEPS: list[tuple[str, list[str]]] = [
+    ("ioi_baseline", []),
+    ("ioi_locate", []),
+    ("ioi_resid8_das", []),
+    ("ioi_mlp8_das", []),
+    ("ioi_mean_diff", [f"direction={RESID}"]),
+    ("ioi_nullspace", [f"direction={MLP}"]),
+    ("ioi_alignment", WITH_BOTH),
+    ("ioi_dormant", WITH_BOTH),
+    ("ioi_path_patching", WITH_BOTH),
+    ("ioi_random_mlp", [f"direction={MLP}"]),
+    ("illusion_check", WITH_BOTH),
+    ("toy_illusion", []),
+    ("mlp_recovery", []),
+    ("ioi_neuron_budget", []),
+]
+
+# (quantity, paper value on GPT-2 small, experiment, filters on metrics.csv, transform)
+COMPARE: list[tuple[str, str, str, dict]] = [
+    (
+        "clean IOI accuracy",
+        "0.916",
+        "ioi_baseline",
+        dict(metric="accuracy", split="test", template="all"),
+    ),
+    (
+        "clean logit difference",
+        "3.36",
+        "ioi_baseline",
+        dict(metric="logit_diff", split="test", template="all"),
+    ),
+    (
+        "full MLP patch: FLDD",
+        "-0.08",
+        "ioi_mlp8_das",
+        dict(intervention="full", metric="fldd", split="test"),
+    ),
+    (
+        "full MLP patch: IIA",
+        "0.000",
+        "ioi_mlp8_das",
+        dict(intervention="full", metric="iia", split="test"),
+    ),
+    (
+        "v_MLP (DAS in the MLP): FLDD",
+        "0.467",
+        "ioi_mlp8_das",
+        dict(intervention="das", metric="fldd", split="test"),
+    ),
+    ("v_MLP: IIA", "0.042", "ioi_mlp8_das", dict(intervention="das", metric="iia", split="test")),
+    (
+        "v_MLP row-space part: FLDD",
+        "0.135",
+        "ioi_nullspace",
+        dict(intervention="row_proj", metric="fldd", split="test"),
+    ),
+    (
+        "v_MLP row-space part: IIA",
+        "0.002",
+        "ioi_nullspace",
+        dict(intervention="row_proj", metric="iia", split="test"),
+    ),
+    (
+        "v_MLP nullspace part: FLDD",
+        "0.00",
+        "ioi_nullspace",
+        dict(intervention="null_proj", metric="fldd", split="test"),
+    ),
+    (
+        "‖row-space part‖² of v_MLP",
+        "0.567 (0.753²)",
+        "ioi_nullspace",
+        dict(intervention="row_proj", metric="norm_sq"),
+    ),
+    (
+        "‖nullspace part‖² of v_MLP",
+        "0.432 (0.657²)",
+        "ioi_nullspace",
+        dict(intervention="null_proj", metric="norm_sq"),
+    ),
+    (
+        "full resid patch: FLDD",
+        "1.236",
+        "ioi_resid8_das",
+        dict(intervention="full", metric="fldd", split="test"),
+    ),
+    (
+        "full resid patch: IIA",
+        "0.548",
+        "ioi_resid8_das",
+        dict(intervention="full", metric="iia", split="test"),
+    ),
+    (
+        "v_resid (DAS in resid): FLDD",
+        "1.407",
+        "ioi_resid8_das",
+        dict(intervention="das", metric="fldd", split="test"),
+    ),
+    (
+        "v_resid: IIA",
+        "0.748",
+        "ioi_resid8_das",
+        dict(intervention="das", metric="iia", split="test"),
+    ),
+    (
+        "v_resid: flip rate",
+        "~0.8 (post)",
+        "ioi_resid8_das",
+        dict(intervention="das", metric="flip_rate", split="test"),
+    ),
+    (
+        "cos(mean-diff, v_resid)",
+        "0.83-0.85",
+        "ioi_mean_diff",
+        dict(intervention="mean_diff", metric="cosine_with_das"),
+    ),
+    (
+        "random MLP control: FLDD",
+        "> v_MLP's",
+        "ioi_random_mlp",
+        dict(intervention="random_mlp", metric="fldd", split="test"),
+    ),
+    (
+        "ridge R² (MLP acts → resid_mid projection), mean over layers",
+        "0.71 ± 0.17",
+        "mlp_recovery",
+        dict(metric="r2"),
+    ),
+]
+
+
+def lookup(out: Path, experiment: str, filters: dict) -> str:
+    """Mean of the matching metric rows, or 'n/a' when the step or the rows are missing."""
+    path = out / experiment / C.METRICS
+    if not path.exists():
+        return "n/a"
+    df = pd.read_csv(path)
+    for k, v in filters.items():
+        if k not in df:
+            return "n/a"
+        df = df[df[k].astype(str) == str(v)]
+    return "n/a" if df.empty else f"{df.value.mean():.3f}"
+
+
+def report(out: Path, model: str, times: dict[str, float]) -> str:
+    rows = [(q, p, lookup(out, e, f), e) for q, p, e, f in COMPARE]
+    table = pd.DataFrame(rows, columns=["quantity", "paper (GPT-2 small)", model, "experiment"])
+    steps = pd.DataFrame(
+        [(e, f"{t:.0f}" if t >= 0 else "reused") for e, t in times.items()], columns=["step", "s"]
+    )
+    parts = [
+        f"# Paper numbers vs {model}\n",
+        f"Measured on {date.today().isoformat()}; wall time of this `make paper`: "
+        f"{sum(t for t in times.values() if t > 0) / 60:.1f} min. Test pairs unless noted.\n",
+        markdown_table(table.set_index("quantity")),
+        "\n## Steps\n",
+        markdown_table(steps.set_index("step")),
+        "\n## Per-experiment summaries\n",
+    ]
+    for e in times:
+        summary = out / e / C.SUMMARY
+        if summary.exists():
+            parts.append(f"### {e}\n\n{summary.read_text()}\n")
+    return "\n".join(parts)
+
+
+def collect_figures(out: Path) -> None:
+    figs = out / "figures"
+    figs.mkdir(exist_ok=True)
+    for png in out.glob("*/*.png"):
+        shutil.copy(png, figs / f"{png.parent.name}__{png.name}")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated experiments (default: all)")
+    parser.add_argument("--out", default=None)
+    args, overrides = parser.parse_known_args(argv)
+    model = compose(overrides).model.name
+    out = Path(args.out or f"outputs/paper/{model}")
+    out.mkdir(parents=True, exist_ok=True)
+    only = set(filter(None, args.only.split(",")))
+    times: dict[str, float] = {}
+    available = {p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")}
+    for experiment, extra in STEPS:
+        if (only and experiment not in only) or experiment not in available:
+            continue
+        run_dir = out / experiment
+        step = [f"experiment={experiment}", *(o.format(out=out) for o in extra), *overrides]
+        start = time.time()
+        print(f"\n=== {experiment}: {' '.join(step)}", flush=True)
+        done = (run_dir / C.DONE).exists()
+        run(compose(step), run_dir)
+        times[experiment] = -1.0 if done else time.time() - start
+    (out / "REPORT.md").write_text(report(out, model, times))
+    collect_figures(out)
+    print(f"\nreport: {out / 'REPORT.md'}; figures: {out / 'figures'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
