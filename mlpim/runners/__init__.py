@@ -12,8 +12,15 @@ from omegaconf import DictConfig
 RUNNERS = {
     "ioi_baseline": "mlpim.runners.baseline",
     "ioi_locate": "mlpim.runners.locate",
+    "ioi_path_patching": "mlpim.runners.path_patching",
+    "ioi_nullspace": "mlpim.runners.nullspace",
+    "ioi_alignment": "mlpim.runners.alignment",
     "subspace": "mlpim.runners.subspace",
     "toy_illusion": "mlpim.runners.toy",
+    "ioi_dormant": "mlpim.runners.dormant",
+    "ioi_random_mlp": "mlpim.runners.random_mlp",
+    "mlp_recovery": "mlpim.runners.recovery",
+    "ioi_neuron_budget": "mlpim.runners.neuron_budget",
 }
 
 Runner = Callable[[DictConfig, Path], pd.DataFrame]

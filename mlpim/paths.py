@@ -1,0 +1,237 @@
+"""Path patching at the END token: how an intervention reaches the logits, head by head.
+
+Everything here runs the END token only (see `fastpath`): a patch at END leaves every earlier
+position unchanged, so a run is described by its END-token `EndTrace` (residual before each
+block, per-head `hook_z`, MLP outputs, final residual) against the cached prefix keys/values.
+
+Effects on the logit difference LD = logit(IO) - logit(S) of the base prompts:
+- `output_effects`: one head's END output (or one MLP's) taken from the patched run, every other
+  component's output frozen at its clean value (the direct path to the logits).
+- `query_effects`: one head's END query computed from the patched run's residual, its END
+  key/value and everything else from the clean run; the new head output then reaches the logits
+  directly as above.
+- `dla`: direct logit attribution, each head's output projected on W_U[:, IO] - W_U[:, S]
+  through the final norm with its scale frozen at the run's own value.
+With `frozen=True` the first two use the clean run's frozen final-norm scale too, which makes
+them linear in the head outputs (they add up to the change of the final residual's DLA).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mlpim import fastpath
+from mlpim.models import hook_name
+
+
+@dataclass
+class EndTrace:
+    """END-token activations of one run from block `start` upward."""
+
+    start: int
+    resid_pre: dict[int, Float[Tensor, "b d"]]
+    z: dict[int, Float[Tensor, "b h dh"]]
+    mlp_out: dict[int, Float[Tensor, "b d"]]
+    final: Float[Tensor, "b d"]  # residual after the last block, before the final norm
+
+    def resid_mid(self, model, layer: int) -> Float[Tensor, "b d"]:
+        """Residual between the attention and the MLP of `layer`."""
+        return self.resid_pre[layer] + fastpath.attn_out_from_z(model, layer, self.z[layer])
+
+    def resid_post(self, layer: int) -> Float[Tensor, "b d"]:
+        """Residual after block `layer`."""
+        return self.resid_pre[layer + 1] if layer + 1 in self.resid_pre else self.final
+
+
+@dataclass
+class Readout:
+    """The LD readout of the base prompts: LD = norm(x) · u + c, with u, c per prompt."""
+
+    u: Float[Tensor, "b d"]  # W_U[:, IO] - W_U[:, S]
+    c: Float[Tensor, " b"]  # b_U[IO] - b_U[S]
+
+
+def norm(module, x: Float[Tensor, "b ... d"]) -> Float[Tensor, "b ... d"]:
+    """A TransformerBridge norm applied to END vectors (any leading shape)."""
+    flat = x.reshape(-1, 1, x.shape[-1])
+    return module(flat).reshape(x.shape)
+
+
+def mlp_out(model, i: int, mid: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
+    """Block i's MLP output for END residual `mid`."""
+    blk = model.blocks[i]
+    return blk.mlp(blk.ln2(mid[:, None]))[:, 0]
+
+
+def trace(model, state: fastpath.EndState, h: Float[Tensor, "b d"], start: int) -> EndTrace:
+    """Run the END token from residual `h` before block `start` to the final residual."""
+    pre, zs, outs = {}, {}, {}
+    for i in range(start, model.cfg.n_layers):
+        pre[i] = h
+        zs[i] = fastpath.attn_end(model, i, norm(model.blocks[i].ln1, h), state)
+        mid = h + fastpath.attn_out_from_z(model, i, zs[i])
+        outs[i] = mlp_out(model, i, mid)
+        h = mid + outs[i]
+    return EndTrace(start, pre, zs, outs, h)
+
+
+def site_resid(model, clean: EndTrace, kind: str, layer: int, act: Tensor) -> Float[Tensor, "b d"]:
+    """Residual after block `layer` when the END activation of site (kind, layer) is `act`."""
+    if kind == "resid_post":
+        return act
+    if kind == "mlp_post":
+        return clean.resid_mid(model, layer) + fastpath.mlp_out_from_post(model, layer, act)
+    if kind == "mlp_out":
+        return clean.resid_mid(model, layer) + act
+    raise ValueError(f"path patching supports resid_post, mlp_post, mlp_out sites, not {kind!r}")
+
+
+def patched_trace(
+    model, state: fastpath.EndState, clean: EndTrace, kind: str, layer: int, act: Tensor
+) -> EndTrace:
+    """The END trace of the base prompts with site (kind, layer) set to `act` at END."""
+    return trace(model, state, site_resid(model, clean, kind, layer, act), layer + 1)
+
+
+def attn_end_split(
+    model, i: int, xq: Float[Tensor, "b d"], xkv: Float[Tensor, "b d"],
+    state: fastpath.EndState,
+) -> Float[Tensor, "b h dh"]:  # fmt: skip
+    """hook_z at END of block i with the END query from `xq` and END key/value from `xkv`
+    (both already normalised), against the cached prefix keys/values."""
+    w = fastpath.attn_weights(model, i)
+    b = xq.shape[0]
+    q = (xq @ w.q + w.bq).view(b, w.n_heads, -1)
+    k = (xkv @ w.k + w.bk).view(b, w.n_kv, -1)
+    v = (xkv @ w.v + w.bv).view(b, w.n_kv, -1)
+    if state.rotary is not None:
+        q, k = fastpath._rotate(q, *state.rotary), fastpath._rotate(k, *state.rotary)
+    keys = torch.cat([state.keys[i], k[:, None]], dim=1)
+    values = torch.cat([state.values[i], v[:, None]], dim=1)
+    q = q.view(b, w.n_kv, w.n_heads // w.n_kv, -1)
+    scores = torch.einsum("bkge,bske->bkgs", q, keys) / math.sqrt(q.shape[-1])
+    z = torch.einsum("bkgs,bske->bkge", scores.softmax(-1), values)
+    return z.reshape(b, w.n_heads, -1)
+
+
+def head_outputs(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b h d"]:
+    """Each head's contribution to block i's attention output (b_O left out)."""
+    w = fastpath.attn_weights(model, i)
+    return torch.einsum("bhe,hed->bhd", z, w.o.view(w.n_heads, -1, w.o.shape[-1]))
+
+
+def readout(model, io: Int[Tensor, " b"], s: Int[Tensor, " b"]) -> Readout:
+    """Unembedding difference IO minus S per prompt."""
+    w_u, b_u = model.unembed.W_U, model.unembed.b_U
+    return Readout((w_u[:, io] - w_u[:, s]).T, b_u[io] - b_u[s])
+
+
+def logit_diff(model, r: Readout, x: Float[Tensor, "b ... d"]) -> Float[Tensor, "b ..."]:
+    """LD of final residuals x (the real final norm recomputed)."""
+    y = norm(model.ln_final, x)
+    u = r.u.view(r.u.shape[0], *[1] * (x.dim() - 2), -1)
+    c = r.c.view(r.c.shape[0], *[1] * (x.dim() - 2))
+    return (y * u).sum(-1) + c
+
+
+def frozen_readout(model, r: Readout, final: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
+    """Vector g with DLA(v) = v · g: the final norm's centering, weight and the scale of the run
+    whose final residual is `final`, folded into the unembedding difference."""
+    ln = model.ln_final
+    weight = (1.0 + ln.weight) if ln.uses_weight_offset else ln.weight
+    centered = not ln.uses_rms_norm
+    x = final - final.mean(-1, keepdim=True) if centered else final
+    scale = (x.pow(2).mean(-1, keepdim=True) + getattr(ln.config, "eps", 1e-5)).sqrt()
+    g = r.u * weight / scale
+    return g - g.mean(-1, keepdim=True) if centered else g
+
+
+def dla(out: Float[Tensor, "b ... d"], g: Float[Tensor, "b d"]) -> Float[Tensor, "b ..."]:
+    """Direct effect on LD of component outputs `out` through the frozen readout g."""
+    return (out * g.view(g.shape[0], *[1] * (out.dim() - 2), -1)).sum(-1)
+
+
+def direct_effect(
+    model, r: Readout, clean: EndTrace, delta: Float[Tensor, "b ... d"], frozen: bool
+) -> Float[Tensor, "b ..."]:
+    """Change of LD when `delta` is added to the clean final residual (and nothing else)."""
+    if frozen:
+        return dla(delta, frozen_readout(model, r, clean.final))
+    base = logit_diff(model, r, clean.final)
+    x = clean.final.view(clean.final.shape[0], *[1] * (delta.dim() - 2), -1) + delta
+    return logit_diff(model, r, x) - base.view(base.shape[0], *[1] * (delta.dim() - 2))
+
+
+def output_effects(
+    model, r: Readout, clean: EndTrace, patched: EndTrace, frozen: bool = False
+) -> dict[int, Float[Tensor, "b h"]]:
+    """Per layer from `patched.start`: ΔLD when one head's END output alone is patched."""
+    return {
+        i: direct_effect(
+            model, r, clean,
+            head_outputs(model, i, patched.z[i]) - head_outputs(model, i, clean.z[i]), frozen,
+        )
+        for i in patched.z
+    }  # fmt: skip
+
+
+def mlp_effects(
+    model, r: Readout, clean: EndTrace, patched: EndTrace, frozen: bool = False
+) -> dict[int, Float[Tensor, " b"]]:
+    """Per layer from `patched.start`: ΔLD when one MLP's END output alone is patched."""
+    return {
+        i: direct_effect(model, r, clean, patched.mlp_out[i] - clean.mlp_out[i], frozen)
+        for i in patched.mlp_out
+    }
+
+
+def query_z(
+    model, state: fastpath.EndState, clean: EndTrace, patched: EndTrace, i: int
+) -> Float[Tensor, "b h dh"]:
+    """Block i's END z when every head's query comes from the patched residual, the rest clean."""
+    ln1 = model.blocks[i].ln1
+    xq, xkv = norm(ln1, patched.resid_pre[i]), norm(ln1, clean.resid_pre[i])
+    return attn_end_split(model, i, xq, xkv, state)
+
+
+def query_effects(
+    model, state: fastpath.EndState, r: Readout, clean: EndTrace, patched: EndTrace,
+    frozen: bool = False,
+) -> dict[int, Float[Tensor, "b h"]]:  # fmt: skip
+    """Per layer from `patched.start`: ΔLD when only one head's END query sees the patched run."""
+    out = {}
+    for i in patched.z:
+        z = query_z(model, state, clean, patched, i)
+        delta = head_outputs(model, i, z) - head_outputs(model, i, clean.z[i])
+        out[i] = direct_effect(model, r, clean, delta, frozen)
+    return out
+
+
+def head_dla(model, r: Readout, run: EndTrace) -> dict[int, Float[Tensor, "b h"]]:
+    """Per layer from `run.start`: each head's DLA with the final-norm scale frozen from `run`."""
+    g = frozen_readout(model, r, run.final)
+    return {i: dla(head_outputs(model, i, run.z[i]), g) for i in run.z}
+
+
+def trace_names(model, sites: list[tuple[str, int]]) -> set[str]:
+    """Hooks one cached forward needs for `run_trace` and the END activations of `sites`."""
+    return fastpath.state_names(model, "resid_pre", 0) | {hook_name(k, layer) for k, layer in sites}
+
+
+def run_trace(
+    model, tokens: Int[Tensor, "b seq"], sites: list[tuple[str, int]]
+) -> tuple[fastpath.EndState, EndTrace, dict[str, Tensor]]:
+    """One forward of `tokens`: the prefix state, the full END trace, the END site activations."""
+    names = trace_names(model, sites)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    state = fastpath.state_from_cache(model, cache, "resid_pre", 0)
+    with torch.no_grad():
+        run = trace(model, state, state.resid_pre, 0)
+    acts = {hook_name(k, layer): cache[hook_name(k, layer)][:, -1] for k, layer in sites}
+    return state, run, acts

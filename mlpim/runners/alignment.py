@@ -1,0 +1,191 @@
+"""ioi_alignment: does the middle MLP's DAS direction write along the real position direction?
+
+Cosines between v_mlp_out = v_MLP @ W_out (what the MLP writes when activated along v_MLP) and two
+estimates of v_true at the handover residual (resid_post): the DAS direction (`das_resid`) and the
+gradient of the name movers' attention score to IO minus to S1 (`grad_resid`). The baseline is
+r @ W_out for random unit hidden directions r. A DAS direction's sign is arbitrary, so every
+`cosine` and the random baseline are absolute values.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from jaxtyping import Float
+from omegaconf import DictConfig
+from torch import Tensor
+
+from mlpim import fastpath, io, metrics
+from mlpim import nullspace as ns
+from mlpim.data.ioi import IOIBatch, PairBatch, make_pairs, make_prompts
+from mlpim.models import ConfigError, hook_name
+from mlpim.patching import head
+from mlpim.runners.common import model_for
+from mlpim.runners.nullspace import das_direction
+
+log = logging.getLogger(__name__)
+Head = tuple[int, int]
+
+
+def name_mover_objective(
+    model, batch: IOIBatch, layer: int, heads: list[Head], delta: Float[Tensor, "b d"]
+) -> Float[Tensor, " b"]:
+    """Mean over `heads` of the END attention score (pre-softmax) to IO minus to S1, with `delta`
+    added to resid_post of `layer` at END."""
+
+    def add(act: Tensor, hook=None) -> Tensor:
+        act = act.clone()
+        act[:, -1] = act[:, -1] + delta
+        return act
+
+    scores: dict[int, Tensor] = {}
+
+    def grab(act: Tensor, hook) -> Tensor:
+        scores[int(hook.name.split(".")[1])] = act[:, :, -1]  # [b, heads, key]
+        return act
+
+    hooks = [(hook_name("resid_post", layer), add)]
+    hooks += [(f"blocks.{lh}.attn.hook_attn_scores", grab) for lh in sorted({h[0] for h in heads})]
+    model.run_with_hooks(batch.tokens, fwd_hooks=hooks)
+    rows = torch.arange(len(batch), device=batch.tokens.device)
+    diffs = [
+        scores[lh][rows, h, batch.io_pos] - scores[lh][rows, h, batch.s1_pos] for lh, h in heads
+    ]
+    return torch.stack(diffs).mean(0)
+
+
+def name_mover_gradients(
+    model, batch: IOIBatch, layer: int, heads: list[Head]
+) -> Float[Tensor, "b d"]:
+    """Per prompt: gradient of `name_mover_objective` w.r.t. resid_post[layer] at END."""
+    if min(h[0] for h in heads) <= layer:
+        raise ConfigError(f"name-mover heads {heads} must lie after the handover layer {layer}")
+    delta = torch.zeros(len(batch), model.cfg.d_model, device=batch.tokens.device)
+    delta.requires_grad_(True)
+    with torch.enable_grad():
+        objective = name_mover_objective(model, batch, layer, heads, delta).sum()
+        (grad,) = torch.autograd.grad(objective, delta)
+    return grad
+
+
+def gradient_direction(
+    model, batches: list[IOIBatch], layer: int, heads: list[Head]
+) -> Float[Tensor, " d"]:
+    """The per-prompt gradients averaged over all prompts, normalised."""
+    g = torch.cat([name_mover_gradients(model, b, layer, heads) for b in batches]).mean(0)
+    return g / g.norm()
+
+
+def head_patch_lds(model, pb: PairBatch, heads: list[Head]) -> dict[Head, Tensor]:
+    """Per head: LD of the base prompts with that head's END hook_z taken from the source."""
+    layers = sorted({lh for lh, _ in heads})
+    z = {lh: hook_name("z", lh) for lh in layers}
+    names = set(z.values()).union(*(fastpath.state_names(model, "z", lh) for lh in layers))
+    with torch.no_grad():
+        _, base = model.run_with_cache(pb.base.tokens, names_filter=lambda n: n in names)
+        _, src = model.run_with_cache(pb.source.tokens, names_filter=list(z.values()))
+        states = {lh: fastpath.state_from_cache(model, base, "z", lh) for lh in layers}
+        out = {}
+        for lh, h in heads:
+            act = head(h)(base[z[lh]][:, -1], src[z[lh]][:, -1])
+            logits = fastpath.resume(model, states[lh], act)
+            out[(lh, h)] = metrics.logit_diff(logits, pb.base.io, pb.base.s)
+    return out
+
+
+def head_fldd(model, cfg: DictConfig, layer: int) -> dict[Head, float]:
+    """FLDD of patching each head after `layer` (hook_z at END) on train ABB<->BAB pairs."""
+    n = cfg.extra.get("n_head_pairs", 20)
+    combos = [("ABB", "BAB"), ("BAB", "ABB")]
+    batches = make_pairs(model.tokenizer, cfg.dataset, "train", combos, n, cfg.seed)
+    heads = [(lh, h) for lh in range(layer + 1, model.cfg.n_layers)
+             for h in range(model.cfg.n_heads)]  # fmt: skip
+    clean, patched = [], {hd: [] for hd in heads}
+    for pb in (b.to(model.cfg.device) for b in batches):
+        with torch.no_grad():
+            clean.append(metrics.logit_diff(model(pb.base.tokens)[:, -1], pb.base.io, pb.base.s))
+        for hd, ld in head_patch_lds(model, pb, heads).items():
+            patched[hd].append(ld)
+    cl = torch.cat(clean)
+    return {hd: metrics.fldd(torch.cat(lds), cl) for hd, lds in patched.items()}
+
+
+def name_movers(model, cfg: DictConfig, layer: int, top: int = 3) -> tuple[list[Head], dict]:
+    """The configured name movers, else the `top` heads after `layer` by |FLDD| (and all FLDDs)."""
+    listed = [tuple(int(x) for x in h) for h in cfg.model.landmarks.name_movers]
+    if listed:
+        return listed, {}
+    fldd = head_fldd(model, cfg, layer)
+    chosen = sorted(fldd, key=lambda h: -abs(fldd[h]))[:top]
+    log.info("no name movers in the config; top heads by |FLDD|: %s", chosen)
+    return chosen, fldd
+
+
+def cosine_rows(dirs: dict[str, Tensor], w_out: Tensor, n: int, seed: int) -> tuple[list, dict]:
+    """|cos| of the three pairs and the random baseline per v_true (rows, random |cos| samples)."""
+    pairs = [("v_mlp_out", "das_resid"), ("v_mlp_out", "grad_resid"), ("das_resid", "grad_resid")]
+    rows = [{"intervention": f"{a}_vs_{b}", "metric": "cosine",
+             "value": abs(ns.cosine(dirs[a], dirs[b]))} for a, b in pairs]  # fmt: skip
+    randoms = {}
+    for target in ("das_resid", "grad_resid"):
+        gen = torch.Generator().manual_seed(seed)
+        randoms[target] = ns.random_output_cosines(w_out, dirs[target], n, gen).abs().cpu()
+        stats = {"random_cosine_mean": randoms[target].mean().item(),
+                 "random_cosine_q95": randoms[target].quantile(0.95).item()}  # fmt: skip
+        rows += [{"intervention": f"random_vs_{target}", "metric": m, "value": v}
+                 for m, v in stats.items()]  # fmt: skip
+    return rows, randoms
+
+
+def alignment_plot(rows: list[dict], randoms: dict[str, Tensor], run_dir: Path, title: str):
+    """Histograms of random-direction |cos| with the measured |cos| as vertical lines."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    for (target, cos), color in zip(randoms.items(), ("tab:blue", "tab:orange"), strict=True):
+        ax.hist(cos, bins=40, alpha=0.5, color=color, label=f"random r: |cos(r W_out, {target})|")
+    measured = [r for r in rows if r["metric"] == "cosine"]
+    for r, color in zip(measured, ("tab:blue", "tab:orange", "k"), strict=True):
+        ax.axvline(r["value"], color=color, ls="--", label=f"{r['intervention']}: {r['value']:.3f}")
+    ax.set(title=title, xlabel="|cosine|", ylabel="count", xlim=(0, 1))
+    ax.legend(fontsize=7)
+    io.save_figure(fig, run_dir, "alignment.png")
+
+
+def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    model = model_for(cfg)
+    marks = cfg.model.landmarks
+    mid, handover = int(marks.mlp_in_the_middle), int(marks.handover_layer)
+    v_mlp = das_direction(cfg, model, "mlp_post", mid, cfg.direction, run_dir / "das_mlp_post")
+    resid_path = cfg.extra.get("resid_direction")
+    v_resid = das_direction(cfg, model, "resid_post", handover, resid_path, run_dir / "das_resid")
+    heads, fldd = name_movers(model, cfg, handover)
+    prompts = make_prompts(model.tokenizer, cfg.dataset, "train", ("ABB", "BAB"),
+                           cfg.extra.get("n_grad_prompts", 100), cfg.seed)  # fmt: skip
+    grad = gradient_direction(model, [b.to(model.cfg.device) for b in prompts], handover, heads)
+    w_out = ns.mlp_w_out(model, mid)
+    dirs = {"v_mlp_out": v_mlp @ w_out, "das_resid": v_resid, "grad_resid": grad}
+    rows, randoms = cosine_rows(dirs, w_out, cfg.extra.get("n_random", 1000), cfg.seed)
+    rows += [{"intervention": f"head_L{lh}H{h}", "metric": "head_fldd", "value": v}
+             for (lh, h), v in fldd.items() if (lh, h) in heads]  # fmt: skip
+    keys = {"site": "mlp_post", "layer": mid, "split": "train", "seed": cfg.seed}
+    df = io.tidy([{**keys, **r} for r in rows], cfg)
+    alignment_plot(rows, randoms, run_dir,
+                   f"{cfg.model.name}: MLP{mid} output vs resid_post{handover}")  # fmt: skip
+    io.write_text(summary_markdown(cfg, df, mid, handover, heads), run_dir, "summary.md")
+    return df
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows pairs of directions; columns metrics."""
+    return df.pivot_table(index="intervention", columns="metric", values="value", sort=False)
+
+
+def summary_markdown(cfg, df: pd.DataFrame, mid: int, handover: int, heads: list[Head]) -> str:
+    return (
+        f"# {cfg.experiment}\n\nmodel: {cfg.model.name}; v_MLP at mlp_post L{mid}; v_true at "
+        f"resid_post L{handover}; name-mover heads (layer, head): {heads}; seed {cfg.seed}\n\n"
+        f"All cosines are absolute values.\n\n{io.markdown_table(summarize(df))}\n"
+    )

@@ -1,0 +1,231 @@
+"""ioi_dormant: patching v_MLP wakes a dormant pathway (the post's MLP-output-on-v_true figure).
+
+v_MLP is the DAS direction in the middle MLP's hidden activations (`mlp_post`), v_true the DAS
+direction in the residual stream at the handover layer (`resid_post`). For prompts with disjoint
+names (ABB/BAB vs CDD/DCD, both ways), the MLP's END output projected on v_true is compared with
+and without the v_MLP patch: near zero unpatched and for same-position patches, large for
+opposite-position ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from omegaconf import DictConfig, open_dict
+from torch import Tensor
+
+from mlpim import constants as C
+from mlpim import fastpath, io
+from mlpim.data.ioi import make_pairs, paper_pairs, s1_position
+from mlpim.interventions import Prepared, clean_metrics, evaluate, prepare
+from mlpim.models import ConfigError
+from mlpim.patching import subspace, subspace_patch
+from mlpim.runners.common import model_for, site_of
+from mlpim.runners.subspace import find_basis, loaded_basis
+from mlpim.subspace import save_subspace
+
+log = logging.getLogger(__name__)
+
+NAMED = ("ABB", "BAB")  # the base-side names
+FRESH = ("CDD", "DCD")  # disjoint names
+PROJECTIONS = "projections.csv"
+
+
+def dormant_combos() -> list[tuple[str, str]]:
+    """(base, source) pairs: ABB/BAB from CDD/DCD and the reverse; half of them same-position."""
+    into_named = [(b, s) for b in NAMED for s in FRESH]
+    return into_named + [(b, s) for b in FRESH for s in NAMED]
+
+
+def combo_name(base: str, source: str) -> str:
+    """The post's label `source->base` (e.g. DCD->ABB: patch from DCD into ABB)."""
+    return f"{source}->{base}"
+
+
+def same_position(base: str, source: str) -> bool:
+    """Both prompts repeat the name in one place: the patch should change nothing."""
+    return s1_position(base) == s1_position(source)
+
+
+def site_width(model, kind: str) -> int:
+    """Width of a site's activation: d_mlp for `mlp_post`, else d_model."""
+    return model.cfg.d_mlp if kind == "mlp_post" else model.cfg.d_model
+
+
+def paper_splits(cfg: DictConfig, model, kind: str, layer: int) -> dict[str, list[Prepared]]:
+    """The paper's DAS train/test pairs prepared at (kind, layer)."""
+    dev = model.cfg.device
+    return {
+        s: prepare(model, [b.to(dev) for b in paper_pairs(model.tokenizer, cfg.dataset, s, cfg.seed)],
+                   kind, layer, cfg.method.get("fast", True))
+        for s in ("train", "test")
+    }  # fmt: skip
+
+
+def das_direction(
+    cfg: DictConfig, model, kind: str, layer: int, path: str | None, run_dir: Path,
+    splits: dict[str, list[Prepared]] | None = None,
+) -> Float[Tensor, "d k"]:  # fmt: skip
+    """The DAS basis at (kind, layer): loaded from `path`, else trained as the subspace runner does.
+
+    A trained basis is saved as `v_{kind}_L{layer}.pt` (reusable as `direction=`), its training
+    history under `das_{kind}_L{layer}/`.
+    """
+    if path:
+        return loaded_basis(path, kind, layer, site_width(model, kind)).to(model.cfg.device)
+    splits = splits or paper_splits(cfg, model, kind, layer)
+    sub_dir = run_dir / f"das_{kind}_L{layer}"
+    sub_dir.mkdir(exist_ok=True)
+    sub_cfg = copy.deepcopy(cfg)
+    with open_dict(sub_cfg):
+        sub_cfg.direction = None
+    basis = find_basis(sub_cfg, model, splits["train"], splits["test"], kind, layer, sub_dir, "das")
+    save_subspace(
+        run_dir / f"v_{kind}_L{layer}.pt", basis, model=cfg.model.name, site=kind, layer=layer,
+        k=basis.shape[1], seed=cfg.seed, method="das",
+    )  # fmt: skip
+    return basis
+
+
+def mlp_out_projection(
+    model, layer: int, post: Float[Tensor, "b m"], v_true: Float[Tensor, "d k"]
+) -> Float[Tensor, b]:
+    """The MLP's END output (from its hidden activations) projected on v_true's first column."""
+    return fastpath.mlp_out_from_post(model, layer, post) @ v_true[:, 0]
+
+
+def combo_projections(
+    model, prepared: list[Prepared], layer: int, v_mlp: Tensor, v_true: Tensor
+) -> tuple[Float[Tensor, n], Float[Tensor, n]]:
+    """(patched, unpatched) projections of the MLP output on v_true over all pairs of a combo."""
+    patched, clean = [], []
+    with torch.no_grad():
+        for p in prepared:
+            moved = subspace_patch(p.base_act, p.source_act, v_mlp)
+            patched.append(mlp_out_projection(model, layer, moved, v_true))
+            clean.append(mlp_out_projection(model, layer, p.base_act, v_true))
+    return torch.cat(patched).cpu(), torch.cat(clean).cpu()
+
+
+def projection_stats(patched: Tensor, clean: Tensor) -> dict[str, dict[str, float]]:
+    """proj_mean/proj_std per intervention and the dormant ratio |mean patched| / std unpatched."""
+    ratio = patched.mean().abs().item() / max(clean.std().item(), 1e-12)
+    das = {"proj_mean": patched.mean().item(), "proj_std": patched.std().item()}
+    return {
+        "clean": {"proj_mean": clean.mean().item(), "proj_std": clean.std().item()},
+        "das": das | {"dormant_ratio": ratio},
+    }
+
+
+def combo_rows(
+    cfg: DictConfig, model, combo: tuple[str, str], index: int, layer: int,
+    v_mlp: Tensor, v_true: Tensor,
+) -> tuple[list[dict], pd.DataFrame]:  # fmt: skip
+    """Metric rows and raw projections of one (base, source) combo."""
+    split, n = cfg.extra.get("split", "test"), cfg.extra.get("n_per_combo", 50)
+    batches = make_pairs(model.tokenizer, cfg.dataset, split, [combo], n, cfg.seed + index)
+    prepared = prepare(model, [b.to(model.cfg.device) for b in batches], "mlp_post", layer)
+    patched, clean = combo_projections(model, prepared, layer, v_mlp, v_true)
+    stats = projection_stats(patched, clean)
+    keys = {"site": "mlp_post", "layer": layer, "split": split, "combo": combo_name(*combo),
+            "same_position": same_position(*combo), "n": len(clean)}  # fmt: skip
+    rows = io.metric_rows(clean_metrics(prepared) | stats["clean"], intervention="clean", **keys)
+    patch = evaluate(model, prepared, subspace(v_mlp), "mlp_post", layer)
+    rows += io.metric_rows(patch | stats["das"], intervention="das", **keys)
+    raw = pd.DataFrame({"combo": keys["combo"], "same_position": keys["same_position"],
+                        "patched": patched.numpy(), "unpatched": clean.numpy()})  # fmt: skip
+    return rows, raw
+
+
+def plot_dormant(raw: pd.DataFrame, run_dir: Path, title: str) -> None:
+    """One panel per combo: projection histograms, patched solid, unpatched dashed."""
+    combos = list(dict.fromkeys(raw.combo))
+    ncols = 4
+    nrows = -(-len(combos) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), sharex=True)
+    values = np.concatenate([raw.patched, raw.unpatched])
+    bins = np.linspace(values.min(), values.max(), 41)
+    for ax, combo in zip(np.ravel(axes), combos, strict=False):
+        sub = raw[raw.combo == combo]
+        same = bool(sub.same_position.iloc[0])
+        color = "tab:blue" if same else "tab:red"
+        ax.hist(sub.patched, bins=bins, histtype="step", color=color, lw=1.6, label="patched")
+        ax.hist(sub.unpatched, bins=bins, histtype="step", color=color, ls="--", label="unpatched")
+        ax.axvline(0, color="gray", lw=0.6)
+        ax.locator_params(axis="x", nbins=4)
+        ax.set_title(f"{combo} ({'same' if same else 'opposite'})", fontsize=9)
+    for ax in np.ravel(axes)[len(combos) :]:
+        ax.axis("off")
+    np.ravel(axes)[0].legend(fontsize=7)
+    fig.supxlabel("MLP output at END projected on v_true")
+    fig.suptitle(title)
+    fig.tight_layout()
+    io.save_figure(fig, run_dir, "dormant.png")
+
+
+def layer_note(mlp_layer: int, resid_layer: int) -> str:
+    """Whether MLP `mlp_layer`'s output is part of resid_post `resid_layer` at all."""
+    if mlp_layer <= resid_layer:
+        return f"MLP {mlp_layer} writes into the residual before resid_post {resid_layer}."
+    return (
+        f"WARNING: MLP {mlp_layer} comes after resid_post {resid_layer}: its output is not part "
+        "of the residual that v_true was found in; the projection is computed anyway."
+    )
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Per combo: projection mean/std (patched, unpatched), dormant ratio, patch FLDD/IIA."""
+    wide = df.pivot_table(
+        index="combo", columns=["intervention", "metric"], values="value", sort=False
+    )
+    cols = {
+        ("das", "proj_mean"): "proj patched", ("das", "proj_std"): "sd patched",
+        ("clean", "proj_mean"): "proj clean", ("clean", "proj_std"): "sd clean",
+        ("das", "dormant_ratio"): "dormant ratio", ("das", "fldd"): "FLDD",
+        ("das", "iia"): "IIA", ("clean", "logit_diff"): "LD clean", ("das", "logit_diff"): "LD",
+    }  # fmt: skip
+    out = wide[list(cols)]
+    out.columns = list(cols.values())
+    return out
+
+
+def summary_markdown(cfg: DictConfig, df: pd.DataFrame, mlp_layer: int, resid_layer: int) -> str:
+    return (
+        f"# {cfg.experiment}\n\nmodel: {cfg.model.name}; v_MLP: mlp_post L{mlp_layer}; "
+        f"v_true: resid_post L{resid_layer}; seed {cfg.seed}\n\n{layer_note(mlp_layer, resid_layer)}"
+        f"\n\n{io.markdown_table(summarize(df))}\n"
+    )
+
+
+def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    model = model_for(cfg)
+    kind, mlp_layer = site_of(cfg, model)
+    if kind != "mlp_post":
+        raise ConfigError(f"ioi_dormant patches v_MLP at mlp_post, not {kind}")
+    resid_layer = int(cfg.extra.get("resid_layer", cfg.model.landmarks.handover_layer))
+    note = layer_note(mlp_layer, resid_layer)
+    (log.warning if mlp_layer > resid_layer else log.info)(note)
+    v_mlp = das_direction(cfg, model, "mlp_post", mlp_layer, cfg.direction, run_dir)
+    v_true = das_direction(
+        cfg, model, "resid_post", resid_layer, cfg.extra.get("resid_direction"), run_dir
+    )
+    rows, raws = [], []
+    for i, combo in enumerate(dormant_combos()):
+        r, raw = combo_rows(cfg, model, combo, i, mlp_layer, v_mlp, v_true)
+        rows, raws = rows + r, [*raws, raw]
+    df = io.tidy(rows, cfg).assign(
+        v_true_layer=resid_layer, mlp_after_handover=mlp_layer > resid_layer
+    )
+    raw = pd.concat(raws, ignore_index=True)
+    raw.to_csv(run_dir / PROJECTIONS, index=False)
+    title = f"{cfg.model.name}: MLP{mlp_layer} output on v_true (resid_post L{resid_layer})"
+    plot_dormant(raw, run_dir, title)
+    io.write_text(summary_markdown(cfg, df, mlp_layer, resid_layer), run_dir, C.SUMMARY)
+    return df

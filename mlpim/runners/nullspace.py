@@ -1,0 +1,191 @@
+"""ioi_nullspace: split the middle MLP's DAS direction v_MLP into its W_out row-space and nullspace
+parts, compare how each separates ABB from ABA prompts, and patch along each part.
+
+Interventions (1-D patches use the unit vector, as the paper's "patching along proj"):
+`das` (v), `row_proj` (proj/‖proj‖), `null_proj` (null_proj/‖null_proj‖), `span2` (the 2-D span
+of both, which contains v: it is the sum of the two 1-D patches, and the nullspace one changes no
+output, so `span2` always equals `row_proj`, the paper's "patching both loses the effect") and
+`full` (the whole MLP hidden activation). ‖proj‖² and ‖null_proj‖² (metric `norm_sq`) are those
+of the unit v, so they add up to 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from jaxtyping import Float
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from mlpim import constants as C
+from mlpim import io
+from mlpim import nullspace as ns
+from mlpim.data.ioi import IOIBatch, make_prompts, paper_pairs
+from mlpim.interventions import Prepared, clean_metrics, evaluate, prepare
+from mlpim.models import ConfigError, hook_name
+from mlpim.patching import full, subspace
+from mlpim.runners.common import model_for, site_of
+from mlpim.runners.subspace import find_basis, loaded_basis, table1_plot
+from mlpim.subspace import save_subspace
+
+log = logging.getLogger(__name__)
+HIST_PATTERNS = ("ABB", "ABA")
+PARTS = ("row_proj", "null_proj")
+
+
+def prepared_splits(cfg: DictConfig, model, kind: str, layer: int) -> dict[str, list[Prepared]]:
+    """The paper's train and test pairs with their activations at (kind, layer)."""
+    fast, dev = cfg.method.get("fast", True), model.cfg.device
+    pairs = {s: paper_pairs(model.tokenizer, cfg.dataset, s, cfg.seed) for s in ("train", "test")}
+    return {s: prepare(model, [b.to(dev) for b in p], kind, layer, fast) for s, p in pairs.items()}
+
+
+def das_direction(
+    cfg: DictConfig, model, kind: str, layer: int, path: str | None, run_dir: Path,
+    splits: dict[str, list[Prepared]] | None = None,
+) -> Float[Tensor, " d"]:  # fmt: skip
+    """A 1-D DAS direction at (kind, layer): loaded from `path`, else trained (history: run_dir)."""
+    if cfg.method.name != "das" or cfg.method.dim != 1:
+        raise ConfigError(f"needs a 1-D DAS direction (method=das method.dim=1), got {cfg.method}")
+    if path:
+        width = model.cfg.d_mlp if kind == "mlp_post" else model.cfg.d_model
+        basis = loaded_basis(path, kind, layer, width)
+        if basis.shape[1] != 1:
+            raise ConfigError(f"{path} holds a {basis.shape[1]}-D subspace; a direction is 1-D")
+        return basis[:, 0].to(model.cfg.device)
+    splits = splits or prepared_splits(cfg, model, kind, layer)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_cfg = OmegaConf.merge(cfg, {"direction": None})
+    basis = find_basis(
+        train_cfg, model, splits["train"], splits["test"], kind, layer, run_dir, "das"
+    )
+    return basis[:, 0]
+
+
+def check_w_out(model, layer: int, tokens) -> float:
+    """Max |hidden @ W_out (+ b_out) - mlp_out| over the prompts; raises if not ~0."""
+    names = [hook_name("mlp_post", layer), hook_name("mlp_out", layer)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=names)
+    w, b = ns.mlp_w_out(model, layer), ns.mlp_b_out(model, layer)
+    out = cache[names[1]]
+    err = (ns.mlp_output(cache[names[0]], w, b) - out).abs().max().item()
+    if err > 1e-4 * max(out.abs().max().item(), 1.0):
+        raise RuntimeError(f"hidden @ W_out + b_out differs from mlp_out by {err:.2e}")
+    return err
+
+
+def end_activations(model, batches: list[IOIBatch], kind: str, layer: int) -> dict[str, Tensor]:
+    """END activations at the site per prompt pattern, [n, width] each."""
+    name, acts = hook_name(kind, layer), {}
+    with torch.no_grad():
+        for b in batches:
+            _, cache = model.run_with_cache(b.tokens, names_filter=[name])
+            for pat, a in zip(b.pattern, cache[name][:, -1], strict=True):
+                acts.setdefault(pat, []).append(a)
+    return {p: torch.stack(a) for p, a in acts.items()}
+
+
+def intervention_bases(v: Tensor, proj: Tensor, null: Tensor) -> dict[str, Tensor]:
+    """Orthonormal bases to patch along; parts that vanish (norm < 1e-6) are left out."""
+    bases = {"das": ns.unit_basis(v)}
+    alive = {n: p for n, p in zip(PARTS, (proj, null), strict=True) if p.norm() > 1e-6}
+    bases |= {n: ns.unit_basis(p) for n, p in alive.items()}
+    if len(alive) == 2:
+        bases["span2"] = ns.unit_basis(proj, null)
+    return bases
+
+
+def patching_rows(model, splits, bases, kind: str, layer: int, keys: dict) -> list[dict]:
+    """clean, full and every basis on train and test pairs."""
+    rows = []
+    for split, prepared in splits.items():
+        rows += io.metric_rows(clean_metrics(prepared), intervention="clean", split=split, **keys)
+        setters = {"full": full} | {n: subspace(b) for n, b in bases.items()}
+        for name, setter in setters.items():
+            values = evaluate(model, prepared, setter, kind, layer)
+            rows += io.metric_rows(values, intervention=name, split=split, **keys)
+    return rows
+
+
+def histogram_stats(acts: dict[str, Tensor], parts: dict[str, Tensor]) -> dict[str, dict]:
+    """Per part: ABB-vs-ABA separation and the gap of the mean projections (ABB minus ABA)."""
+    out = {}
+    for name, vec in parts.items():
+        a, b = (ns.projections(acts[p], vec) for p in HIST_PATTERNS)
+        out[name] = {"separation": ns.separation(a, b), "mean_gap": (a.mean() - b.mean()).item()}
+    return out
+
+
+def histogram_plot(acts, parts, stats, run_dir: Path, title: str) -> None:
+    """Histograms of END activations projected on each part, ABB vs ABA."""
+    fig, axes = plt.subplots(1, len(parts), figsize=(4.2 * len(parts), 3.3), squeeze=False)
+    for ax, (name, vec) in zip(axes[0], parts.items(), strict=True):
+        proj = {pat: ns.projections(acts[pat], vec).cpu() for pat in HIST_PATTERNS}
+        bins = torch.linspace(min(p.min() for p in proj.values()).item(),
+                              max(p.max() for p in proj.values()).item(), 31)  # fmt: skip
+        for (pat, values), color in zip(proj.items(), ("tab:blue", "tab:orange"), strict=True):
+            ax.hist(values, bins=bins, alpha=0.6, color=color, label=pat)
+        ax.set(title=f"onto {name} (sep {stats[name]['separation']:.2f})", xlabel="h · part")
+        ax.legend()
+    fig.suptitle(title, y=1.03)
+    io.save_figure(fig, run_dir, "nullspace_hist.png")
+
+
+def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    model = model_for(cfg)
+    kind, layer = site_of(cfg, model)
+    if kind != "mlp_post":
+        raise ConfigError(f"ioi_nullspace needs site=mlp_post (MLP hidden activations), not {kind}")
+    splits = prepared_splits(cfg, model, kind, layer)
+    v = das_direction(cfg, model, kind, layer, cfg.direction, run_dir, splits)
+    w_out = ns.mlp_w_out(model, layer)
+    w_err = check_w_out(model, layer, splits["test"][0].pairs.base.tokens)
+    proj, null = ns.split(v, w_out)
+    keys = {"site": kind, "layer": layer, "dim": 1, "seed": cfg.seed}
+    rows = patching_rows(model, splits, intervention_bases(v, proj, null), kind, layer, keys)
+    for name, part in zip(PARTS, (proj, null), strict=True):
+        rows += io.metric_rows(
+            {"norm_sq": part.norm().item() ** 2}, intervention=name, split="train", **keys
+        )
+    rows += hist_rows(cfg, model, kind, layer, {"das": v, "row_proj": proj, "null_proj": null},
+                      run_dir, keys)  # fmt: skip
+    df = io.tidy(rows, cfg)
+    meta = {"model": cfg.model.name, "site": kind, "layer": layer, "k": 1, "seed": cfg.seed}
+    save_subspace(run_dir / C.DIRECTION, v[:, None], method="das", proj=proj.cpu(),
+                  null_proj=null.cpu(), **meta)  # fmt: skip
+    io.write_text(summary_markdown(cfg, df, layer, w_err), run_dir, C.SUMMARY)
+    table1_plot(df, run_dir, f"{cfg.experiment}: {cfg.model.name}, {kind} L{layer}")
+    return df
+
+
+def hist_rows(cfg, model, kind, layer, parts: dict[str, Tensor], run_dir, keys) -> list[dict]:
+    """ABB vs ABA projections: stats as rows (split = the prompts' split) and the histogram plot."""
+    split, n = cfg.extra.get("hist_split", "test"), cfg.extra.get("n_hist_prompts", 200)
+    prompts = make_prompts(model.tokenizer, cfg.dataset, split, HIST_PATTERNS, n, cfg.seed)
+    acts = end_activations(model, [b.to(model.cfg.device) for b in prompts], kind, layer)
+    stats = histogram_stats(acts, parts)
+    title = f"{cfg.model.name} {kind} L{layer}: END activations, {split} prompts"
+    histogram_plot(acts, {k: parts[k] for k in PARTS}, stats, run_dir, title)
+    rows = []
+    for name, values in stats.items():
+        rows += io.metric_rows(values, intervention=name, split=split, **keys)
+    return rows
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows interventions; columns metric (split)."""
+    return io.summary_table(df)
+
+
+def summary_markdown(cfg: DictConfig, df: pd.DataFrame, layer: int, w_err: float) -> str:
+    return (
+        f"# {cfg.experiment}\n\nmodel: {cfg.model.name}; site: mlp_post, layer {layer}; seed "
+        f"{cfg.seed}\n\nmax |hidden @ W_out + b_out - mlp_out| = {w_err:.2e}\n\n"
+        f"1-D patches use unit vectors; norm_sq is that of the parts of the unit v.\n\n"
+        f"{io.markdown_table(summarize(df))}\n"
+    )

@@ -1,0 +1,204 @@
+"""Path patching (mlpim.paths, runner ioi_path_patching) on the tiny models.
+
+The END trace reproduces the model's logits; with the final-norm scale frozen the per-head and
+per-MLP direct effects add up to the intervention's total direct effect; the query-only and
+output-only path patches equal the same patches done with TransformerLens hooks; an identity
+patch changes nothing; and the experiment runs end to end.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mlpim import constants as C
+from mlpim import fastpath, metrics, paths
+from mlpim.config import compose
+from mlpim.data.ioi import paper_pairs
+from mlpim.models import hook_name
+from mlpim.patching import full, subspace
+from mlpim.run import run
+
+ATOL = 1e-6
+MODELS = ("tiny_gpt2", "tiny_gpt2_compat", "tiny_llama")
+SITES = (("resid_post", 1), ("mlp_post", 1), ("resid_post", 0))
+
+
+@pytest.fixture(params=MODELS)
+def model(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def model64(request):
+    """A float64 copy: the hooked comparisons subtract nearly equal residuals, and the tiny random
+    models' attention moves little, so float32 rounding would be a visible share of the effect."""
+    m = copy.deepcopy(request.getfixturevalue(request.param)).double()
+    m.__dict__.pop("_mlpim_attn_weights", None)  # fastpath's float32 weight cache
+    return m
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """One test batch of IOI pairs (the tiny models share the word tokenizer)."""
+    from mlpim.runners.common import model_for
+
+    cfg = compose(["model=tiny", "device=cpu"])
+    return paper_pairs(model_for(cfg).tokenizer, cfg.dataset, "test", 0)[0]
+
+
+def _setup(model, pb, kind: str, layer: int, setter=full):
+    """Prefix state, clean trace, patched trace (site patched from the source), readout."""
+    state, clean, base_acts = paths.run_trace(model, pb.base.tokens, [(kind, layer)])
+    _, _, src_acts = paths.run_trace(model, pb.source.tokens, [(kind, layer)])
+    name = hook_name(kind, layer)
+    act = setter(base_acts[name], src_acts[name])
+    with torch.no_grad():
+        patched = paths.patched_trace(model, state, clean, kind, layer, act)
+    return state, clean, patched, paths.readout(model, pb.base.io, pb.base.s), act
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> bool:
+    return (a - b).abs().max().item() <= atol
+
+
+def _close_rel(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-2) -> bool:
+    """Equal up to rtol of the reference's largest entry, which must not be zero. (HF's Llama
+    norms and rotary tables stay float32 in a float64 model: ~1e-3 of these tiny effects.)"""
+    scale = b.abs().max().item()
+    return scale > 0 and (a - b).abs().max().item() <= rtol * scale
+
+
+def _site_patch_hook(name: str, act: torch.Tensor):
+    def hook(x, hook=None):
+        x = x.clone()
+        x[:, -1] = act
+        return x
+
+    return name, hook
+
+
+@pytest.mark.parametrize(("kind", "layer"), SITES)
+def test_trace_reproduces_logit_diff(model, pair, kind, layer):
+    state, clean, patched, r, act = _setup(model, pair, kind, layer)
+    with torch.no_grad():
+        ld = metrics.logit_diff(model(pair.base.tokens)[:, -1], pair.base.io, pair.base.s)
+        ref = fastpath.resume(model, fastpath.end_state(model, pair.base.tokens, kind, layer), act)
+        patched_ld = paths.logit_diff(model, r, patched.final)
+    assert _close(paths.logit_diff(model, r, clean.final), ld, 1e-5)
+    assert _close(patched_ld, metrics.logit_diff(ref, pair.base.io, pair.base.s), 1e-5)
+    assert not _close(patched_ld, ld, 1e-4)  # the patch matters
+
+
+def test_frozen_readout_is_the_final_norm(model, pair):
+    """LD = final residual · g + the final norm's bias term + the unembedding bias difference."""
+    _, clean, _, r, _ = _setup(model, pair, "resid_post", 1)
+    bias = getattr(model.ln_final.original_component, "bias", None)
+    bias_term = 0.0 if bias is None else r.u @ bias
+    g = paths.frozen_readout(model, r, clean.final)
+    lhs = paths.logit_diff(model, r, clean.final)
+    assert _close(lhs, paths.dla(clean.final, g) + bias_term + r.c, 1e-5)
+
+
+@pytest.mark.parametrize(("kind", "layer"), SITES)
+def test_direct_effects_add_up_with_frozen_norm(model, pair, kind, layer):
+    """Σ heads (output alone from the patched run) + Σ MLPs + the site's own direct effect
+    = the DLA of the total change of the final residual (final-norm scale frozen)."""
+    _, clean, patched, r, act = _setup(model, pair, kind, layer)
+    heads = paths.output_effects(model, r, clean, patched, frozen=True)
+    mlps = paths.mlp_effects(model, r, clean, patched, frozen=True)
+    g = paths.frozen_readout(model, r, clean.final)
+    site = paths.site_resid(model, clean, kind, layer, act) - clean.resid_post(layer)
+    total = paths.dla(patched.final - clean.final, g)
+    parts = sum(v.sum(-1) for v in heads.values()) + sum(mlps.values()) + paths.dla(site, g)
+    assert sorted(heads) == list(range(layer + 1, model.cfg.n_layers))
+    assert total.abs().max() > 1e-4
+    assert _close(parts, total)
+
+
+def _hooked_final(model, pb, hooks: list) -> torch.Tensor:
+    """END final residual (before the final norm) of the base run with `hooks`."""
+    name = hook_name("resid_post", model.cfg.n_layers - 1)
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        _, cache = model.run_with_cache(pb.base.tokens, names_filter=[name])
+    return cache[name][:, -1]
+
+
+def _cached(model, pb, names: list[str], hooks: list) -> dict[str, torch.Tensor]:
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        _, cache = model.run_with_cache(pb.base.tokens, names_filter=names)
+    return {n: cache[n][:, -1] for n in names}
+
+
+def test_query_only_for_last_layer_equals_hooked_query_patch(model64, pair):
+    """All last-layer heads' query effects (everything downstream fixed, norm frozen) sum to the
+    effect of patching the last layer's END queries from the patched run with hooks."""
+    model, last = model64, model64.cfg.n_layers - 1
+    kind, layer = "resid_post", last - 1
+    state, clean, patched, r, act = _setup(model, pair, kind, layer)
+    q_name, mlp_name = f"blocks.{last}.attn.hook_q", hook_name("mlp_out", last)
+    patched_q = _cached(model, pair, [q_name], [_site_patch_hook(hook_name(kind, layer), act)])
+    clean_mlp = _cached(model, pair, [mlp_name], [])[mlp_name]
+    final = _hooked_final(model, pair, [_site_patch_hook(q_name, patched_q[q_name]),
+                                        _site_patch_hook(mlp_name, clean_mlp)])  # fmt: skip
+    effects = paths.query_effects(model, state, r, clean, patched, frozen=True)
+    assert list(effects) == [last]
+    hooked = paths.dla(final - clean.final, paths.frozen_readout(model, r, clean.final))
+    assert _close_rel(effects[last].sum(-1), hooked)
+
+
+def test_head_output_alone_equals_hooked_head_patch(model64, pair):
+    """ΔLD with one last-layer head's output from the patched run (final norm recomputed) equals
+    the hooked run that sets that head's hook_z and keeps the last MLP's output clean."""
+    model, last = model64, model64.cfg.n_layers - 1
+    _, clean, patched, r, _ = _setup(model, pair, "resid_post", 0)
+    z_name, mlp_name = hook_name("z", last), hook_name("mlp_out", last)
+    clean_mlp = _cached(model, pair, [mlp_name], [])[mlp_name]
+    effects = paths.output_effects(model, r, clean, patched)[last]
+    for h in range(model.cfg.n_heads):
+        z = clean.z[last].clone()
+        z[:, h] = patched.z[last][:, h]
+        final = _hooked_final(model, pair, [_site_patch_hook(z_name, z),
+                                            _site_patch_hook(mlp_name, clean_mlp)])  # fmt: skip
+        delta = paths.logit_diff(model, r, final) - paths.logit_diff(model, r, clean.final)
+        assert _close_rel(effects[:, h], delta)
+
+
+@pytest.mark.parametrize(("kind", "layer"), SITES)
+def test_identity_patch_changes_nothing(model, pair, kind, layer):
+    """A head's output (or query) patched with its own clean value: every effect is zero."""
+    state, clean, patched, r, _ = _setup(model, pair, kind, layer, setter=lambda b, s: b)
+    for frozen in (False, True):
+        found = [paths.output_effects(model, r, clean, patched, frozen),
+                 paths.query_effects(model, state, r, clean, patched, frozen),
+                 paths.mlp_effects(model, r, clean, patched, frozen)]  # fmt: skip
+        for by_layer in found:
+            assert all(_close(v, torch.zeros_like(v)) for v in by_layer.values())
+    dla_clean, dla_patched = paths.head_dla(model, r, clean), paths.head_dla(model, r, patched)
+    assert all(_close(v, dla_clean[i]) for i, v in dla_patched.items())
+
+
+def test_subspace_patch_runs_on_mlp_post(tiny_llama, pair):
+    """A 1-D subspace patch of the MLP's hidden activations reaches the downstream heads."""
+    d = tiny_llama.cfg.d_mlp
+    v = torch.linalg.qr(torch.randn(d, 1, generator=torch.Generator().manual_seed(0)))[0]
+    _, clean, patched, r, _ = _setup(tiny_llama, pair, "mlp_post", 0, subspace(v))
+    assert any(
+        t.abs().max() > 0 for t in paths.output_effects(tiny_llama, r, clean, patched).values()
+    )
+
+
+def test_runs_end_to_end(tmp_path):
+    overrides = ["experiment=ioi_path_patching", "model=tiny", "method.epochs=1", "device=cpu",
+                 "dataset.n_train_pairs=20", "dataset.n_test_pairs=20"]  # fmt: skip
+    df = run(compose(overrides), tmp_path)
+    for name in ("path_patching.png", C.METRICS, "subspace_resid.pt", "subspace_mlp.pt"):
+        assert (tmp_path / name).exists(), name
+    z = df[df.site == "z"]
+    assert set(z.metric) == {"ld_via_head_output", "ld_via_query", "dla"}
+    assert {"clean", "source_run", "v_resid", "v_mlp", "mlp_full"} <= set(df.intervention)
+    v_resid = z[(z.intervention == "v_resid") & (z.metric == "ld_via_query")]
+    assert set(v_resid.layer) == {2} and len(v_resid) == 4  # heads after the handover layer
+    assert df.value.notna().all()
