@@ -3,6 +3,7 @@
 RESOLVED_CONFIG = "config.yaml"
 METRICS = "metrics.csv"
 SUMMARY = "summary.md"
+VERDICT = "verdict.md"  # illusion_check: the verdict table and what each check measured
 HISTORY = "history.csv"
 LOG = "run.log"
 DONE = "DONE"  # written last: a run directory holding it is finished and is never re-run

@@ -5,41 +5,52 @@ from __future__ import annotations
 import pandas as pd
 import torch
 from omegaconf import DictConfig
+from torch import nn
 from tqdm.auto import tqdm
 
-from mlpim.interventions import Prepared, evaluate, patched_end_logits
+from mlpim.interventions import Prepared, evaluate, patched_end_loss
 from mlpim.subspace import RotatedSubspace
+
+
+def fit(
+    model, train: list[Prepared], test: list[Prepared] | None, patch: nn.Module, kind: str,
+    layer: int, method: DictConfig, gen: torch.Generator, desc: str = "DAS", progress: bool = True,
+) -> pd.DataFrame:  # fmt: skip
+    """Train `patch`'s parameters: Adam + LinearLR, full-vocabulary cross-entropy at END.
+
+    Batches are shuffled with `gen` every epoch; with `test`, the test IIA is logged per epoch.
+    Returns the history (epoch, train_loss[, test_iia]).
+    """
+    opt = torch.optim.Adam(patch.parameters(), lr=method.lr)
+    sched = torch.optim.lr_scheduler.LinearLR(
+        opt, start_factor=1.0, end_factor=method.lr_end_factor, total_iters=method.epochs
+    )
+    rows = []
+    for epoch in (bar := tqdm(range(method.epochs), desc=desc, disable=not progress)):
+        total, n = 0.0, 0
+        for i in torch.randperm(len(train), generator=gen).tolist():
+            p = train[i]
+            loss = patched_end_loss(model, p, patch, kind, layer)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, n = total + loss.item() * len(p.pairs), n + len(p.pairs)
+        sched.step()
+        rows.append({"epoch": epoch, "train_loss": total / n})
+        if test:
+            rows[-1]["test_iia"] = evaluate(model, test, patch, kind, layer)["iia"]
+        bar.set_postfix({k: f"{v:.3f}" for k, v in rows[-1].items() if k != "epoch"})
+    return pd.DataFrame(rows)
 
 
 def train_das(
     model, train: list[Prepared], test: list[Prepared], kind: str, layer: int,
     method: DictConfig, seed: int, progress: bool = True,
 ) -> tuple[RotatedSubspace, pd.DataFrame]:  # fmt: skip
-    """Adam + LinearLR, cross-entropy over the full vocabulary at END; returns basis and history."""
+    """DAS from a seeded random orthonormal basis; returns the trained basis and its history."""
     torch.manual_seed(seed)  # the orthogonal parametrization draws from the global generator
     gen = torch.Generator().manual_seed(seed)
     d = train[0].base_act.shape[-1]
     rot = RotatedSubspace(d, method.dim, generator=gen).to(train[0].base_act.device)
-    opt = torch.optim.Adam(rot.parameters(), lr=method.lr)
-    sched = torch.optim.lr_scheduler.LinearLR(
-        opt, start_factor=1.0, end_factor=method.lr_end_factor, total_iters=method.epochs
-    )
-    rows = []
-    bar = tqdm(
-        range(method.epochs), desc=f"DAS {kind} L{layer} k={method.dim}", disable=not progress
-    )
-    for epoch in bar:
-        total, n = 0.0, 0
-        for i in torch.randperm(len(train), generator=gen).tolist():
-            p = train[i]
-            logits = patched_end_logits(model, p, rot, kind, layer)
-            loss = torch.nn.functional.cross_entropy(logits, p.pairs.label)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, n = total + loss.item() * len(p.pairs), n + len(p.pairs)
-        sched.step()
-        test_iia = evaluate(model, test, rot, kind, layer)["iia"]
-        rows.append({"epoch": epoch, "train_loss": total / n, "test_iia": test_iia})
-        bar.set_postfix(loss=f"{total / n:.3f}", test_iia=f"{test_iia:.2f}")
-    return rot, pd.DataFrame(rows)
+    desc = f"DAS {kind} L{layer} k={method.dim}"
+    return rot, fit(model, train, test, rot, kind, layer, method, gen, desc, progress)

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mlpim.fused_ce import unembed_ce
 from mlpim.models import hook_name
 
 MLP_SITES = ("mlp_post", "mlp_out")
@@ -180,8 +181,8 @@ def block_end(model, i: int, h: Float[Tensor, "b d"], state: EndState) -> Float[
     return mlp_end(model, i, h + attn_out_from_z(model, i, z))
 
 
-def resume(model, state: EndState, act: Tensor) -> Float[Tensor, "b vocab"]:
-    """END logits when the site's END activation is `act` (patched) and everything else is base."""
+def resume_hidden(model, state: EndState, act: Tensor) -> Float[Tensor, "b d"]:
+    """Final (normalised) END residual when the site's END activation is `act` (patched)."""
     kind, layer = state.kind, state.layer
     if kind in ("resid_pre", "resid_post"):
         h = act
@@ -196,4 +197,29 @@ def resume(model, state: EndState, act: Tensor) -> Float[Tensor, "b vocab"]:
         raise ValueError(f"fast path has no site kind {kind!r}")
     for i in range(first_block(kind, layer), model.cfg.n_layers):
         h = block_end(model, i, h, state)
-    return model.unembed(model.ln_final(h[:, None]))[:, 0]
+    return _norm(model.ln_final, h)
+
+
+def resume(model, state: EndState, act: Tensor) -> Float[Tensor, "b vocab"]:
+    """END logits when the site's END activation is `act` (patched) and everything else is base."""
+    return model.unembed(resume_hidden(model, state, act)[:, None])[:, 0]
+
+
+def unembed_weights(model) -> tuple[Float[Tensor, "vocab d"], Float[Tensor, " vocab"]]:
+    """(W_Uᵀ contiguous, b_U), built once and cached on the (frozen) model."""
+    cache = model.__dict__
+    if "_mlpim_unembed" not in cache:
+        w_u = model.W_U.detach()
+        b_u = getattr(model, "b_U", None)
+        b_u = w_u.new_zeros(w_u.shape[1]) if b_u is None else b_u.detach()
+        cache["_mlpim_unembed"] = (w_u.t().contiguous(), b_u)
+    return cache["_mlpim_unembed"]
+
+
+def resume_loss(model, state: EndState, act: Tensor, labels: Int[Tensor, " b"]) -> Tensor:
+    """Mean cross-entropy over the vocabulary of the patched END logits.
+
+    The unembedding is fused with the loss (`mlpim.fused_ce`): equal to
+    `cross_entropy(resume(...), labels)` and its gradient (tests/test_fastpath.py).
+    """
+    return unembed_ce(resume_hidden(model, state, act), *unembed_weights(model), labels)

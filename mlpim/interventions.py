@@ -54,6 +54,15 @@ def patched_end_logits(model, prep: Prepared, setter: Setter, kind: str, layer: 
     return patched_logits(model, prep.pairs.base.tokens, {name: prep.source_act}, {name: setter})
 
 
+def patched_end_loss(model, prep: Prepared, setter: Setter, kind: str, layer: int) -> Tensor:
+    """Mean cross-entropy of the patched END logits against the counterfactual labels."""
+    if prep.state is not None:
+        act = setter(prep.base_act, prep.source_act)
+        return fastpath.resume_loss(model, prep.state, act, prep.pairs.label)
+    logits = patched_end_logits(model, prep, setter, kind, layer)
+    return torch.nn.functional.cross_entropy(logits, prep.pairs.label)
+
+
 def evaluate(
     model, prepared: list[Prepared], setter: Setter, kind: str, layer: int
 ) -> dict[str, float]:

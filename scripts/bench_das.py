@@ -10,8 +10,10 @@ All paths use the same model, the same training pairs
 the model's MLP-in-the-middle landmark, k = `method.dim`), the same initial basis, batch size,
 thread count and optimiser (Adam, lr `method.lr`, CE over the full vocabulary at END):
 
-  (a) fast   `prepare(..., fast=True)` + the `train_das` inner loop (END-only resume),
-  (b) plain  `prepare(..., fast=False)` + the same loop (full forward with a TransformerLens hook),
+  (a) fast   `prepare(..., fast=True)` + the `train_das` inner loop (END-only resume, and the
+             unembedding fused with the cross-entropy: `mlpim.fused_ce`),
+  (b) plain  `prepare(..., fast=False)` + the same loop (full forward with a TransformerLens hook,
+             then `cross_entropy` of the END logits),
   (c) pyvene 0.1.8 `IntervenableModel` over the bridge's HF model (`model.original_model`) with a
       `LowRankRotatedSpaceIntervention`; it runs base and source forwards every step, as pyvene does.
 
@@ -60,7 +62,7 @@ import torch
 from mlpim.config import compose
 from mlpim.data.ioi import paper_pairs
 from mlpim.fastpath import MLP_SITES, first_block
-from mlpim.interventions import Prepared, patched_end_logits, prepare
+from mlpim.interventions import Prepared, patched_end_logits, patched_end_loss, prepare
 from mlpim.runners.common import model_for, seed_everything, site_of
 from mlpim.subspace import RotatedSubspace
 
@@ -91,8 +93,7 @@ def our_step(model, kind: str, layer: int, rot: RotatedSubspace, opt) -> Callabl
     """One `train_das` step (forward, CE at END, backward, Adam) on a prepared batch."""
 
     def step(p: Prepared) -> None:
-        logits = patched_end_logits(model, p, rot, kind, layer)
-        loss = torch.nn.functional.cross_entropy(logits, p.pairs.label)
+        loss = patched_end_loss(model, p, rot, kind, layer)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -256,8 +257,7 @@ def counted_flops(model, p: Prepared, kind: str, layer: int, k: int) -> float:
 
     rot = RotatedSubspace(p.base_act.shape[-1], k)
     with FlopCounterMode(display=False) as counter:
-        logits = patched_end_logits(model, p, rot, kind, layer)
-        torch.nn.functional.cross_entropy(logits, p.pairs.label).backward()
+        patched_end_loss(model, p, rot, kind, layer).backward()
     return float(counter.get_total_flops())
 
 

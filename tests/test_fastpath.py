@@ -106,18 +106,26 @@ def test_das_gradient_matches_hooks(model, kind, layer):
     # one module for both paths: its parameter gradient also depends on the orthogonal
     # completion the parametrization keeps, which is not determined by `generator` alone
     rot = RotatedSubspace(base_act.shape[-1], 2, generator=torch.Generator().manual_seed(0))
-    grads = []
-    for fast in (True, False):
+    losses, grads = [], []
+    for path in ("hooks", "fast", "fast_fused"):
         rot.zero_grad()
-        if fast:
-            logits = fastpath.resume(model, state, rot(base_act, source_act))
+        if path == "fast_fused":  # what training uses: the fused unembedding + cross-entropy
+            loss = fastpath.resume_loss(model, state, rot(base_act, source_act), label)
         else:
-            logits = patching.patched_logits(model, base, {name: source_act}, {name: rot})
-        torch.nn.functional.cross_entropy(logits, label).backward()
+            logits = (
+                fastpath.resume(model, state, rot(base_act, source_act))
+                if path == "fast"
+                else patching.patched_logits(model, base, {name: source_act}, {name: rot})
+            )
+            loss = torch.nn.functional.cross_entropy(logits, label)
+        loss.backward()
+        losses.append(loss.item())
         grads.append(torch.cat([p.grad.flatten() for p in rot.parameters()]))
-    fast_grad, slow_grad = grads
+    slow_grad = grads[0]
     assert slow_grad.norm() > 0
-    assert ((fast_grad - slow_grad).norm() / slow_grad.norm()).item() <= TOL
+    for loss, grad in zip(losses[1:], grads[1:], strict=True):
+        assert abs(loss - losses[0]) <= TOL
+        assert ((grad - slow_grad).norm() / slow_grad.norm()).item() <= TOL
 
 
 @pytest.mark.parametrize("layer", (0, 1))

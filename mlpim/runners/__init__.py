@@ -21,6 +21,7 @@ RUNNERS = {
     "ioi_random_mlp": "mlpim.runners.random_mlp",
     "mlp_recovery": "mlpim.runners.recovery",
     "ioi_neuron_budget": "mlpim.runners.neuron_budget",
+    "illusion_check": "mlpim.runners.illusion_check",
 }
 
 Runner = Callable[[DictConfig, Path], pd.DataFrame]

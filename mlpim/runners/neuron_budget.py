@@ -15,14 +15,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from mlpim import io
+from mlpim.das import fit
 from mlpim.data.ioi import paper_pairs
-from mlpim.interventions import Prepared, clean_metrics, evaluate, patched_end_logits, prepare
+from mlpim.interventions import Prepared, clean_metrics, evaluate, prepare
 from mlpim.models import ConfigError
 from mlpim.patching import full, subspace_patch
 from mlpim.runners.common import model_for, site_of
@@ -66,30 +66,6 @@ def grid(values, d: int) -> list[int]:
     return sorted(ns)
 
 
-def train_subspace(
-    model, train: list[Prepared], module: nn.Module, kind: str, layer: int, method, seed: int
-) -> list[float]:
-    """`mlpim.das.train_das`'s loop (Adam, LinearLR, full-vocab CE) for a given module; losses."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(module.parameters(), lr=method.lr)
-    sched = torch.optim.lr_scheduler.LinearLR(
-        opt, start_factor=1.0, end_factor=method.lr_end_factor, total_iters=method.epochs
-    )
-    losses = []
-    for _ in range(method.epochs):
-        total, n = 0.0, 0
-        for i in torch.randperm(len(train), generator=gen).tolist():
-            p = train[i]
-            loss = F.cross_entropy(patched_end_logits(model, p, module, kind, layer), p.pairs.label)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, n = total + loss.item() * len(p.pairs), n + len(p.pairs)
-        sched.step()
-        losses.append(total / n)
-    return losses
-
-
 def prepared_splits(cfg: DictConfig, model, kind: str, layer: int) -> dict[str, list[Prepared]]:
     """The paper's DAS train/test pairs prepared at (kind, layer)."""
     batches = {s: paper_pairs(model.tokenizer, cfg.dataset, s, cfg.seed) for s in ("train", "test")}
@@ -104,19 +80,19 @@ def budget_rows(cfg, model, splits, kind: str, layer: int, ns: list[int], order)
     rows, d = [], splits["train"][0].base_act.shape[-1]
     for n in ns:
         start = time.time()
-        torch.manual_seed(
-            cfg.seed
-        )  # the orthogonal parametrization draws from the global generator
-        module = NeuronSubspace(d, order[:n], cfg.method.dim,
-                                torch.Generator().manual_seed(cfg.seed)).to(model.cfg.device)  # fmt: skip
-        losses = train_subspace(model, splits["train"], module, kind, layer, cfg.method, cfg.seed)
+        torch.manual_seed(cfg.seed)  # the orthogonal parametrization draws from the global one
+        gen = torch.Generator().manual_seed(cfg.seed)
+        module = NeuronSubspace(d, order[:n], cfg.method.dim, gen).to(model.cfg.device)
+        history = fit(model, splits["train"], None, module, kind, layer, cfg.method,
+                      torch.Generator().manual_seed(cfg.seed), f"DAS {n} neurons")  # fmt: skip
+        losses = history["train_loss"].tolist()
         keys = {"intervention": f"das_n{n}", "site": kind, "layer": layer, "n_neurons": n}
         for split, prepared in splits.items():
-            rows += io.metric_rows(
-                evaluate(model, prepared, module, kind, layer), split=split, **keys
-            )
+            values = evaluate(model, prepared, module, kind, layer)
+            rows += io.metric_rows(values, split=split, **keys)
         rows += io.metric_rows({"final_loss": losses[-1]} if losses else {}, split="train", **keys)
-        log.info("n=%d: %.1f s, test %s", n, time.time() - start, rows[-2]["value"])
+        log.info("n=%d: %.1f s; test FLDD %.3f, IIA %.3f", n, time.time() - start,
+                 values["fldd"], values["iia"])  # fmt: skip
     return rows
 
 

@@ -63,6 +63,8 @@ def das_direction(
     basis = find_basis(
         train_cfg, model, splits["train"], splits["test"], kind, layer, run_dir, "das"
     )
+    save_subspace(run_dir / C.DIRECTION, basis, model=cfg.model.name, site=kind, layer=layer, k=1,
+                  seed=cfg.seed, method="das")  # fmt: skip
     return basis[:, 0]
 
 

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from mlpim import constants as C
 from mlpim import io
-from mlpim.interventions import Prepared, clean_metrics, evaluate, patched_end_logits, prepare
+from mlpim.das import fit
+from mlpim.interventions import Prepared, clean_metrics, evaluate, prepare
 from mlpim.models import ConfigError, hook_name
 from mlpim.patching import full, source_activations, subspace
 from mlpim.runners.common import model_for, site_of
@@ -157,28 +157,8 @@ def train_random_das(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     patch = RandomMLPPatch(mlp, method.dim, gen).to(train[0].base_act.device)
-    opt = torch.optim.Adam(patch.parameters(), lr=method.lr)
-    sched = torch.optim.lr_scheduler.LinearLR(
-        opt, start_factor=1.0, end_factor=method.lr_end_factor, total_iters=method.epochs
-    )
-    rows = []
-    bar = tqdm(range(method.epochs), desc=f"DAS random MLP L{layer} seed {seed}",
-               disable=not progress)  # fmt: skip
-    for epoch in bar:
-        total, n = 0.0, 0
-        for i in torch.randperm(len(train), generator=gen).tolist():
-            p = train[i]
-            logits = patched_end_logits(model, p, patch, "mlp_out", layer)
-            loss = F.cross_entropy(logits, p.pairs.label)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, n = total + loss.item() * len(p.pairs), n + len(p.pairs)
-        sched.step()
-        test_iia = evaluate(model, test, patch, "mlp_out", layer)["iia"]
-        rows.append({"epoch": epoch, "train_loss": total / n, "test_iia": test_iia})
-        bar.set_postfix(loss=f"{total / n:.3f}", test_iia=f"{test_iia:.2f}")
-    return patch, pd.DataFrame(rows)
+    desc = f"DAS random MLP L{layer} seed {seed}"
+    return patch, fit(model, train, test, patch, "mlp_out", layer, method, gen, desc, progress)
 
 
 def random_mlp_rows(

@@ -1,0 +1,63 @@
+"""Cross-entropy over the full vocabulary fused with the unembedding, in one pass over W_U.
+
+DAS trains against frozen weights, so the only gradient the loss needs is the one with respect to
+the final hidden state: `(softmax(h W_U + b) - onehot) W_Uᵀ / b`. `unembed_ce` computes the loss
+and that gradient together, chunk by chunk over the vocabulary with an online softmax, so each
+chunk of W_U is read from memory once and reused from cache for the gradient; the logits are never
+materialised. Loss and gradient equal `cross_entropy(h @ W_U + b, labels)` and its autograd
+gradient (tests/test_fused_ce.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+CHUNK = 1024
+
+
+def _loss_and_grad(
+    h: Float[Tensor, "b d"], w_t: Float[Tensor, "vocab d"], bias: Float[Tensor, " vocab"],
+    labels: Int[Tensor, " b"], chunk: int,
+) -> tuple[Tensor, Float[Tensor, "b d"]]:  # fmt: skip
+    b = h.shape[0]
+    run_max = h.new_full((b, 1), -torch.inf)
+    run_sum = h.new_zeros((b, 1))
+    acc = h.new_zeros(h.shape)  # sum_v exp(logit_v - run_max) w_v
+    for start in range(0, w_t.shape[0], chunk):
+        w = w_t[start : start + chunk]
+        logits = torch.addmm(bias[start : start + chunk], h, w.t())
+        new_max = torch.maximum(run_max, logits.amax(1, keepdim=True))
+        rescale = torch.exp(run_max - new_max)
+        e = torch.exp(logits - new_max)
+        run_sum = run_sum * rescale + e.sum(1, keepdim=True)
+        acc = torch.addmm(acc * rescale, e, w)
+        run_max = new_max
+    target = w_t[labels]
+    label_logit = (h * target).sum(1) + bias[labels]
+    loss = (run_max[:, 0] + run_sum[:, 0].log() - label_logit).mean()
+    return loss, (acc / run_sum - target) / b
+
+
+class _UnembedCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w_t, bias, labels, chunk):  # noqa: D102
+        loss, grad = _loss_and_grad(h, w_t, bias, labels, chunk)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        (grad,) = ctx.saved_tensors
+        return grad_out * grad, None, None, None, None
+
+
+def unembed_ce(
+    h: Float[Tensor, "b d"], w_t: Float[Tensor, "vocab d"], bias: Float[Tensor, " vocab"],
+    labels: Int[Tensor, " b"], chunk: int = CHUNK,
+) -> Tensor:  # fmt: skip
+    """Mean cross-entropy of `h @ w_tᵀ + bias` against `labels`; differentiable in `h` only."""
+    if w_t.requires_grad or bias.requires_grad:
+        raise ValueError("unembed_ce treats the unembedding as frozen; detach its weights")
+    return _UnembedCE.apply(h, w_t, bias, labels, chunk)
