@@ -1,6 +1,6 @@
 """`make paper`: run every experiment of the paper in order and write REPORT.md.
 
-usage: python scripts/paper.py [--only EXP[,EXP]] [--out DIR] model=smollm2-135m [overrides]
+usage: python scripts/paper.py [--only STEP[,STEP]] [--out DIR] model=smollm2-135m [overrides]
 
 Each step writes `outputs/paper/<model>/<experiment>/`; a finished step (DONE) is not re-run, so
 an interrupted `make paper` resumes. Directions are reused: the residual and MLP DAS directions
@@ -27,24 +27,27 @@ from mlpim.run import run
 RESID = "{out}/ioi_resid8_das/" + C.DIRECTION
 MLP = "{out}/ioi_mlp8_das/" + C.DIRECTION
 WITH_BOTH = [f"direction={MLP}", f"++extra.resid_direction={RESID}"]
-STEPS: list[tuple[str, list[str]]] = [
-    ("ioi_baseline", []),
-    ("ioi_locate", []),
-    ("ioi_resid8_das", []),
-    ("ioi_mlp8_das", []),
-    ("ioi_mean_diff", [f"direction={RESID}"]),
-    ("ioi_nullspace", [f"direction={MLP}"]),
-    ("ioi_alignment", WITH_BOTH),
-    ("ioi_dormant", WITH_BOTH),
-    ("ioi_path_patching", WITH_BOTH),
-    ("ioi_random_mlp", [f"direction={MLP}"]),
-    ("illusion_check", WITH_BOTH),
-    ("toy_illusion", []),
-    ("mlp_recovery", []),
-    ("ioi_neuron_budget", []),
+# (step = its directory under outputs/paper/<model>/, experiment, overrides)
+STEPS: list[tuple[str, str, list[str]]] = [
+    ("ioi_baseline", "ioi_baseline", []),
+    ("ioi_locate", "ioi_locate", []),
+    ("ioi_resid8_das", "ioi_resid8_das", []),
+    ("ioi_mlp8_das", "ioi_mlp8_das", []),
+    ("ioi_mean_diff", "ioi_mean_diff", [f"direction={RESID}"]),
+    ("ioi_nullspace", "ioi_nullspace", [f"direction={MLP}"]),
+    ("ioi_alignment", "ioi_alignment", WITH_BOTH),
+    ("ioi_dormant", "ioi_dormant", WITH_BOTH),
+    ("ioi_path_patching", "ioi_path_patching", WITH_BOTH),
+    ("ioi_random_mlp", "ioi_random_mlp", [f"direction={MLP}"]),
+    ("illusion_check", "illusion_check", WITH_BOTH),
+    ("illusion_check_resid", "illusion_check", [f"direction={RESID}"]),  # the real direction
+    ("toy_illusion", "toy_illusion", []),
+    ("mlp_recovery", "mlp_recovery", []),
+    ("ioi_neuron_budget", "ioi_neuron_budget", []),
 ]
 
 # (quantity, paper value on GPT-2 small, experiment, filters on metrics.csv, transform)
+# fmt: off
 COMPARE: list[tuple[str, str, str, dict]] = [
     (
         "clean IOI accuracy",
@@ -149,13 +152,50 @@ COMPARE: list[tuple[str, str, str, dict]] = [
         "ioi_random_mlp",
         dict(intervention="random_mlp", metric="fldd", split="test"),
     ),
+    ("random MLP control: IIA", "—", "ioi_random_mlp",
+     dict(intervention="random_mlp", metric="iia", split="test")),
+    ("abs cos(W_out·v_MLP, v_resid)", "0.52", "ioi_alignment",
+     dict(intervention="v_mlp_out_vs_das_resid", metric="cosine")),
+    ("abs cos of random hidden directions with v_resid (mean)", "~0.036", "ioi_alignment",
+     dict(intervention="random_vs_das_resid", metric="random_cosine_mean")),
+    ("abs cos(W_out·v_MLP, gradient direction)", "—", "ioi_alignment",
+     dict(intervention="v_mlp_out_vs_grad_resid", metric="cosine")),
+    ("ABB/ABA separation along the row-space part", "small", "ioi_nullspace",
+     dict(intervention="row_proj", metric="separation", split="test")),
+    ("ABB/ABA separation along the nullspace part", "far larger", "ioi_nullspace",
+     dict(intervention="null_proj", metric="separation", split="test")),
+    ("dormant ratio, same-position patches (mean)", "small", "ioi_dormant",
+     dict(intervention="das", metric="dormant_ratio", same_position="True")),
+    ("dormant ratio, opposite-position patches (mean)", "large", "ioi_dormant",
+     dict(intervention="das", metric="dormant_ratio", same_position="False")),
+    ("illusion_check warnings for v_MLP (of 4)", "— (new)", "illusion_check",
+     dict(intervention="verdict", metric="n_warnings")),
+    ("illusion_check warnings for v_resid (of 1)", "— (new)", "illusion_check_resid",
+     dict(intervention="verdict", metric="n_warnings")),
     (
         "ridge R² (MLP acts → resid_mid projection), mean over layers",
         "0.71 ± 0.17",
         "mlp_recovery",
         dict(metric="r2"),
     ),
+    ("logistic accuracy, z = 1e-4 (mean over layers)", "0.69", "mlp_recovery",
+     dict(intervention="logistic", metric="accuracy", z="0.0001")),
+    ("logistic accuracy, z = 1e-3", "0.83", "mlp_recovery",
+     dict(intervention="logistic", metric="accuracy", z="0.001")),
+    ("logistic accuracy, z = 1e-2", "0.87", "mlp_recovery",
+     dict(intervention="logistic", metric="accuracy", z="0.01")),
+    ("logistic accuracy, z = 1e-1", "0.996", "mlp_recovery",
+     dict(intervention="logistic", metric="accuracy", z="0.1")),
+    ("neuron budget: R² of the linear fit FLDD ~ n", "linear", "ioi_neuron_budget",
+     dict(intervention="fldd_vs_n_fit", metric="r2_fit")),
+    ("neuron budget: FLDD with the first 128 neurons", "—", "ioi_neuron_budget",
+     dict(intervention="das_n128", metric="fldd", split="test")),
+    ("toy: DAS seeds landing on e1 (fraction)", "— (post: both solutions exist)", "toy_illusion",
+     dict(intervention="das", metric="is_e1")),
+    ("toy: DAS seeds landing on the illusory solution (fraction)", "—", "toy_illusion",
+     dict(intervention="das", metric="is_illusory")),
 ]
+# fmt: on
 
 
 def lookup(out: Path, experiment: str, filters: dict) -> str:
@@ -174,13 +214,11 @@ def lookup(out: Path, experiment: str, filters: dict) -> str:
 def report(out: Path, model: str, times: dict[str, float]) -> str:
     rows = [(q, p, lookup(out, e, f), e) for q, p, e, f in COMPARE]
     table = pd.DataFrame(rows, columns=["quantity", "paper (GPT-2 small)", model, "experiment"])
-    steps = pd.DataFrame(
-        [(e, f"{t:.0f}" if t >= 0 else "reused") for e, t in times.items()], columns=["step", "s"]
-    )
+    steps = pd.DataFrame([(e, f"{t:.0f}") for e, t in times.items()], columns=["step", "s"])
     parts = [
         f"# Paper numbers vs {model}\n",
-        f"Measured on {date.today().isoformat()}; wall time of this `make paper`: "
-        f"{sum(t for t in times.values() if t > 0) / 60:.1f} min. Test pairs unless noted.\n",
+        f"Measured on {date.today().isoformat()}; wall time of the steps (each run once, "
+        f"model loads included): {sum(times.values()) / 60:.1f} min. Test pairs unless noted.\n",
         markdown_table(table.set_index("quantity")),
         "\n## Steps\n",
         markdown_table(steps.set_index("step")),
@@ -193,6 +231,14 @@ def report(out: Path, model: str, times: dict[str, float]) -> str:
     return "\n".join(parts)
 
 
+def step_seconds(run_dir: Path, elapsed: float) -> float:
+    """A step's own wall time: as its DONE file recorded it (also for a reused step), else elapsed."""
+    try:
+        return float((run_dir / C.DONE).read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return elapsed
+
+
 def collect_figures(out: Path) -> None:
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
@@ -202,7 +248,7 @@ def collect_figures(out: Path) -> None:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated experiments (default: all)")
+    parser.add_argument("--only", default="", help="comma-separated steps (default: all)")
     parser.add_argument("--out", default=None)
     args, overrides = parser.parse_known_args(argv)
     model = compose(overrides).model.name
@@ -211,16 +257,15 @@ def main(argv: list[str]) -> None:
     only = set(filter(None, args.only.split(",")))
     times: dict[str, float] = {}
     available = {p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")}
-    for experiment, extra in STEPS:
-        if (only and experiment not in only) or experiment not in available:
+    for name, experiment, extra in STEPS:
+        if (only and name not in only) or experiment not in available:
             continue
-        run_dir = out / experiment
+        run_dir = out / name
         step = [f"experiment={experiment}", *(o.format(out=out) for o in extra), *overrides]
         start = time.time()
-        print(f"\n=== {experiment}: {' '.join(step)}", flush=True)
-        done = (run_dir / C.DONE).exists()
+        print(f"\n=== {name}: {' '.join(step)}", flush=True)
         run(compose(step), run_dir)
-        times[experiment] = -1.0 if done else time.time() - start
+        times[name] = step_seconds(run_dir, time.time() - start)
     (out / "REPORT.md").write_text(report(out, model, times))
     collect_figures(out)
     print(f"\nreport: {out / 'REPORT.md'}; figures: {out / 'figures'}")

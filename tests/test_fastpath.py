@@ -179,3 +179,16 @@ def test_smollm2_fast_path_on_ioi_pairs(smollm2, kind):
             d = _acts(model, pb.base.tokens, hook_name(kind, layer)).shape[-1]
             for setter in (patching.full, patching.subspace(_basis(d, 3, seed=layer))):
                 _check_patch(model, pb.base.tokens, pb.source.tokens, kind, layer, setter)
+            _check_fused_loss(model, pb, kind, layer, patching.subspace(_basis(d, 3, seed=layer)))
+
+
+def _check_fused_loss(model, pb, kind: str, layer: int, setter) -> None:
+    """The fused training loss equals cross-entropy of the hooked full-forward patched logits."""
+    name = hook_name(kind, layer)
+    base_act, source_act = _acts(model, pb.base.tokens, name), _acts(model, pb.source.tokens, name)
+    state = fastpath.end_state(model, pb.base.tokens, kind, layer)
+    with torch.no_grad():
+        fused = fastpath.resume_loss(model, state, setter(base_act, source_act), pb.label)
+        logits = patching.patched_logits(model, pb.base.tokens, {name: source_act}, {name: setter})
+        plain = torch.nn.functional.cross_entropy(logits, pb.label)
+    assert abs(fused.item() - plain.item()) <= TOL

@@ -33,10 +33,9 @@ def clean_table(model, batches: list[IOIBatch]) -> pd.DataFrame:
 
 def plot(df: pd.DataFrame, run_dir: Path, model_name: str) -> None:
     """Bar plot of LD and accuracy per template, train vs test."""
-    ld = df
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     for ax, metric in zip(axes, ["logit_diff", "accuracy"], strict=True):
-        sub = ld[(ld.metric == metric) & (ld.template != "all")]
+        sub = df[(df.metric == metric) & (df.template != "all")]
         wide = sub.pivot_table(index="template", columns="split", values="value")
         wide.plot.bar(ax=ax, rot=0)
         ax.set(title=f"{metric} per template ({model_name})", xlabel="template", ylabel=metric)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
+from mlpim.data.ioi import paper_pairs
 from mlpim.data.tokenizer import ioi_vocabulary
+from mlpim.interventions import Prepared, prepare
 from mlpim.models import load_model, resolve_device, validate_site
 
 
@@ -24,3 +26,13 @@ def site_of(cfg: DictConfig, model) -> tuple[str, int]:
 def seed_everything(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def paper_splits(cfg: DictConfig, model, kind: str, layer: int) -> dict[str, list[Prepared]]:
+    """The paper's DAS train and test pairs, prepared at (kind, layer) (`method.fast`: END-only)."""
+    dev, fast = model.cfg.device, cfg.method.get("fast", True)
+    return {
+        s: prepare(model, [b.to(dev) for b in paper_pairs(model.tokenizer, cfg.dataset, s, cfg.seed)],
+                   kind, layer, fast)
+        for s in ("train", "test")
+    }  # fmt: skip

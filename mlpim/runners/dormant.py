@@ -23,11 +23,11 @@ from torch import Tensor
 
 from mlpim import constants as C
 from mlpim import fastpath, io
-from mlpim.data.ioi import make_pairs, paper_pairs, s1_position
+from mlpim.data.ioi import make_pairs, s1_position
 from mlpim.interventions import Prepared, clean_metrics, evaluate, prepare
 from mlpim.models import ConfigError
 from mlpim.patching import subspace, subspace_patch
-from mlpim.runners.common import model_for, site_of
+from mlpim.runners.common import model_for, paper_splits, site_of
 from mlpim.runners.subspace import find_basis, loaded_basis
 from mlpim.subspace import save_subspace
 
@@ -57,16 +57,6 @@ def same_position(base: str, source: str) -> bool:
 def site_width(model, kind: str) -> int:
     """Width of a site's activation: d_mlp for `mlp_post`, else d_model."""
     return model.cfg.d_mlp if kind == "mlp_post" else model.cfg.d_model
-
-
-def paper_splits(cfg: DictConfig, model, kind: str, layer: int) -> dict[str, list[Prepared]]:
-    """The paper's DAS train/test pairs prepared at (kind, layer)."""
-    dev = model.cfg.device
-    return {
-        s: prepare(model, [b.to(dev) for b in paper_pairs(model.tokenizer, cfg.dataset, s, cfg.seed)],
-                   kind, layer, cfg.method.get("fast", True))
-        for s in ("train", "test")
-    }  # fmt: skip
 
 
 def das_direction(

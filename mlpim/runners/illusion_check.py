@@ -34,9 +34,9 @@ from mlpim import illusion, io
 from mlpim import nullspace as ns
 from mlpim.interventions import Prepared, prepare
 from mlpim.models import ConfigError, validate_site
-from mlpim.runners.common import model_for
+from mlpim.runners.common import model_for, paper_splits
 from mlpim.runners.dormant import site_width
-from mlpim.runners.nullspace import intervention_bases, patching_rows, prepared_splits
+from mlpim.runners.nullspace import intervention_bases, patching_rows
 from mlpim.runners.random_mlp import random_mlp_rows, with_resid_mid
 from mlpim.runners.subspace import loaded_basis
 from mlpim.subspace import load_subspace
@@ -167,7 +167,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     v_ref = reference_direction(cfg, model)
     if (kind, layer) != (cfg.site.kind, cfg.site.layer):
         log.info("checking %s L%d (from %s), not the configured site", kind, layer, cfg.direction)
-    splits = prepared_splits(cfg, model, kind, layer)
+    splits = paper_splits(cfg, model, kind, layer)
     keys = {"site": kind, "layer": layer, "dim": 1, "seed": cfg.seed}
     if kind == "mlp_post":
         rows, checks = mlp_post_checks(cfg, model, splits, layer, v, v_ref, keys, run_dir)

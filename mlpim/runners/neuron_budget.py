@@ -21,11 +21,10 @@ from torch import Tensor, nn
 
 from mlpim import io
 from mlpim.das import fit
-from mlpim.data.ioi import paper_pairs
-from mlpim.interventions import Prepared, clean_metrics, evaluate, prepare
+from mlpim.interventions import clean_metrics, evaluate
 from mlpim.models import ConfigError
 from mlpim.patching import full, subspace_patch
-from mlpim.runners.common import model_for, site_of
+from mlpim.runners.common import model_for, paper_splits, site_of
 from mlpim.subspace import RotatedSubspace
 
 log = logging.getLogger(__name__)
@@ -64,15 +63,6 @@ def grid(values, d: int) -> list[int]:
     if min(ns) < 1:
         raise ConfigError(f"extra.n_grid={list(values)} holds a count below 1")
     return sorted(ns)
-
-
-def prepared_splits(cfg: DictConfig, model, kind: str, layer: int) -> dict[str, list[Prepared]]:
-    """The paper's DAS train/test pairs prepared at (kind, layer)."""
-    batches = {s: paper_pairs(model.tokenizer, cfg.dataset, s, cfg.seed) for s in ("train", "test")}
-    dev, fast = model.cfg.device, cfg.method.get("fast", True)
-    return {
-        s: prepare(model, [b.to(dev) for b in bs], kind, layer, fast) for s, bs in batches.items()
-    }
 
 
 def budget_rows(cfg, model, splits, kind: str, layer: int, ns: list[int], order) -> list[dict]:
@@ -114,7 +104,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     if cfg.method.name != "das":
         raise ConfigError(f"ioi_neuron_budget trains DAS; got method {cfg.method.name!r}")
     start = time.time()
-    splits = prepared_splits(cfg, model, kind, layer)
+    splits = paper_splits(cfg, model, kind, layer)
     log.info("prepared %s L%d pairs in %.0f s", kind, layer, time.time() - start)
     d = splits["train"][0].base_act.shape[-1]
     ns = grid(cfg.extra.n_grid, d)

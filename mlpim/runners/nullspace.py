@@ -24,24 +24,17 @@ from torch import Tensor
 from mlpim import constants as C
 from mlpim import io
 from mlpim import nullspace as ns
-from mlpim.data.ioi import IOIBatch, make_prompts, paper_pairs
-from mlpim.interventions import Prepared, clean_metrics, evaluate, prepare
+from mlpim.data.ioi import IOIBatch, make_prompts
+from mlpim.interventions import Prepared, clean_metrics, evaluate
 from mlpim.models import ConfigError, hook_name
 from mlpim.patching import full, subspace
-from mlpim.runners.common import model_for, site_of
+from mlpim.runners.common import model_for, paper_splits, site_of
 from mlpim.runners.subspace import find_basis, loaded_basis, table1_plot
 from mlpim.subspace import save_subspace
 
 log = logging.getLogger(__name__)
 HIST_PATTERNS = ("ABB", "ABA")
 PARTS = ("row_proj", "null_proj")
-
-
-def prepared_splits(cfg: DictConfig, model, kind: str, layer: int) -> dict[str, list[Prepared]]:
-    """The paper's train and test pairs with their activations at (kind, layer)."""
-    fast, dev = cfg.method.get("fast", True), model.cfg.device
-    pairs = {s: paper_pairs(model.tokenizer, cfg.dataset, s, cfg.seed) for s in ("train", "test")}
-    return {s: prepare(model, [b.to(dev) for b in p], kind, layer, fast) for s, p in pairs.items()}
 
 
 def das_direction(
@@ -57,7 +50,7 @@ def das_direction(
         if basis.shape[1] != 1:
             raise ConfigError(f"{path} holds a {basis.shape[1]}-D subspace; a direction is 1-D")
         return basis[:, 0].to(model.cfg.device)
-    splits = splits or prepared_splits(cfg, model, kind, layer)
+    splits = splits or paper_splits(cfg, model, kind, layer)
     run_dir.mkdir(parents=True, exist_ok=True)
     train_cfg = OmegaConf.merge(cfg, {"direction": None})
     basis = find_basis(
@@ -143,7 +136,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     kind, layer = site_of(cfg, model)
     if kind != "mlp_post":
         raise ConfigError(f"ioi_nullspace needs site=mlp_post (MLP hidden activations), not {kind}")
-    splits = prepared_splits(cfg, model, kind, layer)
+    splits = paper_splits(cfg, model, kind, layer)
     v = das_direction(cfg, model, kind, layer, cfg.direction, run_dir, splits)
     w_out = ns.mlp_w_out(model, layer)
     w_err = check_w_out(model, layer, splits["test"][0].pairs.base.tokens)

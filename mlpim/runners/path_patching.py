@@ -25,10 +25,9 @@ from tqdm.auto import tqdm
 from mlpim import io, metrics, paths
 from mlpim.das import train_das
 from mlpim.data.ioi import PairBatch, paper_pairs
-from mlpim.interventions import prepare
 from mlpim.models import hook_name, validate_site
 from mlpim.patching import Setter, full, subspace
-from mlpim.runners.common import model_for
+from mlpim.runners.common import model_for, paper_splits
 from mlpim.runners.subspace import loaded_basis
 from mlpim.subspace import save_subspace
 
@@ -55,12 +54,10 @@ def direction(
     if path:
         d = model.cfg.d_mlp if kind == "mlp_post" else model.cfg.d_model
         return loaded_basis(path, kind, layer, d).to(model.cfg.device)
-    splits = [
-        prepare(model, [b.to(model.cfg.device) for b in
-                        paper_pairs(model.tokenizer, cfg.dataset, s, cfg.seed)], kind, layer)
-        for s in ("train", "test")
-    ]  # fmt: skip
-    rot, history = train_das(model, *splits, kind, layer, cfg.method, cfg.seed)
+    splits = paper_splits(cfg, model, kind, layer)
+    rot, history = train_das(
+        model, splits["train"], splits["test"], kind, layer, cfg.method, cfg.seed
+    )
     history.to_csv(run_dir / f"history_{tag}.csv", index=False)
     basis = rot.basis.detach()
     save_subspace(run_dir / f"subspace_{tag}.pt", basis, model=cfg.model.name, site=kind,

@@ -28,8 +28,8 @@ from mlpim.das import fit
 from mlpim.interventions import Prepared, clean_metrics, evaluate, prepare
 from mlpim.models import ConfigError, hook_name
 from mlpim.patching import full, source_activations, subspace
-from mlpim.runners.common import model_for, site_of
-from mlpim.runners.dormant import das_direction, paper_splits
+from mlpim.runners.common import model_for, paper_splits, site_of
+from mlpim.runners.dormant import das_direction
 from mlpim.subspace import RotatedSubspace
 
 log = logging.getLogger(__name__)

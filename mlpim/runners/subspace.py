@@ -13,11 +13,10 @@ from omegaconf import DictConfig
 from mlpim import constants as C
 from mlpim import io
 from mlpim.das import train_das
-from mlpim.data.ioi import paper_pairs
-from mlpim.interventions import Prepared, clean_metrics, evaluate, prepare
+from mlpim.interventions import Prepared, clean_metrics, evaluate
 from mlpim.models import ConfigError
 from mlpim.patching import full, subspace
-from mlpim.runners.common import model_for, site_of
+from mlpim.runners.common import model_for, paper_splits, site_of
 from mlpim.subspace import load_subspace, save_subspace
 
 log = logging.getLogger(__name__)
@@ -81,12 +80,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     kind, layer = site_of(cfg, model)
     if cfg.method.name not in ("das", "mean_diff"):
         raise ConfigError(f"method {cfg.method.name!r} finds no subspace; use das or mean_diff")
-    tok, fast = model.tokenizer, cfg.method.get("fast", True)
-    splits = {
-        s: prepare(model, [b.to(model.cfg.device) for b in paper_pairs(tok, cfg.dataset, s, cfg.seed)],
-                   kind, layer, fast)
-        for s in ("train", "test")
-    }  # fmt: skip
+    splits = paper_splits(cfg, model, kind, layer)
     found = {
         "das": find_basis(cfg, model, splits["train"], splits["test"], kind, layer, run_dir, "das")
     }
