@@ -67,7 +67,12 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
 def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
     """A DataFrame as a GitHub markdown table (index as the first column)."""
     cols = [df.index.name or "", *map(str, df.columns)]
-    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v)  # noqa: E731
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return "—" if v != v else f"{v:.{digits}f}"  # NaN: not measured / not applicable
+        return str(v)
+
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += [
         "| " + " | ".join([str(i), *map(fmt, row)]) + " |"

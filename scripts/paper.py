@@ -243,7 +243,8 @@ def collect_figures(out: Path) -> None:
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
     for png in out.glob("*/*.png"):
-        shutil.copy(png, figs / f"{png.parent.name}__{png.name}")
+        if png.parent != figs:
+            shutil.copy(png, figs / f"{png.parent.name}__{png.name}")
 
 
 def main(argv: list[str]) -> None:

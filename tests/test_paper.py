@@ -34,4 +34,6 @@ def test_paper_steps_report_and_resume(tmp_path):
     stamp = (tmp_path / "ioi_baseline" / C.METRICS).stat().st_mtime_ns
     paper.main(args)
     assert (tmp_path / "ioi_baseline" / C.METRICS).stat().st_mtime_ns == stamp
-    assert (tmp_path / "figures").is_dir()
+    figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert "ioi_mlp8_das__interventions.png" in figures
+    assert not [f for f in figures if f.startswith("figures__")]  # no copies of copies

@@ -32,12 +32,12 @@ from torch import Tensor
 from mlpim import constants as C
 from mlpim import illusion, io
 from mlpim import nullspace as ns
-from mlpim.interventions import Prepared, prepare
+from mlpim.interventions import Prepared
 from mlpim.models import ConfigError, validate_site
 from mlpim.runners.common import model_for, paper_splits
 from mlpim.runners.dormant import site_width
 from mlpim.runners.nullspace import intervention_bases, patching_rows
-from mlpim.runners.random_mlp import random_mlp_rows, with_resid_mid
+from mlpim.runners.random_mlp import augmented_splits, random_mlp_rows
 from mlpim.runners.subspace import loaded_basis
 from mlpim.subspace import load_subspace
 
@@ -105,11 +105,7 @@ def random_baseline(
         return [], illusion.not_applicable("random_mlp", "extra.random_mlp_seeds=0")
     epochs = cfg.extra.get("random_mlp_epochs") or cfg.method.epochs
     sub = OmegaConf.merge(cfg, {"method": {"dim": 1, "epochs": epochs}})
-    aug = {
-        s: with_resid_mid(model, prepare(model, [p.pairs for p in prepared], "mlp_out", layer),
-                          layer)
-        for s, prepared in splits.items()
-    }  # fmt: skip
+    aug = augmented_splits(model, splits, layer)
     rows = []
     for seed in range(cfg.seed, cfg.seed + n_seeds):
         rows += random_mlp_rows(sub, model, aug, layer, seed, run_dir)

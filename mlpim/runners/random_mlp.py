@@ -143,6 +143,18 @@ def with_resid_mid(model, prepared: list[Prepared], layer: int) -> list[Prepared
     return out
 
 
+def augmented_splits(
+    model, splits: dict[str, list[Prepared]], layer: int
+) -> dict[str, list[Prepared]]:
+    """The same pairs prepared at `mlp_out` of `layer`, with resid_mid appended (`with_resid_mid`)."""
+    return {
+        s: with_resid_mid(
+            model, prepare(model, [p.pairs for p in prepared], "mlp_out", layer), layer
+        )
+        for s, prepared in splits.items()
+    }
+
+
 def split_acts(prepared: list[Prepared], d: int) -> tuple[Tensor, Tensor]:
     """(resid_mid, real mlp_out) of base and source prompts of augmented batches, stacked."""
     acts = torch.cat([a for p in prepared for a in (p.base_act, p.source_act)])
@@ -248,11 +260,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
         raise ConfigError(f"ioi_random_mlp compares with v_MLP at mlp_post, not {kind}")
     splits = paper_splits(cfg, model, "mlp_post", layer)
     basis = das_direction(cfg, model, "mlp_post", layer, cfg.direction, run_dir, splits)
-    aug = {
-        s: with_resid_mid(model, prepare(model, [p.pairs for p in prepared], "mlp_out", layer),
-                          layer)
-        for s, prepared in splits.items()
-    }  # fmt: skip
+    aug = augmented_splits(model, splits, layer)
     rows = real_mlp_rows(cfg, model, splits, aug, layer, basis)
     n_seeds = int(cfg.extra.get("n_random_seeds", 3))
     for seed in range(cfg.seed, cfg.seed + n_seeds):
