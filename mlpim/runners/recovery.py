@@ -67,6 +67,9 @@ def logistic_rows(model, cfg, acts, tokens, pos, train, test, gen) -> list[dict]
 
 def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     model, ex = model_for(cfg), cfg.extra
+    if ex.chunk_len + 1 > model.cfg.n_ctx:
+        raise ConfigError(f"extra.chunk_len={ex.chunk_len} plus BOS exceeds {cfg.model.name}'s "
+                          f"context of {model.cfg.n_ctx} tokens; lower extra.chunk_len")  # fmt: skip
     gen = seed_everything(cfg.seed)
     tokens = R.corpus_chunks(model.tokenizer, R.corpus_texts(ex.corpus_path), ex.chunk_len)
     chunks, pos = R.sample_positions(len(tokens), tokens.shape[1], ex.n_activations,
