@@ -28,6 +28,11 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def site_width(model, kind: str) -> int:
+    """Width of a site's activation: d_mlp for `mlp_post`, else d_model."""
+    return model.cfg.d_mlp if kind == "mlp_post" else model.cfg.d_model
+
+
 def paper_splits(cfg: DictConfig, model, kind: str, layer: int) -> dict[str, list[Prepared]]:
     """The paper's DAS train and test pairs, prepared at (kind, layer) (`method.fast`: END-only)."""
     dev, fast = model.cfg.device, cfg.method.get("fast", True)

@@ -9,7 +9,6 @@ opposite-position ones.
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim import constants as C
@@ -27,9 +26,8 @@ from mlpim.data.ioi import make_pairs, s1_position
 from mlpim.interventions import Prepared, clean_metrics, evaluate, prepare
 from mlpim.models import ConfigError
 from mlpim.patching import subspace, subspace_patch
-from mlpim.runners.common import model_for, paper_splits, site_of
-from mlpim.runners.subspace import find_basis, loaded_basis
-from mlpim.subspace import save_subspace
+from mlpim.runners.common import model_for, site_of
+from mlpim.runners.subspace import saved_or_trained
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +52,6 @@ def same_position(base: str, source: str) -> bool:
     return s1_position(base) == s1_position(source)
 
 
-def site_width(model, kind: str) -> int:
-    """Width of a site's activation: d_mlp for `mlp_post`, else d_model."""
-    return model.cfg.d_mlp if kind == "mlp_post" else model.cfg.d_model
-
-
 def das_direction(
     cfg: DictConfig, model, kind: str, layer: int, path: str | None, run_dir: Path,
     splits: dict[str, list[Prepared]] | None = None,
@@ -68,20 +61,10 @@ def das_direction(
     A trained basis is saved as `v_{kind}_L{layer}.pt` (reusable as `direction=`), its training
     history under `das_{kind}_L{layer}/`.
     """
-    if path:
-        return loaded_basis(path, kind, layer, site_width(model, kind)).to(model.cfg.device)
-    splits = splits or paper_splits(cfg, model, kind, layer)
-    sub_dir = run_dir / f"das_{kind}_L{layer}"
-    sub_dir.mkdir(exist_ok=True)
-    sub_cfg = copy.deepcopy(cfg)
-    with open_dict(sub_cfg):
-        sub_cfg.direction = None
-    basis = find_basis(sub_cfg, model, splits["train"], splits["test"], kind, layer, sub_dir, "das")
-    save_subspace(
-        run_dir / f"v_{kind}_L{layer}.pt", basis, model=cfg.model.name, site=kind, layer=layer,
-        k=basis.shape[1], seed=cfg.seed, method="das",
+    return saved_or_trained(
+        cfg, model, kind, layer, path, history=run_dir / f"das_{kind}_L{layer}" / C.HISTORY,
+        save_as=run_dir / f"v_{kind}_L{layer}.pt", splits=splits,
     )  # fmt: skip
-    return basis
 
 
 def mlp_out_projection(

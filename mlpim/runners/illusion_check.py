@@ -34,8 +34,7 @@ from mlpim import illusion, io
 from mlpim import nullspace as ns
 from mlpim.interventions import Prepared
 from mlpim.models import ConfigError, validate_site
-from mlpim.runners.common import model_for, paper_splits
-from mlpim.runners.dormant import site_width
+from mlpim.runners.common import model_for, paper_splits, site_width
 from mlpim.runners.nullspace import intervention_bases, patching_rows
 from mlpim.runners.random_mlp import augmented_splits, random_mlp_rows
 from mlpim.runners.subspace import loaded_basis

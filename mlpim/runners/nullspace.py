@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from jaxtyping import Float
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim import constants as C
@@ -29,7 +29,7 @@ from mlpim.interventions import Prepared, clean_metrics, evaluate
 from mlpim.models import ConfigError, hook_name
 from mlpim.patching import full, subspace
 from mlpim.runners.common import model_for, paper_splits, site_of
-from mlpim.runners.subspace import find_basis, loaded_basis, table1_plot
+from mlpim.runners.subspace import saved_or_trained, table1_plot
 from mlpim.subspace import save_subspace
 
 log = logging.getLogger(__name__)
@@ -41,23 +41,13 @@ def das_direction(
     cfg: DictConfig, model, kind: str, layer: int, path: str | None, run_dir: Path,
     splits: dict[str, list[Prepared]] | None = None,
 ) -> Float[Tensor, " d"]:  # fmt: skip
-    """A 1-D DAS direction at (kind, layer): loaded from `path`, else trained (history: run_dir)."""
+    """A 1-D DAS direction at (kind, layer): loaded from `path`, else trained (saved in run_dir)."""
     if cfg.method.name != "das" or cfg.method.dim != 1:
         raise ConfigError(f"needs a 1-D DAS direction (method=das method.dim=1), got {cfg.method}")
-    if path:
-        width = model.cfg.d_mlp if kind == "mlp_post" else model.cfg.d_model
-        basis = loaded_basis(path, kind, layer, width)
-        if basis.shape[1] != 1:
-            raise ConfigError(f"{path} holds a {basis.shape[1]}-D subspace; a direction is 1-D")
-        return basis[:, 0].to(model.cfg.device)
-    splits = splits or paper_splits(cfg, model, kind, layer)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    train_cfg = OmegaConf.merge(cfg, {"direction": None})
-    basis = find_basis(
-        train_cfg, model, splits["train"], splits["test"], kind, layer, run_dir, "das"
-    )
-    save_subspace(run_dir / C.DIRECTION, basis, model=cfg.model.name, site=kind, layer=layer, k=1,
-                  seed=cfg.seed, method="das")  # fmt: skip
+    basis = saved_or_trained(cfg, model, kind, layer, path, history=run_dir / C.HISTORY,
+                             save_as=run_dir / C.DIRECTION, splits=splits)  # fmt: skip
+    if basis.shape[1] != 1:
+        raise ConfigError(f"{path} holds a {basis.shape[1]}-D subspace; a direction is 1-D")
     return basis[:, 0]
 
 

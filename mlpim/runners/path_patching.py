@@ -23,13 +23,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mlpim import io, metrics, paths
-from mlpim.das import train_das
 from mlpim.data.ioi import PairBatch, paper_pairs
 from mlpim.models import hook_name, validate_site
 from mlpim.patching import Setter, full, subspace
-from mlpim.runners.common import model_for, paper_splits
-from mlpim.runners.subspace import loaded_basis
-from mlpim.subspace import save_subspace
+from mlpim.runners.common import model_for
+from mlpim.runners.subspace import saved_or_trained
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +49,8 @@ def direction(
 ) -> Tensor:
     """A 1-D (or k-D) DAS basis at (kind, layer): loaded from `path`, else trained and saved."""
     validate_site(model, kind, layer)
-    if path:
-        d = model.cfg.d_mlp if kind == "mlp_post" else model.cfg.d_model
-        return loaded_basis(path, kind, layer, d).to(model.cfg.device)
-    splits = paper_splits(cfg, model, kind, layer)
-    rot, history = train_das(
-        model, splits["train"], splits["test"], kind, layer, cfg.method, cfg.seed
-    )
-    history.to_csv(run_dir / f"history_{tag}.csv", index=False)
-    basis = rot.basis.detach()
-    save_subspace(run_dir / f"subspace_{tag}.pt", basis, model=cfg.model.name, site=kind,
-                  layer=layer, k=basis.shape[1], seed=cfg.seed, method="das")  # fmt: skip
-    return basis
+    return saved_or_trained(cfg, model, kind, layer, path, history=run_dir / f"history_{tag}.csv",
+                            save_as=run_dir / f"subspace_{tag}.pt")  # fmt: skip
 
 
 def interventions(cfg: DictConfig, model, run_dir: Path) -> list[Intervention]:

@@ -16,7 +16,7 @@ from mlpim.das import train_das
 from mlpim.interventions import Prepared, clean_metrics, evaluate
 from mlpim.models import ConfigError
 from mlpim.patching import full, subspace
-from mlpim.runners.common import model_for, paper_splits, site_of
+from mlpim.runners.common import model_for, paper_splits, site_of, site_width
 from mlpim.subspace import load_subspace, save_subspace
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,29 @@ def loaded_basis(path: str, kind: str, layer: int, d: int) -> torch.Tensor:
             f"(width {saved['basis'].shape[0]}), not {kind} layer {layer} (width {d})"
         )
     return saved["basis"]
+
+
+def saved_or_trained(
+    cfg: DictConfig, model, kind: str, layer: int, path: str | None, *, history: Path,
+    save_as: Path, splits: dict[str, list[Prepared]] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """A DAS basis (d×k) at (kind, layer): loaded from `path`, else trained on the paper's pairs.
+
+    A trained basis is saved at `save_as` (reusable as `direction=`), its history at `history`.
+    """
+    d = site_width(model, kind)
+    if path:
+        return loaded_basis(path, kind, layer, d).to(model.cfg.device)
+    if cfg.method.dim > d:
+        raise ConfigError(f"method.dim={cfg.method.dim} exceeds the width {d} of {kind}")
+    splits = splits or paper_splits(cfg, model, kind, layer)
+    rot, hist = train_das(model, splits["train"], splits["test"], kind, layer, cfg.method, cfg.seed)
+    history.parent.mkdir(parents=True, exist_ok=True)
+    hist.to_csv(history, index=False)
+    basis = rot.basis.detach()
+    save_subspace(save_as, basis, model=cfg.model.name, site=kind, layer=layer, k=basis.shape[1],
+                  seed=cfg.seed, method="das")  # fmt: skip
+    return basis
 
 
 def subspace_cosine(v: torch.Tensor, basis: torch.Tensor) -> float:
