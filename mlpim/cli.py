@@ -23,7 +23,7 @@ def _hydra_main(argv: list[str]) -> None:
     from hydra.types import RunMode
     from omegaconf import DictConfig
 
-    from mlpim.models import ConfigError, ModelNotFoundError
+    from mlpim.engine.models import ConfigError, ModelNotFoundError
     from mlpim.run import RunDirError, run
 
     register_configs()
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     elif cmd == "list":
         print(list_options())
     elif cmd == "collect":
-        from mlpim.collect import collect_cli
+        from mlpim.report.collect import collect_cli
 
         collect_cli(rest)
     else:

@@ -11,9 +11,9 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from mlpim import constants as C
-from mlpim import io
-from mlpim.models import resolve_device
-from mlpim.runners import get_runner
+from mlpim.engine.models import resolve_device
+from mlpim.experiments import get_runner
+from mlpim.report import io
 
 log = logging.getLogger("mlpim")
 

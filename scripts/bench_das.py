@@ -11,7 +11,7 @@ the model's MLP-in-the-middle landmark, k = `method.dim`), the same initial basi
 thread count and optimiser (Adam, lr `method.lr`, CE over the full vocabulary at END):
 
   (a) fast   `prepare(..., fast=True)` + the `train_das` inner loop (END-only resume, and the
-             unembedding fused with the cross-entropy: `mlpim.fused_ce`),
+             unembedding fused with the cross-entropy: `mlpim.engine.fused_ce`),
   (b) plain  `prepare(..., fast=False)` + the same loop (full forward with a TransformerLens hook,
              then `cross_entropy` of the END logits),
   (c) pyvene 0.1.8 `IntervenableModel` over the bridge's HF model (`model.original_model`) with a
@@ -60,11 +60,11 @@ import pandas as pd
 import torch
 
 from mlpim.config import compose
-from mlpim.data.ioi import paper_pairs
-from mlpim.fastpath import MLP_SITES, first_block
-from mlpim.interventions import Prepared, patched_end_logits, patched_end_loss, prepare
-from mlpim.runners.common import model_for, seed_everything, site_of
-from mlpim.subspace import RotatedSubspace
+from mlpim.engine.fastpath import MLP_SITES, first_block
+from mlpim.engine.interventions import Prepared, patched_end_logits, patched_end_loss, prepare
+from mlpim.engine.subspace import RotatedSubspace
+from mlpim.experiments.common import model_for, seed_everything, site_of
+from mlpim.tasks.ioi import paper_pairs
 
 DEFAULT_OUT = Path("outputs/bench/bench_das.csv")
 FAST_TOL, PYVENE_TOL = 1e-4, 1e-3

@@ -21,7 +21,7 @@ import pandas as pd
 
 from mlpim import constants as C
 from mlpim.config import CONF_DIR, compose
-from mlpim.io import markdown_table
+from mlpim.report.io import markdown_table
 from mlpim.run import run
 
 RESID = "{out}/ioi_resid8_das/" + C.DIRECTION

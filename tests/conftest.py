@@ -18,7 +18,7 @@ from mlpim.config import compose
 
 
 def _model(overrides: list[str]):
-    from mlpim.runners.common import model_for
+    from mlpim.experiments.common import model_for
 
     return model_for(compose([*overrides, "device=cpu"]))
 
@@ -55,7 +55,7 @@ def gpt2_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mlpim.data.tokenizer import ioi_vocabulary, word_tokenizer
+    from mlpim.tasks.tokenizer import ioi_vocabulary, word_tokenizer
 
     path = tmp_path_factory.mktemp("gpt2")
     tok = word_tokenizer(ioi_vocabulary(compose(["model=tiny"]).dataset))

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from mlpim.config import CONF_DIR, compose
-from mlpim.runners import RUNNERS
+from mlpim.experiments import runner_names
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -34,7 +34,9 @@ def test_experiment_file_header_and_runner(name):
     assert path.read_text().startswith("# @package _global_"), path
     raw = OmegaConf.load(path)
     assert raw.experiment == name
-    assert raw.runner in RUNNERS, f"{path}: runner {raw.runner!r} is not in mlpim.runners.RUNNERS"
+    assert raw.runner in runner_names(), (
+        f"{path}: runner {raw.runner!r} is not in mlpim.experiments"
+    )
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -42,7 +44,7 @@ def test_experiment_file_header_and_runner(name):
 def test_experiment_composes_with_model(name, model):
     cfg = compose([f"experiment={name}", f"model={model}"])
     assert cfg.experiment == name
-    assert cfg.runner in RUNNERS
+    assert cfg.runner in runner_names()
     assert cfg.model.name == model
     container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert isinstance(container["site"]["layer"], int)

@@ -9,17 +9,22 @@ import torch
 
 from mlpim import constants as C
 from mlpim.config import compose
-from mlpim.data.ioi import paper_pairs
-from mlpim.interventions import patched_end_logits, prepare
-from mlpim.run import run
-from mlpim.runners.dormant import dormant_combos, layer_note, projection_stats, same_position
-from mlpim.runners.random_mlp import (
+from mlpim.engine.interventions import patched_end_logits, prepare
+from mlpim.experiments.ioi_dormant import (
+    dormant_combos,
+    layer_note,
+    projection_stats,
+    same_position,
+)
+from mlpim.experiments.ioi_random_mlp import (
     RandomMLPPatch,
     matched_random_mlp,
     random_patch,
     split_acts,
     with_resid_mid,
 )
+from mlpim.run import run
+from mlpim.tasks.ioi import paper_pairs
 
 SMALL = ["model=tiny", "device=cpu", "dataset.n_train_pairs=40", "dataset.n_test_pairs=40"]
 FAST = [*SMALL, "method.epochs=1"]

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlpim import fastpath, patching
 from mlpim.config import compose
-from mlpim.models import hook_name
-from mlpim.subspace import RotatedSubspace
+from mlpim.engine import fastpath, patching
+from mlpim.engine.models import hook_name
+from mlpim.engine.subspace import RotatedSubspace
 
 TOL = 1e-4
 KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_post", "z")
@@ -169,7 +169,7 @@ def test_whole_end_residual_from_source_gives_source_run(model, layer):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ("resid_post", "mlp_post"))
 def test_smollm2_fast_path_on_ioi_pairs(smollm2, kind):
-    from mlpim.data.ioi import paper_pairs
+    from mlpim.tasks.ioi import paper_pairs
 
     cfg = compose(["model=smollm2-135m", "device=cpu"])
     model = smollm2

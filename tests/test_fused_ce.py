@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlpim.fused_ce import unembed_ce
+from mlpim.engine.fused_ce import unembed_ce
 
 
 def _problem(b: int, d: int, vocab: int, scale: float, seed: int = 0):

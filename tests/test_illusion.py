@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from mlpim import constants as C
-from mlpim import illusion
-from mlpim import nullspace as ns
+from mlpim.analysis import illusion
+from mlpim.analysis import nullspace as ns
 from mlpim.config import compose
-from mlpim.models import ConfigError
-from mlpim.patching import full, subspace
+from mlpim.engine.models import ConfigError
+from mlpim.engine.patching import full, subspace
+from mlpim.engine.subspace import save_subspace
+from mlpim.experiments.illusion_check import PLOT
+from mlpim.experiments.ioi_nullspace import intervention_bases
 from mlpim.run import run
-from mlpim.runners.illusion_check import PLOT
-from mlpim.runners.nullspace import intervention_bases
-from mlpim.subspace import save_subspace
 
 torch.set_num_threads(1)
 FAST = ["model=tiny", "device=cpu", "dataset.n_train_pairs=40", "dataset.n_test_pairs=20"]
@@ -133,7 +133,7 @@ def test_illusion_check_end_to_end_mlp(directions, tmp_path):
     assert set(checks.index) == set(illusion.CHECKS) and checks.notna().all()
     text = (tmp_path / C.VERDICT).read_text()
     assert all(name in text for name in illusion.CHECKS)
-    from mlpim.runners.illusion_check import summarize
+    from mlpim.experiments.illusion_check import summarize
 
     table = summarize(df)
     assert list(table.index) == [*illusion.CHECKS, "verdict"]
@@ -145,7 +145,7 @@ def test_illusion_check_residual_site(directions, tmp_path):
     overrides = [f"direction={directions['resid']}", "extra.random_mlp_seeds=0"]
     df = run(compose(["experiment=illusion_check", *FAST, *overrides]), tmp_path)
     assert set(df.site) == {"resid_post"} and "row_proj" not in set(df.intervention)
-    from mlpim.runners.illusion_check import summarize
+    from mlpim.experiments.illusion_check import summarize
 
     table = summarize(df)
     assert table.loc["component_vs_subspace", "warning"] in ("yes", "no")

@@ -1,4 +1,4 @@
-"""Tests for the IOI dataset (mlpim.data.ioi) and the word-level test tokenizer."""
+"""Tests for the IOI dataset (mlpim.tasks.ioi) and the word-level test tokenizer."""
 
 import importlib.util
 import itertools
@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mlpim.data.ioi import (
+from mlpim.tasks.ioi import (
     PATTERNS,
     IOIBatch,
     PairBatch,
@@ -20,7 +20,7 @@ from mlpim.data.ioi import (
     patched_is_io,
     s1_position,
 )
-from mlpim.data.tokenizer import ioi_vocabulary, word_tokenizer
+from mlpim.tasks.tokenizer import ioi_vocabulary, word_tokenizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset" / "ioi.yaml"
 ALL_COMBOS = list(itertools.product(PATTERNS, PATTERNS))

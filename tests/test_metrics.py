@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlpim import metrics, patching
-from mlpim.subspace import RotatedSubspace, orthonormalize
+from mlpim.engine import metrics, patching
+from mlpim.engine.subspace import RotatedSubspace, orthonormalize
 
 # 3 prompts over a 4-token vocabulary; IO and S token ids per prompt
 LOGITS = torch.tensor(

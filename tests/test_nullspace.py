@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-from mlpim import nullspace as ns
+from mlpim.analysis import nullspace as ns
 from mlpim.config import compose
-from mlpim.data.ioi import make_prompts
+from mlpim.experiments.ioi_alignment import name_mover_gradients, name_mover_objective
 from mlpim.run import run
-from mlpim.runners.alignment import name_mover_gradients, name_mover_objective
+from mlpim.tasks.ioi import make_prompts
 
 torch.set_num_threads(1)
 FAST = ["model=tiny", "device=cpu", "method.epochs=1", "dataset.n_train_pairs=40",
@@ -37,7 +37,7 @@ def test_split_is_exact(fixture, request):
 
 
 def test_w_out_reproduces_mlp_out(tiny_llama):
-    from mlpim.runners.nullspace import check_w_out
+    from mlpim.experiments.ioi_nullspace import check_w_out
 
     assert check_w_out(tiny_llama, 1, torch.randint(3, 50, (2, 9))) < 1e-5
 

@@ -1,4 +1,4 @@
-"""Path patching (mlpim.paths, runner ioi_path_patching) on the tiny models.
+"""Path patching (mlpim.analysis.paths, runner ioi_path_patching) on the tiny models.
 
 The END trace reproduces the model's logits; with the final-norm scale frozen the per-head and
 per-MLP direct effects add up to the intervention's total direct effect; the query-only and
@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from mlpim import constants as C
-from mlpim import fastpath, metrics, paths
+from mlpim.analysis import paths
 from mlpim.config import compose
-from mlpim.data.ioi import paper_pairs
-from mlpim.models import hook_name
-from mlpim.patching import full, subspace
+from mlpim.engine import fastpath, metrics
+from mlpim.engine.models import hook_name
+from mlpim.engine.patching import full, subspace
 from mlpim.run import run
+from mlpim.tasks.ioi import paper_pairs
 
 ATOL = 1e-6
 MODELS = ("tiny_gpt2", "tiny_gpt2_compat", "tiny_llama")
@@ -43,7 +44,7 @@ def model64(request):
 @pytest.fixture(scope="module")
 def pair():
     """One test batch of IOI pairs (the tiny models share the word tokenizer)."""
-    from mlpim.runners.common import model_for
+    from mlpim.experiments.common import model_for
 
     cfg = compose(["model=tiny", "device=cpu"])
     return paper_pairs(model_for(cfg).tokenizer, cfg.dataset, "test", 0)[0]

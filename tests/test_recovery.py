@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from mlpim import constants as C
-from mlpim import recovery as R
+from mlpim.analysis import recovery as R
 from mlpim.config import compose
+from mlpim.experiments.ioi_neuron_budget import NeuronSubspace, grid, linear_fit, neuron_order
 from mlpim.run import run
-from mlpim.runners.neuron_budget import NeuronSubspace, grid, linear_fit, neuron_order
 
 LAYER = 1
 

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from mlpim import constants as C
-from mlpim.collect import CollectError, collect, collect_cli
+from mlpim.report.collect import CollectError, collect, collect_cli
 
 FAST = [
     "experiment=ioi_mlp8_das",

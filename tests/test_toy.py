@@ -1,4 +1,4 @@
-"""Tests for the toy model of the illusion (mlpim.toy) and its runner (toy_illusion)."""
+"""Tests for the toy model of the illusion (mlpim.analysis.toy) and its runner (toy_illusion)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mlpim import toy
+from mlpim.analysis import toy
 from mlpim.config import compose
 from mlpim.run import run
 
@@ -132,7 +132,7 @@ def test_higher_dim(k):
 
 
 def test_runner(tmp_path, monkeypatch):
-    import mlpim.runners.common as common
+    import mlpim.experiments.common as common
 
     def no_model(*a, **kw):
         raise AssertionError("toy_illusion must not load a language model")

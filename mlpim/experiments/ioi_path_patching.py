@@ -6,7 +6,7 @@ mlp_full (the whole MLP patched), and `source_run` (the whole source prompt: the
 difference the circuit itself produces). For each and each head after the site: ΔLD when only
 that head's END output comes from the patched run (`ld_via_head_output`), ΔLD when only its END
 query does (`ld_via_query`), and its DLA in the patched run (`dla`; intervention `clean`: the
-unpatched run). See `mlpim.paths` for the definitions.
+unpatched run). See `mlpim.analysis.paths` for the definitions.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from omegaconf import DictConfig
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mlpim import io, metrics, paths
-from mlpim.data.ioi import PairBatch, paper_pairs
-from mlpim.models import hook_name, validate_site
-from mlpim.patching import Setter, full, subspace
-from mlpim.runners.common import model_for
-from mlpim.runners.subspace import saved_or_trained
+from mlpim.analysis import paths
+from mlpim.engine import metrics
+from mlpim.engine.models import hook_name, validate_site
+from mlpim.engine.patching import Setter, full, subspace
+from mlpim.experiments.common import model_for
+from mlpim.experiments.subspace import saved_or_trained
+from mlpim.report import io
+from mlpim.tasks.ioi import PairBatch, paper_pairs
 
 log = logging.getLogger(__name__)
 

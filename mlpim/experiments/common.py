@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from mlpim.data.ioi import paper_pairs
-from mlpim.data.tokenizer import ioi_vocabulary
-from mlpim.interventions import Prepared, prepare
-from mlpim.models import load_model, resolve_device, validate_site
+from mlpim.engine.interventions import Prepared, prepare
+from mlpim.engine.models import load_model, resolve_device, validate_site
+from mlpim.tasks.ioi import paper_pairs
+from mlpim.tasks.tokenizer import ioi_vocabulary
 
 
 def model_for(cfg: DictConfig):

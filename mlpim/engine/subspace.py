@@ -9,7 +9,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from mlpim.patching import subspace_patch
+from mlpim.engine.patching import subspace_patch
 
 
 class RotatedSubspace(nn.Module):

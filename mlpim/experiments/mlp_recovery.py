@@ -17,10 +17,10 @@ import torch
 from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig
 
-from mlpim import io
-from mlpim import recovery as R
-from mlpim.models import ConfigError
-from mlpim.runners.common import model_for, seed_everything
+from mlpim.analysis import recovery as R
+from mlpim.engine.models import ConfigError
+from mlpim.experiments.common import model_for, seed_everything
+from mlpim.report import io
 
 log = logging.getLogger(__name__)
 PAPER_R2 = (0.71, 0.17)

@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from mlpim import constants as C  # noqa: E402
-from mlpim import io  # noqa: E402
+from mlpim.report import io  # noqa: E402
 
 PLOT_METRICS = {"fldd": "FLDD", "iia": "IIA"}
 # Interventions that do not depend on the subspace dimension (averaged over `dim` in plots),

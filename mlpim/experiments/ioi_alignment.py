@@ -19,13 +19,14 @@ from jaxtyping import Float
 from omegaconf import DictConfig
 from torch import Tensor
 
-from mlpim import fastpath, io, metrics
-from mlpim import nullspace as ns
-from mlpim.data.ioi import IOIBatch, PairBatch, make_pairs, make_prompts
-from mlpim.models import ConfigError, hook_name
-from mlpim.patching import head
-from mlpim.runners.common import model_for
-from mlpim.runners.nullspace import das_direction
+from mlpim.analysis import nullspace as ns
+from mlpim.engine import fastpath, metrics
+from mlpim.engine.models import ConfigError, hook_name
+from mlpim.engine.patching import head
+from mlpim.experiments.common import model_for
+from mlpim.experiments.ioi_nullspace import das_direction
+from mlpim.report import io
+from mlpim.tasks.ioi import IOIBatch, PairBatch, make_pairs, make_prompts
 
 log = logging.getLogger(__name__)
 Head = tuple[int, int]

@@ -164,7 +164,7 @@ def _build_tiny(cfg: DictConfig, vocab: list[str] | None):
     """A random GPT-2 or Llama model over a word-level IOI tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from mlpim.data.tokenizer import word_tokenizer
+    from mlpim.tasks.tokenizer import word_tokenizer
 
     if vocab is None:
         raise ConfigError("the tiny model needs the dataset vocabulary (vocab=...)")

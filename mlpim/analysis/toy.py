@@ -5,7 +5,7 @@ output y = W_out·h with W_out = (1, 0, 2), so y = x. e1 is the real feature, e2
 (varies with x, unused), e3 is dormant (never varies, but read by W_out). Patching along
 v = (e2 + e3)/√2 flips the output exactly like patching e1, by switching the dormant neuron on.
 
-Every patch goes through `mlpim.patching.subspace_patch`, the function the language-model
+Every patch goes through `mlpim.engine.patching.subspace_patch`, the function the language-model
 experiments use; nothing in the tables is typed in by hand. All functions are plain and work
 from a notebook: `print(post_tables()["v_illusory"])`.
 """
@@ -21,8 +21,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mlpim.patching import subspace_patch
-from mlpim.subspace import RotatedSubspace
+from mlpim.engine.patching import subspace_patch
+from mlpim.engine.subspace import RotatedSubspace
 
 DTYPE = torch.float64
 XS = (1.0, -1.0)  # the data distribution

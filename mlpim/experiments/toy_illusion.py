@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from omegaconf import DictConfig
 
-from mlpim import io, toy
+from mlpim.analysis import toy
+from mlpim.report import io
 
 MODEL_NAME = "toy_linear"
 KEYS = {"site": "hidden", "layer": 0, "split": "all"}

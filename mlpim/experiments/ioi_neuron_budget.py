@@ -19,13 +19,13 @@ from jaxtyping import Float, Int
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from mlpim import io
-from mlpim.das import fit
-from mlpim.interventions import clean_metrics, evaluate
-from mlpim.models import ConfigError
-from mlpim.patching import full, subspace_patch
-from mlpim.runners.common import model_for, paper_splits, site_of
-from mlpim.subspace import RotatedSubspace
+from mlpim.engine.das import fit
+from mlpim.engine.interventions import clean_metrics, evaluate
+from mlpim.engine.models import ConfigError
+from mlpim.engine.patching import full, subspace_patch
+from mlpim.engine.subspace import RotatedSubspace
+from mlpim.experiments.common import model_for, paper_splits, site_of
+from mlpim.report import io
 
 log = logging.getLogger(__name__)
 

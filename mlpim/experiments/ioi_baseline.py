@@ -9,9 +9,10 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from mlpim import io, metrics
-from mlpim.data.ioi import IOIBatch, make_prompts
-from mlpim.runners.common import model_for
+from mlpim.engine import metrics
+from mlpim.experiments.common import model_for
+from mlpim.report import io
+from mlpim.tasks.ioi import IOIBatch, make_prompts
 
 PATTERNS = ("ABB", "BAB", "ABA", "BAA")
 

@@ -10,11 +10,12 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from mlpim import fastpath, io, metrics
-from mlpim.data.ioi import PairBatch, make_pairs
-from mlpim.models import hook_name
-from mlpim.patching import full, head
-from mlpim.runners.common import model_for
+from mlpim.engine import fastpath, metrics
+from mlpim.engine.models import hook_name
+from mlpim.engine.patching import full, head
+from mlpim.experiments.common import model_for
+from mlpim.report import io
+from mlpim.tasks.ioi import PairBatch, make_pairs
 
 COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 

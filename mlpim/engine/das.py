@@ -8,8 +8,8 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
-from mlpim.interventions import Prepared, evaluate, patched_end_loss
-from mlpim.subspace import RotatedSubspace
+from mlpim.engine.interventions import Prepared, evaluate, patched_end_loss
+from mlpim.engine.subspace import RotatedSubspace
 
 
 def fit(

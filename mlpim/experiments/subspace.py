@@ -11,13 +11,13 @@ import torch
 from omegaconf import DictConfig
 
 from mlpim import constants as C
-from mlpim import io
-from mlpim.das import train_das
-from mlpim.interventions import Prepared, clean_metrics, evaluate
-from mlpim.models import ConfigError
-from mlpim.patching import full, subspace
-from mlpim.runners.common import model_for, paper_splits, site_of, site_width
-from mlpim.subspace import load_subspace, save_subspace
+from mlpim.engine.das import train_das
+from mlpim.engine.interventions import Prepared, clean_metrics, evaluate
+from mlpim.engine.models import ConfigError
+from mlpim.engine.patching import full, subspace
+from mlpim.engine.subspace import load_subspace, save_subspace
+from mlpim.experiments.common import model_for, paper_splits, site_of, site_width
+from mlpim.report import io
 
 log = logging.getLogger(__name__)
 

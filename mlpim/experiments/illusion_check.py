@@ -2,7 +2,7 @@
 
 The direction (`direction=path/to/subspace.pt`, required) must be 1-D: a k-D subspace is refused
 (save one column to check it). Its site and layer are read from the file (`site=` is ignored).
-The checks (`mlpim.illusion`) are measured on the paper's IOI test pairs:
+The checks (`mlpim.analysis.illusion`) are measured on the paper's IOI test pairs:
 
 1. component vs subspace: FLDD of patching the whole site (`full`) vs along v (`das`);
 2. nullspace bridging (mlp_post): v's W_out row-space and nullspace parts patched alone
@@ -30,15 +30,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from mlpim import constants as C
-from mlpim import illusion, io
-from mlpim import nullspace as ns
-from mlpim.interventions import Prepared
-from mlpim.models import ConfigError, validate_site
-from mlpim.runners.common import model_for, paper_splits, site_width
-from mlpim.runners.nullspace import intervention_bases, patching_rows
-from mlpim.runners.random_mlp import augmented_splits, random_mlp_rows
-from mlpim.runners.subspace import loaded_basis
-from mlpim.subspace import load_subspace
+from mlpim.analysis import illusion
+from mlpim.analysis import nullspace as ns
+from mlpim.engine.interventions import Prepared
+from mlpim.engine.models import ConfigError, validate_site
+from mlpim.engine.subspace import load_subspace
+from mlpim.experiments.common import model_for, paper_splits, site_width
+from mlpim.experiments.ioi_nullspace import intervention_bases, patching_rows
+from mlpim.experiments.ioi_random_mlp import augmented_splits, random_mlp_rows
+from mlpim.experiments.subspace import loaded_basis
+from mlpim.report import io
 
 log = logging.getLogger(__name__)
 PLOT = "illusion_check.png"
@@ -63,7 +64,7 @@ def saved_direction(
     if basis.shape[1] != 1:
         raise ConfigError(
             f"{path} holds a {basis.shape[1]}-D subspace; illusion_check checks one direction "
-            "(save a single column with mlpim.subspace.save_subspace)"
+            "(save a single column with mlpim.engine.subspace.save_subspace)"
         )
     v = basis[:, 0].to(model.cfg.device)
     return kind, int(layer), v / v.norm()

@@ -8,10 +8,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mlpim import fastpath, metrics
-from mlpim.data.ioi import PairBatch
-from mlpim.models import hook_name, validate_site
-from mlpim.patching import Setter, patched_logits
+from mlpim.engine import fastpath, metrics
+from mlpim.engine.models import hook_name, validate_site
+from mlpim.engine.patching import Setter, patched_logits
+from mlpim.tasks.ioi import PairBatch
 
 
 @dataclass

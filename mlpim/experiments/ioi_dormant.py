@@ -21,13 +21,14 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim import constants as C
-from mlpim import fastpath, io
-from mlpim.data.ioi import make_pairs, s1_position
-from mlpim.interventions import Prepared, clean_metrics, evaluate, prepare
-from mlpim.models import ConfigError
-from mlpim.patching import subspace, subspace_patch
-from mlpim.runners.common import model_for, site_of
-from mlpim.runners.subspace import saved_or_trained
+from mlpim.engine import fastpath
+from mlpim.engine.interventions import Prepared, clean_metrics, evaluate, prepare
+from mlpim.engine.models import ConfigError
+from mlpim.engine.patching import subspace, subspace_patch
+from mlpim.experiments.common import model_for, site_of
+from mlpim.experiments.subspace import saved_or_trained
+from mlpim.report import io
+from mlpim.tasks.ioi import make_pairs, s1_position
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
-from mlpim.models import hook_name
+from mlpim.engine.models import hook_name
 
 RIDGE_ALPHAS = np.logspace(-3, 4, 8)
 

@@ -25,8 +25,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mlpim import fastpath
-from mlpim.models import hook_name
+from mlpim.engine import fastpath
+from mlpim.engine.models import hook_name
 
 
 @dataclass

@@ -22,15 +22,15 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim import constants as C
-from mlpim import io
-from mlpim import nullspace as ns
-from mlpim.data.ioi import IOIBatch, make_prompts
-from mlpim.interventions import Prepared, clean_metrics, evaluate
-from mlpim.models import ConfigError, hook_name
-from mlpim.patching import full, subspace
-from mlpim.runners.common import model_for, paper_splits, site_of
-from mlpim.runners.subspace import saved_or_trained, table1_plot
-from mlpim.subspace import save_subspace
+from mlpim.analysis import nullspace as ns
+from mlpim.engine.interventions import Prepared, clean_metrics, evaluate
+from mlpim.engine.models import ConfigError, hook_name
+from mlpim.engine.patching import full, subspace
+from mlpim.engine.subspace import save_subspace
+from mlpim.experiments.common import model_for, paper_splits, site_of
+from mlpim.experiments.subspace import saved_or_trained, table1_plot
+from mlpim.report import io
+from mlpim.tasks.ioi import IOIBatch, make_prompts
 
 log = logging.getLogger(__name__)
 HIST_PATTERNS = ("ABB", "ABA")

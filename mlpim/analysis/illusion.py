@@ -1,7 +1,7 @@
 """Warning signs of the MLP-in-the-middle illusion for a 1-D subspace v: pure checks and a verdict.
 
 Every check takes numbers (FLDDs of patches, cosines) or tensors (site activations, W_out, v) and
-returns a `Check`; nothing here runs a model. The runner (`mlpim.runners.illusion_check`) measures
+returns a `Check`; nothing here runs a model. The runner (`mlpim.experiments.illusion_check`) measures
 the numbers on IOI pairs; the tests measure them on a hand-built model.
 
 1. component vs subspace: the direction moves the answer, patching the whole site does not.
@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mlpim import nullspace as ns
+from mlpim.analysis import nullspace as ns
 
 MIN_EFFECT = 0.2  # FLDD(v) below which there is no effect to explain (checks 1, 2, 5)
 COMPONENT_FRACTION = 0.5  # check 1: whole-site FLDD below this fraction of FLDD(v)

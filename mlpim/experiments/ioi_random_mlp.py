@@ -23,14 +23,14 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from mlpim import constants as C
-from mlpim import io
-from mlpim.das import fit
-from mlpim.interventions import Prepared, clean_metrics, evaluate, prepare
-from mlpim.models import ConfigError, hook_name
-from mlpim.patching import full, source_activations, subspace
-from mlpim.runners.common import model_for, paper_splits, site_of
-from mlpim.runners.dormant import das_direction
-from mlpim.subspace import RotatedSubspace
+from mlpim.engine.das import fit
+from mlpim.engine.interventions import Prepared, clean_metrics, evaluate, prepare
+from mlpim.engine.models import ConfigError, hook_name
+from mlpim.engine.patching import full, source_activations, subspace
+from mlpim.engine.subspace import RotatedSubspace
+from mlpim.experiments.common import model_for, paper_splits, site_of
+from mlpim.experiments.ioi_dormant import das_direction
+from mlpim.report import io
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def train_random_das(
     model, train: list[Prepared], test: list[Prepared], layer: int, mlp: RandomMLP,
     method: DictConfig, seed: int, progress: bool = True,
 ) -> tuple[RandomMLPPatch, pd.DataFrame]:  # fmt: skip
-    """DAS on the random MLP's hidden acts: the loss, optimiser and schedule of `mlpim.das`."""
+    """DAS on the random MLP's hidden acts: the loss, optimiser and schedule of `mlpim.engine.das`."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     patch = RandomMLPPatch(mlp, method.dim, gen).to(train[0].base_act.device)

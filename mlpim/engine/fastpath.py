@@ -15,8 +15,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mlpim.fused_ce import unembed_ce
-from mlpim.models import hook_name
+from mlpim.engine.fused_ce import unembed_ce
+from mlpim.engine.models import hook_name
 
 MLP_SITES = ("mlp_post", "mlp_out")
 MID_SITES = ("resid_mid", "attn_out", "z")
@@ -219,7 +219,7 @@ def unembed_weights(model) -> tuple[Float[Tensor, "vocab d"], Float[Tensor, " vo
 def resume_loss(model, state: EndState, act: Tensor, labels: Int[Tensor, " b"]) -> Tensor:
     """Mean cross-entropy over the vocabulary of the patched END logits.
 
-    The unembedding is fused with the loss (`mlpim.fused_ce`): equal to
+    The unembedding is fused with the loss (`mlpim.engine.fused_ce`): equal to
     `cross_entropy(resume(...), labels)` and its gradient (tests/test_fastpath.py).
     """
     return unembed_ce(resume_hidden(model, state, act), *unembed_weights(model), labels)

@@ -1,1 +1,0 @@
-"""Datasets: IOI prompts and base/source pairs, and a word-level tokenizer for tests."""
