@@ -14,8 +14,8 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 @dataclass
 class Landmarks:
-    handover_layer: int = MISSING  # resid layer after S-inhibition heads, before name movers
-    mlp_in_the_middle: int = MISSING  # the MLP between them
+    handover_layer: int | None = None  # resid layer after S-inhibition heads, before name movers
+    mlp_in_the_middle: int | None = None  # the MLP between them
     name_movers: list[Any] = field(default_factory=list)  # [[layer, head], ...]
 
 
@@ -23,9 +23,10 @@ class Landmarks:
 class ModelConfig:
     name: str = MISSING
     source: str = MISSING  # gguf | hf | tiny
-    arch: str = MISSING  # gpt2 | llama  (architecture name the bridge is booted with)
+    arch: str = ""  # tiny: the family to build (gpt2, llama, gemma3, qwen2, gpt_neox, olmo2 ...)
     hf_name: str = ""  # hub id, used to find the local HF cache (never downloaded)
     path: str | None = None  # a local directory with config + weights + tokenizer
+    file: str | None = None  # a local GGUF file (model=gguf)
     gguf_package: str | None = None
     gguf_file: str | None = None
     bos_token: str | None = None  # token prepended to prompts; default: the tokenizer's BOS
@@ -39,7 +40,7 @@ class ModelConfig:
 @dataclass
 class SiteConfig:
     kind: str = MISSING  # resid_pre | resid_mid | resid_post | attn_out | mlp_out | mlp_post
-    layer: int = MISSING
+    layer: int | None = MISSING  # None: the model config has no landmark for it
 
 
 @dataclass
@@ -49,7 +50,7 @@ class MethodConfig:
     lr: float = 0.01
     lr_end_factor: float = 0.1
     epochs: int = 30
-    fast: bool = True  # END-only fast path
+    engine: str = "auto"  # auto | kernel | cache | full  (see mlpim/engine/prepare.py)
     parametrization: str = "orthogonal"
 
 
@@ -59,7 +60,9 @@ class Config:
     runner: str = MISSING
     seed: int = 0
     device: str = "auto"
-    direction: str | None = None  # a saved subspace (.pt) to reuse instead of training
+    direction: str | None = None  # a saved subspace (.pt), or a plain tensor file (.pt/.npy)
+    direction_site: str | None = None  # site kind of a plain tensor direction
+    direction_layer: int | None = None  # layer of a plain tensor direction
     model: ModelConfig = field(default_factory=ModelConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     method: MethodConfig = field(default_factory=MethodConfig)

@@ -34,8 +34,8 @@ def site_width(model, kind: str) -> int:
 
 
 def paper_splits(cfg: DictConfig, model, kind: str, layer: int) -> dict[str, list[Prepared]]:
-    """The paper's DAS train and test pairs, prepared at (kind, layer) (`method.fast`: END-only)."""
-    dev, fast = model.cfg.device, cfg.method.get("fast", True)
+    """The paper's DAS train and test pairs, prepared at (kind, layer) (`method.engine`)."""
+    dev, fast = model.cfg.device, cfg.method.engine
     return {
         s: prepare(model, [b.to(dev) for b in paper_pairs(model.tokenizer, cfg.dataset, s, cfg.seed)],
                    kind, layer, fast)

@@ -1,0 +1,72 @@
+"""Batches the engine patches: prompts left-padded so that END is the last column of every row.
+
+A task (IOI, facts, a user's JSONL) turns its counterfactual pairs into `PairBatch`es. Each
+prompt has one position to patch (`pos`, a column of the padded tensor: END or e.g. the last
+subject token), its own answer and a competing answer: LD = logit(answer) - logit(other).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Left-padded prompts (`mask` 0 on padding); `pos` is the column patched in each row."""
+
+    tokens: Int[Tensor, "b seq"]
+    mask: Int[Tensor, "b seq"]
+    pos: Int[Tensor, " b"]
+    answer: Int[Tensor, " b"]
+    other: Int[Tensor, " b"]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def end(self) -> int:
+        """Column of the END token (the last one in every row)."""
+        return self.tokens.shape[1] - 1
+
+    @property
+    def at_end(self) -> bool:
+        """Whether every row is patched at END."""
+        return bool((self.pos == self.end).all())
+
+    def to(self, device) -> PromptBatch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.to(device) for k, v in moved.items() if torch.is_tensor(v)})
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """Base and source prompts, with the answer the patched base run should give (`label`)."""
+
+    base: PromptBatch
+    source: PromptBatch
+    label: Int[Tensor, " b"]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def to(self, device) -> PairBatch:
+        return replace(self, base=self.base.to(device), source=self.source.to(device),
+                       label=self.label.to(device))  # fmt: skip
+
+
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int
+) -> tuple[Int[Tensor, "b seq"], Int[Tensor, "b seq"], Int[Tensor, " b"]]:
+    """(tokens, mask, offsets): rows left-padded to one length; offsets[i] = padding of row i."""
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return tokens, mask, torch.tensor([width - len(r) for r in rows], dtype=torch.long)
