@@ -9,7 +9,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schemas; `conf/config.yaml` extends `config_schema`."""
+    """Register the schemas; `mlpim/conf/config.yaml` extends `config_schema`."""
     ConfigStore.instance().store(name="config_schema", node=Config)
 
 

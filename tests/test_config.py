@@ -86,5 +86,9 @@ def test_experiment_sites_follow_the_model():
     assert (gpt2.site.kind, gpt2.site.layer) == ("resid_post", 8)
 
 
-def test_conf_dir_is_the_repository_conf():
-    assert CONF_DIR == Path(__file__).resolve().parents[1] / "conf"
+def test_conf_dir_ships_inside_the_package():
+    import mlpim
+
+    assert CONF_DIR == Path(mlpim.__file__).resolve().parent / "conf"
+    assert (CONF_DIR / "config.yaml").is_file()
+    assert not (Path(__file__).resolve().parents[1] / "conf").exists()

@@ -22,7 +22,7 @@ from mlpim.tasks.ioi import (
 )
 from mlpim.tasks.tokenizer import ioi_vocabulary, word_tokenizer
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset" / "ioi.yaml"
+CONF = Path(__file__).resolve().parents[1] / "mlpim" / "conf" / "dataset" / "ioi.yaml"
 ALL_COMBOS = list(itertools.product(PATTERNS, PATTERNS))
 
 

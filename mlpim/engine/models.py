@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from mlpim.errors import MlpimError
+
 log = logging.getLogger(__name__)
 
 SITE_HOOKS = {
@@ -25,11 +27,11 @@ SITE_HOOKS = {
 CACHE_DIR = Path(os.environ.get("MLPIM_CACHE", Path.home() / ".cache" / "mlpim"))
 
 
-class ModelNotFoundError(RuntimeError):
+class ModelNotFoundError(MlpimError, RuntimeError):
     """Model weights are not on this machine."""
 
 
-class ConfigError(ValueError):
+class ConfigError(MlpimError, ValueError):
     """A config value that cannot work with this model or dataset."""
 
 
