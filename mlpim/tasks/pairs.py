@@ -1,0 +1,354 @@
+"""A task as data: counterfactual (base, source) prompt pairs, read from JSONL and encoded.
+
+One JSON object per line. Fields:
+
+| field           | required            | meaning                                                   |
+|-----------------|---------------------|-----------------------------------------------------------|
+| `base`          | yes                 | base prompt text (no BOS: the BOS token is prepended)     |
+| `source`        | yes                 | source prompt text, whose activation is patched into base |
+| `base_answer`   | yes                 | word the base run predicts next (one token, see below)    |
+| `source_answer` | yes                 | word the source run predicts next (one token)             |
+| `position`      | no                  | where to patch: `"end"` (default), `"span"` or `"index"`  |
+| `base_span`     | if position=span   | substring of `base`; patch its last token                  |
+| `source_span`   | if position=span   | substring of `source`; patch its last token                |
+| `base_pos`      | if position=index  | token index in base, BOS = 0                               |
+| `source_pos`    | if position=index  | token index in source, BOS = 0                             |
+| `label`         | no                  | word the patched base run should give; default source_answer |
+| `meta`          | no                  | object of free metadata, e.g. relation, template, subject |
+
+Rules:
+- Answers: the answer token is the tokenization of `" " + word` (`word` itself if it already
+  starts with a space); it must be exactly one token, not the unknown token.
+- Prompts are encoded as `[BOS] + tokenizer(text, add_special_tokens=False)`, so token index 0
+  is BOS and END is the last token of the prompt.
+- `"span"`: the patched token is the last token of the span's FIRST occurrence in the prompt
+  (the token holding the span's last character). E.g. span "Paris" in "The city of Paris is in"
+  is token 4 (0: BOS, 1: The, 2: city, 3: of, 4: Paris).
+- `position` may be left out: then `"span"` if `base_span` is given, `"index"` if `base_pos` is
+  given, else `"end"`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlpim.engine.models import ConfigError
+from mlpim.tasks.batch import PairBatch, PromptBatch, left_pad
+
+logger = logging.getLogger(__name__)
+
+POSITIONS = ("end", "span", "index")
+REQUIRED = ("base", "source", "base_answer", "source_answer")
+OPTIONAL = ("position", "base_span", "source_span", "base_pos", "source_pos", "label", "meta")
+MAX_LINES = 50  # problem lines shown in one error; the rest are counted
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One counterfactual pair (see the module docstring for the fields and rules)."""
+
+    base: str
+    source: str
+    base_answer: str
+    source_answer: str
+    position: str = "end"
+    base_span: str | None = None
+    source_span: str | None = None
+    base_pos: int | None = None
+    source_pos: int | None = None
+    label: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    origin: str | None = field(default=None, compare=False, hash=False)  # e.g. "task.jsonl line 3"
+
+    @property
+    def label_word(self) -> str:
+        """The answer the patched base run should give."""
+        return self.label if self.label is not None else self.source_answer
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSONL record: required fields, plus the optional ones that are set."""
+        record = {k: v for k, v in asdict(self).items() if k != "origin"}
+        return {k: v for k, v in record.items() if k in REQUIRED or v not in (None, {})}
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """A pair as token ids: prompts start with BOS; positions count BOS at 0."""
+
+    base_ids: tuple[int, ...]
+    source_ids: tuple[int, ...]
+    base_pos: int
+    source_pos: int
+    base_answer: int
+    source_answer: int
+    label: int
+    pair: Pair
+
+
+class TaskProblems:
+    """Collects one line per problem and raises them as one `ConfigError`."""
+
+    def __init__(self, what: str):
+        self.what, self.lines = what, []
+
+    def add(self, where: str, message: str) -> None:
+        self.lines.append(f"{where}: {message}")
+
+    def __bool__(self) -> bool:
+        return bool(self.lines)
+
+    def message(self) -> str:
+        shown = self.lines[:MAX_LINES]
+        more = len(self.lines) - len(shown)
+        tail = [f"  ... and {more} more"] if more else []
+        head = f"{self.what}: {len(self.lines)} problem(s)"
+        return "\n".join([head, *(f"  {line}" for line in shown), *tail])
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError(self.message())
+
+
+def _infer_position(record: dict[str, Any]) -> str:
+    if "position" in record:
+        return record["position"]
+    if "base_span" in record:
+        return "span"
+    return "index" if "base_pos" in record else "end"
+
+
+def _record_problems(record: Any) -> list[str]:
+    """Problems with one parsed JSONL record (missing/unknown fields, bad types)."""
+    if not isinstance(record, dict):
+        return [f"expected a JSON object, got {type(record).__name__}"]
+    out = [f"missing field {k!r}" for k in REQUIRED if k not in record]
+    out += [f"unknown field {k!r}" for k in record if k not in REQUIRED + OPTIONAL]
+    position = _infer_position(record)
+    if position not in POSITIONS:
+        return [*out, f"position {position!r} is not one of {POSITIONS}"]
+    needs = {"span": ("base_span", "source_span"), "index": ("base_pos", "source_pos")}
+    out += [f"missing field {k!r} (position={position!r})" for k in needs.get(position, ())
+            if k not in record]  # fmt: skip
+    strings = [*REQUIRED, "base_span", "source_span", "label"]
+    out += [f"field {k!r} must be a string" for k in strings
+            if k in record and not isinstance(record[k], str)]  # fmt: skip
+    out += [f"field {k!r} must be an integer" for k in ("base_pos", "source_pos")
+            if k in record and (type(record[k]) is not int)]  # fmt: skip
+    if "meta" in record and not isinstance(record["meta"], dict):
+        out.append("field 'meta' must be an object")
+    return out
+
+
+def read_jsonl(path: str | Path) -> list[Pair]:
+    """The pairs of a JSONL task file; one ConfigError listing every bad line."""
+    path = Path(path)
+    problems, pairs = TaskProblems(f"task file {path}"), []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"line {n}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.add(where, f"not valid JSON ({err.msg} at column {err.colno})")
+            continue
+        found = _record_problems(record)
+        for message in found:
+            problems.add(where, message)
+        if not found:
+            record = {**record, "position": _infer_position(record)}
+            pairs.append(Pair(**record, origin=f"{path.name} {where}"))
+    problems.raise_if_any()
+    return pairs
+
+
+def write_jsonl(pairs: Iterable[Pair], path: str | Path) -> None:
+    """Write pairs one JSON object per line (readable by `read_jsonl`)."""
+    lines = [json.dumps(p.to_json(), ensure_ascii=False) for p in pairs]
+    Path(path).write_text("".join(line + "\n" for line in lines))
+
+
+def encode_prompt(tokenizer, bos_id: int, text: str) -> list[int]:
+    """[BOS] + the text's tokens (no special tokens added by the tokenizer)."""
+    return [bos_id, *tokenizer(text, add_special_tokens=False).input_ids]
+
+
+def answer_tokens(tokenizer, word: str) -> list[int]:
+    """Token ids of an answer word: " " + word, or word as is if it starts with a space."""
+    text = word if word.startswith(" ") else " " + word
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def answer_problem(tokenizer, word: str) -> str | None:
+    """Why `word` is not a one-token answer for this tokenizer (None if it is)."""
+    ids = answer_tokens(tokenizer, word)
+    if len(ids) == 1 and ids[0] != tokenizer.unk_token_id:
+        return None
+    pieces = [tokenizer.decode([i]) for i in ids]
+    if len(ids) == 1:
+        return f"answer {word!r} is the unknown token for this tokenizer"
+    return f"answer {word!r} is {len(ids)} tokens for this tokenizer: {pieces}"
+
+
+def span_position(tokenizer, text: str, span: str) -> int | None:
+    """Index (BOS = 0) of the last token of `span`'s first occurrence in `text`; None if absent."""
+    start = text.find(span)
+    if not span or start < 0:
+        return None
+    end = start + len(span)
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return sum(1 for a, _ in offsets["offset_mapping"] if a < end)
+    return len(tokenizer(text[:end], add_special_tokens=False).input_ids)
+
+
+def _position(
+    tokenizer, pair: Pair, side: str, ids: Sequence[int], problems: TaskProblems, where: str
+) -> int | None:
+    """The patched token index on one side ("base"/"source"); adds a problem if it is invalid."""
+    text = getattr(pair, side)
+    if pair.position == "end":
+        return len(ids) - 1
+    name = f"{side}_span" if pair.position == "span" else f"{side}_pos"
+    if getattr(pair, name) is None:
+        problems.add(where, f"missing field {name!r} (position={pair.position!r})")
+        return None
+    if pair.position == "span":
+        span = getattr(pair, f"{side}_span")
+        pos = span_position(tokenizer, text, span)
+        if pos is None:
+            problems.add(where, f"{side}_span {span!r} not found in {side} prompt {text!r}")
+        return pos
+    pos = getattr(pair, f"{side}_pos")
+    if not 0 <= pos < len(ids):
+        problems.add(where, f"{side}_pos {pos} is outside the {side} prompt "
+                            f"({len(ids)} tokens with BOS, valid 0..{len(ids) - 1})")  # fmt: skip
+        return None
+    return pos
+
+
+def _encode_one(tokenizer, bos_id: int, pair: Pair, where: str) -> EncodedPair | TaskProblems:
+    """The encoded pair, or the problems that prevent it."""
+    problems = TaskProblems(where)
+    if pair.position not in POSITIONS:
+        problems.add(where, f"position {pair.position!r} is not one of {POSITIONS}")
+        return problems
+    words = dict.fromkeys([pair.base_answer, pair.source_answer, pair.label_word])
+    for word in words:
+        if (message := answer_problem(tokenizer, word)) is not None:
+            problems.add(where, message)
+    ids = {s: encode_prompt(tokenizer, bos_id, getattr(pair, s)) for s in ("base", "source")}
+    pos = {s: _position(tokenizer, pair, s, ids[s], problems, where) for s in ids}
+    if problems:
+        return problems
+    base_a, source_a, label = (answer_tokens(tokenizer, w)[0] for w in
+                               (pair.base_answer, pair.source_answer, pair.label_word))  # fmt: skip
+    return EncodedPair(tuple(ids["base"]), tuple(ids["source"]), pos["base"], pos["source"],
+                       base_a, source_a, label, pair)  # fmt: skip
+
+
+def _key(e: EncodedPair) -> tuple:
+    return (e.base_ids, e.source_ids, e.base_pos, e.source_pos, e.base_answer, e.source_answer,
+            e.label)  # fmt: skip
+
+
+def encode(
+    pairs: Sequence[Pair], tokenizer, bos_id: int, min_pairs: int = 1, drop_invalid: bool = False
+) -> list[EncodedPair]:
+    """Token ids, patch positions and answer ids of every pair.
+
+    Problems (an answer that is not one token, a position outside the prompt, a span not found,
+    a duplicated pair, fewer than `min_pairs` pairs) are collected and raised as ONE ConfigError,
+    one line each. With `drop_invalid`, bad and duplicated pairs are dropped (logged) instead, and
+    only too few surviving pairs is an error.
+    """
+    problems, out, seen, n_bad = TaskProblems("task"), [], {}, 0
+    for i, pair in enumerate(pairs):
+        where = pair.origin or f"pair {i + 1}"
+        done = _encode_one(tokenizer, bos_id, pair, where)
+        if isinstance(done, TaskProblems):
+            problems.lines, n_bad = problems.lines + done.lines, n_bad + 1
+        elif (first := seen.setdefault(_key(done), where)) != where:
+            problems.add(where, f"duplicate of {first}")
+        else:
+            out.append(done)
+    if drop_invalid and problems:
+        logger.warning("dropped %d bad pair(s)\n%s", len(pairs) - len(out), problems.message())
+        problems = TaskProblems("task")
+    # strict: invalid pairs are reported above, so only distinct pairs count; else valid ones
+    n, kind = (len(out), "valid") if drop_invalid else (len(out) + n_bad, "distinct")
+    if n < min_pairs:
+        problems.add("task", f"only {n} {kind} pair(s) of {len(pairs)}, min_pairs={min_pairs}")
+    problems.raise_if_any()
+    return out
+
+
+def _prompts(ids, pos, answer, other, pad_id: int) -> PromptBatch:
+    tokens, mask, offsets = left_pad(ids, pad_id)
+    return PromptBatch(tokens, mask, torch.tensor(pos) + offsets, torch.tensor(answer),
+                       torch.tensor(other))  # fmt: skip
+
+
+def collate(encoded: Sequence[EncodedPair], pad_id: int) -> PairBatch:
+    """Left-padded base/source prompts; `pos` is the padded column of each patched token.
+
+    LD convention: base answers its own answer vs the source's (base.answer/base.other), the
+    source its own vs the base's; `label` is the answer the patched base run should give.
+    """
+    b_ans, s_ans = [e.base_answer for e in encoded], [e.source_answer for e in encoded]
+    base = _prompts([e.base_ids for e in encoded], [e.base_pos for e in encoded], b_ans, s_ans,
+                    pad_id)  # fmt: skip
+    source = _prompts([e.source_ids for e in encoded], [e.source_pos for e in encoded], s_ans,
+                      b_ans, pad_id)  # fmt: skip
+    return PairBatch(base, source, torch.tensor([e.label for e in encoded]))
+
+
+def batches(encoded: Sequence[EncodedPair], batch_size: int, pad_id: int) -> list[PairBatch]:
+    """Consecutive chunks of `batch_size` pairs (mixed lengths, left-padded)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chunks = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
+    return [collate(c, pad_id) for c in chunks]
+
+
+def split_keys(keys: Iterable[str], test_fraction: float, seed: int) -> tuple[set, set]:
+    """(train, test) sets of keys: a seeded shuffle of the sorted keys; round(n * fraction) test."""
+    if not 0 <= test_fraction <= 1:
+        raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
+    ordered = sorted(set(keys))
+    random.Random(seed).shuffle(ordered)
+    n_test = round(len(ordered) * test_fraction)
+    return set(ordered[n_test:]), set(ordered[:n_test])
+
+
+def _as_keys(value: str | Iterable[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def split_pairs(
+    pairs: Sequence[Pair],
+    key: Callable[[Pair], str | Iterable[str]],
+    test_fraction: float = 0.5,
+    seed: int = 0,
+) -> tuple[list[Pair], list[Pair]]:
+    """(train, test) pairs, split by `key` (e.g. the subjects of a pair): no key on both sides.
+
+    `key` gives one key or several; a pair goes to a side only if all its keys are on that side
+    (pairs whose keys straddle the split are dropped). Deterministic given `seed`.
+    """
+    keys = [_as_keys(key(p)) for p in pairs]
+    train_keys, _ = split_keys((k for ks in keys for k in ks), test_fraction, seed)
+    train = [p for p, ks in zip(pairs, keys, strict=True) if all(k in train_keys for k in ks)]
+    test = [p for p, ks in zip(pairs, keys, strict=True) if not any(k in train_keys for k in ks)]
+    dropped = len(pairs) - len(train) - len(test)
+    if dropped:
+        logger.info("split_pairs dropped %d pair(s) whose keys straddle train/test", dropped)
+    return train, test
