@@ -2,19 +2,19 @@
 
 One JSON object per line. Fields:
 
-| field           | required            | meaning                                                   |
-|-----------------|---------------------|-----------------------------------------------------------|
-| `base`          | yes                 | base prompt text (no BOS: the BOS token is prepended)     |
-| `source`        | yes                 | source prompt text, whose activation is patched into base |
-| `base_answer`   | yes                 | word the base run predicts next (one token, see below)    |
-| `source_answer` | yes                 | word the source run predicts next (one token)             |
-| `position`      | no                  | where to patch: `"end"` (default), `"span"` or `"index"`  |
-| `base_span`     | if position=span   | substring of `base`; patch its last token                  |
-| `source_span`   | if position=span   | substring of `source`; patch its last token                |
-| `base_pos`      | if position=index  | token index in base, BOS = 0                               |
-| `source_pos`    | if position=index  | token index in source, BOS = 0                             |
-| `label`         | no                  | word the patched base run should give; default source_answer |
-| `meta`          | no                  | object of free metadata, e.g. relation, template, subject |
+| field           | required             | meaning                                                  |
+|-----------------|----------------------|----------------------------------------------------------|
+| `base`          | yes                  | base prompt text (without BOS: BOS is prepended)         |
+| `source`        | yes                  | source prompt, whose activation is patched into base     |
+| `base_answer`   | yes                  | word the base run predicts next (one token, see below)   |
+| `source_answer` | yes                  | word the source run predicts next (one token)            |
+| `position`      | no                   | where to patch: `"end"` (default), `"span"` or `"index"` |
+| `base_span`     | if `position=span`   | substring of `base`; its last token is patched           |
+| `source_span`   | if `position=span`   | substring of `source`; its last token is patched         |
+| `base_pos`      | if `position=index`  | token index in base, BOS = 0                             |
+| `source_pos`    | if `position=index`  | token index in source, BOS = 0                           |
+| `label`         | no                   | word the patched base run should give; default `source_answer` |
+| `meta`          | no                   | object of free metadata, e.g. relation, template, subject |
 
 Rules:
 - Answers: the answer token is the tokenization of `" " + word` (`word` itself if it already
