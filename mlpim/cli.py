@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from mlpim.config import CONF_DIR, register_configs
+from mlpim.errors import MlpimError
 
 USAGE = """usage: mlpim run [-m] [hydra overrides ...]   run an experiment (sweep with -m)
        mlpim list                                list experiments, models, sites, methods
@@ -23,22 +24,37 @@ def _hydra_main(argv: list[str]) -> None:
     from hydra.types import RunMode
     from omegaconf import DictConfig
 
-    from mlpim.engine.models import ConfigError, ModelNotFoundError
-    from mlpim.run import RunDirError, run
+    from mlpim import sweep
+    from mlpim.run import run
 
     register_configs()
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def main(cfg: DictConfig) -> None:
+        _use_agg()  # also in the worker processes of a sweep launcher
+        hc = HydraConfig.get()
+        run_dir, overrides = Path(hc.runtime.output_dir), list(hc.overrides.task)
+        if hc.mode == RunMode.MULTIRUN:
+            sweep.run_job(cfg, run_dir, overrides)  # records the outcome; the sweep goes on
+            return
         try:
-            run(cfg, Path(HydraConfig.get().runtime.output_dir))
-        except (ConfigError, ModelNotFoundError, RunDirError, ValueError) as e:
+            run(cfg, run_dir, overrides)
+        except MlpimError as e:
             print(f"mlpim: error: {e}", file=sys.stderr)
-            if HydraConfig.get().mode != RunMode.MULTIRUN:
-                sys.exit(2)  # in a sweep, the other jobs still run; this one has no DONE
+            sys.exit(2)
 
     sys.argv = ["mlpim", *argv]
+    sweep.LAST.update(failed=0)
     main()
+    if sweep.LAST["failed"]:
+        sys.exit(1)
+
+
+def _use_agg() -> None:
+    """The CLI writes figures to files: matplotlib's non-interactive backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
 
 
 def list_options() -> str:
@@ -56,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     cmd, rest = argv[0], argv[1:]
+    _use_agg()
     if cmd == "run":
         _hydra_main(rest)
     elif cmd == "list":

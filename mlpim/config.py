@@ -55,6 +55,75 @@ class MethodConfig:
 
 
 @dataclass
+class DatasetConfig:
+    """The IOI prompt distribution (`conf/dataset/ioi.yaml` documents each key)."""
+
+    name: str = MISSING
+    seed: int = 0
+    batch_size: int = 20
+    share_names: bool = True
+    n_train_pairs: int = 200
+    n_test_pairs: int = 100
+    n_eval_prompts: int = 200
+    min_prompts: int = 20
+    train_templates: list[int] = field(default_factory=list)
+    test_templates: list[int] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
+    prefixes: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    objects: list[str] = field(default_factory=list)
+    places: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExtraConfig:
+    """Every experiment's own options (`extra.*`), declared once with their defaults.
+
+    Each `conf/experiment/*.yaml` sets and documents the ones its runner reads."""
+
+    # directions and alignment (illusion_check, ioi_alignment, ioi_dormant, ioi_path_patching)
+    resid_direction: str | None = None
+    n_random: int = 1000
+    n_grad_prompts: int = 100
+    n_head_pairs: int = 20
+    random_mlp_seeds: int = 1
+    random_mlp_epochs: int | None = None
+    resid_layer: int | None = "${model.landmarks.handover_layer}"  # type: ignore[assignment]
+    n_per_combo: int = 50
+    split: str = "test"
+    frozen_norm: bool = False
+    # ioi_locate, ioi_nullspace, ioi_random_mlp, ioi_neuron_budget
+    n_pairs_per_direction: int = 20
+    hist_split: str = "test"
+    n_hist_prompts: int = 200
+    n_random_seeds: int = 3
+    n_grid: list[Any] = field(default_factory=lambda: [8, 32, 128, 512, "all"])
+    subset: str = "first"
+    # mlp_recovery
+    corpus_path: str | None = None
+    chunk_len: int = 64
+    positions_per_chunk: int = 16
+    n_activations: int = 2000
+    n_train: int = 1600
+    layers: list[int] | None = None
+    layer_step: int = 3
+    n_directions: int = 5
+    n_logistic_directions: int = 1
+    z_values: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    logistic_c: float = 1e4
+    norm_scale: str = "mean"
+    fast: bool = True
+    batch_size: int = 16
+    # toy_illusion
+    n_seeds: int = 50
+    das_steps: int = 300
+    das_lr: float = 0.05
+    iia_tol: float = 0.05
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    extra_dims: int = 0
+
+
+@dataclass
 class Config:
     experiment: str = MISSING
     runner: str = MISSING
@@ -66,8 +135,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    dataset: Any = MISSING
-    extra: dict[str, Any] = field(default_factory=dict)  # runner-specific knobs
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    extra: ExtraConfig = field(default_factory=ExtraConfig)  # experiments' own options
+    sites: list[str] = field(default_factory=list)  # site kinds the experiment can use; [] = any
+    ignores: list[str] = field(default_factory=list)  # top-level keys the experiment never reads
 
 
 def register_configs() -> None:

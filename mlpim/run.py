@@ -1,43 +1,162 @@
-"""`run(cfg)`: validate, dispatch to the experiment's runner, write the run directory."""
+"""`run(cfg, run_dir)`: check, dispatch to the experiment's runner, write the run directory.
+
+A finished run directory holds `DONE`: JSON with the hash of the resolved config, mlpim's version
+and the git commit. The same config aimed at it again is skipped; any other config is refused.
+`run_experiment(cfg)` runs an experiment without leaving files and returns its results.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from mlpim import __version__
 from mlpim import constants as C
-from mlpim.engine.models import resolve_device
-from mlpim.experiments import get_runner
+from mlpim.errors import MlpimError
+from mlpim.preflight import preflight
 from mlpim.report import io
 
 log = logging.getLogger("mlpim")
 
-
-class RunDirError(RuntimeError):
-    """The run directory already holds results."""
+NEW_DIR_HINT = "choose a new directory (hydra.run.dir=DIR, or hydra.sweep.dir=DIR with -m)"
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame | None:
-    """Run one experiment into `run_dir`; a finished directory (holding DONE) is skipped."""
-    run_dir = Path(run_dir)
-    if (run_dir / C.DONE).exists():
-        log.info("skipping %s: already finished", run_dir)
+class RunDirError(MlpimError):
+    """The run directory holds results of another config, or results without DONE."""
+
+    diff: str = ""  # the differing keys, `key: old -> new, ...`
+
+
+NOT_IDENTITY = ("hydra", "ignores", "sites")  # Hydra's node; what the experiment declares it reads
+
+
+def config_dict(cfg: DictConfig | dict) -> dict:
+    """The resolved config as plain data, without the keys that do not change results."""
+    data = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in data.items() if k not in NOT_IDENTITY}
+
+
+def config_hash(cfg: DictConfig | dict) -> str:
+    """SHA-256 (16 hex digits) of the resolved config: what identifies a run."""
+    text = json.dumps(config_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout mlpim is imported from, when it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
         return None
-    if (run_dir / C.METRICS).exists():
-        raise RunDirError(f"{run_dir} already holds {C.METRICS}; refusing to overwrite it")
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def read_done(run_dir: Path) -> dict | None:
+    """DONE's record; None when absent; {} for a DONE that is not mlpim's JSON."""
+    path = Path(run_dir) / C.DONE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _flat(data, prefix: str = "") -> dict[str, object]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def config_diff(old: dict, new: dict, limit: int = 4) -> str:
+    """The keys whose values differ, as `key: old -> new`, at most `limit` of them."""
+    a, b = _flat(old), _flat(new)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    parts = [f"{k}: {a.get(k, '<unset>')!s:.40} -> {b.get(k, '<unset>')!s:.40}" for k in keys]
+    more = f" (+{len(parts) - limit} more)" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more
+
+
+def _stored_config(run_dir: Path) -> dict | None:
+    path = run_dir / C.RESOLVED_CONFIG
+    return OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else None
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
+    """True when `run_dir` already holds this config's finished run; raise when it holds another."""
+    new, done = config_dict(cfg), read_done(run_dir)
+    stored = _stored_config(run_dir)
+    recorded = done.get("config_hash") if done else None
+    if done == {} and stored is not None:
+        recorded = config_hash(stored)  # DONE of an older mlpim: compare with its config.yaml
+    if done is not None and recorded == config_hash(new):
+        return True
+    if done is None and stored is not None and config_hash(stored) == config_hash(new):
+        return False  # this config's unfinished run (interrupted): run it again
+    if done is None and stored is None and not (run_dir / C.METRICS).exists():
+        return False
+    what = "a finished" if done is not None else "an unfinished"
+    old_exp = (stored or {}).get("experiment", done.get("experiment", "?") if done else "?")
+    diff = config_diff(config_dict(stored), new) if stored else "no config.yaml to compare"
+    error = RunDirError(
+        f"{run_dir} holds {what} {old_exp} run with another config than this {cfg.experiment} "
+        f"run ({diff}); refusing to mix them: {NEW_DIR_HINT}, or delete {run_dir}"
+    )
+    error.diff = diff
+    raise error
+
+
+def done_record(cfg: DictConfig, seconds: float) -> dict:
+    """What DONE records about a finished run."""
+    return {
+        "config_hash": config_hash(cfg),
+        "experiment": cfg.experiment,
+        "mlpim_version": __version__,
+        "git_commit": git_commit(),
+        "seconds": round(seconds, 1),
+    }
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> pd.DataFrame | None:
+    """Run one experiment into `run_dir`; None when this config already finished there.
+
+    `overrides` (the command line's) are checked against what the experiment reads."""
+    from mlpim.engine.models import resolve_device
+    from mlpim.experiments import get_runner
+
+    run_dir = Path(run_dir)
+    if check_run_dir(cfg, run_dir):
+        log.info("skipping %s: this config already finished there", run_dir)
+        return None
+    preflight(cfg, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / C.METRICS).unlink(missing_ok=True)
     runner = get_runner(cfg.runner)
     io.write_config(cfg, run_dir)
     log.info("experiment %s on %s (%s)", cfg.experiment, cfg.model.name, resolve_device(cfg.device))
     start = time.time()
     df = runner(cfg, run_dir)
     io.write_metrics(df, run_dir)
-    (run_dir / C.DONE).write_text(f"{time.time() - start:.1f} s\n")
+    io.write_text(
+        json.dumps(done_record(cfg, time.time() - start), indent=1) + "\n", run_dir, C.DONE
+    )
     summarize = getattr(sys.modules[runner.__module__], "summarize", io.summary_table)
     print_summary(cfg, summarize(df), run_dir, time.time() - start)
     return df
@@ -47,3 +166,36 @@ def print_summary(cfg: DictConfig, table: pd.DataFrame, run_dir: Path, seconds: 
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(f"\n{cfg.experiment} on {cfg.model.name} ({seconds:.0f} s)\n{table.round(3)}")
     print(f"\nrun directory: {run_dir}")
+
+
+@dataclass
+class Result:
+    """An experiment's outputs in memory: metrics, other tables (csv, md) and figures (PNG)."""
+
+    metrics: pd.DataFrame
+    tables: dict[str, pd.DataFrame | str] = field(default_factory=dict)
+    figures: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)  # anything else (e.g. subspace.pt)
+
+
+def run_experiment(cfg: DictConfig) -> Result:
+    """Run the experiment of `cfg` and return its results; no files are left behind."""
+    from mlpim.experiments import get_runner
+
+    preflight(cfg)
+    with tempfile.TemporaryDirectory(prefix="mlpim_") as tmp:
+        metrics = get_runner(cfg.runner)(cfg, Path(tmp))
+        result = Result(metrics=metrics)
+        for path in sorted(Path(tmp).rglob("*")):
+            name = path.relative_to(tmp).as_posix()
+            if not path.is_file():
+                continue
+            if path.suffix == ".csv":
+                result.tables[name] = pd.read_csv(path)
+            elif path.suffix == ".md":
+                result.tables[name] = path.read_text()
+            elif path.suffix == ".png":
+                result.figures[name] = path.read_bytes()
+            else:
+                result.files[name] = path.read_bytes()
+    return result

@@ -2,8 +2,10 @@
 
 usage: python scripts/paper.py [--only STEP[,STEP]] [--out DIR] model=smollm2-135m [overrides]
 
-Each step writes `outputs/paper/<model>/<experiment>/`; a finished step (DONE) is not re-run, so
-an interrupted `make paper` resumes. Directions are reused: the residual and MLP DAS directions
+Each step writes `outputs/paper/<model>/<experiment>/`; a step finished with the same config
+(DONE records its hash) is not re-run, so an interrupted `make paper` resumes. A step whose
+directory holds a run of another config (e.g. `ARGS=method.epochs=5` after a full run) is
+refused before any work: choose another `--out`. Directions are reused: the residual and MLP DAS directions
 trained by the first steps are passed to every later analysis. The report puts each number of
 the paper (GPT-2 small) next to the measured one.
 """
@@ -17,16 +19,18 @@ import time
 from datetime import date
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
 
 from mlpim import constants as C
 from mlpim.config import CONF_DIR, compose
+from mlpim.errors import MlpimError
 from mlpim.report.io import markdown_table
-from mlpim.run import run
+from mlpim.run import RunDirError, check_run_dir, read_done, run
 
 RESID = "{out}/ioi_resid8_das/" + C.DIRECTION
 MLP = "{out}/ioi_mlp8_das/" + C.DIRECTION
-WITH_BOTH = [f"direction={MLP}", f"++extra.resid_direction={RESID}"]
+WITH_BOTH = [f"direction={MLP}", f"extra.resid_direction={RESID}"]
 # (step = its directory under outputs/paper/<model>/, experiment, overrides)
 STEPS: list[tuple[str, str, list[str]]] = [
     ("ioi_baseline", "ioi_baseline", []),
@@ -162,10 +166,8 @@ def report(out: Path, model: str, times: dict[str, float]) -> str:
 
 def step_seconds(run_dir: Path, elapsed: float) -> float:
     """A step's own wall time: as its DONE file recorded it (also for a reused step), else elapsed."""
-    try:
-        return float((run_dir / C.DONE).read_text().split()[0])
-    except (FileNotFoundError, ValueError, IndexError):
-        return elapsed
+    seconds = (read_done(run_dir) or {}).get("seconds")
+    return float(seconds) if isinstance(seconds, int | float) else elapsed
 
 
 def collect_figures(out: Path) -> None:
@@ -176,26 +178,48 @@ def collect_figures(out: Path) -> None:
             shutil.copy(png, figs / f"{png.parent.name}__{png.name}")
 
 
+def plan(out: Path, only: set[str], overrides: list[str]) -> list[tuple[str, object]]:
+    """(step, composed config) of the steps to run; refuses, before any work, when a step's
+    directory holds a run of another config."""
+    available = {p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")}
+    steps, refused = [], []
+    for name, experiment, extra in STEPS:
+        if (only and name not in only) or experiment not in available:
+            continue
+        step = [f"experiment={experiment}", *(o.format(out=out) for o in extra), *overrides]
+        cfg = compose(step)
+        try:
+            check_run_dir(cfg, out / name)
+        except RunDirError as e:
+            refused.append(f"{name} ({e.diff})")
+        steps.append((name, cfg))
+    if refused:
+        raise MlpimError(
+            f"{out} holds steps run with another config: {'; '.join(refused)}; "
+            f"write this report elsewhere with --out DIR, or delete those step directories"
+        )
+    return steps
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated steps (default: all)")
     parser.add_argument("--out", default=None)
     args, overrides = parser.parse_known_args(argv)
-    model = compose(overrides).model.name
-    out = Path(args.out or f"outputs/paper/{model}")
+    matplotlib.use("Agg")
+    try:
+        model = compose(overrides).model.name
+        out = Path(args.out or f"outputs/paper/{model}")
+        steps = plan(out, set(filter(None, args.only.split(","))), overrides)
+    except MlpimError as e:
+        sys.exit(f"paper: error: {e}")
     out.mkdir(parents=True, exist_ok=True)
-    only = set(filter(None, args.only.split(",")))
     times: dict[str, float] = {}
-    available = {p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")}
-    for name, experiment, extra in STEPS:
-        if (only and name not in only) or experiment not in available:
-            continue
-        run_dir = out / name
-        step = [f"experiment={experiment}", *(o.format(out=out) for o in extra), *overrides]
+    for name, cfg in steps:
         start = time.time()
-        print(f"\n=== {name}: {' '.join(step)}", flush=True)
-        run(compose(step), run_dir)
-        times[name] = step_seconds(run_dir, time.time() - start)
+        print(f"\n=== {name}: {cfg.experiment}", flush=True)
+        run(cfg, out / name)
+        times[name] = step_seconds(out / name, time.time() - start)
     (out / "REPORT.md").write_text(report(out, model, times))
     collect_figures(out)
     print(f"\nreport: {out / 'REPORT.md'}; figures: {out / 'figures'}")

@@ -19,15 +19,13 @@ import re
 import sys
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-
-from mlpim import constants as C  # noqa: E402
-from mlpim.report import io  # noqa: E402
+from mlpim import constants as C
+from mlpim.errors import MlpimError
+from mlpim.report import io
 
 PLOT_METRICS = {"fldd": "FLDD", "iia": "IIA"}
 # Interventions that do not depend on the subspace dimension (averaged over `dim` in plots),
@@ -39,7 +37,7 @@ OVERRIDE_COLUMNS = {"seed": "seed", "site.layer": "layer", "method.dim": "dim"}
 NOT_GROUPED = {"job", "seed", "value"}
 
 
-class CollectError(RuntimeError):
+class CollectError(MlpimError):
     """The directory does not exist or holds no metrics."""
 
 
@@ -59,8 +57,29 @@ def metrics_files(multirun_dir: Path) -> list[Path]:
         if not any(part.startswith(".") for part in p.relative_to(multirun_dir).parts)
     ]  # fmt: skip
     if not files:
-        raise CollectError(f"no {C.METRICS} under {multirun_dir}")
+        bad = incomplete_jobs(multirun_dir)
+        jobs = "; ".join(f"{job}: {why}" for job, why in bad.items())
+        raise CollectError(f"no {C.METRICS} under {multirun_dir}" + (f" ({jobs})" if jobs else ""))
     return sorted(files, key=lambda p: _natural_key(p.relative_to(multirun_dir)))
+
+
+def incomplete_jobs(multirun_dir: Path) -> dict[str, str]:
+    """Jobs under `multirun_dir` without results: job -> why (its failure, or missing files)."""
+    from mlpim.sweep import read_status
+
+    multirun_dir = Path(multirun_dir)
+    out = {}
+    for marker in [*multirun_dir.rglob(".hydra"), *multirun_dir.rglob("status.json")]:
+        job_dir = marker.parent
+        rel = job_dir.relative_to(multirun_dir)
+        if any(p.startswith(".") for p in rel.parts) or (job_dir / C.METRICS).exists():
+            continue
+        status = read_status(job_dir) or {}
+        if status.get("status") == "failed":
+            out[rel.as_posix()] = f"failed: {status.get('reason', '')}"
+        else:
+            out[rel.as_posix()] = f"missing: no {C.METRICS} (still running, or killed)"
+    return dict(sorted(out.items(), key=lambda kv: _natural_key(Path(kv[0]))))
 
 
 def _overrides(job_dir: Path) -> dict[str, str]:
@@ -230,6 +249,11 @@ def collect_cli(argv: list[str]) -> None:
         print(f"mlpim: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"collected {df.job.nunique()} job(s), {len(df)} rows from {args.multirun_dir}")
+    bad = incomplete_jobs(args.multirun_dir)
+    if bad:
+        print(f"\n{len(bad)} job(s) not collected:")
+        for job, why in bad.items():
+            print(f"  {job:>6}  {why}")
     table = summary(df)
     if table.empty:
         print("(no FLDD/IIA rows on the test split to summarize)")

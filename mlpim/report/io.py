@@ -1,17 +1,33 @@
-"""Writers: each takes the run directory as an argument."""
+"""Writers: each takes the run directory as an argument and writes atomically.
+
+A file appears complete or not at all: it is written to a hidden temporary file in the same
+directory, then renamed over the target, so an interrupted run leaves no half-written table.
+Importing this module changes no global state (the CLI chooses matplotlib's backend).
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from mlpim import constants as C
 
-from mlpim import constants as C  # noqa: E402
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` a temporary file next to `path`, then rename it to `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def tidy(rows: list[dict], cfg: DictConfig) -> pd.DataFrame:
@@ -29,26 +45,19 @@ def metric_rows(values: dict[str, float], **keys) -> list[dict]:
 
 
 def write_config(cfg: DictConfig, run_dir: Path) -> Path:
-    path = run_dir / C.RESOLVED_CONFIG
-    OmegaConf.save(cfg, path, resolve=True)
-    return path
+    return atomic_write(run_dir / C.RESOLVED_CONFIG, lambda p: OmegaConf.save(cfg, p, resolve=True))
 
 
 def write_metrics(df: pd.DataFrame, run_dir: Path) -> Path:
-    path = run_dir / C.METRICS
-    df.to_csv(path, index=False)
-    return path
+    return atomic_write(run_dir / C.METRICS, lambda p: df.to_csv(p, index=False))
 
 
 def write_text(text: str, run_dir: Path, name: str) -> Path:
-    path = run_dir / name
-    path.write_text(text)
-    return path
+    return atomic_write(run_dir / name, lambda p: p.write_text(text))
 
 
 def save_figure(fig: plt.Figure, run_dir: Path, name: str) -> Path:
-    path = run_dir / name
-    fig.savefig(path, dpi=130, bbox_inches="tight")
+    path = atomic_write(run_dir / name, lambda p: fig.savefig(p, dpi=130, bbox_inches="tight"))
     plt.close(fig)
     return path
 
