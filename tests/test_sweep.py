@@ -10,7 +10,9 @@ directory holding DONE, whichever process calls it).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,18 +44,21 @@ def mlpim_command() -> list[str]:
     return [str(script)]
 
 
-def mlpim(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def mlpim(*args: str, cwd: Path, timeout: int = 300, rc: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [*mlpim_command(), *args], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
-    assert proc.returncode == 0, f"mlpim {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == rc, (
+        f"mlpim {' '.join(args)}: exit {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    )
     return proc
 
 
-def sweep(tmp_path: Path, sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return mlpim("run", "-m", *FAST, *overrides, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+def sweep(tmp_path: Path, sweep_dir: Path, *overrides: str, rc: int = 0):
+    args = ("run", "-m", *FAST, *overrides, f"hydra.sweep.dir={sweep_dir}")
+    return mlpim(*args, cwd=tmp_path, rc=rc)
 
 
 def finished_jobs(sweep_dir: Path, n: int) -> dict[Path, int]:
@@ -70,9 +75,10 @@ def finished_jobs(sweep_dir: Path, n: int) -> dict[Path, int]:
 
 
 def assert_rerun_skips(tmp_path: Path, sweep_dir: Path, before: dict[Path, int], *overrides):
-    sweep(tmp_path, sweep_dir, *overrides)
+    proc = sweep(tmp_path, sweep_dir, *overrides)
     after = {p: p.stat().st_mtime_ns for p in before}
     assert after == before, "a finished job was re-run (metrics.csv rewritten)"
+    assert f"0 finished, {len(before)} skipped, 0 failed" in proc.stdout
 
 
 def test_basic_sweep_rerun_and_collect(tmp_path, capsys):
@@ -83,6 +89,11 @@ def test_basic_sweep_rerun_and_collect(tmp_path, capsys):
     assert layers == {0, 1}
 
     assert_rerun_skips(tmp_path, sweep_dir, before, "site.layer=range(0,2)")
+    # another grid into the same directory: each job's config changed, so each is refused
+    proc = sweep(tmp_path, sweep_dir, "site.layer=range(1,3)", rc=1)
+    assert "0 finished, 0 skipped, 2 failed" in proc.stdout, proc.stdout
+    assert "site.layer: 0 -> 1" in proc.stdout and "hydra.sweep.dir=" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in before} == before
 
     df = collect(sweep_dir)
     assert sorted(df.job.unique()) == ["0", "1"]
@@ -101,6 +112,22 @@ def test_joblib_sweep(tmp_path):
     proc = sweep(tmp_path, sweep_dir, "hydra/launcher=local", "seed=0,1")
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
     finished_jobs(sweep_dir, 2)
+
+
+def test_failed_jobs_are_reported_and_the_sweep_exits_nonzero(tmp_path, capsys):
+    """`site.layer=1,50` on a 3-layer model through the joblib launcher: one job fails."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep_dir = tmp_path / "multirun"
+    proc = sweep(tmp_path, sweep_dir, "hydra/launcher=local", "site.layer=1,50", rc=1)
+    table = proc.stdout[proc.stdout.index(f"sweep {sweep_dir}:") :]
+    assert "1 finished, 0 skipped, 1 failed" in table
+    failed = [line for line in table.splitlines() if " failed " in line]
+    assert len(failed) == 1 and "site.layer=50" in failed[0] and "layers 0..2" in failed[0]
+    assert (sweep_dir / "0" / C.DONE).exists() and not (sweep_dir / "1" / C.DONE).exists()
+    collect_cli([str(sweep_dir)])
+    out = capsys.readouterr().out
+    assert "collected 1 job(s)" in out and "1 job(s) not collected" in out
+    assert "failed: site.layer=50" in out
 
 
 def test_submitit_local_sweep(tmp_path):
@@ -159,6 +186,21 @@ def test_collect_synthetic(tmp_path, capsys):
     assert "collected 12 job(s)" in out
     assert "1.500 ± 0.707" in out  # layer 0, dim 1: seeds 0 and 1 give values 1 and 2
     assert "4.500 ± 0.707" in out  # layer 2, dim 2
+
+
+def test_collect_lists_missing_and_failed_jobs(tmp_path, capsys):
+    fake_job(tmp_path / "sweep" / "0", 0, 1, 0, ["site.layer=0"])
+    (tmp_path / "sweep" / "1" / ".hydra").mkdir(parents=True)  # started, never finished
+    (tmp_path / "sweep" / "2").mkdir()
+    status = {"status": "failed", "reason": "method.dim=9: too wide", "overrides": []}
+    (tmp_path / "sweep" / "2" / "status.json").write_text(json.dumps(status))
+    collect_cli([str(tmp_path / "sweep")])
+    out = capsys.readouterr().out
+    assert "collected 1 job(s)" in out and "2 job(s) not collected" in out
+    assert "1  missing: no metrics.csv" in out and "2  failed: method.dim=9: too wide" in out
+    shutil.rmtree(tmp_path / "sweep" / "0")
+    with pytest.raises(CollectError, match="1: missing.*2: failed"):
+        collect(tmp_path / "sweep")
 
 
 def test_collect_errors(tmp_path, capsys):
