@@ -156,9 +156,13 @@ def test_gpt2_code_path_end_to_end(tmp_path, gpt2_dir):
     assert "skipping" in proc.stdout + proc.stderr
     assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == before
 
-    # results without DONE (e.g. a crashed or foreign run): refused, not overwritten
+    # another config into the finished directory: refused, nothing rewritten
+    proc = mlpim([*args, "seed=1"], tmp_path)
+    _assert_clean_error(proc, str(run_dir), "seed: 0 -> 1", "hydra.run.dir=", code=2)
+    assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == before
+
+    # the same config without DONE (an interrupted run): run again, to the same numbers
     (run_dir / C.DONE).unlink()
     proc = mlpim(args, tmp_path)
-    _assert_clean_error(proc, str(run_dir), C.METRICS, "overwrite", code=2)
-    assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == before
-    assert not (run_dir / C.DONE).exists()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (run_dir / C.DONE).exists() and metrics.read_bytes() == before[0]

@@ -53,7 +53,17 @@ def test_experiment_composes_with_model(name, model):
 
 @pytest.mark.parametrize(
     "override",
-    ["method.dimm=2", "site.layr=3", "model.nam=x", "seeed=1", "method.dim=two"],
+    [
+        "method.dimm=2",
+        "site.layr=3",
+        "model.nam=x",
+        "seeed=1",
+        "method.dim=two",
+        "extra.n_randm=5",
+        "extra.n_random=many",
+        "dataset.n_train_pair=5",
+        "dataset.batch_size=x",
+    ],
 )
 def test_typo_fails_at_compose_time(override):
     with pytest.raises(ConfigCompositionException):
@@ -92,3 +102,20 @@ def test_conf_dir_ships_inside_the_package():
     assert CONF_DIR == Path(mlpim.__file__).resolve().parent / "conf"
     assert (CONF_DIR / "config.yaml").is_file()
     assert not (Path(__file__).resolve().parents[1] / "conf").exists()
+
+
+def test_experiment_options_are_declared_once():
+    """Every `extra:` key of an experiment config is a typed option (declared in ExtraConfig)."""
+    from dataclasses import fields
+
+    from mlpim.config import ExtraConfig
+
+    known = {f.name for f in fields(ExtraConfig)}
+    for name in EXPERIMENTS:
+        raw = OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml")
+        assert set(raw.get("extra") or {}) <= known, name
+        assert set(raw.get("ignores") or []) <= {"model", "dataset", "site", "method",
+                                                  "direction", "device"}, name  # fmt: skip
+    cfg = compose(["experiment=ioi_alignment", "model=tiny"])
+    assert cfg.extra.n_random == 1000 and cfg.extra.resid_direction is None
+    assert list(cfg.ignores) == ["site"]
