@@ -93,7 +93,7 @@ def our_step(model, kind: str, layer: int, rot: RotatedSubspace, opt) -> Callabl
     """One `train_das` step (forward, CE at END, backward, Adam) on a prepared batch."""
 
     def step(p: Prepared) -> None:
-        loss = patched_end_loss(model, p, rot, kind, layer)
+        loss = patched_end_loss(model, p, rot)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -211,8 +211,8 @@ def check_equivalence(model, fast0: Prepared, plain0: Prepared, kind: str, layer
     rot = RotatedSubspace(basis.shape[0], k)
     with torch.no_grad():
         rot.lin.weight = basis
-        fast = patched_end_logits(model, fast0, rot, kind, layer)
-        plain = patched_end_logits(model, plain0, rot, kind, layer)
+        fast = patched_end_logits(model, fast0, rot)
+        plain = patched_end_logits(model, plain0, rot)
         clean = model(fast0.pairs.base.tokens)[:, -1]
     res = {"fast_vs_plain": (fast - plain).abs().max().item(),
            "patch_effect": (plain - clean).abs().max().item()}  # fmt: skip
@@ -257,7 +257,7 @@ def counted_flops(model, p: Prepared, kind: str, layer: int, k: int) -> float:
 
     rot = RotatedSubspace(p.base_act.shape[-1], k)
     with FlopCounterMode(display=False) as counter:
-        patched_end_loss(model, p, rot, kind, layer).backward()
+        patched_end_loss(model, p, rot).backward()
     return float(counter.get_total_flops())
 
 

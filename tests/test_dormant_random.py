@@ -75,7 +75,7 @@ def test_identical_base_and_source_change_nothing(model):
     for p in aug[:2]:
         same = p.__class__(**{**p.__dict__, "source_act": p.base_act})
         with torch.no_grad():
-            logits = patched_end_logits(model, same, patch, "mlp_out", LAYER)
+            logits = patched_end_logits(model, same, patch)
             clean = model(p.pairs.base.tokens)[:, -1]
         torch.testing.assert_close(logits, clean, atol=1e-4, rtol=1e-4)
 

@@ -18,7 +18,6 @@ them linear in the head outputs (they add up to the change of the final residual
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,8 @@ from torch import Tensor
 
 from mlpim.engine import fastpath
 from mlpim.engine.models import hook_name
+from mlpim.engine.patching import run_cache
+from mlpim.tasks.batch import PromptBatch
 
 
 @dataclass
@@ -96,27 +97,6 @@ def patched_trace(
 ) -> EndTrace:
     """The END trace of the base prompts with site (kind, layer) set to `act` at END."""
     return trace(model, state, site_resid(model, clean, kind, layer, act), layer + 1)
-
-
-def attn_end_split(
-    model, i: int, xq: Float[Tensor, "b d"], xkv: Float[Tensor, "b d"],
-    state: fastpath.EndState,
-) -> Float[Tensor, "b h dh"]:  # fmt: skip
-    """hook_z at END of block i with the END query from `xq` and END key/value from `xkv`
-    (both already normalised), against the cached prefix keys/values."""
-    w = fastpath.attn_weights(model, i)
-    b = xq.shape[0]
-    q = (xq @ w.q + w.bq).view(b, w.n_heads, -1)
-    k = (xkv @ w.k + w.bk).view(b, w.n_kv, -1)
-    v = (xkv @ w.v + w.bv).view(b, w.n_kv, -1)
-    if state.rotary is not None:
-        q, k = fastpath._rotate(q, *state.rotary), fastpath._rotate(k, *state.rotary)
-    keys = torch.cat([state.keys[i], k[:, None]], dim=1)
-    values = torch.cat([state.values[i], v[:, None]], dim=1)
-    q = q.view(b, w.n_kv, w.n_heads // w.n_kv, -1)
-    scores = torch.einsum("bkge,bske->bkgs", q, keys) / math.sqrt(q.shape[-1])
-    z = torch.einsum("bkgs,bske->bkge", scores.softmax(-1), values)
-    return z.reshape(b, w.n_heads, -1)
 
 
 def head_outputs(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b h d"]:
@@ -196,7 +176,7 @@ def query_z(
     """Block i's END z when every head's query comes from the patched residual, the rest clean."""
     ln1 = model.blocks[i].ln1
     xq, xkv = norm(ln1, patched.resid_pre[i]), norm(ln1, clean.resid_pre[i])
-    return attn_end_split(model, i, xq, xkv, state)
+    return fastpath.attn_end(model, i, xq, state, xkv)
 
 
 def query_effects(
@@ -224,13 +204,11 @@ def trace_names(model, sites: list[tuple[str, int]]) -> set[str]:
 
 
 def run_trace(
-    model, tokens: Int[Tensor, "b seq"], sites: list[tuple[str, int]]
+    model, batch: PromptBatch, sites: list[tuple[str, int]]
 ) -> tuple[fastpath.EndState, EndTrace, dict[str, Tensor]]:
-    """One forward of `tokens`: the prefix state, the full END trace, the END site activations."""
-    names = trace_names(model, sites)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    state = fastpath.state_from_cache(model, cache, "resid_pre", 0)
+    """One forward of `batch`: the prefix state, the full END trace, the END site activations."""
+    _, cache = run_cache(model, batch, trace_names(model, sites))
+    state = fastpath.state_from_cache(model, cache, "resid_pre", 0, batch.mask)
     with torch.no_grad():
         run = trace(model, state, state.resid_pre, 0)
     acts = {hook_name(k, layer): cache[hook_name(k, layer)][:, -1] for k, layer in sites}

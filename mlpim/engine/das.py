@@ -13,8 +13,8 @@ from mlpim.engine.subspace import RotatedSubspace
 
 
 def fit(
-    model, train: list[Prepared], test: list[Prepared] | None, patch: nn.Module, kind: str,
-    layer: int, method: DictConfig, gen: torch.Generator, desc: str = "DAS", progress: bool = True,
+    model, train: list[Prepared], test: list[Prepared] | None, patch: nn.Module,
+    method: DictConfig, gen: torch.Generator, desc: str = "DAS", progress: bool = True,
 ) -> pd.DataFrame:  # fmt: skip
     """Train `patch`'s parameters: Adam + LinearLR, full-vocabulary cross-entropy at END.
 
@@ -30,7 +30,7 @@ def fit(
         total, n = 0.0, 0
         for i in torch.randperm(len(train), generator=gen).tolist():
             p = train[i]
-            loss = patched_end_loss(model, p, patch, kind, layer)
+            loss = patched_end_loss(model, p, patch)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -38,19 +38,19 @@ def fit(
         sched.step()
         rows.append({"epoch": epoch, "train_loss": total / n})
         if test:
-            rows[-1]["test_iia"] = evaluate(model, test, patch, kind, layer)["iia"]
+            rows[-1]["test_iia"] = evaluate(model, test, patch)["iia"]
         bar.set_postfix({k: f"{v:.3f}" for k, v in rows[-1].items() if k != "epoch"})
     return pd.DataFrame(rows)
 
 
 def train_das(
-    model, train: list[Prepared], test: list[Prepared], kind: str, layer: int,
-    method: DictConfig, seed: int, progress: bool = True,
+    model, train: list[Prepared], test: list[Prepared], method: DictConfig, seed: int,
+    progress: bool = True,
 ) -> tuple[RotatedSubspace, pd.DataFrame]:  # fmt: skip
     """DAS from a seeded random orthonormal basis; returns the trained basis and its history."""
     torch.manual_seed(seed)  # the orthogonal parametrization draws from the global generator
     gen = torch.Generator().manual_seed(seed)
     d = train[0].base_act.shape[-1]
     rot = RotatedSubspace(d, method.dim, generator=gen).to(train[0].base_act.device)
-    desc = f"DAS {kind} L{layer} k={method.dim}"
-    return rot, fit(model, train, test, rot, kind, layer, method, gen, desc, progress)
+    desc = f"DAS {train[0].name} k={method.dim}"
+    return rot, fit(model, train, test, rot, method, gen, desc, progress)

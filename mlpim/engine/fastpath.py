@@ -1,9 +1,11 @@
-"""END-only fast path: patch one site at the END token and run only END from there upward.
+"""The hand-written END-only kernel for GPT-2- and Llama-shaped blocks (an optimisation).
 
 Attention is causal, so a patch at END leaves every earlier position unchanged. `end_state` runs
 the base prompts once (no gradients) and keeps the prefix keys/values of every later block; then
-`resume` runs a single token per prompt through the remaining blocks against that cache. Its
-logits equal the full-forward patched logits (see tests/test_fastpath.py).
+`resume` runs a single token per prompt through the remaining blocks against that cache.
+It re-implements attention (1/sqrt(d_head) scale, rotate-half rotary, attention then MLP), so it
+only runs where `unsupported` finds nothing and the runtime guard (`engine.prepare`) has checked
+its unpatched logits against the model's own; everything else uses `engine.cache`.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ import math
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mlpim.engine.fused_ce import unembed_ce
 from mlpim.engine.models import hook_name
+from mlpim.engine.patching import run_cache
+from mlpim.tasks.batch import PromptBatch
 
 MLP_SITES = ("mlp_post", "mlp_out")
 MID_SITES = ("resid_mid", "attn_out", "z")
+KINDS = ("resid_pre", "resid_post", *MLP_SITES, *MID_SITES)
 
 
 @dataclass
@@ -32,13 +37,26 @@ class EndState:
     resid_mid: Float[Tensor, "b d"]  # at `layer`
     keys: dict[int, Float[Tensor, "b prefix kv dh"]]  # per block that runs; rotary applied
     values: dict[int, Float[Tensor, "b prefix kv dh"]]
-    rotary: tuple[Tensor, Tensor] | None  # (cos, sin) at END, [1, dh]
+    rotary: tuple[Tensor, Tensor] | None  # (cos, sin) at END, [b or 1, dh]
+    key_mask: Bool[Tensor, "b prefix"]  # False on left padding
 
-    def to(self, device) -> EndState:
-        mv = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
-        rot = None if self.rotary is None else tuple(t.to(device) for t in self.rotary)
-        return EndState(self.kind, self.layer, self.resid_pre.to(device),
-                        self.resid_mid.to(device), mv(self.keys), mv(self.values), rot)  # fmt: skip
+
+KERNEL_TYPES = ("gpt2", "llama")  # Hugging Face model_type the kernel was written for
+
+
+def unsupported(model) -> str | None:
+    """Why the kernel cannot run this model (None: it may, subject to the runtime guard)."""
+    hf = getattr(model, "original_model", None)
+    conf = getattr(hf, "config", None)
+    kind = getattr(conf, "model_type", None)
+    if kind not in KERNEL_TYPES:
+        return f"model_type {kind!r} is not one of {KERNEL_TYPES}"
+    scaling = getattr(conf, "rope_scaling", None) or {}
+    if scaling.get("rope_type", "default") != "default":
+        return f"rotary scaling {scaling.get('rope_type')!r}"
+    if getattr(conf, "scale_attn_by_inverse_layer_idx", False):
+        return "attention scaled by the inverse layer index"
+    return None
 
 
 def first_block(kind: str, layer: int) -> int:
@@ -63,8 +81,9 @@ def state_names(model, kind: str, layer: int) -> set[str]:
     return names
 
 
-def state_from_cache(model, cache, kind: str, layer: int) -> EndState:
-    """EndState for a site from an activation cache of the base prompts holding `state_names`."""
+def state_from_cache(model, cache, kind: str, layer: int, mask: Tensor) -> EndState:
+    """EndState for a site from an activation cache of the base prompts holding `state_names`;
+    `mask` is their attention mask (left padding)."""
     blocks = range(first_block(kind, layer), model.cfg.n_layers)
     k_hook = "hook_rot_k" if _rotary(model) else "hook_k"
     rot = None
@@ -75,16 +94,14 @@ def state_from_cache(model, cache, kind: str, layer: int) -> EndState:
         cache[hook_name("resid_pre", layer)][:, -1], cache[hook_name("resid_mid", layer)][:, -1],
         {i: cache[f"blocks.{i}.attn.{k_hook}"][:, :-1] for i in blocks},
         {i: cache[f"blocks.{i}.attn.hook_v"][:, :-1] for i in blocks},
-        rot,
+        rot, mask[:, :-1].bool(),
     )  # fmt: skip
 
 
-def end_state(model, tokens: Int[Tensor, "b seq"], kind: str, layer: int) -> EndState:
+def end_state(model, batch: PromptBatch, kind: str, layer: int) -> EndState:
     """Run the base prompts once and keep what `resume` needs for a site (kind, layer)."""
-    names = state_names(model, kind, layer)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    return state_from_cache(model, cache, kind, layer)
+    _, cache = run_cache(model, batch, state_names(model, kind, layer))
+    return state_from_cache(model, cache, kind, layer, batch.mask)
 
 
 @dataclass(frozen=True)
@@ -137,19 +154,25 @@ def _rotate(x: Float[Tensor, "b h dh"], cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def attn_end(model, i: int, x: Float[Tensor, "b d"], state: EndState) -> Float[Tensor, "b h dh"]:
-    """hook_z at END of block i for END input x (already normalised), against the cached prefix."""
+def attn_end(
+    model, i: int, xq: Float[Tensor, "b d"], state: EndState, xkv: Tensor | None = None
+) -> Float[Tensor, "b h dh"]:
+    """hook_z at END of block i for the END query from xq and END key/value from xkv (default
+    xq; both already normalised), against the cached prefix."""
     w = attn_weights(model, i)
-    b = x.shape[0]
-    q = (x @ w.q + w.bq).view(b, w.n_heads, -1)
-    k = (x @ w.k + w.bk).view(b, w.n_kv, -1)
-    v = (x @ w.v + w.bv).view(b, w.n_kv, -1)
+    xkv = xq if xkv is None else xkv
+    b = xq.shape[0]
+    q = (xq @ w.q + w.bq).view(b, w.n_heads, -1)
+    k = (xkv @ w.k + w.bk).view(b, w.n_kv, -1)
+    v = (xkv @ w.v + w.bv).view(b, w.n_kv, -1)
     if state.rotary is not None:
         q, k = _rotate(q, *state.rotary), _rotate(k, *state.rotary)
     keys = torch.cat([state.keys[i], k[:, None]], dim=1)  # [b, seq, kv, dh]
     values = torch.cat([state.values[i], v[:, None]], dim=1)
     q = q.view(b, w.n_kv, w.n_heads // w.n_kv, -1)  # query heads grouped by their kv head
     scores = torch.einsum("bkge,bske->bkgs", q, keys) / math.sqrt(q.shape[-1])
+    keep = torch.cat([state.key_mask, state.key_mask.new_ones(b, 1)], dim=1)
+    scores = scores.masked_fill(~keep[:, None, None], float("-inf"))
     z = torch.einsum("bkgs,bske->bkge", scores.softmax(-1), values)
     return z.reshape(b, w.n_heads, -1)
 

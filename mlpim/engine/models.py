@@ -69,9 +69,12 @@ def load_model(cfg: DictConfig, device: str = "cpu", vocab: list[str] | None = N
     from transformer_lens.model_bridge import TransformerBridge  # slow import: after the checks
 
     hf_model = hf_model.to(getattr(torch, cfg.dtype)).eval()
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]
     bridge = TransformerBridge.boot_transformers(
-        cfg.hf_name or cfg.arch, hf_model=hf_model, tokenizer=tokenizer, device=device
-    )
+        cfg.hf_name or hf_model.config.model_type, hf_model=hf_model, tokenizer=tokenizer,
+        device=device,
+    )  # fmt: skip
     if cfg.compat:
         bridge.enable_compatibility_mode(
             disable_warnings=True,
@@ -80,14 +83,45 @@ def load_model(cfg: DictConfig, device: str = "cpu", vocab: list[str] | None = N
     bridge.eval()
     for p in bridge.parameters():
         p.requires_grad_(False)
-    bridge.cfg.model_name = cfg.name
+    bridge.cfg.model_name = model_name(cfg)
     if cfg.get("bos_token"):
         bridge.tokenizer.bos_token = cfg.bos_token
     return bridge
 
 
+def model_name(cfg: DictConfig) -> str:
+    """The config's name; for `model=hf` / `model=gguf`, the directory or file it loads."""
+    if cfg.source == "hf" and cfg.name == "hf" and cfg.path:
+        return Path(cfg.path).expanduser().resolve().name
+    if cfg.source == "gguf" and cfg.name == "gguf" and cfg.get("file"):
+        return Path(cfg.file).stem
+    if cfg.source == "tiny" and cfg.get("arch", "gpt2") != "gpt2":
+        return f"{cfg.name}-{cfg.arch}"
+    return cfg.name
+
+
+def processing(cfg: DictConfig) -> dict[str, bool]:
+    """TransformerLens processing flags a direction found on this model depends on."""
+    return {"compat": bool(cfg.compat),
+            "refactor_factored_attn_matrices": bool(cfg.get("refactor_factored_attn_matrices"))}  # fmt: skip
+
+
+def fingerprint(model) -> str:
+    """A short hash of the model's weights (shapes and a slice of every parameter)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(p.detach().flatten()[:256].to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def gguf_path(cfg: DictConfig) -> Path:
-    """Locate the GGUF file inside its package without importing the package."""
+    """`model.file`, else the GGUF file inside its package (found without importing it)."""
+    if cfg.get("file"):
+        path = Path(cfg.file).expanduser()
+        if not path.is_file():
+            raise ModelNotFoundError(f"model.file={cfg.file}: no such GGUF file")
+        return path
     spec = importlib.util.find_spec(cfg.gguf_package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
@@ -114,11 +148,13 @@ def _load_gguf(cfg: DictConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = gguf_path(cfg)
-    cache = CACHE_DIR / "models" / f"{cfg.name}-{_file_hash(path)}"
+    cache = CACHE_DIR / "models" / f"{model_name(cfg)}-{_file_hash(path)}"
     if not (cache / "config.json").exists():
         log.info("dequantizing %s into %s (first load only)", path.name, cache)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        if not getattr(model.config, "architectures", None):  # some GGUF configs lack it
+            model.config.architectures = [type(model).__name__]
         tmp = cache.with_suffix(".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         if hasattr(model.config, "quantization_config"):
@@ -127,7 +163,15 @@ def _load_gguf(cfg: DictConfig):
         save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding
         tok.save_pretrained(tmp)
         tmp.rename(cache)
-    return AutoModelForCausalLM.from_pretrained(cache), AutoTokenizer.from_pretrained(cache)
+    return _from_dir(cache)
+
+
+def _from_dir(path: Path):
+    """Model and tokenizer from a local directory; never looks anything up online."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def hf_model_dir(cfg: DictConfig) -> Path:
@@ -155,23 +199,24 @@ def hf_model_dir(cfg: DictConfig) -> Path:
 
 
 def _load_hf(cfg: DictConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    path = hf_model_dir(cfg)
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    return _from_dir(hf_model_dir(cfg))
 
 
 def _build_tiny(cfg: DictConfig, vocab: list[str] | None):
-    """A random GPT-2 or Llama model over a word-level IOI tokenizer."""
+    """A random model over a word-level IOI tokenizer: GPT-2 or Llama as built here, any other
+    family of `mlpim.engine.tiny.FAMILIES` from there."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    from mlpim.engine.tiny import build_tiny
     from mlpim.tasks.tokenizer import word_tokenizer
 
     if vocab is None:
         raise ConfigError("the tiny model needs the dataset vocabulary (vocab=...)")
     tok = word_tokenizer(vocab)
     t = cfg.tiny
+    if cfg.arch not in ("gpt2", "llama"):
+        sizes = {k: t[k] for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp", "seed")}
+        return build_tiny(cfg.arch, tok, **sizes), tok
     torch.manual_seed(t.seed)
     if cfg.arch == "gpt2":
         conf = GPT2Config(
@@ -180,12 +225,10 @@ def _build_tiny(cfg: DictConfig, vocab: list[str] | None):
             eos_token_id=tok.eos_token_id,
         )  # fmt: skip
         return GPT2LMHeadModel(conf), tok
-    if cfg.arch == "llama":
-        conf = LlamaConfig(
-            num_hidden_layers=t.n_layers, hidden_size=t.d_model, num_attention_heads=t.n_heads,
-            num_key_value_heads=t.n_kv_heads, intermediate_size=t.d_mlp, vocab_size=len(tok),
-            max_position_embeddings=128, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        )  # fmt: skip
-        return LlamaForCausalLM(conf), tok
-    raise ConfigError(f"unknown tiny architecture {cfg.arch!r}; allowed: gpt2, llama")
+    conf = LlamaConfig(
+        num_hidden_layers=t.n_layers, hidden_size=t.d_model, num_attention_heads=t.n_heads,
+        num_key_value_heads=t.n_kv_heads, intermediate_size=t.d_mlp, vocab_size=len(tok),
+        max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    return LlamaForCausalLM(conf), tok

@@ -1,7 +1,9 @@
-"""Generic activation patching at the END token: one core function and small site setters.
+"""Generic activation patching: one core function and small site setters.
 
-A setter maps (base activation, source activation) at a hook to the patched activation. The core
-runs the base prompts with any number of hooks replaced, as in TransformerLens's `patching.py`.
+A setter maps (base activation, source activation) at a hook, at each prompt's patch position,
+to the patched activation. The core runs the base prompts with hooks replaced, as in
+TransformerLens's `patching.py`. Prompts are left-padded `PromptBatch`es (END = last column);
+every forward passes their attention mask, so the model derives positions itself.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-Setter = Callable[[Tensor, Tensor], Tensor]  # (base_end, source_end) -> patched_end
+from mlpim.tasks.batch import PromptBatch
+
+Setter = Callable[[Tensor, Tensor], Tensor]  # (base_at_pos, source_at_pos) -> patched_at_pos
 
 
 def full(base: Float[Tensor, "b ..."], source: Float[Tensor, "b ..."]) -> Float[Tensor, "b ..."]:
@@ -43,30 +47,54 @@ def subspace(basis: Float[Tensor, "d k"]) -> Setter:
     return lambda base, source: subspace_patch(base, source, basis)
 
 
-def source_activations(
-    model, tokens: Int[Tensor, "b seq"], names: list[str]
-) -> dict[str, Float[Tensor, "b ..."]]:
-    """END-token activations of `names` on the source prompts."""
+def at(x: Float[Tensor, "b seq ..."], pos: Int[Tensor, " b"]) -> Float[Tensor, "b ..."]:
+    """Each row's activation at its own column `pos`."""
+    return x[torch.arange(x.shape[0], device=x.device), pos]
+
+
+def put(x: Tensor, pos: Int[Tensor, " b"], value: Tensor) -> Tensor:
+    """A copy of x with each row's column `pos` set to `value` (differentiable)."""
+    out = x.clone()
+    out[torch.arange(x.shape[0], device=x.device), pos] = value.to(x.dtype)
+    return out
+
+
+def logits_end(model, batch: PromptBatch) -> Float[Tensor, "b vocab"]:
+    """The model's own END logits of a batch."""
+    return model(batch.tokens, attention_mask=batch.mask)[:, -1]
+
+
+def run_cache(model, batch: PromptBatch, names) -> tuple[Float[Tensor, "b vocab"], dict]:
+    """(END logits, activation cache of `names`) of one forward (no gradients)."""
+    names = set(names)
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    return {n: cache[n][:, -1] for n in names}
+        logits, cache = model.run_with_cache(
+            batch.tokens, attention_mask=batch.mask, names_filter=lambda n: n in names
+        )
+    return logits[:, -1], cache
+
+
+def site_acts(model, batch: PromptBatch, names: list[str]) -> dict[str, Float[Tensor, "b ..."]]:
+    """Activations of `names` at each prompt's patch position."""
+    _, cache = run_cache(model, batch, names)
+    return {n: at(cache[n], batch.pos) for n in names}
+
+
+def patch_hook(setter: Setter, source: Tensor, pos: Int[Tensor, " b"]):
+    """A forward hook that patches each row's column `pos` with `setter(base, source)`."""
+
+    def hook(act: Tensor, hook=None) -> Tensor:
+        return put(act, pos, setter(at(act, pos), source))
+
+    return hook
 
 
 def patched_logits(
     model,
-    base_tokens: Int[Tensor, "b seq"],
+    base: PromptBatch,
     sources: Mapping[str, Float[Tensor, "b ..."]],
     setters: Mapping[str, Setter],
 ) -> Float[Tensor, "b vocab"]:
-    """END logits of the base prompts with each hook's END activation set by its setter."""
-
-    def make_hook(name: str, setter: Setter):
-        def hook(act: Tensor, hook=None) -> Tensor:
-            act = act.clone()
-            act[:, -1] = setter(act[:, -1], sources[name])
-            return act
-
-        return hook
-
-    hooks = [(name, make_hook(name, s)) for name, s in setters.items()]
-    return model.run_with_hooks(base_tokens, fwd_hooks=hooks)[:, -1]
+    """END logits of the base prompts with each hook set by its setter at the patch position."""
+    hooks = [(n, patch_hook(s, sources[n], base.pos)) for n, s in setters.items()]
+    return model.run_with_hooks(base.tokens, attention_mask=base.mask, fwd_hooks=hooks)[:, -1]

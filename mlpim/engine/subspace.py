@@ -9,6 +9,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from mlpim.engine.models import ConfigError
 from mlpim.engine.patching import subspace_patch
 
 
@@ -38,13 +39,56 @@ def orthonormalize(v: Float[Tensor, "d k"]) -> Float[Tensor, "d k"]:
 
 
 def save_subspace(path: Path, basis: Tensor, **meta) -> None:
-    """Save a basis with its metadata (model, site, layer, k, seed, metrics ...)."""
+    """Save a basis with its metadata (model, fingerprint, site, layer, k, seed, metrics ...)."""
     torch.save({"basis": basis.detach().cpu(), **meta}, path)
 
 
-def load_subspace(path: str | Path) -> dict:
-    """Load a saved subspace; `['basis']` is d×k."""
+def direction_meta(model, model_cfg, kind: str, layer: int, position: str = "end") -> dict:
+    """What ties a direction to where it was found: model, weights, processing, site, version."""
+    from mlpim import __version__
+    from mlpim.engine.models import fingerprint, processing
+
+    return {"model": model.cfg.model_name, "fingerprint": fingerprint(model),
+            "processing": processing(model_cfg), "site": kind, "layer": layer,
+            "position": position, "width": int(model.cfg.d_mlp if kind == "mlp_post"
+                                               else model.cfg.d_model),
+            "mlpim_version": __version__}  # fmt: skip
+
+
+def _plain(path: Path) -> Tensor | dict:
+    if path.suffix == ".npy":
+        import numpy as np
+
+        return torch.from_numpy(np.load(path, allow_pickle=False)).float()
+    try:  # never runs code from the file
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise ConfigError(f"{path} is not a direction file mlpim can read safely: {e}") from e
+
+
+def load_subspace(path: str | Path, site: str | None = None, layer: int | None = None) -> dict:
+    """A saved subspace (`['basis']` is d×k), or a plain tensor file (.pt holding a tensor, or
+    .npy; a vector is one direction) with its `site` and `layer` given by the caller."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no saved subspace at {path}")
-    return torch.load(path, weights_only=False)
+    if not path.is_file():
+        raise ConfigError(f"direction={path}: no such file")
+    saved = _plain(path)
+    if torch.is_tensor(saved):
+        v = saved.float()
+        basis = orthonormalize(v[:, None] if v.dim() == 1 else v)
+        return {"basis": basis, "site": site, "layer": layer}
+    if not isinstance(saved, dict) or "basis" not in saved:
+        raise ConfigError(f"{path} holds neither a tensor nor a saved subspace (no 'basis')")
+    return saved
+
+
+def check_model(saved: dict, model, path: str | Path) -> None:
+    """A clear error when a direction was found on other weights than `model`'s."""
+    from mlpim.engine.models import fingerprint
+
+    fp = saved.get("fingerprint")
+    if fp is not None and fp != fingerprint(model):
+        raise ConfigError(
+            f"{path} was found on model {saved.get('model')!r} (weights {fp}), not on "
+            f"{model.cfg.model_name!r} (weights {fingerprint(model)})"
+        )

@@ -6,7 +6,7 @@ import torch
 from omegaconf import DictConfig
 
 from mlpim.engine.interventions import Prepared, prepare
-from mlpim.engine.models import load_model, resolve_device, validate_site
+from mlpim.engine.models import ConfigError, load_model, resolve_device, validate_site
 from mlpim.tasks.ioi import paper_pairs
 from mlpim.tasks.tokenizer import ioi_vocabulary
 
@@ -19,6 +19,11 @@ def model_for(cfg: DictConfig):
 
 def site_of(cfg: DictConfig, model) -> tuple[str, int]:
     """(kind, layer) of the configured site, checked against the model."""
+    if cfg.site.layer is None:
+        raise ConfigError(
+            f"model {cfg.model.name!r} has no landmark for {cfg.site.kind}; set site.layer=... "
+            "(experiment=ioi_locate suggests one)"
+        )
     validate_site(model, cfg.site.kind, cfg.site.layer)
     return cfg.site.kind, int(cfg.site.layer)
 

@@ -48,19 +48,23 @@ CHECK_METRICS = ("check_value", "threshold", "warning")
 
 
 def saved_direction(
-    path: str, model, model_name: str, kinds: tuple[str, ...] | None = None
-) -> tuple[str, int, Float[Tensor, " d"]]:
+    path: str, model, model_name: str, kinds: tuple[str, ...] | None = None,
+    site: tuple[str | None, int | None] = (None, None),
+) -> tuple[str, int, Float[Tensor, " d"]]:  # fmt: skip
     """(site, layer, unit v) of a saved 1-D subspace, checked against the model's widths."""
-    saved = load_subspace(path)
+    saved = load_subspace(path, *site)
     kind, layer = saved.get("site"), saved.get("layer")
     if kind is None or layer is None:
-        raise ConfigError(f"{path} does not record the site and layer it was found at")
+        raise ConfigError(
+            f"{path} does not record the site and layer it was found at; "
+            "give them as direction_site=... direction_layer=..."
+        )
     if kinds is not None and kind not in kinds:
         raise ConfigError(f"{path} holds a {kind} subspace; expected one of {', '.join(kinds)}")
     if saved.get("model", model_name) != model_name:
         log.warning("%s was found on %s, checked on %s", path, saved["model"], model_name)
     validate_site(model, kind, int(layer))
-    basis = loaded_basis(path, kind, int(layer), site_width(model, kind))
+    basis = loaded_basis(path, kind, int(layer), site_width(model, kind), model)
     if basis.shape[1] != 1:
         raise ConfigError(
             f"{path} holds a {basis.shape[1]}-D subspace; illusion_check checks one direction "
@@ -159,7 +163,9 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
             "illusion_check needs a saved 1-D subspace: direction=path/to/subspace.pt"
         )
     model = model_for(cfg)
-    kind, layer, v = saved_direction(cfg.direction, model, cfg.model.name)
+    kind, layer, v = saved_direction(
+        cfg.direction, model, cfg.model.name, site=(cfg.direction_site, cfg.direction_layer)
+    )
     v_ref = reference_direction(cfg, model)
     if (kind, layer) != (cfg.site.kind, cfg.site.layer):
         log.info("checking %s L%d (from %s), not the configured site", kind, layer, cfg.direction)

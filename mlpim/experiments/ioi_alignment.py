@@ -20,13 +20,13 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim.analysis import nullspace as ns
-from mlpim.engine import fastpath, metrics
+from mlpim.engine import metrics
+from mlpim.engine.interventions import patch_each
 from mlpim.engine.models import ConfigError, hook_name
-from mlpim.engine.patching import head
 from mlpim.experiments.common import model_for
 from mlpim.experiments.ioi_nullspace import das_direction
 from mlpim.report import io
-from mlpim.tasks.ioi import IOIBatch, PairBatch, make_pairs, make_prompts
+from mlpim.tasks.ioi import IOIBatch, make_pairs, make_prompts
 
 log = logging.getLogger(__name__)
 Head = tuple[int, int]
@@ -51,7 +51,7 @@ def name_mover_objective(
 
     hooks = [(hook_name("resid_post", layer), add)]
     hooks += [(f"blocks.{lh}.attn.hook_attn_scores", grab) for lh in sorted({h[0] for h in heads})]
-    model.run_with_hooks(batch.tokens, fwd_hooks=hooks)
+    model.run_with_hooks(batch.tokens, attention_mask=batch.mask, fwd_hooks=hooks)
     rows = torch.arange(len(batch), device=batch.tokens.device)
     diffs = [
         scores[lh][rows, h, batch.io_pos] - scores[lh][rows, h, batch.s1_pos] for lh, h in heads
@@ -81,38 +81,16 @@ def gradient_direction(
     return g / g.norm()
 
 
-def head_patch_lds(model, pb: PairBatch, heads: list[Head]) -> dict[Head, Tensor]:
-    """Per head: LD of the base prompts with that head's END hook_z taken from the source."""
-    layers = sorted({lh for lh, _ in heads})
-    z = {lh: hook_name("z", lh) for lh in layers}
-    names = set(z.values()).union(*(fastpath.state_names(model, "z", lh) for lh in layers))
-    with torch.no_grad():
-        _, base = model.run_with_cache(pb.base.tokens, names_filter=lambda n: n in names)
-        _, src = model.run_with_cache(pb.source.tokens, names_filter=list(z.values()))
-        states = {lh: fastpath.state_from_cache(model, base, "z", lh) for lh in layers}
-        out = {}
-        for lh, h in heads:
-            act = head(h)(base[z[lh]][:, -1], src[z[lh]][:, -1])
-            logits = fastpath.resume(model, states[lh], act)
-            out[(lh, h)] = metrics.logit_diff(logits, pb.base.io, pb.base.s)
-    return out
-
-
 def head_fldd(model, cfg: DictConfig, layer: int) -> dict[Head, float]:
     """FLDD of patching each head after `layer` (hook_z at END) on train ABB<->BAB pairs."""
     n = cfg.extra.get("n_head_pairs", 20)
     combos = [("ABB", "BAB"), ("BAB", "ABB")]
     batches = make_pairs(model.tokenizer, cfg.dataset, "train", combos, n, cfg.seed)
-    heads = [(lh, h) for lh in range(layer + 1, model.cfg.n_layers)
-             for h in range(model.cfg.n_heads)]  # fmt: skip
-    clean, patched = [], {hd: [] for hd in heads}
-    for pb in (b.to(model.cfg.device) for b in batches):
-        with torch.no_grad():
-            clean.append(metrics.logit_diff(model(pb.base.tokens)[:, -1], pb.base.io, pb.base.s))
-        for hd, ld in head_patch_lds(model, pb, heads).items():
-            patched[hd].append(ld)
-    cl = torch.cat(clean)
-    return {hd: metrics.fldd(torch.cat(lds), cl) for hd, lds in patched.items()}
+    todo = [("z", lh, h) for lh in range(layer + 1, model.cfg.n_layers)
+            for h in range(model.cfg.n_heads)]  # fmt: skip
+    batches = [b.to(model.cfg.device) for b in batches]
+    results, clean = patch_each(model, batches, todo, cfg.method.engine)
+    return {(lh, h): metrics.fldd(ld, clean) for (_, lh, h), (ld, _) in results.items()}
 
 
 def name_movers(model, cfg: DictConfig, layer: int, top: int = 3) -> tuple[list[Head], dict]:

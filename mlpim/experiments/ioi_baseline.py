@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from mlpim.engine import metrics
+from mlpim.engine.patching import logits_end
 from mlpim.experiments.common import model_for
 from mlpim.report import io
 from mlpim.tasks.ioi import IOIBatch, make_prompts
@@ -22,7 +23,7 @@ def clean_table(model, batches: list[IOIBatch]) -> pd.DataFrame:
     rows = []
     with torch.no_grad():
         for b in batches:
-            logits = model(b.tokens)[:, -1]
+            logits = logits_end(model, b)
             ld = metrics.logit_diff(logits, b.io, b.s)
             hit = logits.argmax(-1) == b.io
             rows += [

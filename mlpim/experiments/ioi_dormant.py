@@ -105,13 +105,14 @@ def combo_rows(
     """Metric rows and raw projections of one (base, source) combo."""
     split, n = cfg.extra.get("split", "test"), cfg.extra.get("n_per_combo", 50)
     batches = make_pairs(model.tokenizer, cfg.dataset, split, [combo], n, cfg.seed + index)
-    prepared = prepare(model, [b.to(model.cfg.device) for b in batches], "mlp_post", layer)
+    batches = [b.to(model.cfg.device) for b in batches]
+    prepared = prepare(model, batches, "mlp_post", layer, cfg.method.engine)
     patched, clean = combo_projections(model, prepared, layer, v_mlp, v_true)
     stats = projection_stats(patched, clean)
     keys = {"site": "mlp_post", "layer": layer, "split": split, "combo": combo_name(*combo),
             "same_position": same_position(*combo), "n": len(clean)}  # fmt: skip
     rows = io.metric_rows(clean_metrics(prepared) | stats["clean"], intervention="clean", **keys)
-    patch = evaluate(model, prepared, subspace(v_mlp), "mlp_post", layer)
+    patch = evaluate(model, prepared, subspace(v_mlp))
     rows += io.metric_rows(patch | stats["das"], intervention="das", **keys)
     raw = pd.DataFrame({"combo": keys["combo"], "same_position": keys["same_position"],
                         "patched": patched.numpy(), "unpatched": clean.numpy()})  # fmt: skip

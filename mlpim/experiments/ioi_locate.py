@@ -6,13 +6,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
-import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
-from mlpim.engine import fastpath, metrics
-from mlpim.engine.models import hook_name
-from mlpim.engine.patching import full, head
+from mlpim.engine import metrics
+from mlpim.engine.interventions import patch_each
 from mlpim.experiments.common import model_for
 from mlpim.report import io
 from mlpim.tasks.ioi import PairBatch, make_pairs
@@ -26,43 +23,12 @@ def sites(n_layers: int, n_heads: int) -> list[tuple[str, int, int]]:
     return comps + [("z", layer, h) for layer in range(n_layers) for h in range(n_heads)]
 
 
-def patch_batch(
-    model, pb: PairBatch, todo: list[tuple[str, int, int]]
-) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
-    """(patched LD, IIA hit) per prompt for every site, from one base and one source run."""
-    kinds_layers = {(k, layer) for k, layer, _ in todo}
-    acts = {hook_name(k, layer) for k, layer in kinds_layers}
-    state_hooks = set().union(*(fastpath.state_names(model, k, layer) for k, layer in kinds_layers))
-    out = {}
-    with torch.no_grad():
-        _, base = model.run_with_cache(
-            pb.base.tokens, names_filter=lambda n: n in acts | state_hooks
-        )
-        _, src = model.run_with_cache(pb.source.tokens, names_filter=lambda n: n in acts)
-        states = {kl: fastpath.state_from_cache(model, base, *kl) for kl in kinds_layers}
-        for kind, layer, h in todo:
-            name = hook_name(kind, layer)
-            patched = (full if h < 0 else head(h))(base[name][:, -1], src[name][:, -1])
-            logits = fastpath.resume(model, states[(kind, layer)], patched)
-            ld = metrics.logit_diff(logits, pb.base.io, pb.base.s)
-            out[(kind, layer, h)] = (ld, (logits.argmax(-1) == pb.label).float())
-    return out
-
-
-def locate(model, batches: list[PairBatch]) -> pd.DataFrame:
+def locate(model, batches: list[PairBatch], engine: str = "auto") -> pd.DataFrame:
     """One row per site and metric: LD, FLDD, IIA and flip rate of the full patch."""
     todo = sites(model.cfg.n_layers, model.cfg.n_heads)
-    results: dict[tuple, list] = {s: [] for s in todo}
-    clean = []
-    for pb in tqdm(batches, desc=f"patching {len(todo)} sites"):
-        with torch.no_grad():
-            clean.append(metrics.logit_diff(model(pb.base.tokens)[:, -1], pb.base.io, pb.base.s))
-        for s, res in patch_batch(model, pb, todo).items():
-            results[s].append(res)
-    cl = torch.cat(clean)
+    results, cl = patch_each(model, batches, todo, engine)
     rows = []
-    for (kind, layer, h), res in results.items():
-        ld, hit = (torch.cat(t) for t in zip(*res, strict=True))
+    for (kind, layer, h), (ld, hit) in results.items():
         values = {
             "logit_diff": ld.mean().item(),
             "fldd": metrics.fldd(ld, cl),
@@ -103,7 +69,8 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     n = cfg.get("extra", {}).get("n_pairs_per_direction", 20)
     combos = [("ABB", "BAB"), ("BAB", "ABB")]
     batches = make_pairs(model.tokenizer, cfg.dataset, "test", combos, n, cfg.seed)
-    df = locate(model, [b.to(model.cfg.device) for b in batches]).assign(split="test")
+    batches = [b.to(model.cfg.device) for b in batches]
+    df = locate(model, batches, cfg.method.engine).assign(split="test")
     df = io.tidy(df.to_dict("records"), cfg)
     heatmaps(df, run_dir, f"{cfg.model.name}, ABB<->BAB")
     return df

@@ -73,12 +73,12 @@ def budget_rows(cfg, model, splits, kind: str, layer: int, ns: list[int], order)
         torch.manual_seed(cfg.seed)  # the orthogonal parametrization draws from the global one
         gen = torch.Generator().manual_seed(cfg.seed)
         module = NeuronSubspace(d, order[:n], cfg.method.dim, gen).to(model.cfg.device)
-        history = fit(model, splits["train"], None, module, kind, layer, cfg.method,
+        history = fit(model, splits["train"], None, module, cfg.method,
                       torch.Generator().manual_seed(cfg.seed), f"DAS {n} neurons")  # fmt: skip
         losses = history["train_loss"].tolist()
         keys = {"intervention": f"das_n{n}", "site": kind, "layer": layer, "n_neurons": n}
         for split, prepared in splits.items():
-            values = evaluate(model, prepared, module, kind, layer)
+            values = evaluate(model, prepared, module)
             rows += io.metric_rows(values, split=split, **keys)
         rows += io.metric_rows({"final_loss": losses[-1]} if losses else {}, split="train", **keys)
         log.info("n=%d: %.1f s; test FLDD %.3f, IIA %.3f", n, time.time() - start,
@@ -113,7 +113,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     order = neuron_order(d, cfg.extra.subset, torch.Generator().manual_seed(cfg.seed))
     keys = {"site": kind, "layer": layer}
     rows = io.metric_rows(clean_metrics(splits["test"]), intervention="clean", split="test", **keys)
-    rows += io.metric_rows(evaluate(model, splits["test"], full, kind, layer),
+    rows += io.metric_rows(evaluate(model, splits["test"], full),
                            intervention="full", split="test", n_neurons=d, **keys)  # fmt: skip
     rows += budget_rows(cfg, model, splits, kind, layer, ns, order)
     df = io.tidy(rows, cfg)

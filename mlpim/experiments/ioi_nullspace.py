@@ -25,11 +25,12 @@ from mlpim import constants as C
 from mlpim.analysis import nullspace as ns
 from mlpim.engine.interventions import Prepared, clean_metrics, evaluate
 from mlpim.engine.models import ConfigError, hook_name
-from mlpim.engine.patching import full, subspace
+from mlpim.engine.patching import full, run_cache, site_acts, subspace
 from mlpim.engine.subspace import save_subspace
 from mlpim.experiments.common import model_for, paper_splits, site_of
 from mlpim.experiments.subspace import saved_or_trained, table1_plot
 from mlpim.report import io
+from mlpim.tasks.batch import PromptBatch
 from mlpim.tasks.ioi import IOIBatch, make_prompts
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,10 @@ def das_direction(
     return basis[:, 0]
 
 
-def check_w_out(model, layer: int, tokens) -> float:
+def check_w_out(model, layer: int, batch: PromptBatch) -> float:
     """Max |hidden @ W_out (+ b_out) - mlp_out| over the prompts; raises if not ~0."""
     names = [hook_name("mlp_post", layer), hook_name("mlp_out", layer)]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=names)
+    _, cache = run_cache(model, batch, names)
     w, b = ns.mlp_w_out(model, layer), ns.mlp_b_out(model, layer)
     out = cache[names[1]]
     err = (ns.mlp_output(cache[names[0]], w, b) - out).abs().max().item()
@@ -67,11 +67,9 @@ def check_w_out(model, layer: int, tokens) -> float:
 def end_activations(model, batches: list[IOIBatch], kind: str, layer: int) -> dict[str, Tensor]:
     """END activations at the site per prompt pattern, [n, width] each."""
     name, acts = hook_name(kind, layer), {}
-    with torch.no_grad():
-        for b in batches:
-            _, cache = model.run_with_cache(b.tokens, names_filter=[name])
-            for pat, a in zip(b.pattern, cache[name][:, -1], strict=True):
-                acts.setdefault(pat, []).append(a)
+    for b in batches:
+        for pat, a in zip(b.pattern, site_acts(model, b, [name])[name], strict=True):
+            acts.setdefault(pat, []).append(a)
     return {p: torch.stack(a) for p, a in acts.items()}
 
 
@@ -92,7 +90,7 @@ def patching_rows(model, splits, bases, kind: str, layer: int, keys: dict) -> li
         rows += io.metric_rows(clean_metrics(prepared), intervention="clean", split=split, **keys)
         setters = {"full": full} | {n: subspace(b) for n, b in bases.items()}
         for name, setter in setters.items():
-            values = evaluate(model, prepared, setter, kind, layer)
+            values = evaluate(model, prepared, setter)
             rows += io.metric_rows(values, intervention=name, split=split, **keys)
     return rows
 
@@ -129,7 +127,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     splits = paper_splits(cfg, model, kind, layer)
     v = das_direction(cfg, model, kind, layer, cfg.direction, run_dir, splits)
     w_out = ns.mlp_w_out(model, layer)
-    w_err = check_w_out(model, layer, splits["test"][0].pairs.base.tokens)
+    w_err = check_w_out(model, layer, splits["test"][0].pairs.base)
     proj, null = ns.split(v, w_out)
     keys = {"site": kind, "layer": layer, "dim": 1, "seed": cfg.seed}
     rows = patching_rows(model, splits, intervention_bases(v, proj, null), kind, layer, keys)

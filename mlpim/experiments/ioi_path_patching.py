@@ -88,8 +88,8 @@ def _outcome(model, pb: PairBatch, r: paths.Readout, run: paths.EndTrace) -> dic
 def path_patch_batch(model, pb: PairBatch, todo: list[Intervention], frozen: bool = False) -> dict:
     """{intervention: {metric: {layer: per-prompt tensor}} | outcome} for one pair batch."""
     sites = sorted({(iv.kind, iv.layer) for iv in todo})
-    state, clean, base_acts = paths.run_trace(model, pb.base.tokens, sites)
-    _, source, src_acts = paths.run_trace(model, pb.source.tokens, sites)
+    state, clean, base_acts = paths.run_trace(model, pb.base, sites)
+    _, source, src_acts = paths.run_trace(model, pb.source, sites)
     r = paths.readout(model, pb.base.io, pb.base.s)
     runs = {SOURCE: source}
     with torch.no_grad():

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
@@ -26,7 +26,7 @@ from mlpim import constants as C
 from mlpim.engine.das import fit
 from mlpim.engine.interventions import Prepared, clean_metrics, evaluate, prepare
 from mlpim.engine.models import ConfigError, hook_name
-from mlpim.engine.patching import full, source_activations, subspace
+from mlpim.engine.patching import full, site_acts, subspace
 from mlpim.engine.subspace import RotatedSubspace
 from mlpim.experiments.common import model_for, paper_splits, site_of
 from mlpim.experiments.ioi_dormant import das_direction
@@ -114,32 +114,28 @@ def random_patch(
 
 
 class RandomMLPPatch(nn.Module):
-    """Setter at `mlp_out` for prepared acts [mlp_out | resid_mid] (see `with_resid_mid`)."""
+    """Setter at `mlp_out`; the source act carries [mlp_out | resid_mid | base resid_mid]
+    (see `with_resid_mid`), so it works with any engine."""
 
     def __init__(self, mlp: RandomMLP, dim: int, generator: torch.Generator | None = None):
         super().__init__()
         self.mlp = mlp
         self.rot = RotatedSubspace(mlp.w2.shape[0], dim, generator=generator)
 
-    def forward(self, base: Float[Tensor, "b 2d"], source: Float[Tensor, "b 2d"]) -> Tensor:
-        d = self.mlp.w2.shape[1]
-        return random_patch(self.mlp, self.rot.basis, base[:, :d], base[:, d:], source[:, d:])
-
-
-def resid_mid_end(model, tokens: Int[Tensor, "b seq"], layer: int) -> Float[Tensor, "b d"]:
-    """resid_mid (the MLP's input) at END, with `run_with_cache`."""
-    name = hook_name("resid_mid", layer)
-    return source_activations(model, tokens, [name])[name]
+    def forward(self, base: Float[Tensor, "b d"], source: Float[Tensor, "b 3d"]) -> Tensor:
+        d = base.shape[-1]
+        mid_src, mid_base = source[:, d : 2 * d], source[:, 2 * d :]
+        return random_patch(self.mlp, self.rot.basis, base, mid_base, mid_src)
 
 
 def with_resid_mid(model, prepared: list[Prepared], layer: int) -> list[Prepared]:
-    """`mlp_out`-prepared batches whose acts carry resid_mid too: [mlp_out | resid_mid]."""
+    """`mlp_out`-prepared batches whose source acts also carry resid_mid of source and base."""
+    name = hook_name("resid_mid", layer)
     out = []
     for p in prepared:
-        base_mid = resid_mid_end(model, p.pairs.base.tokens, layer)
-        src_mid = resid_mid_end(model, p.pairs.source.tokens, layer)
-        out.append(replace(p, base_act=torch.cat([p.base_act, base_mid], -1),
-                           source_act=torch.cat([p.source_act, src_mid], -1)))  # fmt: skip
+        base_mid = site_acts(model, p.pairs.base, [name])[name]
+        src_mid = site_acts(model, p.pairs.source, [name])[name]
+        out.append(replace(p, source_act=torch.cat([p.source_act, src_mid, base_mid], -1)))
     return out
 
 
@@ -149,7 +145,9 @@ def augmented_splits(
     """The same pairs prepared at `mlp_out` of `layer`, with resid_mid appended (`with_resid_mid`)."""
     return {
         s: with_resid_mid(
-            model, prepare(model, [p.pairs for p in prepared], "mlp_out", layer), layer
+            model,
+            prepare(model, [p.pairs for p in prepared], "mlp_out", layer, prepared[0].engine),
+            layer,
         )
         for s, prepared in splits.items()
     }
@@ -157,8 +155,9 @@ def augmented_splits(
 
 def split_acts(prepared: list[Prepared], d: int) -> tuple[Tensor, Tensor]:
     """(resid_mid, real mlp_out) of base and source prompts of augmented batches, stacked."""
-    acts = torch.cat([a for p in prepared for a in (p.base_act, p.source_act)])
-    return acts[:, d:], acts[:, :d]
+    mids = [m for p in prepared for m in (p.source_act[:, 2 * d :], p.source_act[:, d : 2 * d])]
+    outs = [o for p in prepared for o in (p.base_act, p.source_act[:, :d])]
+    return torch.cat(mids), torch.cat(outs)
 
 
 def train_random_das(
@@ -170,7 +169,7 @@ def train_random_das(
     gen = torch.Generator().manual_seed(seed)
     patch = RandomMLPPatch(mlp, method.dim, gen).to(train[0].base_act.device)
     desc = f"DAS random MLP L{layer} seed {seed}"
-    return patch, fit(model, train, test, patch, "mlp_out", layer, method, gen, desc, progress)
+    return patch, fit(model, train, test, patch, method, gen, desc, progress)
 
 
 def random_mlp_rows(
@@ -187,9 +186,7 @@ def random_mlp_rows(
     for split, prepared in aug.items():
         mid, _ = split_acts(prepared, d)
         with torch.no_grad():
-            values = evaluate(model, prepared, patch, "mlp_out", layer) | {
-                "out_norm": mean_norm(mlp(mid))
-            }
+            values = evaluate(model, prepared, patch) | {"out_norm": mean_norm(mlp(mid))}
         rows += io.metric_rows(values, intervention="random_mlp", site="mlp_out", layer=layer,
                                split=split, seed=seed)  # fmt: skip
     return rows
@@ -206,7 +203,7 @@ def real_mlp_rows(
         real = {"out_norm": mean_norm(split_acts(aug[split], d)[1])}
         rows += io.metric_rows(clean_metrics(prepared) | real, intervention="clean", **keys)
         for name, setter in (("full", full), ("das", subspace(basis))):
-            values = evaluate(model, prepared, setter, "mlp_post", layer)
+            values = evaluate(model, prepared, setter)
             rows += io.metric_rows(values, intervention=name, **keys)
     return rows
 

@@ -15,7 +15,7 @@ from mlpim.engine.das import train_das
 from mlpim.engine.interventions import Prepared, clean_metrics, evaluate
 from mlpim.engine.models import ConfigError
 from mlpim.engine.patching import full, subspace
-from mlpim.engine.subspace import load_subspace, save_subspace
+from mlpim.engine.subspace import check_model, direction_meta, load_subspace, save_subspace
 from mlpim.experiments.common import model_for, paper_splits, site_of, site_width
 from mlpim.report import io
 
@@ -33,9 +33,12 @@ def mean_diff_direction(prepared: list[Prepared]) -> torch.Tensor:
     return (diff / diff.norm())[:, None]
 
 
-def loaded_basis(path: str, kind: str, layer: int, d: int) -> torch.Tensor:
-    """A saved basis, checked against the site it is used at."""
-    saved = load_subspace(path)
+def loaded_basis(path: str, kind: str, layer: int, d: int, model=None) -> torch.Tensor:
+    """A saved basis, checked against the site it is used at (and the model's weights); a plain
+    tensor file is taken to be of this site."""
+    saved = load_subspace(path, kind, layer)
+    if model is not None:
+        check_model(saved, model, path)
     if (saved.get("site"), saved.get("layer")) != (kind, layer) or saved["basis"].shape[0] != d:
         raise ConfigError(
             f"{path} holds a subspace of {saved.get('site')} layer {saved.get('layer')} "
@@ -54,16 +57,16 @@ def saved_or_trained(
     """
     d = site_width(model, kind)
     if path:
-        return loaded_basis(path, kind, layer, d).to(model.cfg.device)
+        return loaded_basis(path, kind, layer, d, model).to(model.cfg.device)
     if cfg.method.dim > d:
         raise ConfigError(f"method.dim={cfg.method.dim} exceeds the width {d} of {kind}")
     splits = splits or paper_splits(cfg, model, kind, layer)
-    rot, hist = train_das(model, splits["train"], splits["test"], kind, layer, cfg.method, cfg.seed)
+    rot, hist = train_das(model, splits["train"], splits["test"], cfg.method, cfg.seed)
     history.parent.mkdir(parents=True, exist_ok=True)
     hist.to_csv(history, index=False)
     basis = rot.basis.detach()
-    save_subspace(save_as, basis, model=cfg.model.name, site=kind, layer=layer, k=basis.shape[1],
-                  seed=cfg.seed, method="das")  # fmt: skip
+    save_subspace(save_as, basis, **direction_meta(model, cfg.model, kind, layer),
+                  k=basis.shape[1], seed=cfg.seed, method="das")  # fmt: skip
     return basis
 
 
@@ -92,8 +95,8 @@ def find_basis(cfg, model, train, test, kind, layer, run_dir, method: str) -> to
     if method == "mean_diff":
         return mean_diff_direction(train)
     if cfg.direction:
-        return loaded_basis(cfg.direction, kind, layer, d)
-    rot, history = train_das(model, train, test, kind, layer, cfg.method, cfg.seed)
+        return loaded_basis(cfg.direction, kind, layer, d, model)
+    rot, history = train_das(model, train, test, cfg.method, cfg.seed)
     history.to_csv(run_dir / C.HISTORY, index=False)
     return rot.basis.detach()
 
@@ -119,7 +122,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
             n: subspace(b.to(prepared[0].base_act)) for n, b in found.items()
         }
         for name, setter in setters.items():
-            values = evaluate(model, prepared, setter, kind, layer)
+            values = evaluate(model, prepared, setter)
             rows += io.metric_rows(values, intervention=name, split=split, **keys)
     if "mean_diff" in found:
         cos = subspace_cosine(found["mean_diff"], found["das"])
@@ -130,7 +133,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     method = cfg.method.name
     test = df[(df.split == "test") & (df.intervention == method)].set_index("metric").value
     save_subspace(
-        run_dir / C.DIRECTION, found[method], model=cfg.model.name, site=kind, layer=layer,
+        run_dir / C.DIRECTION, found[method], **direction_meta(model, cfg.model, kind, layer),
         k=found[method].shape[1], seed=cfg.seed, method=method, metrics=test.to_dict(),
     )  # fmt: skip
     io.write_text(summary_markdown(cfg, df, kind, layer), run_dir, C.SUMMARY)

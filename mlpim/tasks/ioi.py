@@ -8,13 +8,14 @@ Token positions count the BOS token at position 0.
 
 import logging
 import random
-from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
+
+from mlpim.tasks.batch import PairBatch, PromptBatch, left_pad
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ PATTERNS = ("ABB", "BAB", "ABA", "BAA", "CDD", "DCD")
 FRESH_PATTERNS = ("CDD", "DCD")
 SPLITS = ("train", "test")
 MAX_TRIES = 20  # draws per requested prompt/pair before giving up on it
-_TENSOR_FIELDS = ("tokens", "io", "s", "io_pos", "s1_pos", "s2_pos")
+_POSITIONS = ("io_pos", "s1_pos", "s2_pos")
 
 
 def s1_position(pattern: str) -> int:
@@ -38,44 +39,23 @@ def patched_is_io(base_pattern: str, source_pattern: str) -> bool:
 
 
 @dataclass(frozen=True)
-class IOIBatch:
-    """Prompts of one token length; `tokens` start with BOS and END is the last position."""
+class IOIBatch(PromptBatch):
+    """IOI prompts, left-padded, patched at END; `answer` is IO and `other` is S."""
 
-    tokens: Int[Tensor, "batch seq"]
-    io: Int[Tensor, "batch"]
-    s: Int[Tensor, "batch"]
-    io_pos: Int[Tensor, "batch"]
-    s1_pos: Int[Tensor, "batch"]
-    s2_pos: Int[Tensor, "batch"]
+    io_pos: Int[Tensor, " batch"]
+    s1_pos: Int[Tensor, " batch"]
+    s2_pos: Int[Tensor, " batch"]
     pattern: tuple[str, ...]
     template: tuple[int, ...]
     text: tuple[str, ...]
 
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
+    @property
+    def io(self) -> Int[Tensor, " batch"]:
+        return self.answer
 
     @property
-    def end(self) -> int:
-        """Position of the END token (the last one)."""
-        return self.tokens.shape[1] - 1
-
-    def to(self, device) -> "IOIBatch":
-        return replace(self, **{k: getattr(self, k).to(device) for k in _TENSOR_FIELDS})
-
-
-@dataclass(frozen=True)
-class PairBatch:
-    """Base and source prompts of equal token length, with the patched answer token."""
-
-    base: IOIBatch
-    source: IOIBatch
-    label: Int[Tensor, "batch"]
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def to(self, device) -> "PairBatch":
-        return PairBatch(self.base.to(device), self.source.to(device), self.label.to(device))
+    def s(self) -> Int[Tensor, " batch"]:
+        return self.other
 
 
 @dataclass(frozen=True)
@@ -124,6 +104,12 @@ def one_token_words(tokenizer, words: Sequence[str]) -> list[str]:
 def _bos_id(tokenizer) -> int:
     bos = tokenizer.bos_token_id
     return bos if bos is not None else tokenizer.eos_token_id
+
+
+def _pad_id(tokenizer) -> int:
+    """Padding is masked out; any id works, the tokenizer's own when it has one."""
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else _bos_id(tokenizer)
 
 
 def _half(items: Sequence, split: str) -> list:
@@ -229,27 +215,20 @@ def _draw_names(
     return tuple(chosen[c] for c in pattern)
 
 
-def _group(items: list, length: Callable[[object], int], batch_size: int) -> list[list]:
-    """Group items by token length (ascending), keeping order, then chunk to batch_size."""
-    groups: dict[int, list] = defaultdict(list)
-    for item in items:
-        groups[length(item)].append(item)
-    return [
-        groups[n][i : i + batch_size]
-        for n in sorted(groups)
-        for i in range(0, len(groups[n]), batch_size)
-    ]
+def _chunks(items: list, batch_size: int) -> list[list]:
+    """Consecutive chunks of batch_size (prompts of mixed lengths are left-padded together)."""
+    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
 
-def _collate(rows: Sequence[_Row]) -> IOIBatch:
-    ints = {k: torch.tensor([getattr(r, k) for r in rows]) for k in _TENSOR_FIELDS[1:]}
+def _collate(rows: Sequence[_Row], pad_id: int) -> IOIBatch:
+    tokens, mask, offset = left_pad([r.ids for r in rows], pad_id)
+    shifted = {k: torch.tensor([getattr(r, k) for r in rows]) + offset for k in _POSITIONS}
     return IOIBatch(
-        tokens=torch.tensor([r.ids for r in rows]),
-        **ints,
-        pattern=tuple(r.pattern for r in rows),
-        template=tuple(r.template for r in rows),
-        text=tuple(r.text for r in rows),
-    )
+        tokens=tokens, mask=mask, pos=torch.full((len(rows),), tokens.shape[1] - 1),
+        answer=torch.tensor([r.io for r in rows]), other=torch.tensor([r.s for r in rows]),
+        **shifted, pattern=tuple(r.pattern for r in rows),
+        template=tuple(r.template for r in rows), text=tuple(r.text for r in rows),
+    )  # fmt: skip
 
 
 def _draw_prompt(tokenizer, pools: _Pools, rng: random.Random, pattern: str) -> _Row | None:
@@ -275,7 +254,7 @@ def make_prompts(
     rows = [r for r in drawn if r is not None]
     _check_count(len(rows), n, cfg, pools, split, "prompts")
     rng.shuffle(rows)
-    return [_collate(g) for g in _group(rows, lambda r: len(r.ids), cfg.batch_size)]
+    return [_collate(g, _pad_id(tokenizer)) for g in _chunks(rows, cfg.batch_size)]
 
 
 def _pair_names(
@@ -307,8 +286,8 @@ def _draw_pair(
     return None
 
 
-def _collate_pairs(pairs: Sequence[tuple[_Row, _Row]]) -> PairBatch:
-    base, source = _collate([p[0] for p in pairs]), _collate([p[1] for p in pairs])
+def _collate_pairs(pairs: Sequence[tuple[_Row, _Row]], pad_id: int) -> PairBatch:
+    base, source = (_collate([p[i] for p in pairs], pad_id) for i in (0, 1))
     label = [b.io if patched_is_io(b.pattern, s.pattern) else b.s for b, s in pairs]
     return PairBatch(base, source, torch.tensor(label))
 
@@ -328,7 +307,7 @@ def make_pairs(
     pairs = [p for p in drawn if p is not None]
     _check_count(len(pairs), len(wanted), cfg, pools, split, "pairs")
     rng.shuffle(pairs)
-    return [_collate_pairs(g) for g in _group(pairs, lambda p: len(p[0].ids), cfg.batch_size)]
+    return [_collate_pairs(g, _pad_id(tokenizer)) for g in _chunks(pairs, cfg.batch_size)]
 
 
 def paper_pairs(tokenizer, cfg, split: str, seed: int) -> list[PairBatch]:

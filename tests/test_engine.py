@@ -1,0 +1,293 @@
+"""Golden tests: every engine's patched logits equal the hooked full forward.
+
+Three tiny models (GPT-2, GPT-2 with the TransformerLens processing of GPT-2 small, Llama), every
+site kind at the first, a middle and the last layer, batches of mixed lengths (left-padded),
+patches at END and at mid-prompt positions; DAS losses and gradients; the runtime guard. The
+padded full forward itself is checked against each prompt run alone. A slow test repeats the
+checks on SmolLM2 with real IOI pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from mlpim.config import compose
+from mlpim.engine import cache, fastpath, patching
+from mlpim.engine.interventions import (
+    EngineMismatchError,
+    guard,
+    patched_end_logits,
+    patched_end_loss,
+    prepare,
+    prepare_sites,
+)
+from mlpim.engine.models import ConfigError, hook_name
+from mlpim.engine.subspace import RotatedSubspace
+from mlpim.tasks.batch import PairBatch, PromptBatch, left_pad
+
+TOL = 1e-4
+KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_post", "z")
+LAYERS = (0, 1, 2)  # the tiny models have 3 layers: first, middle, last
+MODELS = ("tiny_gpt2", "tiny_gpt2_compat", "tiny_llama")
+LENGTHS = (9, 6, 8)  # one batch, three lengths
+
+
+FAMILIES = ("gemma3", "qwen2", "neox", "olmo2", "phi3", "mistral")  # cache engine only
+
+
+@pytest.fixture(params=MODELS)
+def model(request):
+    return request.getfixturevalue(request.param)
+
+
+@functools.cache
+def family_model(arch: str):
+    from mlpim.experiments.common import model_for
+
+    return model_for(compose(["model=tiny", f"model.arch={arch}", "device=cpu"]))
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return family_model(request.param)
+
+
+def prompts(model, seed: int, lengths=LENGTHS, mid: bool = False) -> PromptBatch:
+    """Random prompts starting with BOS, left-padded; patched at END or at a mid position."""
+    gen = torch.Generator().manual_seed(seed)
+    bos = model.tokenizer.bos_token_id
+    rows = [[bos, *torch.randint(1, model.cfg.d_vocab, (n - 1,), generator=gen).tolist()]
+            for n in lengths]  # fmt: skip
+    tokens, mask, offset = left_pad(rows, pad_id=bos)
+    end = tokens.shape[1] - 1
+    pos = offset + torch.tensor([n - 3 - i % 2 for i, n in enumerate(lengths)]) if mid else None
+    pos = torch.full((len(rows),), end) if pos is None else pos
+    answer = torch.randint(1, model.cfg.d_vocab, (len(rows), 2), generator=gen)
+    return PromptBatch(tokens, mask, pos, answer[:, 0], answer[:, 1])
+
+
+def pair(model, mid: bool = False, lengths=LENGTHS) -> PairBatch:
+    base = prompts(model, 1, lengths, mid)
+    source = prompts(model, 2, lengths[::-1], mid)
+    return PairBatch(base, source, torch.arange(len(lengths)) + 5)
+
+
+def basis(d: int, k: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(d, k, generator=gen))[0]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert a.dtype == b.dtype == torch.float32
+    return (a - b).abs().max().item()
+
+
+def check(
+    model, pb: PairBatch, kind: str, layer: int, engine: str, setter, matters: bool = True
+) -> None:
+    """`engine`'s patched logits equal the full forward's; the patch matters (or, `matters`
+    False, provably cannot reach END)."""
+    fast = prepare_sites(model, pb, [(kind, layer)], engine)[(kind, layer)]
+    ref = prepare_sites(model, pb, [(kind, layer)], "full")[(kind, layer)]
+    with torch.no_grad():
+        ours = patched_end_logits(model, fast, setter)
+        slow = patched_end_logits(model, ref, setter)
+    assert max_diff(ours, slow) <= TOL
+    if matters:  # the comparison says something
+        assert max_diff(slow, ref.clean_logits) > 10 * TOL
+    else:
+        assert max_diff(ours, ref.clean_logits) <= TOL
+
+
+@pytest.mark.parametrize("engine", ("kernel", "cache"))
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_patch_at_end(model, engine, kind, layer):
+    check(model, pair(model), kind, layer, engine, patching.full)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cache_engine_mid_prompt(model, kind, layer):
+    """Patch positions differ per prompt (3 or 4 before END): only the cache engine can. In the
+    last block only resid_pre (through keys and values) reaches END from another position."""
+    pb = pair(model, mid=True)
+    assert not pb.base.at_end
+    matters = layer < 2 or kind == "resid_pre"
+    check(model, pb, kind, layer, "cache", patching.full, matters)
+    with pytest.raises(ConfigError, match="not at END"):
+        prepare(model, [pb], kind, layer, "kernel")
+
+
+@pytest.mark.parametrize("engine", ("kernel", "cache"))
+@pytest.mark.parametrize("kind", ("resid_post", "mlp_post"))
+def test_subspace_patch(model, engine, kind):
+    pb = pair(model)
+    d = model.cfg.d_mlp if kind == "mlp_post" else model.cfg.d_model
+    check(model, pb, kind, 1, engine, patching.subspace(basis(d, 3, seed=1)))
+
+
+@pytest.mark.parametrize("mid", (False, True))
+def test_padded_forward_equals_each_prompt_alone(model, mid):
+    """Left padding with a mask changes nothing: patched END logits of the padded batch equal
+    each prompt patched alone, unpadded."""
+    pb = pair(model, mid=mid)
+    name = hook_name("mlp_post", 1)
+    prep = prepare_sites(model, pb, [("mlp_post", 1)], "full")[("mlp_post", 1)]
+    with torch.no_grad():
+        batched = patched_end_logits(model, prep, patching.full)
+        for i in range(len(pb)):
+            keep = pb.base.mask[i].bool()
+            base = pb.base.tokens[i, keep][None]
+            pos = pb.base.pos[i : i + 1] - (~keep).sum()
+            hook = patching.patch_hook(patching.full, prep.source_act[i : i + 1], pos)
+            alone = model.run_with_hooks(base, fwd_hooks=[(name, hook)])[:, -1]
+            assert max_diff(alone[0], batched[i]) <= TOL
+
+
+@pytest.mark.parametrize(("kind", "layer"), [("resid_post", 1), ("mlp_post", 1), ("mlp_post", 0)])
+def test_das_loss_and_gradient(model, kind, layer):
+    """DAS losses and gradients agree across engines (kernel: with the fused loss)."""
+    pb = pair(model)
+    preps = {e: prepare_sites(model, pb, [(kind, layer)], e)[(kind, layer)]
+             for e in ("full", "kernel", "cache")}  # fmt: skip
+    d = preps["full"].base_act.shape[-1]
+    rot = RotatedSubspace(d, 2, generator=torch.Generator().manual_seed(0))
+    losses, grads = {}, {}
+    for engine, prep in preps.items():
+        rot.zero_grad()
+        loss = patched_end_loss(model, prep, rot)
+        loss.backward()
+        losses[engine] = loss.item()
+        grads[engine] = torch.cat([p.grad.flatten() for p in rot.parameters()])
+    ref = grads["full"]
+    assert ref.norm() > 0
+    for engine in ("kernel", "cache"):
+        assert abs(losses[engine] - losses["full"]) <= TOL
+        assert ((grads[engine] - ref).norm() / ref.norm()).item() <= TOL
+
+
+def test_cache_is_never_mutated(model):
+    """Resuming twice from one prepared cache gives the same logits."""
+    pb = pair(model, mid=True)
+    prep = prepare_sites(model, pb, [("resid_post", 1)], "cache")[("resid_post", 1)]
+    with torch.no_grad():
+        first = patched_end_logits(model, prep, patching.full)
+        second = patched_end_logits(model, prep, patching.full)
+    assert max_diff(first, second) == 0.0
+
+
+@pytest.mark.parametrize("engine", ("kernel", "cache"))
+def test_guard_stops_a_corrupted_engine(model, engine):
+    pb = pair(model)
+    prep = prepare_sites(model, pb, [("mlp_post", 1)], engine)[("mlp_post", 1)]
+    assert guard(model, prep) <= TOL
+    if engine == "kernel":
+        prep.state.keys[2] = prep.state.keys[2] * 3.0
+    else:
+        layer = prep.state.past.layers[2]
+        layer.keys = layer.keys * 3.0
+    with pytest.raises(EngineMismatchError, match=r"mlp\.hook_post.*max \|Δ\|"):
+        guard(model, prep)
+
+
+def test_auto_picks_kernel_at_end_and_cache_elsewhere(model):
+    assert prepare(model, [pair(model)], "mlp_post", 1)[0].engine == "kernel"
+    assert prepare(model, [pair(model, mid=True)], "mlp_post", 1)[0].engine == "cache"
+
+
+@pytest.mark.parametrize("layer", (0, 1))
+def test_whole_end_residual_from_source_gives_source_run(model, layer):
+    """Base and source share the prefix and differ only in the END token: patching resid_post L
+    at END from the source reproduces the source run downstream (resid_post of later layers at
+    END, and the logits) through the kernel's blocks."""
+    source = prompts(model, 4, lengths=(9, 9, 9))
+    tokens = source.tokens.clone()
+    tokens[:, -1] = (source.tokens[:, -1] % (model.cfg.d_vocab - 1)) + 1
+    base = PromptBatch(tokens, source.mask, source.pos, source.answer, source.other)
+    n = model.cfg.n_layers
+    name = hook_name("resid_post", layer)
+    later = [hook_name("resid_post", j) for j in range(layer + 1, n)]
+    source_act = patching.site_acts(model, source, [name])[name]
+    src_logits, src_cache = patching.run_cache(model, source, later)
+    clean = patching.logits_end(model, base)
+    with torch.no_grad():
+        state = fastpath.end_state(model, base, "resid_post", layer)
+        fast = fastpath.resume(model, state, source_act)
+        h, fast_resid = source_act, {}
+        for j in range(layer + 1, n):
+            h = fastpath.block_end(model, j, h, state)
+            fast_resid[hook_name("resid_post", j)] = h
+    assert max_diff(clean, src_logits) > 100 * TOL  # the END token matters
+    assert max_diff(fast, src_logits) <= TOL
+    for x in later:
+        assert max_diff(fast_resid[x], src_cache[x][:, -1]) <= TOL
+
+
+def test_fork_leaves_the_prefix_cache_alone(tiny_llama):
+    pb = pair(tiny_llama, mid=True)
+    state = cache.cache_state(tiny_llama, pb.base)
+    before = [layer.keys.shape for layer in state.past.layers]
+    cache.resume(tiny_llama, state, hook_name("resid_post", 0), patching.full,
+                 torch.zeros(len(pb), tiny_llama.cfg.d_model))  # fmt: skip
+    assert [layer.keys.shape for layer in state.past.layers] == before
+
+
+@pytest.mark.parametrize("mid", (False, True))
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cache_engine_on_other_families(family, kind, layer, mid):
+    """Gemma 3 (sliding windows, QK norm, sandwich norms), Qwen2 (QKV biases), GPT-NeoX
+    (parallel residual, partial rotary), OLMo 2, Phi-3, Mistral: the cache engine equals the
+    full forward; the kernel refuses them."""
+    matters = not mid or layer < 2 or kind == "resid_pre"
+    check(family, pair(family, mid=mid), kind, layer, "cache", patching.full, matters)
+    assert fastpath.unsupported(family) is not None
+
+
+def test_other_families_das_gradient_and_guard(family):
+    pb = pair(family, mid=True)
+    preps = {e: prepare_sites(family, pb, [("mlp_post", 1)], e)[("mlp_post", 1)]
+             for e in ("full", "cache")}  # fmt: skip
+    rot = RotatedSubspace(family.cfg.d_mlp, 2, generator=torch.Generator().manual_seed(0))
+    grads, losses = [], []
+    for prep in preps.values():
+        rot.zero_grad()
+        loss = patched_end_loss(family, prep, rot)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in rot.parameters()]))
+    assert abs(losses[0] - losses[1]) <= TOL
+    assert ((grads[0] - grads[1]).norm() / grads[0].norm()).item() <= TOL
+    assert prepare(family, [pb], "mlp_post", 1)[0].engine == "cache"
+    for layer in preps["cache"].state.past.layers:
+        layer.values = layer.values * 3.0 + 1.0
+    with pytest.raises(EngineMismatchError):
+        guard(family, preps["cache"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ("resid_post", "mlp_post"))
+def test_smollm2_engines_on_ioi_pairs(smollm2, kind):
+    from mlpim.tasks.ioi import paper_pairs
+
+    cfg = compose(["model=smollm2-135m", "device=cpu"])
+    model = smollm2
+    layers = (cfg.model.landmarks.mlp_in_the_middle, cfg.model.landmarks.handover_layer)
+    d = model.cfg.d_mlp if kind == "mlp_post" else model.cfg.d_model
+    pb = paper_pairs(model.tokenizer, cfg.dataset, "test", 0)[0]
+    assert len(set(pb.base.mask.sum(1).tolist())) > 1  # mixed lengths in one batch
+    for layer in layers:
+        for engine in ("kernel", "cache"):
+            for setter in (patching.full, patching.subspace(basis(d, 3, seed=layer))):
+                check(model, pb, kind, layer, engine, setter)
+        preps = {e: prepare_sites(model, pb, [(kind, layer)], e)[(kind, layer)]
+                 for e in ("full", "kernel")}  # fmt: skip
+        setter = patching.subspace(basis(d, 3, seed=layer))
+        with torch.no_grad():
+            fused, plain = (patched_end_loss(model, preps[e], setter).item() for e in preps)
+        assert abs(fused - plain) <= TOL
