@@ -47,7 +47,12 @@ def test_experiment_composes_with_model(name, model):
     assert cfg.runner in runner_names()
     assert cfg.model.name == model
     container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    assert isinstance(container["site"]["layer"], int)
+    layer = container["site"]["layer"]
+    if model in ("hf", "gguf"):  # a model brought by the user has no landmarks until given
+        assert layer is None
+        cfg = compose([f"experiment={name}", f"model={model}", "site.layer=1"])
+        layer = OmegaConf.to_container(cfg, resolve=True)["site"]["layer"]
+    assert isinstance(layer, int)
     assert isinstance(container["method"]["name"], str)
 
 
