@@ -56,9 +56,15 @@ class MethodConfig:
 
 @dataclass
 class DatasetConfig:
-    """The IOI prompt distribution (`conf/dataset/ioi.yaml` documents each key)."""
+    """The task: IOI's prompt distribution (`conf/dataset/ioi.yaml` documents each key), or
+    pairs from a file (`dataset=pairs`, `dataset=facts`: `conf/dataset/*.yaml`)."""
 
     name: str = MISSING
+    path: str | None = None  # pairs: the JSONL file; facts: the bundled set, or a ROME file
+    test_fraction: float = 0.5  # pairs/facts: share of groups (subjects) held out for test
+    pairs_per_fact: int = 1  # facts: source facts drawn per base fact
+    relations: list[str] = field(default_factory=list)  # facts: keep only these (all if empty)
+    min_pairs: int = 20  # pairs/facts: fewer pairs in a split is an error
     seed: int = 0
     batch_size: int = 20
     share_names: bool = True

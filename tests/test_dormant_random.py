@@ -37,7 +37,7 @@ def model(request):
 
 
 def _aug(model, split: str):
-    """Paper pairs of a split prepared at mlp_out, acts carrying resid_mid: [mlp_out | mid]."""
+    """Paper pairs of a split prepared at mlp_out; source acts [mlp_out | mid | base mid]."""
     cfg = compose(SMALL)
     batches = paper_pairs(model.tokenizer, cfg.dataset, split, cfg.seed)
     return with_resid_mid(model, prepare(model, batches, "mlp_out", LAYER), LAYER)
@@ -72,11 +72,13 @@ def test_identical_base_and_source_change_nothing(model):
     aug = _aug(model, "train")
     mlp = matched_random_mlp(model, *split_acts(aug, model.cfg.d_model), seed=2)
     patch = RandomMLPPatch(mlp, dim=1, generator=torch.Generator().manual_seed(0))
-    for p in aug[:2]:
-        same = p.__class__(**{**p.__dict__, "source_act": p.base_act})
+    d = model.cfg.d_model
+    for p in aug[:2]:  # the source is the base: its own mlp_out and resid_mid, twice
+        own = torch.cat([p.base_act, p.source_act[:, 2 * d :], p.source_act[:, 2 * d :]], -1)
+        same = p.__class__(**{**p.__dict__, "source_act": own})
         with torch.no_grad():
             logits = patched_end_logits(model, same, patch)
-            clean = model(p.pairs.base.tokens)[:, -1]
+            clean = p.clean_logits
         torch.testing.assert_close(logits, clean, atol=1e-4, rtol=1e-4)
 
 

@@ -65,7 +65,9 @@ def _check_batch(batch: IOIBatch, tok, cfg) -> None:
     assert batch.end == seq - 1
     assert len(batch.pattern) == len(batch.template) == len(batch.text) == n
     rows = torch.arange(n)
-    assert (batch.tokens[:, 0] == tok.bos_token_id).all()
+    first = (batch.mask == 0).sum(1)  # left padding: each row's first real column
+    assert (batch.tokens[rows, first] == tok.bos_token_id).all()
+    assert (batch.mask[:, -1] == 1).all() and (batch.pos == batch.end).all()
     assert (batch.tokens[rows, batch.io_pos] == batch.io).all()
     assert (batch.tokens[rows, batch.s1_pos] == batch.s).all()
     assert (batch.tokens[rows, batch.s2_pos] == batch.s).all()
@@ -74,7 +76,8 @@ def _check_batch(batch: IOIBatch, tok, cfg) -> None:
     assert (batch.s2_pos < batch.end).all()
     for i in range(n):
         ids = tok(batch.text[i], add_special_tokens=False).input_ids
-        assert batch.tokens[i, 1:].tolist() == ids  # END is the prompt's last token
+        real = batch.tokens[i, batch.mask[i].bool()]
+        assert real[1:].tolist() == ids  # END is the prompt's last token
         s1_first = bool(batch.s1_pos[i] < batch.io_pos[i])
         assert s1_first == (s1_position(batch.pattern[i]) == 0)
 

@@ -10,6 +10,7 @@ from mlpim.analysis import nullspace as ns
 from mlpim.config import compose
 from mlpim.experiments.ioi_alignment import name_mover_gradients, name_mover_objective
 from mlpim.run import run
+from mlpim.tasks.batch import PromptBatch
 from mlpim.tasks.ioi import make_prompts
 
 torch.set_num_threads(1)
@@ -39,7 +40,9 @@ def test_split_is_exact(fixture, request):
 def test_w_out_reproduces_mlp_out(tiny_llama):
     from mlpim.experiments.ioi_nullspace import check_w_out
 
-    assert check_w_out(tiny_llama, 1, torch.randint(3, 50, (2, 9))) < 1e-5
+    tokens = torch.randint(3, 50, (2, 9))
+    batch = PromptBatch(tokens, torch.ones_like(tokens), *[torch.full((2,), 8)] * 3)
+    assert check_w_out(tiny_llama, 1, batch) < 1e-5
 
 
 def test_gradient_matches_finite_difference(tiny_gpt2):

@@ -9,6 +9,7 @@ patch changes nothing; and the experiment runs end to end.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from mlpim.analysis import paths
 from mlpim.config import compose
 from mlpim.engine import fastpath, metrics
 from mlpim.engine.models import hook_name
-from mlpim.engine.patching import full, subspace
+from mlpim.engine.patching import full, logits_end, subspace
 from mlpim.run import run
 from mlpim.tasks.ioi import paper_pairs
 
@@ -52,13 +53,31 @@ def pair():
 
 def _setup(model, pb, kind: str, layer: int, setter=full):
     """Prefix state, clean trace, patched trace (site patched from the source), readout."""
-    state, clean, base_acts = paths.run_trace(model, pb.base.tokens, [(kind, layer)])
-    _, _, src_acts = paths.run_trace(model, pb.source.tokens, [(kind, layer)])
+    state, clean, base_acts = paths.run_trace(model, pb.base, [(kind, layer)])
+    _, _, src_acts = paths.run_trace(model, pb.source, [(kind, layer)])
     name = hook_name(kind, layer)
     act = setter(base_acts[name], src_acts[name])
     with torch.no_grad():
         patched = paths.patched_trace(model, state, clean, kind, layer, act)
     return state, clean, patched, paths.readout(model, pb.base.io, pb.base.s), act
+
+
+def _rows(batch, keep: torch.Tensor):
+    """The rows `keep` of a (prompt) batch."""
+    vals = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return dataclasses.replace(batch, **{
+        k: v[keep] if torch.is_tensor(v) else tuple(x for x, k_ in zip(v, keep.tolist(), strict=True) if k_)
+        for k, v in vals.items()
+    })  # fmt: skip
+
+
+def _unpadded(pb):
+    """The pairs with no left padding: HF's float64 Llama turns fully masked rows into NaN, and
+    0 * NaN reaches the real tokens (float32 is unaffected; the engine's guard would stop it)."""
+    keep = pb.base.mask.bool().all(1) & pb.source.mask.bool().all(1)
+    assert keep.sum() >= 2
+    return dataclasses.replace(pb, base=_rows(pb.base, keep), source=_rows(pb.source, keep),
+                               label=pb.label[keep])  # fmt: skip
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> bool:
@@ -85,8 +104,8 @@ def _site_patch_hook(name: str, act: torch.Tensor):
 def test_trace_reproduces_logit_diff(model, pair, kind, layer):
     state, clean, patched, r, act = _setup(model, pair, kind, layer)
     with torch.no_grad():
-        ld = metrics.logit_diff(model(pair.base.tokens)[:, -1], pair.base.io, pair.base.s)
-        ref = fastpath.resume(model, fastpath.end_state(model, pair.base.tokens, kind, layer), act)
+        ld = metrics.logit_diff(logits_end(model, pair.base), pair.base.io, pair.base.s)
+        ref = fastpath.resume(model, fastpath.end_state(model, pair.base, kind, layer), act)
         patched_ld = paths.logit_diff(model, r, patched.final)
     assert _close(paths.logit_diff(model, r, clean.final), ld, 1e-5)
     assert _close(patched_ld, metrics.logit_diff(ref, pair.base.io, pair.base.s), 1e-5)
@@ -123,20 +142,24 @@ def _hooked_final(model, pb, hooks: list) -> torch.Tensor:
     """END final residual (before the final norm) of the base run with `hooks`."""
     name = hook_name("resid_post", model.cfg.n_layers - 1)
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        _, cache = model.run_with_cache(pb.base.tokens, names_filter=[name])
+        _, cache = model.run_with_cache(
+            pb.base.tokens, attention_mask=pb.base.mask, names_filter=[name]
+        )
     return cache[name][:, -1]
 
 
 def _cached(model, pb, names: list[str], hooks: list) -> dict[str, torch.Tensor]:
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        _, cache = model.run_with_cache(pb.base.tokens, names_filter=names)
+        _, cache = model.run_with_cache(
+            pb.base.tokens, attention_mask=pb.base.mask, names_filter=names
+        )
     return {n: cache[n][:, -1] for n in names}
 
 
 def test_query_only_for_last_layer_equals_hooked_query_patch(model64, pair):
     """All last-layer heads' query effects (everything downstream fixed, norm frozen) sum to the
     effect of patching the last layer's END queries from the patched run with hooks."""
-    model, last = model64, model64.cfg.n_layers - 1
+    model, last, pair = model64, model64.cfg.n_layers - 1, _unpadded(pair)
     kind, layer = "resid_post", last - 1
     state, clean, patched, r, act = _setup(model, pair, kind, layer)
     q_name, mlp_name = f"blocks.{last}.attn.hook_q", hook_name("mlp_out", last)
@@ -153,7 +176,7 @@ def test_query_only_for_last_layer_equals_hooked_query_patch(model64, pair):
 def test_head_output_alone_equals_hooked_head_patch(model64, pair):
     """ΔLD with one last-layer head's output from the patched run (final norm recomputed) equals
     the hooked run that sets that head's hook_z and keeps the last MLP's output clean."""
-    model, last = model64, model64.cfg.n_layers - 1
+    model, last, pair = model64, model64.cfg.n_layers - 1, _unpadded(pair)
     _, clean, patched, r, _ = _setup(model, pair, "resid_post", 0)
     z_name, mlp_name = hook_name("z", last), hook_name("mlp_out", last)
     clean_mlp = _cached(model, pair, [mlp_name], [])[mlp_name]

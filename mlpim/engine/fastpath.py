@@ -89,12 +89,15 @@ def state_from_cache(model, cache, kind: str, layer: int, mask: Tensor) -> EndSt
     rot = None
     if _rotary(model):  # positions are shared by every block
         rot = (cache["blocks.0.attn.hook_cos"][:, -1], cache["blocks.0.attn.hook_sin"][:, -1])
+    keep = mask[:, :-1].bool()
+    # padding gets weight 0, but 0 * NaN is NaN: padded rows may hold anything, so zero them
+    prefix = lambda name: cache[name][:, :-1].masked_fill(~keep[:, :, None, None], 0.0)  # noqa: E731
     return EndState(
         kind, layer,
         cache[hook_name("resid_pre", layer)][:, -1], cache[hook_name("resid_mid", layer)][:, -1],
-        {i: cache[f"blocks.{i}.attn.{k_hook}"][:, :-1] for i in blocks},
-        {i: cache[f"blocks.{i}.attn.hook_v"][:, :-1] for i in blocks},
-        rot, mask[:, :-1].bool(),
+        {i: prefix(f"blocks.{i}.attn.{k_hook}") for i in blocks},
+        {i: prefix(f"blocks.{i}.attn.hook_v") for i in blocks},
+        rot, keep,
     )  # fmt: skip
 
 

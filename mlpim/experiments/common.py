@@ -7,14 +7,40 @@ from omegaconf import DictConfig
 
 from mlpim.engine.interventions import Prepared, prepare
 from mlpim.engine.models import ConfigError, load_model, resolve_device, validate_site
-from mlpim.tasks.ioi import paper_pairs
-from mlpim.tasks.tokenizer import ioi_vocabulary
+from mlpim.engine.patching import logits_end
+from mlpim.tasks import IOI_ONLY, bos_id, pad_id, task_splits, task_vocabulary
+from mlpim.tasks.batch import PromptBatch, left_pad
 
 
 def model_for(cfg: DictConfig):
-    """The config's model on the config's device (the tiny model gets the IOI vocabulary)."""
-    vocab = ioi_vocabulary(cfg.dataset) if cfg.model.source == "tiny" else None
+    """The config's model on the config's device (the tiny model gets the task's vocabulary)."""
+    vocab = task_vocabulary(cfg.dataset) if cfg.model.source == "tiny" else None
     return load_model(cfg.model, resolve_device(cfg.device), vocab=vocab)
+
+
+def require_ioi(cfg: DictConfig) -> None:
+    """Stop with one line when an IOI-only experiment is given another task."""
+    if cfg.dataset.name != "ioi":
+        raise ConfigError(f"{cfg.experiment} got dataset={cfg.dataset.name}: {IOI_ONLY}")
+
+
+def predictor(model, batch_size: int = 32):
+    """prompt texts -> the model's argmax next-token ids (prompts start with BOS)."""
+    tok = model.tokenizer
+
+    def predict(texts: list[str]) -> list[int]:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            rows = [[bos_id(tok), *tok(t, add_special_tokens=False).input_ids]
+                    for t in texts[i : i + batch_size]]  # fmt: skip
+            tokens, mask, _ = left_pad(rows, pad_id(tok))
+            end = torch.full((len(rows),), tokens.shape[1] - 1)
+            batch = PromptBatch(tokens, mask, end, end, end).to(model.cfg.device)
+            with torch.no_grad():
+                out += logits_end(model, batch).argmax(-1).tolist()
+        return out
+
+    return predict
 
 
 def site_of(cfg: DictConfig, model) -> tuple[str, int]:
@@ -39,10 +65,9 @@ def site_width(model, kind: str) -> int:
 
 
 def paper_splits(cfg: DictConfig, model, kind: str, layer: int) -> dict[str, list[Prepared]]:
-    """The paper's DAS train and test pairs, prepared at (kind, layer) (`method.engine`)."""
-    dev, fast = model.cfg.device, cfg.method.engine
-    return {
-        s: prepare(model, [b.to(dev) for b in paper_pairs(model.tokenizer, cfg.dataset, s, cfg.seed)],
-                   kind, layer, fast)
-        for s in ("train", "test")
-    }  # fmt: skip
+    """The task's train and test pairs (IOI: the paper's DAS data), prepared at (kind, layer)
+    with `method.engine`."""
+    batches = task_splits(model.tokenizer, cfg.dataset, cfg.seed, predictor(model))
+    dev = model.cfg.device
+    return {s: prepare(model, [b.to(dev) for b in bs], kind, layer, cfg.method.engine)
+            for s, bs in batches.items()}  # fmt: skip
