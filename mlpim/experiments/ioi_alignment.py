@@ -83,7 +83,7 @@ def gradient_direction(
 
 def head_fldd(model, cfg: DictConfig, layer: int) -> dict[Head, float]:
     """FLDD of patching each head after `layer` (hook_z at END) on train ABB<->BAB pairs."""
-    n = cfg.extra.get("n_head_pairs", 20)
+    n = cfg.extra.n_head_pairs
     combos = [("ABB", "BAB"), ("BAB", "ABB")]
     batches = make_pairs(model.tokenizer, cfg.dataset, "train", combos, n, cfg.seed)
     todo = [("z", lh, h) for lh in range(layer + 1, model.cfg.n_layers)
@@ -138,15 +138,15 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     marks = cfg.model.landmarks
     mid, handover = int(marks.mlp_in_the_middle), int(marks.handover_layer)
     v_mlp = das_direction(cfg, model, "mlp_post", mid, cfg.direction, run_dir / "das_mlp_post")
-    resid_path = cfg.extra.get("resid_direction")
+    resid_path = cfg.extra.resid_direction
     v_resid = das_direction(cfg, model, "resid_post", handover, resid_path, run_dir / "das_resid")
     heads, fldd = name_movers(model, cfg, handover)
     prompts = make_prompts(model.tokenizer, cfg.dataset, "train", ("ABB", "BAB"),
-                           cfg.extra.get("n_grad_prompts", 100), cfg.seed)  # fmt: skip
+                           cfg.extra.n_grad_prompts, cfg.seed)  # fmt: skip
     grad = gradient_direction(model, [b.to(model.cfg.device) for b in prompts], handover, heads)
     w_out = ns.mlp_w_out(model, mid)
     dirs = {"v_mlp_out": v_mlp @ w_out, "das_resid": v_resid, "grad_resid": grad}
-    rows, randoms = cosine_rows(dirs, w_out, cfg.extra.get("n_random", 1000), cfg.seed)
+    rows, randoms = cosine_rows(dirs, w_out, cfg.extra.n_random, cfg.seed)
     rows += [{"intervention": f"head_L{lh}H{h}", "metric": "head_fldd", "value": v}
              for (lh, h), v in fldd.items() if (lh, h) in heads]  # fmt: skip
     keys = {"site": "mlp_post", "layer": mid, "split": "train", "seed": cfg.seed}

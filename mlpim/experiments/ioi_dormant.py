@@ -103,7 +103,7 @@ def combo_rows(
     v_mlp: Tensor, v_true: Tensor,
 ) -> tuple[list[dict], pd.DataFrame]:  # fmt: skip
     """Metric rows and raw projections of one (base, source) combo."""
-    split, n = cfg.extra.get("split", "test"), cfg.extra.get("n_per_combo", 50)
+    split, n = cfg.extra.split, cfg.extra.n_per_combo
     batches = make_pairs(model.tokenizer, cfg.dataset, split, [combo], n, cfg.seed + index)
     batches = [b.to(model.cfg.device) for b in batches]
     prepared = prepare(model, batches, "mlp_post", layer, cfg.method.engine)
@@ -184,12 +184,12 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     kind, mlp_layer = site_of(cfg, model)
     if kind != "mlp_post":
         raise ConfigError(f"ioi_dormant patches v_MLP at mlp_post, not {kind}")
-    resid_layer = int(cfg.extra.get("resid_layer", cfg.model.landmarks.handover_layer))
+    resid_layer = int(cfg.extra.resid_layer)
     note = layer_note(mlp_layer, resid_layer)
     (log.warning if mlp_layer > resid_layer else log.info)(note)
     v_mlp = das_direction(cfg, model, "mlp_post", mlp_layer, cfg.direction, run_dir)
     v_true = das_direction(
-        cfg, model, "resid_post", resid_layer, cfg.extra.get("resid_direction"), run_dir
+        cfg, model, "resid_post", resid_layer, cfg.extra.resid_direction, run_dir
     )
     rows, raws = [], []
     for i, combo in enumerate(dormant_combos()):

@@ -57,9 +57,9 @@ def direction(
 
 def interventions(cfg: DictConfig, model, run_dir: Path) -> list[Intervention]:
     """v_resid, v_MLP and the full MLP patch at the model's landmark layers."""
-    marks, extra = cfg.model.landmarks, cfg.get("extra", {})
+    marks, extra = cfg.model.landmarks, cfg.extra
     res, mlp = ("resid_post", int(marks.handover_layer)), ("mlp_post", int(marks.mlp_in_the_middle))
-    v_resid = direction(cfg, model, *res, extra.get("resid_direction"), run_dir, "resid")
+    v_resid = direction(cfg, model, *res, extra.resid_direction, run_dir, "resid")
     v_mlp = direction(cfg, model, *mlp, cfg.direction, run_dir, "mlp")
     return [
         Intervention("v_resid", *res, subspace(v_resid)),
@@ -218,7 +218,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     todo = interventions(cfg, model, run_dir)
     batches = [b.to(model.cfg.device)
                for b in paper_pairs(model.tokenizer, cfg.dataset, "test", cfg.seed)]  # fmt: skip
-    frozen = bool(cfg.get("extra", {}).get("frozen_norm", False))
+    frozen = bool(cfg.extra.frozen_norm)
     df = path_patch(model, batches, todo, frozen).assign(split="test")
     df = io.tidy(df.to_dict("records"), cfg)
     first = min(iv.layer for iv in todo) + 1

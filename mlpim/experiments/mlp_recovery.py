@@ -29,10 +29,10 @@ PAPER_ACC = {1e-4: 0.69, 1e-3: 0.83, 1e-2: 0.87, 1e-1: 0.996}
 
 def layers_of(extra, n_layers: int) -> list[int]:
     """`extra.layers`, else every `extra.layer_step`-th layer from 0 plus the last one."""
-    if extra.get("layers") is not None:
+    if extra.layers is not None:
         layers = sorted({int(L) for L in extra.layers})
     else:
-        layers = sorted(set(range(0, n_layers, int(extra.get("layer_step", 1)))) | {n_layers - 1})
+        layers = sorted(set(range(0, n_layers, int(extra.layer_step))) | {n_layers - 1})
     if not layers or not 0 <= layers[0] <= layers[-1] < n_layers:
         raise ConfigError(f"extra.layers={layers} must lie within 0..{n_layers - 1}")
     return layers

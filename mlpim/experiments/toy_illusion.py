@@ -144,16 +144,16 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     ]
 
     seeds = toy.das_seeds(
-        model, n_seeds=int(extra.get("n_seeds", 50)), seed0=int(cfg.seed) * 1000,
-        steps=int(extra.get("das_steps", 300)), lr=float(extra.get("das_lr", 0.05)),
-        tol=float(extra.get("iia_tol", 0.05)),
+        model, n_seeds=int(extra.n_seeds), seed0=int(cfg.seed) * 1000,
+        steps=int(extra.das_steps), lr=float(extra.das_lr),
+        tol=float(extra.iia_tol),
     )  # fmt: skip
     seeds.to_csv(run_dir / "das_seeds.csv", index=False)
     sections.append("## DAS on the toy model\n\n" + toy.das_table(toy.das_summary(seeds)))
 
-    ks = [int(k) for k in extra.get("ks", [1, 2, 4, 8])]
+    ks = [int(k) for k in extra.ks]
     hd = pd.concat(
-        [toy.higher_dim_measures(toy.higher_dim(k, int(extra.get("extra_dims", 0)))) for k in ks],
+        [toy.higher_dim_measures(toy.higher_dim(k, int(extra.extra_dims))) for k in ks],
         ignore_index=True,
     )
     sections.append("## Higher dimensions\n\n" + toy.higher_dim_table(hd))
