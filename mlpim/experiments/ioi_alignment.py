@@ -23,7 +23,7 @@ from mlpim.analysis import nullspace as ns
 from mlpim.engine import metrics
 from mlpim.engine.interventions import patch_each
 from mlpim.engine.models import ConfigError, hook_name
-from mlpim.experiments.common import model_for
+from mlpim.experiments.common import model_for, require_ioi
 from mlpim.experiments.ioi_nullspace import das_direction
 from mlpim.report import io
 from mlpim.tasks.ioi import IOIBatch, make_pairs, make_prompts
@@ -134,6 +134,7 @@ def alignment_plot(rows: list[dict], randoms: dict[str, Tensor], run_dir: Path, 
 
 
 def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    require_ioi(cfg)
     model = model_for(cfg)
     marks = cfg.model.landmarks
     mid, handover = int(marks.mlp_in_the_middle), int(marks.handover_layer)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from mlpim.engine import metrics
 from mlpim.engine.patching import logits_end
-from mlpim.experiments.common import model_for
+from mlpim.experiments.common import model_for, require_ioi
 from mlpim.report import io
 from mlpim.tasks.ioi import IOIBatch, make_prompts
 
@@ -45,6 +45,7 @@ def plot(df: pd.DataFrame, run_dir: Path, model_name: str) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    require_ioi(cfg)
     model = model_for(cfg)
     rows = []
     for split in ("train", "test"):

@@ -25,7 +25,7 @@ from mlpim.engine import fastpath
 from mlpim.engine.interventions import Prepared, clean_metrics, evaluate, prepare
 from mlpim.engine.models import ConfigError
 from mlpim.engine.patching import subspace, subspace_patch
-from mlpim.experiments.common import model_for, site_of
+from mlpim.experiments.common import model_for, require_ioi, site_of
 from mlpim.experiments.subspace import saved_or_trained
 from mlpim.report import io
 from mlpim.tasks.ioi import make_pairs, s1_position
@@ -180,6 +180,7 @@ def summary_markdown(cfg: DictConfig, df: pd.DataFrame, mlp_layer: int, resid_la
 
 
 def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    require_ioi(cfg)
     model = model_for(cfg)
     kind, mlp_layer = site_of(cfg, model)
     if kind != "mlp_post":

@@ -26,7 +26,7 @@ from mlpim.analysis import paths
 from mlpim.engine import metrics
 from mlpim.engine.models import hook_name, validate_site
 from mlpim.engine.patching import Setter, full, subspace
-from mlpim.experiments.common import model_for
+from mlpim.experiments.common import model_for, require_ioi
 from mlpim.experiments.subspace import saved_or_trained
 from mlpim.report import io
 from mlpim.tasks.ioi import PairBatch, paper_pairs
@@ -214,6 +214,7 @@ def summary_markdown(cfg: DictConfig, df: pd.DataFrame) -> str:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    require_ioi(cfg)
     model = model_for(cfg)
     todo = interventions(cfg, model, run_dir)
     batches = [b.to(model.cfg.device)
