@@ -127,6 +127,28 @@ class ExtraConfig:
     iia_tol: float = 0.05
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     extra_dims: int = 0
+    # illusion_check, illusion_benchmark: references and planted cases
+    n_random_directions: int = 32
+    n_natural: int = 8
+    bench_layer_offsets: list[int] = field(default_factory=lambda: [-2, -1, 0, 1, 2])
+    bench_angles: list[float] = field(default_factory=lambda: [15.0, 30.0, 45.0, 60.0, 75.0])
+    dormant_dims: int | None = 64
+    bench_toy: bool = True
+
+
+@dataclass
+class CheckConfig:
+    """illusion_check's thresholds (`check.*`; `conf/check/default.yaml` documents each)."""
+
+    min_effect: float = 0.2
+    effect_quantile: float = 0.99
+    component_fraction: float = 0.5
+    null_norm_sq: float = 0.1
+    superadditive: float = 1.5
+    dormant_ratio: float = 2.0
+    random_fraction: float = 0.5
+    generalisation: float = 0.5
+    borderline_spreads: float = 1.0
 
 
 @dataclass
@@ -143,6 +165,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     extra: ExtraConfig = field(default_factory=ExtraConfig)  # experiments' own options
+    check: CheckConfig = field(default_factory=CheckConfig)  # illusion checks' thresholds
     sites: list[str] = field(default_factory=list)  # site kinds the experiment can use; [] = any
     ignores: list[str] = field(default_factory=list)  # top-level keys the experiment never reads
 

@@ -23,9 +23,10 @@ from torch import Tensor
 
 from mlpim import constants as C
 from mlpim.analysis import nullspace as ns
-from mlpim.engine.interventions import Prepared, clean_metrics, evaluate
+from mlpim.analysis.controls import PARTS, intervention_bases, patching_rows  # noqa: F401
+from mlpim.engine.interventions import Prepared
 from mlpim.engine.models import ConfigError, hook_name
-from mlpim.engine.patching import full, run_cache, site_acts, subspace
+from mlpim.engine.patching import run_cache, site_acts
 from mlpim.engine.subspace import save_subspace
 from mlpim.experiments.common import model_for, paper_splits, site_of
 from mlpim.experiments.subspace import saved_or_trained, table1_plot
@@ -35,7 +36,6 @@ from mlpim.tasks.ioi import IOIBatch, make_prompts
 
 log = logging.getLogger(__name__)
 HIST_PATTERNS = ("ABB", "ABA")
-PARTS = ("row_proj", "null_proj")
 
 
 def das_direction(
@@ -71,28 +71,6 @@ def end_activations(model, batches: list[IOIBatch], kind: str, layer: int) -> di
         for pat, a in zip(b.pattern, site_acts(model, b, [name])[name], strict=True):
             acts.setdefault(pat, []).append(a)
     return {p: torch.stack(a) for p, a in acts.items()}
-
-
-def intervention_bases(v: Tensor, proj: Tensor, null: Tensor) -> dict[str, Tensor]:
-    """Orthonormal bases to patch along; parts that vanish (norm < 1e-6) are left out."""
-    bases = {"das": ns.unit_basis(v)}
-    alive = {n: p for n, p in zip(PARTS, (proj, null), strict=True) if p.norm() > 1e-6}
-    bases |= {n: ns.unit_basis(p) for n, p in alive.items()}
-    if len(alive) == 2:
-        bases["span2"] = ns.unit_basis(proj, null)
-    return bases
-
-
-def patching_rows(model, splits, bases, kind: str, layer: int, keys: dict) -> list[dict]:
-    """clean, full and every basis on train and test pairs."""
-    rows = []
-    for split, prepared in splits.items():
-        rows += io.metric_rows(clean_metrics(prepared), intervention="clean", split=split, **keys)
-        setters = {"full": full} | {n: subspace(b) for n, b in bases.items()}
-        for name, setter in setters.items():
-            values = evaluate(model, prepared, setter)
-            rows += io.metric_rows(values, intervention=name, split=split, **keys)
-    return rows
 
 
 def histogram_stats(acts: dict[str, Tensor], parts: dict[str, Tensor]) -> dict[str, dict]:

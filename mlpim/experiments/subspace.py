@@ -11,40 +11,16 @@ import torch
 from omegaconf import DictConfig
 
 from mlpim import constants as C
+from mlpim.analysis.controls import loaded_basis, mean_diff_direction  # noqa: F401
 from mlpim.engine.das import train_das
 from mlpim.engine.interventions import Prepared, clean_metrics, evaluate
 from mlpim.engine.models import ConfigError
 from mlpim.engine.patching import full, subspace
-from mlpim.engine.subspace import check_model, direction_meta, load_subspace, save_subspace
+from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.experiments.common import model_for, paper_splits, site_of, site_width
 from mlpim.report import io
 
 log = logging.getLogger(__name__)
-
-
-def mean_diff_direction(prepared: list[Prepared]) -> torch.Tensor:
-    """Mean site activation over ABB base prompts minus over BAB ones, normalised (d×1)."""
-    acts = torch.cat([p.base_act for p in prepared])
-    patterns = [pat for p in prepared for pat in p.pairs.base.pattern]
-    mask = torch.tensor([pat == "ABB" for pat in patterns])
-    diff = acts[mask].mean(0) - acts[~mask & torch.tensor([pat == "BAB" for pat in patterns])].mean(
-        0
-    )
-    return (diff / diff.norm())[:, None]
-
-
-def loaded_basis(path: str, kind: str, layer: int, d: int, model=None) -> torch.Tensor:
-    """A saved basis, checked against the site it is used at (and the model's weights); a plain
-    tensor file is taken to be of this site."""
-    saved = load_subspace(path, kind, layer)
-    if model is not None:
-        check_model(saved, model, path)
-    if (saved.get("site"), saved.get("layer")) != (kind, layer) or saved["basis"].shape[0] != d:
-        raise ConfigError(
-            f"{path} holds a subspace of {saved.get('site')} layer {saved.get('layer')} "
-            f"(width {saved['basis'].shape[0]}), not {kind} layer {layer} (width {d})"
-        )
-    return saved["basis"]
 
 
 def saved_or_trained(

@@ -1,0 +1,259 @@
+"""Controls shared by the illusion runners: the random-MLP baseline, patching a direction and its
+W_out parts, saved and mean-difference directions.
+
+Moved here from the experiment modules (ioi_random_mlp, ioi_nullspace, subspace), which import
+them from here, so that no experiment imports another.
+
+Random MLP: f(x) = W2 act(W1 norm(x) + b1) + b2 (the real MLP's widths and activation) reads the
+real MLP's input, resid_mid at END; W2, b2 are scaled so that its mean output norm on the training
+prompts equals the real MLP's. DAS trains a direction in its hidden activations h; the patch adds
+f(h') - f(h_base) = W2 (h' - h_base) to the real MLP output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from mlpim.analysis import nullspace as ns
+from mlpim.engine.das import fit
+from mlpim.engine.interventions import (
+    Prepared,
+    clean_metrics,
+    evaluate,
+    patched_end_logits,
+    prepare,
+)
+from mlpim.engine.metrics import fldd, logit_diff
+from mlpim.engine.models import ConfigError, hook_name
+from mlpim.engine.patching import full, site_acts, subspace
+from mlpim.engine.subspace import RotatedSubspace, check_model, load_subspace
+from mlpim.report import io
+
+PARTS = ("row_proj", "null_proj")
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+@dataclass(frozen=True)
+class RandomMLP:
+    """f(x) = W2 act(W1 norm(x) + b1) + b2; norm has no learned weights (LayerNorm or RMSNorm)."""
+
+    w1: Float[Tensor, "d m"]
+    b1: Float[Tensor, m]
+    w2: Float[Tensor, "m d"]
+    b2: Float[Tensor, d]
+    act: str
+    centered: bool  # LayerNorm (subtract the mean) vs RMSNorm
+    eps: float = 1e-5
+
+    def norm(self, x: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
+        if self.centered:
+            x = x - x.mean(-1, keepdim=True)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def hidden(self, x: Float[Tensor, "b d"]) -> Float[Tensor, "b m"]:
+        return ACTIVATIONS[self.act](self.norm(x) @ self.w1 + self.b1)
+
+    def out(self, h: Float[Tensor, "b m"]) -> Float[Tensor, "b d"]:
+        return h @ self.w2 + self.b2
+
+    def __call__(self, x: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
+        return self.out(self.hidden(x))
+
+    def scaled(self, c: float) -> RandomMLP:
+        """The same MLP with its output multiplied by c (W2 and b2 scaled)."""
+        return replace(self, w2=self.w2 * c, b2=self.b2 * c)
+
+
+def _uniform(shape: tuple[int, ...], fan_in: int, gen: torch.Generator) -> Tensor:
+    return (torch.rand(shape, generator=gen) * 2 - 1) / math.sqrt(fan_in)
+
+
+def draw_random_mlp(d: int, m: int, act: str, centered: bool, seed: int) -> RandomMLP:
+    """Weights and biases drawn as torch's nn.Linear default: U(±1/sqrt(fan_in))."""
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"no random-MLP activation {act!r}; known: {', '.join(ACTIVATIONS)}")
+    gen = torch.Generator().manual_seed(seed)
+    w1, b1 = _uniform((d, m), d, gen), _uniform((m,), d, gen)
+    w2, b2 = _uniform((m, d), m, gen), _uniform((d,), m, gen)
+    return RandomMLP(w1, b1, w2, b2, act, centered)
+
+
+def mean_norm(x: Float[Tensor, "n d"]) -> float:
+    return x.norm(dim=-1).mean().item()
+
+
+def matched_random_mlp(
+    model, mid: Float[Tensor, "n d"], real_out: Float[Tensor, "n d"], seed: int
+) -> RandomMLP:
+    """A random MLP shaped like the model's, scaled so mean ‖f(mid)‖ equals mean ‖real_out‖."""
+    centered = not model.cfg.normalization_type.startswith("RMS")
+    mlp = draw_random_mlp(model.cfg.d_model, model.cfg.d_mlp, model.cfg.act_fn, centered, seed)
+    mlp = replace(mlp, **{k: getattr(mlp, k).to(mid) for k in ("w1", "b1", "w2", "b2")})
+    with torch.no_grad():
+        return mlp.scaled(mean_norm(real_out) / mean_norm(mlp(mid)))
+
+
+def random_patch(
+    mlp: RandomMLP, basis: Float[Tensor, "m k"], out_base: Float[Tensor, "b d"],
+    mid_base: Float[Tensor, "b d"], mid_src: Float[Tensor, "b d"],
+) -> Float[Tensor, "b d"]:  # fmt: skip
+    """Real MLP output plus W2 (h' - h_base), h' the subspace patch of the random hidden acts."""
+    hb, hs = mlp.hidden(mid_base), mlp.hidden(mid_src)
+    return out_base + (((hs - hb) @ basis) @ basis.T) @ mlp.w2
+
+
+class RandomMLPPatch(nn.Module):
+    """Setter at `mlp_out`; the source act carries [mlp_out | resid_mid | base resid_mid]
+    (see `with_resid_mid`), so it works with any engine."""
+
+    def __init__(self, mlp: RandomMLP, dim: int, generator: torch.Generator | None = None):
+        super().__init__()
+        self.mlp = mlp
+        self.rot = RotatedSubspace(mlp.w2.shape[0], dim, generator=generator)
+
+    def forward(self, base: Float[Tensor, "b d"], source: Float[Tensor, "b 3d"]) -> Tensor:
+        d = base.shape[-1]
+        mid_src, mid_base = source[:, d : 2 * d], source[:, 2 * d :]
+        return random_patch(self.mlp, self.rot.basis, base, mid_base, mid_src)
+
+
+def with_resid_mid(model, prepared: list[Prepared], layer: int) -> list[Prepared]:
+    """`mlp_out`-prepared batches whose source acts also carry resid_mid of source and base."""
+    name = hook_name("resid_mid", layer)
+    out = []
+    for p in prepared:
+        base_mid = site_acts(model, p.pairs.base, [name])[name]
+        src_mid = site_acts(model, p.pairs.source, [name])[name]
+        out.append(replace(p, source_act=torch.cat([p.source_act, src_mid, base_mid], -1)))
+    return out
+
+
+def augmented_splits(
+    model, splits: dict[str, list[Prepared]], layer: int
+) -> dict[str, list[Prepared]]:
+    """The same pairs prepared at `mlp_out` of `layer`, with resid_mid appended (`with_resid_mid`)."""
+    return {
+        s: with_resid_mid(
+            model,
+            prepare(model, [p.pairs for p in prepared], "mlp_out", layer, prepared[0].engine),
+            layer,
+        )
+        for s, prepared in splits.items()
+    }
+
+
+def split_acts(prepared: list[Prepared], d: int) -> tuple[Tensor, Tensor]:
+    """(resid_mid, real mlp_out) of base and source prompts of augmented batches, stacked."""
+    mids = [m for p in prepared for m in (p.source_act[:, 2 * d :], p.source_act[:, d : 2 * d])]
+    outs = [o for p in prepared for o in (p.base_act, p.source_act[:, :d])]
+    return torch.cat(mids), torch.cat(outs)
+
+
+def train_random_das(
+    model, train: list[Prepared], test: list[Prepared], layer: int, mlp: RandomMLP,
+    method: DictConfig, seed: int, progress: bool = True,
+) -> tuple[RandomMLPPatch, pd.DataFrame]:  # fmt: skip
+    """DAS on the random MLP's hidden acts: the loss, optimiser and schedule of `mlpim.engine.das`."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    patch = RandomMLPPatch(mlp, method.dim, gen).to(train[0].base_act.device)
+    desc = f"DAS random MLP L{layer} seed {seed}"
+    return patch, fit(model, train, test, patch, method, gen, desc, progress)
+
+
+def random_mlp_rows(
+    cfg: DictConfig, model, aug: dict[str, list[Prepared]], layer: int, seed: int, run_dir: Path
+) -> list[dict]:
+    """Draw, norm-match and DAS-train one random MLP; its metrics (and output norm) per split."""
+    d = model.cfg.d_model
+    mlp = matched_random_mlp(model, *split_acts(aug["train"], d), seed)
+    patch, history = train_random_das(
+        model, aug["train"], aug["test"], layer, mlp, cfg.method, seed
+    )
+    history.to_csv(run_dir / f"history_random_mlp_seed{seed}.csv", index=False)
+    rows = []
+    for split, prepared in aug.items():
+        mid, _ = split_acts(prepared, d)
+        with torch.no_grad():
+            values = evaluate(model, prepared, patch) | {"out_norm": mean_norm(mlp(mid))}
+        rows += io.metric_rows(values, intervention="random_mlp", site="mlp_out", layer=layer,
+                               split=split, seed=seed)  # fmt: skip
+    return rows
+
+
+def intervention_bases(v: Tensor, proj: Tensor, null: Tensor) -> dict[str, Tensor]:
+    """Orthonormal bases to patch along; parts that vanish (norm < 1e-6) are left out."""
+    bases = {"das": ns.unit_basis(v)}
+    alive = {n: p for n, p in zip(PARTS, (proj, null), strict=True) if p.norm() > 1e-6}
+    bases |= {n: ns.unit_basis(p) for n, p in alive.items()}
+    if len(alive) == 2:
+        bases["span2"] = ns.unit_basis(proj, null)
+    return bases
+
+
+def patching_rows(model, splits, bases, kind: str, layer: int, keys: dict) -> list[dict]:
+    """clean, full and every basis on train and test pairs."""
+    rows = []
+    for split, prepared in splits.items():
+        rows += io.metric_rows(clean_metrics(prepared), intervention="clean", split=split, **keys)
+        setters = {"full": full} | {n: subspace(b) for n, b in bases.items()}
+        for name, setter in setters.items():
+            values = evaluate(model, prepared, setter)
+            rows += io.metric_rows(values, intervention=name, split=split, **keys)
+    return rows
+
+
+def mean_diff_direction(prepared: list[Prepared]) -> torch.Tensor:
+    """Mean site activation over ABB base prompts minus over BAB ones, normalised (d×1)."""
+    acts = torch.cat([p.base_act for p in prepared])
+    patterns = [pat for p in prepared for pat in p.pairs.base.pattern]
+    mask = torch.tensor([pat == "ABB" for pat in patterns])
+    diff = acts[mask].mean(0) - acts[~mask & torch.tensor([pat == "BAB" for pat in patterns])].mean(
+        0
+    )
+    return (diff / diff.norm())[:, None]
+
+
+def loaded_basis(path: str, kind: str, layer: int, d: int, model=None) -> torch.Tensor:
+    """A saved basis, checked against the site it is used at (and the model's weights); a plain
+    tensor file is taken to be of this site."""
+    saved = load_subspace(path, kind, layer)
+    if model is not None:
+        check_model(saved, model, path)
+    if (saved.get("site"), saved.get("layer")) != (kind, layer) or saved["basis"].shape[0] != d:
+        raise ConfigError(
+            f"{path} holds a subspace of {saved.get('site')} layer {saved.get('layer')} "
+            f"(width {saved['basis'].shape[0]}), not {kind} layer {layer} (width {d})"
+        )
+    return saved["basis"]
+
+
+def changing_fldd(model, prepared: list[Prepared], setter) -> float:
+    """FLDD over the pairs whose patched answer differs from the base answer (IOI: the
+    opposite-pattern pairs ABB→BAB, BAB→ABB); NaN when there are none."""
+    lds, clean = [], []
+    with torch.no_grad():
+        for p in prepared:
+            keep = p.pairs.label != p.pairs.base.answer
+            if keep.any():
+                logits = patched_end_logits(model, p, setter)[keep]
+                b = p.pairs.base
+                lds.append(logit_diff(logits, b.answer[keep], b.other[keep]))
+                clean.append(p.clean_ld[keep])
+    return fldd(torch.cat(lds), torch.cat(clean)) if lds else float("nan")
