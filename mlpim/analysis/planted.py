@@ -24,9 +24,16 @@ from torch import Tensor
 
 from mlpim.analysis import controls, illusion
 from mlpim.analysis import nullspace as ns
-from mlpim.analysis.references import Refs
+from mlpim.analysis.references import (
+    Reference,
+    Refs,
+    natural_directions,
+    natural_dormant_ratios,
+    random_unit_directions,
+)
+from mlpim.analysis.toy import FLIP_PAIRS
 from mlpim.engine.interventions import Prepared, evaluate
-from mlpim.engine.patching import subspace
+from mlpim.engine.patching import subspace, subspace_patch
 from mlpim.report import io
 
 Splits = dict[str, list[Prepared]]
@@ -141,3 +148,57 @@ def mix(irrelevant: Tensor, dormant: Tensor, degrees: float) -> Tensor:
     t = math.radians(degrees)
     v = math.cos(t) * irrelevant + math.sin(t) * dormant
     return v / v.norm()
+
+
+# ---------------------------------------------------------------- the toy model's planted cases
+
+
+def toy_effect(model, base: Tensor, source: Tensor, basis: Tensor) -> float:
+    """FLDD analogue on a toy model: mean (y_patched − y_base) / (y_source − y_base)."""
+    patched = subspace_patch(base, source, basis)
+    y = model.readout
+    return ((y(patched) - y(base)) / (y(source) - y(base))).mean().item()
+
+
+def toy_checks(
+    model, u: Tensor, th: illusion.Thresholds, n_random: int = 0
+) -> list[illusion.Check]:
+    """Checks 0-3 on the toy model (`mlpim.analysis.toy`) over its flip pairs, against random
+    and natural directions of the same toy model; no random MLP, no held-out split. No random
+    reference by default: in 3 dimensions a random direction reaches any effect."""
+    xb, xs = (torch.tensor(x, dtype=u.dtype) for x in zip(*FLIP_PAIRS, strict=True))
+    base, source, w_out = model.hidden(xb), model.hidden(xs), model.w_out[:, None]
+    eff = lambda b: toy_effect(model, base, source, b)  # noqa: E731
+    rand = [eff(r[:, None]) for r in random_unit_directions(model.d, n_random, 0).to(u)]
+    nat = natural_directions(base, source, model.d)
+    margins = []
+    for n in nat:
+        p, q = ns.split(n, w_out)
+        f = {k: eff(b) for k, b in controls.intervention_bases(n, p, q).items()}
+        margins.append(
+            f["das"] - th.superadditive * (f.get("row_proj", 0) + max(f.get("null_proj", 0), 0))
+        )
+    refs = Refs(Reference("random directions", tuple(rand)), Reference("random-MLP DAS"),
+                Reference("natural", tuple(natural_dormant_ratios(base, source, w_out, nat))),
+                Reference("natural", tuple(margins)))  # fmt: skip
+    proj, null = ns.split(u, w_out)
+    f = {k: eff(b) for k, b in controls.intervention_bases(u, proj, null).items()}
+    f["full"] = eff(torch.eye(model.d, dtype=u.dtype))
+    return [illusion.effect_check(f["das"], refs, th),
+            *illusion.mlp_checks(f, u, w_out, base, source, refs, th)]  # fmt: skip
+
+
+def toy_cases() -> dict[str, tuple[object, Tensor, str]]:
+    """name -> (toy model, unit direction, planted truth): the post's model and its k-neuron
+    versions (k = 2, 4; the illusory direction is the sum of the k illusory columns)."""
+    from mlpim.analysis import toy
+
+    model = toy.post_model()
+    cases = {"toy e1": (model, toy.unit(1, 0, 0), "real"),
+             "toy (e2+e3)/√2": (model, toy.unit(0, 1, 1), "illusory")}  # fmt: skip
+    for k in (2, 4):
+        hd = toy.higher_dim(k)
+        ill = hd.illusory.sum(1)
+        cases[f"toy k={k} real"] = (hd.model, hd.real[:, 0], "real")
+        cases[f"toy k={k} illusory"] = (hd.model, ill / ill.norm(), "illusory")
+    return cases
