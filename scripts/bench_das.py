@@ -1,4 +1,5 @@
-"""Time one DAS epoch three ways, side by side: END-only fast path, plain full forward, pyvene.
+"""Time one DAS epoch four ways, side by side: the default engine (the END-only kernel), the
+generic KV-cache engine, the plain full forward, and pyvene.
 
 Usage (flags first, then Hydra overrides for `mlpim.config.compose`):
 
@@ -10,14 +11,17 @@ All paths use the same model, the same training pairs
 the model's MLP-in-the-middle landmark, k = `method.dim`), the same initial basis, batch size,
 thread count and optimiser (Adam, lr `method.lr`, CE over the full vocabulary at END):
 
-  (a) fast   `prepare(..., fast=True)` + the `train_das` inner loop (END-only resume, and the
-             unembedding fused with the cross-entropy: `mlpim.engine.fused_ce`),
-  (b) plain  `prepare(..., fast=False)` + the same loop (full forward with a TransformerLens hook,
-             then `cross_entropy` of the END logits),
-  (c) pyvene 0.1.8 `IntervenableModel` over the bridge's HF model (`model.original_model`) with a
-      `LowRankRotatedSpaceIntervention`; it runs base and source forwards every step, as pyvene does.
+  (a) fast   `prepare(..., engine="auto")` (the kernel on GPT-2/Llama shapes) + the `train_das`
+             inner loop (END-only resume, unembedding fused with the cross-entropy),
+  (b) cache  `prepare(..., engine="cache")`: the model's own forward resumed from its own KV
+             cache (any architecture), then `cross_entropy` of the END logits,
+  (c) plain  `prepare(..., engine="full")` + the same loop (full forward with a TransformerLens
+             hook, then `cross_entropy` of the END logits),
+  (d) pyvene 0.1.8 `IntervenableModel` over the bridge's HF model (`model.original_model`) with a
+      `LowRankRotatedSpaceIntervention`; it runs base and source forwards every step, as pyvene does
+      (given the attention mask and mask-derived positions of the left-padded batches).
 
-Before timing, the patched END logits of one batch are compared: fast vs plain (<= 1e-4) and
+Before timing, the patched END logits of one batch are compared: fast and cache vs plain (<= 1e-4) and
 pyvene vs ours (<= 1e-3) with the same basis, copied into pyvene's rotate layer. pyvene's
 convention is ours: its rotate-layer weight W is d×k with orthonormal columns (torch's orthogonal
 parametrization) and the patch is base + (source W − base W) Wᵀ, i.e. our basis V = W.
@@ -45,7 +49,7 @@ training step of batch 0 (forward + backward).
 The reference rate is plain `torch.matmul` of the same shapes: [B, d] x [d, V] (unembedding),
 [B, d] x [d, m] and [B, m] x [m, d] (MLP) at the DAS batch size B, and the FLOP-weighted mix of
 all the projection and unembedding matmuls of one fast-path epoch's forwards (real batch sizes:
-batches hold prompts of one token length, so some are smaller than B).
+the last batch may be smaller than B).
 """
 
 from __future__ import annotations
@@ -174,14 +178,19 @@ def set_basis(iv, basis: torch.Tensor) -> None:
     assert torch.allclose(proj(got), proj(basis), atol=1e-5), "pyvene basis copy lost the subspace"
 
 
+def hf_inputs(batch) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and mask-derived position_ids of a left-padded batch."""
+    pos = (batch.mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": batch.tokens, "attention_mask": batch.mask, "position_ids": pos}
+
+
 def pyvene_logits(ivm, pb) -> torch.Tensor:
     """pyvene's patched END logits of the base prompts (END position for base and source)."""
     b, end = len(pb), pb.base.end
     loc = [[[end]] * b]  # [intervention][example][unit]
     _, out = ivm(
-        {"input_ids": pb.base.tokens}, [{"input_ids": pb.source.tokens}],
-        unit_locations={"sources->base": (loc, loc)},
-    )  # fmt: skip
+        hf_inputs(pb.base), [hf_inputs(pb.source)], unit_locations={"sources->base": (loc, loc)}
+    )
     return out.logits[:, -1]
 
 
@@ -197,9 +206,9 @@ def pyvene_step(ivm, opt) -> Callable:
 
 
 # --------------------------------------------------------------------------- checks
-def check_equivalence(model, fast0: Prepared, plain0: Prepared, kind: str, layer: int, k: int,
+def check_equivalence(model, fast0: Prepared, cache0: Prepared, plain0: Prepared, k: int,
                       ivm) -> dict[str, float]:  # fmt: skip
-    """Patched END logits of one batch: fast == plain (1e-4), pyvene == ours (1e-3).
+    """Patched END logits of one batch: fast == cache == plain (1e-4), pyvene == ours (1e-3).
 
     The basis is the normalised mean (source − base) site difference (plus random columns when
     k > 1), and each disagreement must also be under a tenth of the patch's own effect on the
@@ -212,12 +221,15 @@ def check_equivalence(model, fast0: Prepared, plain0: Prepared, kind: str, layer
     with torch.no_grad():
         rot.lin.weight = basis
         fast = patched_end_logits(model, fast0, rot)
+        cache = patched_end_logits(model, cache0, rot)
         plain = patched_end_logits(model, plain0, rot)
-        clean = model(fast0.pairs.base.tokens)[:, -1]
     res = {"fast_vs_plain": (fast - plain).abs().max().item(),
-           "patch_effect": (plain - clean).abs().max().item()}  # fmt: skip
+           "cache_vs_plain": (cache - plain).abs().max().item(),
+           "patch_effect": (plain - plain0.clean_logits).abs().max().item()}  # fmt: skip
     effect = res["patch_effect"]  # a disagreement must also be small next to the patch itself
-    assert res["fast_vs_plain"] <= min(FAST_TOL, effect / 10), f"fast and plain disagree: {res}"
+    for path in ("fast", "cache"):
+        ok = res[f"{path}_vs_plain"] <= min(FAST_TOL, effect / 10)
+        assert ok, f"{path} and plain disagree: {res}"
     if ivm is not None:
         iv = next(iter(ivm.interventions.values()))
         set_basis(iv, rot.basis.detach())
@@ -247,8 +259,8 @@ def end_token_flops(model, kind: str, layer: int, seq: int, k: int) -> float:
 
 def epoch_flops(model, prepared: list[Prepared], kind: str, layer: int, k: int) -> float:
     """Training FLOPs of one fast-path epoch: 2 × forward per END token (frozen weights)."""
-    return sum(2 * len(p.pairs) * end_token_flops(model, kind, layer, p.pairs.base.tokens.shape[1], k)
-               for p in prepared)  # fmt: skip
+    return sum(2 * end_token_flops(model, kind, layer, int(n), k)
+               for p in prepared for n in p.pairs.base.mask.sum(1))  # fmt: skip
 
 
 def counted_flops(model, p: Prepared, kind: str, layer: int, k: int) -> float:
@@ -320,17 +332,17 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     k = int(cfg.method.dim)
     batches = paper_pairs(model.tokenizer, cfg.dataset, "train", cfg.seed)
     n_pairs, bs = sum(len(b) for b in batches), cfg.dataset.batch_size
-    print(f"model {cfg.model.name}, site {kind} L{layer}, k={k}, {len(batches)} batches of equal "
-          f"length ({n_pairs} pairs, batch size <= {bs}), threads {torch.get_num_threads()}")  # fmt: skip
+    print(f"model {cfg.model.name}, site {kind} L{layer}, k={k}, {len(batches)} left-padded "
+          f"batches ({n_pairs} pairs, batch size <= {bs}), threads {torch.get_num_threads()}")  # fmt: skip
 
-    start = time.perf_counter()
-    fast = prepare(model, batches, kind, layer, fast=True)
-    prep_fast = time.perf_counter() - start
-    start = time.perf_counter()
-    plain = prepare(model, batches, kind, layer, fast=False)
-    prep_plain = time.perf_counter() - start
+    prepared, prep_s = {}, {}
+    for engine in ("auto", "cache", "full"):
+        start = time.perf_counter()
+        prepared[engine] = prepare(model, batches, kind, layer, engine)
+        prep_s[engine] = time.perf_counter() - start
+    fast, cache, plain = prepared["auto"], prepared["cache"], prepared["full"]
 
-    tokens = [float(p.base.tokens.numel()) for p in batches]  # cost proxy to extrapolate
+    tokens = [float(p.base.mask.sum()) for p in batches]  # cost proxy to extrapolate
     ivm, pyvene_error, prep_pyvene = None, None, float("nan")
     if not args.skip_pyvene:
         try:
@@ -342,7 +354,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         except Exception as exc:  # report why pyvene cannot run, time the rest
             pyvene_error = f"{type(exc).__name__}: {exc}"
             print(f"pyvene cannot be set up: {pyvene_error}")
-    checks = check_equivalence(model, fast[0], plain[0], kind, layer, k, ivm)
+    checks = check_equivalence(model, fast[0], cache[0], plain[0], k, ivm)
     print("equivalence (max |Δ logit| on batch 0): "
           + ", ".join(f"{n} {v:.2e}" for n, v in checks.items()))  # fmt: skip
 
@@ -360,16 +372,20 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     rows = []
     s, ep, nb = ours(fast)
-    rows.append({"path": "fast (END-only)", "s_per_epoch": s, "prep_s": prep_fast,
-                 "timed": f"{ep} epoch(s)"})  # fmt: skip
-    print(f"fast: {s:.3f} s/epoch")
+    rows.append({"path": f"default ({fast[0].engine})", "s_per_epoch": s,
+                 "prep_s": prep_s["auto"], "timed": f"{ep} epoch(s)"})  # fmt: skip
+    print(f"default ({fast[0].engine}): {s:.3f} s/epoch")
+    s, ep, nb = ours(cache)
+    rows.append({"path": "cache (model's own KV cache)", "s_per_epoch": s,
+                 "prep_s": prep_s["cache"], "timed": f"{ep} epoch(s)"})  # fmt: skip
+    print(f"cache: {s:.3f} s/epoch")
     # right after the fast path, so both see the same machine load
     refs = matmul_refs(model, kind, layer, bs, [len(b) for b in batches])
     s, ep, nb = ours(plain, args.plain_batches)
     timed = (
         f"{ep} epoch(s)" if args.plain_batches is None else f"{nb} batches, extrapolated by tokens"
     )
-    rows.append({"path": "plain (full forward)", "s_per_epoch": s, "prep_s": prep_plain,
+    rows.append({"path": "plain (full forward)", "s_per_epoch": s, "prep_s": prep_s["full"],
                  "timed": timed})  # fmt: skip
     print(f"plain: {s:.3f} s/epoch ({timed})")
     if ivm is not None:

@@ -20,11 +20,11 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim.analysis import nullspace as ns
+from mlpim.analysis.directions import das_direction
 from mlpim.engine import metrics
 from mlpim.engine.interventions import patch_each
 from mlpim.engine.models import ConfigError, hook_name
 from mlpim.experiments.common import model_for, require_ioi
-from mlpim.experiments.ioi_nullspace import das_direction
 from mlpim.report import io
 from mlpim.tasks.ioi import IOIBatch, make_pairs, make_prompts
 

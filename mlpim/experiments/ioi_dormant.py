@@ -21,12 +21,12 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim import constants as C
+from mlpim.analysis.directions import das_basis
 from mlpim.engine import fastpath
 from mlpim.engine.interventions import Prepared, clean_metrics, evaluate, prepare
 from mlpim.engine.models import ConfigError
 from mlpim.engine.patching import subspace, subspace_patch
 from mlpim.experiments.common import model_for, require_ioi, site_of
-from mlpim.experiments.subspace import saved_or_trained
 from mlpim.report import io
 from mlpim.tasks.ioi import make_pairs, s1_position
 
@@ -51,21 +51,6 @@ def combo_name(base: str, source: str) -> str:
 def same_position(base: str, source: str) -> bool:
     """Both prompts repeat the name in one place: the patch should change nothing."""
     return s1_position(base) == s1_position(source)
-
-
-def das_direction(
-    cfg: DictConfig, model, kind: str, layer: int, path: str | None, run_dir: Path,
-    splits: dict[str, list[Prepared]] | None = None,
-) -> Float[Tensor, "d k"]:  # fmt: skip
-    """The DAS basis at (kind, layer): loaded from `path`, else trained as the subspace runner does.
-
-    A trained basis is saved as `v_{kind}_L{layer}.pt` (reusable as `direction=`), its training
-    history under `das_{kind}_L{layer}/`.
-    """
-    return saved_or_trained(
-        cfg, model, kind, layer, path, history=run_dir / f"das_{kind}_L{layer}" / C.HISTORY,
-        save_as=run_dir / f"v_{kind}_L{layer}.pt", splits=splits,
-    )  # fmt: skip
 
 
 def mlp_out_projection(
@@ -188,10 +173,8 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     resid_layer = int(cfg.extra.resid_layer)
     note = layer_note(mlp_layer, resid_layer)
     (log.warning if mlp_layer > resid_layer else log.info)(note)
-    v_mlp = das_direction(cfg, model, "mlp_post", mlp_layer, cfg.direction, run_dir)
-    v_true = das_direction(
-        cfg, model, "resid_post", resid_layer, cfg.extra.resid_direction, run_dir
-    )
+    v_mlp = das_basis(cfg, model, "mlp_post", mlp_layer, cfg.direction, run_dir)
+    v_true = das_basis(cfg, model, "resid_post", resid_layer, cfg.extra.resid_direction, run_dir)
     rows, raws = [], []
     for i, combo in enumerate(dormant_combos()):
         r, raw = combo_rows(cfg, model, combo, i, mlp_layer, v_mlp, v_true)

@@ -17,39 +17,24 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from jaxtyping import Float
 from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim import constants as C
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis.controls import PARTS, intervention_bases, patching_rows  # noqa: F401
-from mlpim.engine.interventions import Prepared
+from mlpim.analysis.directions import das_direction
 from mlpim.engine.models import ConfigError, hook_name
 from mlpim.engine.patching import run_cache, site_acts
 from mlpim.engine.subspace import save_subspace
 from mlpim.experiments.common import model_for, paper_splits, site_of
-from mlpim.experiments.subspace import saved_or_trained, table1_plot
 from mlpim.report import io
+from mlpim.report.plots import table1_plot
 from mlpim.tasks.batch import PromptBatch
 from mlpim.tasks.ioi import IOIBatch, make_prompts
 
 log = logging.getLogger(__name__)
 HIST_PATTERNS = ("ABB", "ABA")
-
-
-def das_direction(
-    cfg: DictConfig, model, kind: str, layer: int, path: str | None, run_dir: Path,
-    splits: dict[str, list[Prepared]] | None = None,
-) -> Float[Tensor, " d"]:  # fmt: skip
-    """A 1-D DAS direction at (kind, layer): loaded from `path`, else trained (saved in run_dir)."""
-    if cfg.method.name != "das" or cfg.method.dim != 1:
-        raise ConfigError(f"needs a 1-D DAS direction (method=das method.dim=1), got {cfg.method}")
-    basis = saved_or_trained(cfg, model, kind, layer, path, history=run_dir / C.HISTORY,
-                             save_as=run_dir / C.DIRECTION, splits=splits)  # fmt: skip
-    if basis.shape[1] != 1:
-        raise ConfigError(f"{path} holds a {basis.shape[1]}-D subspace; a direction is 1-D")
-    return basis[:, 0]
 
 
 def check_w_out(model, layer: int, batch: PromptBatch) -> float:

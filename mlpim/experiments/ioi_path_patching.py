@@ -23,11 +23,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mlpim.analysis import paths
+from mlpim.analysis.directions import saved_or_trained
 from mlpim.engine import metrics
 from mlpim.engine.models import hook_name, validate_site
 from mlpim.engine.patching import Setter, full, subspace
 from mlpim.experiments.common import model_for, require_ioi
-from mlpim.experiments.subspace import saved_or_trained
 from mlpim.report import io
 from mlpim.tasks.ioi import PairBatch, paper_pairs
 

@@ -32,11 +32,11 @@ from mlpim.analysis.controls import (  # noqa: F401 (re-exported)
     train_random_das,
     with_resid_mid,
 )
+from mlpim.analysis.directions import das_basis
 from mlpim.engine.interventions import Prepared, clean_metrics, evaluate
 from mlpim.engine.models import ConfigError
 from mlpim.engine.patching import full, subspace
 from mlpim.experiments.common import model_for, paper_splits, site_of
-from mlpim.experiments.ioi_dormant import das_direction
 from mlpim.report import io
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     if kind != "mlp_post":
         raise ConfigError(f"ioi_random_mlp compares with v_MLP at mlp_post, not {kind}")
     splits = paper_splits(cfg, model, "mlp_post", layer)
-    basis = das_direction(cfg, model, "mlp_post", layer, cfg.direction, run_dir, splits)
+    basis = das_basis(cfg, model, "mlp_post", layer, cfg.direction, run_dir, splits)
     aug = augmented_splits(model, splits, layer)
     rows = real_mlp_rows(cfg, model, splits, aug, layer, basis)
     n_seeds = int(cfg.extra.get("n_random_seeds", 3))

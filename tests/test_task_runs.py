@@ -1,0 +1,59 @@
+"""Experiments on a task brought as data: a JSONL of counterfactual pairs, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from mlpim import constants as C
+from mlpim.config import compose
+from mlpim.engine.models import ConfigError
+from mlpim.run import run
+
+NAMES = ["Mary", "John", "Anna", "Paul", "Sara", "Mark", "Lisa", "Tom", "Emma", "Jack"]
+
+
+def write_task(path) -> None:
+    """IOI-like pairs written as a user would: same template, the repeated name swapped."""
+    rows = []
+    for i, a in enumerate(NAMES):
+        for b in NAMES[i + 1 : i + 4]:
+            text = "When {} and {} went to the store , {} gave a drink to"
+            rows.append({"base": text.format(a, b, b), "source": text.format(a, b, a),
+                         "base_answer": a, "source_answer": b, "meta": {"group": a}})  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+@pytest.fixture
+def task(tmp_path):
+    path = tmp_path / "task.jsonl"
+    write_task(path)
+    return path
+
+
+def overrides(task) -> list[str]:
+    return ["model=tiny", "device=cpu", "dataset=pairs", f"dataset.path={task}",
+            "dataset.min_pairs=5", "dataset.batch_size=7", "method.epochs=2"]  # fmt: skip
+
+
+def test_das_on_a_jsonl_task(task, tmp_path):
+    df = run(compose(["experiment=ioi_mlp8_das", *overrides(task)]), tmp_path / "run")
+    assert {"clean", "full", "das"} <= set(df.intervention)
+    test = df[(df.split == "test") & (df.metric == "fldd")].set_index("intervention").value
+    assert test.notna().all() and test["clean"] == 0.0
+    saved = pd.read_csv(tmp_path / "run" / C.METRICS)
+    assert set(saved.model) == {"tiny"}
+
+
+def test_mean_diff_on_a_jsonl_task(task, tmp_path):
+    df = run(compose(["experiment=ioi_mean_diff", *overrides(task)]), tmp_path / "run")
+    cos = df[df.metric == "cosine_with_das"].value
+    assert len(cos) == 1 and 0.0 <= cos.iloc[0] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["ioi_baseline", "ioi_dormant", "ioi_path_patching"])
+def test_ioi_only_experiments_refuse_another_task(task, tmp_path, name):
+    with pytest.raises(ConfigError, match="IOI-specific"):
+        run(compose([f"experiment={name}", *overrides(task)]), tmp_path / "run")
