@@ -65,13 +65,14 @@ def measure_checks(
     model, splits: Splits, kind: str, layer: int, v: Float[Tensor, " m"], refs: Refs,
     th: illusion.Thresholds, keys: dict, v_ref: Tensor | None = None, n_align: int = 1000,
 ) -> tuple[list[dict], list[illusion.Check]]:  # fmt: skip
-    """Every check on unit v at (kind, layer): the patching rows (both splits) and the checks.
+    """Every check on unit v at (kind, layer): the patching rows (test pairs) and the checks.
 
     MLP-only checks are n.a. at other sites; alignment needs `v_ref`; random_mlp needs the
     random-MLP reference in `refs`.
     """
     if kind != "mlp_post":
-        rows = controls.patching_rows(model, splits, {"das": ns.unit_basis(v)}, kind, layer, keys)
+        test = {"test": splits["test"]}
+        rows = controls.patching_rows(model, test, {"das": ns.unit_basis(v)}, kind, layer, keys)
         f = fldds(rows)
         why = f"needs an MLP hidden site (mlp_post), not {kind}"
         checks = [illusion.effect_check(f["das"], refs, th),
@@ -81,7 +82,7 @@ def measure_checks(
     w_out = ns.mlp_w_out(model, layer)
     proj, null = ns.split(v, w_out)
     bases = controls.intervention_bases(v, proj, null)
-    rows = controls.patching_rows(model, splits, bases, kind, layer, keys)
+    rows = controls.patching_rows(model, {"test": splits["test"]}, bases, kind, layer, keys)
     for name, part in (("row_proj", proj), ("null_proj", null)):
         rows += io.metric_rows({"norm_sq": part.norm().item() ** 2}, intervention=name,
                                split="test", **keys)  # fmt: skip
