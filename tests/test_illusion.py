@@ -12,12 +12,12 @@ import torch
 from mlpim import constants as C
 from mlpim.analysis import illusion
 from mlpim.analysis import nullspace as ns
+from mlpim.analysis.controls import intervention_bases
 from mlpim.config import compose
 from mlpim.engine.models import ConfigError
 from mlpim.engine.patching import full, subspace
 from mlpim.engine.subspace import save_subspace
 from mlpim.experiments.illusion_check import PLOT
-from mlpim.analysis.controls import intervention_bases
 from mlpim.run import run
 
 torch.set_num_threads(1)
