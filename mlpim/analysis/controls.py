@@ -220,13 +220,15 @@ def patching_rows(model, splits, bases, kind: str, layer: int, keys: dict) -> li
 
 
 def mean_diff_direction(prepared: list[Prepared]) -> torch.Tensor:
-    """Mean site activation over ABB base prompts minus over BAB ones, normalised (d×1)."""
-    acts = torch.cat([p.base_act for p in prepared])
-    patterns = [pat for p in prepared for pat in p.pairs.base.pattern]
-    mask = torch.tensor([pat == "ABB" for pat in patterns])
-    diff = acts[mask].mean(0) - acts[~mask & torch.tensor([pat == "BAB" for pat in patterns])].mean(
-        0
-    )
+    """Mean site activation of one class minus the other, normalised (d×1): IOI, ABB base
+    prompts minus BAB ones; any other task, base prompts minus source prompts."""
+    base = torch.cat([p.base_act for p in prepared])
+    patterns = [pat for p in prepared for pat in getattr(p.pairs.base, "pattern", ())]
+    if patterns:
+        sign = torch.tensor([{"ABB": 1, "BAB": -1}.get(pat, 0) for pat in patterns])
+        diff = base[sign == 1].mean(0) - base[sign == -1].mean(0)
+    else:
+        diff = base.mean(0) - torch.cat([p.source_act for p in prepared]).mean(0)
     return (diff / diff.norm())[:, None]
 
 
