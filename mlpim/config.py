@@ -120,6 +120,14 @@ class ExtraConfig:
     norm_scale: str = "mean"
     fast: bool = True
     batch_size: int = 16
+    # fact_patching / fact_editing (also read `layers`, `layer_step`, `corpus_path`, `chunk_len`,
+    # `batch_size` above)
+    known_only: bool = True  # keep only facts the model gets right (false: random test models)
+    pair_steps: int = 30  # Adam steps of the per-pair directions (all pairs in one batched run)
+    n_cov_tokens: int = 4096  # offline-text tokens for the second moment C of mlp_post
+    cov_ridge: float = 1e-3  # ridge (× mean eigenvalue of C) added only when C is singular
+    n_neighbours: int = 10  # other facts of the same relation per edit (specificity)
+    pair_run: str | None = None  # fact_editing: a fact_patching run dir to reuse its directions
     # toy_illusion
     n_seeds: int = 50
     das_steps: int = 300
