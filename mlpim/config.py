@@ -142,6 +142,12 @@ class ExtraConfig:
     bench_angles: list[float] = field(default_factory=lambda: [15.0, 30.0, 45.0, 60.0, 75.0])
     dormant_dims: int | None = 64
     bench_toy: bool = True
+    # ioi_layer_profile (reads `layers` above too); signal_threshold is also ioi_locate's rule
+    first_layer: int | None = None
+    last_layer: int | None = None
+    window: int = 2
+    locate_run: str | None = None
+    signal_threshold: float = 0.2
 
 
 @dataclass

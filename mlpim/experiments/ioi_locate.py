@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 from omegaconf import DictConfig
 
+from mlpim.analysis.landmarks import write_landmarks
 from mlpim.engine import metrics
 from mlpim.engine.interventions import patch_each
 from mlpim.experiments.common import model_for
 from mlpim.report import io
 from mlpim.tasks.ioi import PairBatch, make_pairs
 
+log = logging.getLogger(__name__)
 COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 
 
@@ -73,4 +76,6 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     df = locate(model, batches, cfg.method.engine).assign(split="test")
     df = io.tidy(df.to_dict("records"), cfg)
     heatmaps(df, run_dir, f"{cfg.model.name}, ABB<->BAB")
+    threshold = cfg.get("extra", {}).get("signal_threshold", 0.2)
+    log.info(write_landmarks(df, run_dir, cfg.model.name, threshold))
     return df
