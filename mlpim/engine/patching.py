@@ -71,7 +71,7 @@ def run_cache(model, batch: PromptBatch, names) -> tuple[Float[Tensor, "b vocab"
         logits, cache = model.run_with_cache(
             batch.tokens, attention_mask=batch.mask, names_filter=lambda n: n in names
         )
-    return logits[:, -1], cache
+    return logits[:, -1].clone(), cache  # a copy: a view would keep every position's logits
 
 
 def site_acts(model, batch: PromptBatch, names: list[str]) -> dict[str, Float[Tensor, "b ..."]]:
