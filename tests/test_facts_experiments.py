@@ -17,6 +17,7 @@ from mlpim.engine.models import hook_name
 from mlpim.engine.patching import at, patch_hook
 from mlpim.preflight import preflight
 from mlpim.tasks.batch import PairBatch, PromptBatch
+from mlpim.tasks.facts import fact_task
 
 torch.set_num_threads(1)
 
@@ -36,7 +37,7 @@ def tiny(request):
 
     cfg = _cfg("fact_patching", arch=request.param)
     model = model_for(cfg)
-    return cfg, model, FD.fact_task(model.tokenizer, cfg.dataset, cfg.seed, None)
+    return cfg, model, fact_task(model.tokenizer, cfg.dataset, cfg.seed, None)
 
 
 def _row(pb: PairBatch, i: int) -> PairBatch:

@@ -21,9 +21,6 @@ from mlpim.engine import metrics
 from mlpim.engine.interventions import Prepared, patched_end_logits, patched_end_loss
 from mlpim.engine.models import ConfigError
 from mlpim.engine.patching import Setter
-from mlpim.tasks import Predict, bos_id, pad_id
-from mlpim.tasks.batch import PairBatch
-from mlpim.tasks.facts import Fact
 from mlpim.tasks.pairs import Pair
 
 MIN_PART_NORM = 1e-2  # row/null parts shorter than this (of a unit direction) are skipped
@@ -41,38 +38,6 @@ def check_cfg(cfg) -> None:
     run = cfg.extra.get("pair_run")
     if run and not pair_file(run, 0).parent.is_dir():
         raise ConfigError(f"extra.pair_run={run}: no such directory (a fact_patching run)")
-
-
-@dataclass
-class FactTask:
-    """Known facts, and per split the pairs (with relation/subject metadata) and their batches."""
-
-    facts: list[Fact]
-    pairs: dict[str, list[Pair]]
-    batches: dict[str, list[PairBatch]]
-
-
-def fact_task(tokenizer, dataset, seed: int, predict: Predict | None) -> FactTask:
-    """The fact pairs of `dataset` (as `task_splits` builds them), keeping each pair's metadata;
-    `predict` keeps only the facts the model knows (None: all one-token facts)."""
-    from mlpim.tasks import facts as F
-    from mlpim.tasks import pairs as P
-
-    facts = F.one_token_facts(F.load_facts(dataset.path), tokenizer)
-    if dataset.relations:
-        facts = [f for f in facts if f.relation in set(dataset.relations)]
-    if predict is not None:
-        facts, _ = F.known_facts(facts, predict, tokenizer)
-    pairs, batches = {}, {}
-    for split, n in (("train", dataset.n_train_pairs), ("test", dataset.n_test_pairs)):
-        rows = F.fact_pairs(facts, tokenizer, bos_id(tokenizer), seed, split,
-                            dataset.test_fraction, dataset.pairs_per_fact, n)  # fmt: skip
-        encoded = P.encode(rows, tokenizer, bos_id(tokenizer), drop_invalid=True)
-        if len(encoded) < dataset.min_pairs:
-            raise ConfigError(f"only {len(encoded)} fact pairs in {split}; min {dataset.min_pairs}")
-        pairs[split] = [e.pair for e in encoded]
-        batches[split] = P.batches(encoded, dataset.batch_size, pad_id(tokenizer))
-    return FactTask(facts, pairs, batches)
 
 
 def layer_grid(layers, step: int, n_layers: int) -> list[int]:

@@ -27,6 +27,7 @@ from mlpim.engine import metrics
 from mlpim.engine.interventions import prepare
 from mlpim.experiments.common import model_for, predictor
 from mlpim.report import io
+from mlpim.tasks.facts import fact_task
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     FD.check_cfg(cfg)
     model, ex = model_for(cfg), cfg.extra
     torch.manual_seed(cfg.seed)
-    task = FD.fact_task(model.tokenizer, cfg.dataset, cfg.seed,
+    task = fact_task(model.tokenizer, cfg.dataset, cfg.seed,
                         predictor(model) if ex.known_only else None)  # fmt: skip
     layers = FD.layer_grid(ex.layers, ex.layer_step, model.cfg.n_layers)
     tokens = ED.corpus_tokens(model.tokenizer, ex.corpus_path, ex.chunk_len, ex.n_cov_tokens)

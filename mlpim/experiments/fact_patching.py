@@ -28,6 +28,7 @@ from mlpim.engine.patching import full, subspace
 from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.experiments.common import model_for, predictor
 from mlpim.report import io
+from mlpim.tasks.facts import FactTask, fact_task
 
 log = logging.getLogger(__name__)
 KIND = FD.KIND
@@ -69,7 +70,7 @@ def shared_rows(cfg, model, splits, w_out, keys: dict) -> tuple[list[dict], torc
     return rows, v, hist.train_loss.tolist()
 
 
-def layer_rows(cfg, model, task: FD.FactTask, layer: int, run_dir: Path) -> tuple[list, list]:
+def layer_rows(cfg, model, task: FactTask, layer: int, run_dir: Path) -> tuple[list, list]:
     """Every intervention at one layer: tidy rows and history rows (loss per step/epoch)."""
     dev, keys = model.cfg.device, {"site": KIND, "layer": layer, "seed": cfg.seed}
     splits = {s: prepare(model, [b.to(dev) for b in bs], KIND, layer, cfg.method.engine)
@@ -94,7 +95,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     FD.check_cfg(cfg)
     model = model_for(cfg)
     torch.manual_seed(cfg.seed)
-    task = FD.fact_task(model.tokenizer, cfg.dataset, cfg.seed,
+    task = fact_task(model.tokenizer, cfg.dataset, cfg.seed,
                         predictor(model) if cfg.extra.known_only else None)  # fmt: skip
     layers = FD.layer_grid(cfg.extra.layers, cfg.extra.layer_step, model.cfg.n_layers)
     log.info("%d known facts; %d train / %d test pairs; layers %s", len(task.facts),

@@ -64,24 +64,9 @@ def _pair_key(pair) -> tuple[str, ...]:
 
 
 def _fact_splits(tokenizer, dataset, seed: int, predict: Predict | None):
-    from mlpim.engine.models import ConfigError
-    from mlpim.tasks import facts as F
-    from mlpim.tasks import pairs as P
+    from mlpim.tasks.facts import fact_task
 
-    facts = F.load_facts(dataset.path)
-    if dataset.relations:
-        facts = [f for f in facts if f.relation in set(dataset.relations)]
-    if predict is not None:
-        facts, _ = F.known_facts(F.one_token_facts(facts, tokenizer), predict, tokenizer)
-    out = {}
-    for split, n in (("train", dataset.n_train_pairs), ("test", dataset.n_test_pairs)):
-        rows = F.fact_pairs(facts, tokenizer, bos_id(tokenizer), seed, split,
-                            dataset.test_fraction, dataset.pairs_per_fact, n)  # fmt: skip
-        encoded = P.encode(rows, tokenizer, bos_id(tokenizer), drop_invalid=True)
-        if len(encoded) < dataset.min_pairs:
-            raise ConfigError(f"only {len(encoded)} fact pairs in {split}; min {dataset.min_pairs}")
-        out[split] = P.batches(encoded, dataset.batch_size, pad_id(tokenizer))
-    return out
+    return fact_task(tokenizer, dataset, seed, predict).batches
 
 
 def task_vocabulary(dataset) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlpim.engine.models import ConfigError
+from mlpim.tasks.batch import PairBatch
 from mlpim.tasks.pairs import (
     Pair,
     TaskProblems,
@@ -199,3 +200,37 @@ def fact_pairs(
     if not encoded:
         raise ConfigError(f"no fact pairs in split {split!r} ({len(usable)} usable facts)")
     return [e.pair for e in encoded]
+
+
+@dataclass
+class FactTask:
+    """Known facts, and per split the pairs (with relation/subject metadata) and their batches."""
+
+    facts: list[Fact]
+    pairs: dict[str, list[Pair]]
+    batches: dict[str, list[PairBatch]]
+
+
+def fact_task(
+    tokenizer, dataset, seed: int, predict: Callable[[list[str]], Sequence[int]] | None
+) -> FactTask:
+    """The fact pairs of `dataset` (as `task_splits` builds them), keeping each pair's metadata;
+    `predict` keeps only the facts the model knows (None: all one-token facts)."""
+    from mlpim.tasks import bos_id, pad_id
+    from mlpim.tasks import pairs as P
+
+    facts = one_token_facts(load_facts(dataset.path), tokenizer)
+    if dataset.relations:
+        facts = [f for f in facts if f.relation in set(dataset.relations)]
+    if predict is not None:
+        facts, _ = known_facts(facts, predict, tokenizer)
+    pairs, batches = {}, {}
+    for split, n in (("train", dataset.n_train_pairs), ("test", dataset.n_test_pairs)):
+        rows = fact_pairs(facts, tokenizer, bos_id(tokenizer), seed, split,
+                            dataset.test_fraction, dataset.pairs_per_fact, n)  # fmt: skip
+        encoded = P.encode(rows, tokenizer, bos_id(tokenizer), drop_invalid=True)
+        if len(encoded) < dataset.min_pairs:
+            raise ConfigError(f"only {len(encoded)} fact pairs in {split}; min {dataset.min_pairs}")
+        pairs[split] = [e.pair for e in encoded]
+        batches[split] = P.batches(encoded, dataset.batch_size, pad_id(tokenizer))
+    return FactTask(facts, pairs, batches)

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from mlpim.tasks import bos_id, pad_id
 from mlpim.tasks.batch import PairBatch, PromptBatch, left_pad
 
 logger = logging.getLogger(__name__)
@@ -101,17 +102,6 @@ def one_token_words(tokenizer, words: Sequence[str]) -> list[str]:
     return out
 
 
-def _bos_id(tokenizer) -> int:
-    bos = tokenizer.bos_token_id
-    return bos if bos is not None else tokenizer.eos_token_id
-
-
-def _pad_id(tokenizer) -> int:
-    """Padding is masked out; any id works, the tokenizer's own when it has one."""
-    pad = tokenizer.pad_token_id
-    return pad if pad is not None else _bos_id(tokenizer)
-
-
 def _half(items: Sequence, split: str) -> list:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -136,7 +126,7 @@ def _encode(tokenizer, text: str, pattern: str, names: Sequence[str], template: 
     )
     if len(io_ids) != 1 or len(s_ids) != 1:
         return None
-    ids = [_bos_id(tokenizer), *tokenizer(text, add_special_tokens=False).input_ids]
+    ids = [bos_id(tokenizer), *tokenizer(text, add_special_tokens=False).input_ids]
     io_hits = [i for i, t in enumerate(ids) if t == io_ids[0]]
     s_hits = [i for i, t in enumerate(ids) if t == s_ids[0]]
     if len(io_hits) != 1 or len(s_hits) != 2:
@@ -254,7 +244,7 @@ def make_prompts(
     rows = [r for r in drawn if r is not None]
     _check_count(len(rows), n, cfg, pools, split, "prompts")
     rng.shuffle(rows)
-    return [_collate(g, _pad_id(tokenizer)) for g in _chunks(rows, cfg.batch_size)]
+    return [_collate(g, pad_id(tokenizer)) for g in _chunks(rows, cfg.batch_size)]
 
 
 def _pair_names(
@@ -307,7 +297,7 @@ def make_pairs(
     pairs = [p for p in drawn if p is not None]
     _check_count(len(pairs), len(wanted), cfg, pools, split, "pairs")
     rng.shuffle(pairs)
-    return [_collate_pairs(g, _pad_id(tokenizer)) for g in _chunks(pairs, cfg.batch_size)]
+    return [_collate_pairs(g, pad_id(tokenizer)) for g in _chunks(pairs, cfg.batch_size)]
 
 
 def paper_pairs(tokenizer, cfg, split: str, seed: int) -> list[PairBatch]:
