@@ -48,6 +48,10 @@ STEPS: list[tuple[str, str, list[str]]] = [
     ("toy_illusion", "toy_illusion", []),
     ("mlp_recovery", "mlp_recovery", []),
     ("ioi_neuron_budget", "ioi_neuron_budget", []),
+    ("ioi_layer_profile", "ioi_layer_profile", []),
+    ("illusion_benchmark", "illusion_benchmark", []),
+    ("fact_patching", "fact_patching", []),
+    ("fact_editing", "fact_editing", ["extra.pair_run={out}/fact_patching"]),
 ]
 
 # (quantity, paper value on GPT-2 small, step, filters on its metrics.csv)
@@ -127,6 +131,17 @@ COMPARE: list[tuple[str, str, str, dict]] = [
      dict(intervention="das", metric="is_e1")),
     ("toy: DAS seeds landing on the illusory solution (fraction)", "—", "toy_illusion",
      dict(intervention="das", metric="is_illusory")),
+    ("facts: fact flip, per-pair 1-D DAS (mean over the layer grid)",
+     "GPT-2 XL: .81-.95 at layers 5-25, .48 at 35, ~0 at 0 and 40-45", "fact_patching",
+     dict(intervention="pair_das", metric="fact_flip", split="test")),
+    ("facts: fact flip, full MLP patch", "GPT-2 XL: ~0", "fact_patching",
+     dict(intervention="full", metric="fact_flip", split="test")),
+    ("facts: fact flip, row-space part of the per-pair directions", "GPT-2 XL: ~0",
+     "fact_patching", dict(intervention="pair_row", metric="fact_flip", split="test")),
+    ("facts: fact flip, one shared direction on held-out facts", "— (Wu et al.: stricter)",
+     "fact_patching", dict(intervention="shared_das", metric="fact_flip", split="test")),
+    ("facts: fact flip of the rank-1 edit", "GPT-2 XL: near the patch's", "fact_editing",
+     dict(intervention="edit", metric="fact_flip")),
 ]
 # fmt: on
 
