@@ -192,15 +192,17 @@ def test_user_errors_share_one_type():
 
 def test_importing_mlpim_keeps_the_matplotlib_backend(tmp_path):
     code = (
-        "import matplotlib\n"
+        "import os, matplotlib\n"
         "import mlpim.run, mlpim.report.io, mlpim.report.collect, mlpim.config, mlpim.sweep\n"
-        "print(matplotlib.get_backend())\n"
+        "import mlpim.engine.models, mlpim.experiments.common\n"
+        "print(matplotlib.get_backend(), os.environ.get('HF_HUB_OFFLINE', 'unset'))\n"
     )
     env = {**os.environ, "MPLBACKEND": "svg"}
+    env.pop("HF_HUB_OFFLINE", None)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().lower() == "svg"
+    assert proc.stdout.strip().lower() == "svg unset"  # nor the hub's environment
 
 
 def test_run_experiment_returns_results_without_files(tmp_path, monkeypatch):

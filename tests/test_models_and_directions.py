@@ -1,0 +1,78 @@
+"""Any local model (a tiny Gemma 3 saved like a download) end to end, and directions tied to
+the model they were found on: fingerprints, processing flags, plain tensor files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mlpim import constants as C
+from mlpim.config import compose
+from mlpim.engine.models import ConfigError, fingerprint
+from mlpim.engine.subspace import check_model, direction_meta, load_subspace, save_subspace
+from mlpim.engine.tiny import save_tiny
+from mlpim.experiments.subspace import loaded_basis
+from mlpim.run import run
+from mlpim.tasks.tokenizer import ioi_vocabulary, word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory):
+    tok = word_tokenizer(ioi_vocabulary(compose(["model=tiny"]).dataset))
+    return save_tiny("gemma3", tok, tmp_path_factory.mktemp("gemma3"))
+
+
+def test_hf_model_directory_runs_end_to_end(gemma_dir, tmp_path):
+    """`model=hf model.path=<tiny Gemma 3> site.layer=1`: the cache engine, a saved direction
+    that records the model, its weights and the site."""
+    cfg = compose(["experiment=ioi_mlp8_das", "model=hf", f"model.path={gemma_dir}",
+                   "site.layer=1", "method.epochs=1", "device=cpu",
+                   "dataset.n_train_pairs=40", "dataset.n_test_pairs=20"])  # fmt: skip
+    df = run(cfg, tmp_path / "run")
+    assert {"clean", "full", "das"} <= set(df.intervention)
+    saved = torch.load(tmp_path / "run" / C.DIRECTION, weights_only=True)
+    assert saved["model"] == gemma_dir.name and saved["site"] == "mlp_post" and saved["layer"] == 1
+    assert len(saved["fingerprint"]) == 16 and saved["processing"]["compat"] is False
+    assert saved["width"] == saved["basis"].shape[0]
+
+
+def test_hf_model_without_landmarks_names_site_layer(gemma_dir, tmp_path):
+    cfg = compose(["experiment=ioi_mlp8_das", "model=hf", f"model.path={gemma_dir}", "device=cpu"])
+    with pytest.raises(ConfigError, match="site.layer="):
+        run(cfg, tmp_path / "run")
+
+
+def test_direction_from_another_model_is_refused(tiny_gpt2, tiny_llama, tmp_path):
+    cfg = compose(["model=tiny"])
+    path = tmp_path / "v.pt"
+    basis = torch.linalg.qr(torch.randn(tiny_gpt2.cfg.d_mlp, 1))[0]
+    save_subspace(path, basis, **direction_meta(tiny_gpt2, cfg.model, "mlp_post", 1))
+    d = tiny_gpt2.cfg.d_mlp
+    assert torch.equal(loaded_basis(str(path), "mlp_post", 1, d, tiny_gpt2), basis)
+    assert fingerprint(tiny_gpt2) != fingerprint(tiny_llama)
+    with pytest.raises(ConfigError, match="weights"):
+        check_model(load_subspace(path), tiny_llama, path)
+    with pytest.raises(ConfigError, match="not mlp_post layer 2"):
+        loaded_basis(str(path), "mlp_post", 2, d, tiny_gpt2)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npy"])
+def test_plain_tensor_direction(tmp_path, suffix):
+    v = torch.randn(32)
+    path = tmp_path / f"v{suffix}"
+    np.save(path, v.numpy()) if suffix == ".npy" else torch.save(v, path)
+    saved = load_subspace(path, "resid_post", 3)
+    assert (saved["site"], saved["layer"]) == ("resid_post", 3)
+    assert torch.allclose(saved["basis"][:, 0].abs(), (v / v.norm()).abs(), atol=1e-6)
+
+
+def test_direction_file_never_runs_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"basis": torch.eye(3)[:, :1], "x": Evil()}, path)
+    with pytest.raises(ConfigError, match="cannot read safely|not a direction file"):
+        load_subspace(path)
