@@ -69,3 +69,13 @@ def test_illusion_check_on_a_jsonl_task(task, tmp_path):
     df = run(cfg, tmp_path / "check")
     assert "verdict" in set(df.intervention)
     assert (tmp_path / "check" / C.VERDICT).exists()
+
+
+def test_locate_and_nullspace_on_a_jsonl_task(task, tmp_path):
+    """Full-component patching and the row/null split on the task's own pairs (no IOI)."""
+    df = run(compose(["experiment=ioi_locate", *overrides(task)]), tmp_path / "loc")
+    assert {"resid_pre", "attn_out", "mlp_out", "resid_post", "z"} <= set(df.site)
+    assert not (tmp_path / "loc" / "landmarks.yaml").exists()  # the IOI landmark rule only
+    df = run(compose(["experiment=ioi_nullspace", *overrides(task)]), tmp_path / "null")
+    sep = df[df.metric == "separation"]
+    assert len(sep) == 3 and sep.value.notna().all()  # base vs source, per part

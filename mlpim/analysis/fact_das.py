@@ -35,7 +35,7 @@ def check_cfg(cfg) -> None:
         raise ConfigError(f"{cfg.experiment} patches mlp_post, not {cfg.site.kind}")
     if cfg.method.name != "das" or cfg.method.dim != 1:
         raise ConfigError(f"{cfg.experiment} needs method=das method.dim=1")
-    run = cfg.extra.get("pair_run")
+    run = cfg.extra.pair_run
     if run and not pair_file(run, 0).parent.is_dir():
         raise ConfigError(f"extra.pair_run={run}: no such directory (a fact_patching run)")
 

@@ -73,7 +73,7 @@ def saved_direction(
 
 def reference_direction(cfg: DictConfig, model) -> Tensor | None:
     """The saved 1-D residual direction `extra.resid_direction` (None when not given)."""
-    path = cfg.extra.get("resid_direction")
+    path = cfg.extra.resid_direction
     return saved_direction(path, model, cfg.model.name, RESID_KINDS)[2] if path else None
 
 

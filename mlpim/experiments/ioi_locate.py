@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 from mlpim.analysis.landmarks import write_landmarks
 from mlpim.engine import metrics
 from mlpim.engine.interventions import patch_each
-from mlpim.experiments.common import model_for
+from mlpim.experiments.common import model_for, predictor
 from mlpim.report import io
+from mlpim.tasks import task_splits
 from mlpim.tasks.ioi import PairBatch, make_pairs
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,22 @@ def summarize(df: pd.DataFrame, top: int = 12) -> pd.DataFrame:
     return wide.reindex(wide.fldd.abs().sort_values(ascending=False).index).head(top)
 
 
+def pairs_to_patch(cfg: DictConfig, model) -> list[PairBatch]:
+    """IOI: ABB->BAB and BAB->ABB test pairs; any other task: its test pairs."""
+    if cfg.dataset.name != "ioi":
+        return task_splits(model.tokenizer, cfg.dataset, cfg.seed, predictor(model))["test"]
+    combos = [("ABB", "BAB"), ("BAB", "ABB")]
+    n = cfg.extra.n_pairs_per_direction
+    return make_pairs(model.tokenizer, cfg.dataset, "test", combos, n, cfg.seed)
+
+
 def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     model = model_for(cfg)
-    n = cfg.get("extra", {}).get("n_pairs_per_direction", 20)
-    combos = [("ABB", "BAB"), ("BAB", "ABB")]
-    batches = make_pairs(model.tokenizer, cfg.dataset, "test", combos, n, cfg.seed)
-    batches = [b.to(model.cfg.device) for b in batches]
+    batches = [b.to(model.cfg.device) for b in pairs_to_patch(cfg, model)]
     df = locate(model, batches, cfg.method.engine).assign(split="test")
     df = io.tidy(df.to_dict("records"), cfg)
-    heatmaps(df, run_dir, f"{cfg.model.name}, ABB<->BAB")
-    threshold = cfg.get("extra", {}).get("signal_threshold", 0.2)
-    log.info(write_landmarks(df, run_dir, cfg.model.name, threshold))
+    what = "ABB<->BAB" if cfg.dataset.name == "ioi" else f"{cfg.dataset.name} test pairs"
+    heatmaps(df, run_dir, f"{cfg.model.name}, {what}")
+    if cfg.dataset.name == "ioi":  # the landmark rule reads the IOI position signal
+        log.info(write_landmarks(df, run_dir, cfg.model.name, cfg.extra.signal_threshold))
     return df

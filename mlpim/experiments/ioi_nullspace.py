@@ -59,19 +59,20 @@ def end_activations(model, batches: list[IOIBatch], kind: str, layer: int) -> di
 
 
 def histogram_stats(acts: dict[str, Tensor], parts: dict[str, Tensor]) -> dict[str, dict]:
-    """Per part: ABB-vs-ABA separation and the gap of the mean projections (ABB minus ABA)."""
+    """Per part: the two groups' separation and the gap of their mean projections (IOI: ABB
+    minus ABA; other tasks: base minus source prompts)."""
     out = {}
     for name, vec in parts.items():
-        a, b = (ns.projections(acts[p], vec) for p in HIST_PATTERNS)
+        a, b = (ns.projections(x, vec) for x in acts.values())
         out[name] = {"separation": ns.separation(a, b), "mean_gap": (a.mean() - b.mean()).item()}
     return out
 
 
 def histogram_plot(acts, parts, stats, run_dir: Path, title: str) -> None:
-    """Histograms of END activations projected on each part, ABB vs ABA."""
+    """Histograms of the site's activations projected on each part, one colour per group."""
     fig, axes = plt.subplots(1, len(parts), figsize=(4.2 * len(parts), 3.3), squeeze=False)
     for ax, (name, vec) in zip(axes[0], parts.items(), strict=True):
-        proj = {pat: ns.projections(acts[pat], vec).cpu() for pat in HIST_PATTERNS}
+        proj = {group: ns.projections(x, vec).cpu() for group, x in acts.items()}
         bins = torch.linspace(min(p.min() for p in proj.values()).item(),
                               max(p.max() for p in proj.values()).item(), 31)  # fmt: skip
         for (pat, values), color in zip(proj.items(), ("tab:blue", "tab:orange"), strict=True):
@@ -99,7 +100,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
             {"norm_sq": part.norm().item() ** 2}, intervention=name, split="train", **keys
         )
     rows += hist_rows(cfg, model, kind, layer, {"das": v, "row_proj": proj, "null_proj": null},
-                      run_dir, keys)  # fmt: skip
+                      run_dir, keys, splits)  # fmt: skip
     df = io.tidy(rows, cfg)
     meta = {"model": cfg.model.name, "site": kind, "layer": layer, "k": 1, "seed": cfg.seed}
     save_subspace(run_dir / C.DIRECTION, v[:, None], method="das", proj=proj.cpu(),
@@ -109,11 +110,23 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     return df
 
 
-def hist_rows(cfg, model, kind, layer, parts: dict[str, Tensor], run_dir, keys) -> list[dict]:
-    """ABB vs ABA projections: stats as rows (split = the prompts' split) and the histogram plot."""
-    split, n = cfg.extra.get("hist_split", "test"), cfg.extra.get("n_hist_prompts", 200)
+def hist_groups(cfg, model, kind: str, layer: int, splits) -> tuple[str, dict[str, Tensor]]:
+    """(split, two groups of site activations): IOI, ABB vs ABA prompts (which name repeats
+    varies, the position signal does not); other tasks, the test pairs' base vs source."""
+    if cfg.dataset.name != "ioi":
+        test = splits["test"]
+        return "test", {"base": torch.cat([p.base_act for p in test]),
+                        "source": torch.cat([p.source_act for p in test])}  # fmt: skip
+    split, n = cfg.extra.hist_split, cfg.extra.n_hist_prompts
     prompts = make_prompts(model.tokenizer, cfg.dataset, split, HIST_PATTERNS, n, cfg.seed)
     acts = end_activations(model, [b.to(model.cfg.device) for b in prompts], kind, layer)
+    return split, {p: acts[p] for p in HIST_PATTERNS}
+
+
+def hist_rows(cfg, model, kind, layer, parts: dict[str, Tensor], run_dir, keys,
+              splits) -> list[dict]:  # fmt: skip
+    """Projections of two groups: stats as rows (split = the prompts' split) and the plot."""
+    split, acts = hist_groups(cfg, model, kind, layer, splits)
     stats = histogram_stats(acts, parts)
     title = f"{cfg.model.name} {kind} L{layer}: END activations, {split} prompts"
     histogram_plot(acts, {k: parts[k] for k in PARTS}, stats, run_dir, title)

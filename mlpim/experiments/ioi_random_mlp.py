@@ -111,7 +111,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     basis = das_basis(cfg, model, "mlp_post", layer, cfg.direction, run_dir, splits)
     aug = augmented_splits(model, splits, layer)
     rows = real_mlp_rows(cfg, model, splits, aug, layer, basis)
-    n_seeds = int(cfg.extra.get("n_random_seeds", 3))
+    n_seeds = int(cfg.extra.n_random_seeds)
     for seed in range(cfg.seed, cfg.seed + n_seeds):
         rows += random_mlp_rows(cfg, model, aug, layer, seed, run_dir)
     df = io.tidy(rows, cfg)
