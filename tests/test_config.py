@@ -96,7 +96,7 @@ def test_explicit_layer_wins():
 
 def test_experiment_sites_follow_the_model():
     small = compose(["experiment=ioi_mlp8_das", "model=smollm2-135m"])
-    assert (small.site.kind, small.site.layer) == ("mlp_post", 21)
+    assert (small.site.kind, small.site.layer) == ("mlp_post", 20)  # the landmark rule's layer
     gpt2 = compose(["experiment=ioi_resid8_das", "model=gpt2-small"])
     assert (gpt2.site.kind, gpt2.site.layer) == ("resid_post", 8)
 

@@ -128,5 +128,5 @@ def test_benchmark_smollm2_reduced(smollm2, tmp_path):
     ]
     run(compose([*BENCH, *overrides]), tmp_path)
     cases = pd.read_csv(tmp_path / CASES)
-    assert len(cases) == 5 and set(cases.layer) == {21}
+    assert len(cases) == 5 and set(cases.layer) == {20}
     assert time.time() - t0 < 240

@@ -108,10 +108,10 @@ def test_layers_default_to_landmarks_plus_window_and_follow_options(tmp_path):
         cfg = compose(["experiment=ioi_layer_profile", "model=smollm2-135m", *overrides])
         return profile_layers(cfg, n, locate)[0]
 
-    assert layers() == [19, 20, 21, 22, 23]  # landmarks 21 ± 2
-    assert layers("extra.window=0") == [21]
+    assert layers() == [18, 19, 20, 21, 22]  # landmarks 20 ± 2
+    assert layers("extra.window=0") == [20]
     assert layers("extra.layers=[22,18,18]") == [18, 22]
-    assert layers("extra.first_layer=17") == [17, 18, 19, 20, 21, 22, 23]
+    assert layers("extra.first_layer=17") == [17, 18, 19, 20, 21, 22]
     assert layers("extra.first_layer=2", "extra.last_layer=4") == [2, 3, 4]
     assert layers("extra.window=40", n=30) == list(range(30))  # clipped to the model
     df = locate_table(attn={19: 0.18, 20: 0.78}, resid={19: 0.18, 20: 1.0, 22: 1.0}, n_layers=30)
