@@ -51,14 +51,17 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory) -> Path:
-    """A tiny random GPT2LMHeadModel and the IOI word tokenizer, saved like a downloaded model."""
+    """A tiny random GPT2LMHeadModel and a word tokenizer over the IOI and fact-set words, saved
+    like a downloaded model."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mlpim.tasks.tokenizer import ioi_vocabulary, word_tokenizer
+    from mlpim.tasks import task_vocabulary
+    from mlpim.tasks.tokenizer import word_tokenizer
 
     path = tmp_path_factory.mktemp("gpt2")
-    tok = word_tokenizer(ioi_vocabulary(compose(["model=tiny"]).dataset))
+    words = [task_vocabulary(compose([f"dataset={d}"]).dataset) for d in ("ioi", "facts")]
+    tok = word_tokenizer(list(dict.fromkeys(words[0] + words[1])))
     torch.manual_seed(0)
     conf = GPT2Config(
         n_layer=2, n_embd=32, n_head=4, n_inner=64, vocab_size=len(tok), n_positions=64,
