@@ -34,6 +34,8 @@ class ModelConfig:
     refactor_factored_attn_matrices: bool = False
     dtype: str = "float32"
     tiny: dict[str, Any] = field(default_factory=dict)  # sizes of the random tiny model
+    sizes: dict[str, int] = field(default_factory=dict)  # d_model, d_mlp, n_layers of a fixed
+    # model, so that preflight refuses a bad site.layer or method.dim before loading it
     landmarks: Landmarks = field(default_factory=Landmarks)
 
 

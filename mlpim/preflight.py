@@ -48,10 +48,14 @@ def check_direction_file(key: str, path: str | None) -> None:
         raise MlpimError(f"{key}={path}: not a torch (.pt) or numpy (.npy) file")
 
 
+def model_sizes(cfg: DictConfig) -> dict:
+    """The sizes the model config declares (`model.sizes`, or the tiny model's), else {}."""
+    return dict(cfg.model.get("sizes") or cfg.model.get("tiny") or {})
+
+
 def site_width(cfg: DictConfig) -> int | None:
-    """The site's width when the model config gives it (the tiny model does), else None."""
-    sizes = cfg.model.get("tiny") or {}
-    return sizes.get("d_mlp" if cfg.site.kind == "mlp_post" else "d_model")
+    """The site's width when the model config gives it, else None."""
+    return model_sizes(cfg).get("d_mlp" if cfg.site.kind == "mlp_post" else "d_model")
 
 
 def check_extra_keys(cfg: DictConfig) -> None:
@@ -68,7 +72,7 @@ def check_site_and_dim(cfg: DictConfig) -> None:
     """The site kind the experiment can use, the layer and `method.dim` where the model tells."""
     ignores = set(cfg.get("ignores") or [])
     allowed = list(cfg.get("sites") or [])
-    n_layers = (cfg.model.get("tiny") or {}).get("n_layers")
+    n_layers = model_sizes(cfg).get("n_layers")
     layer = cfg.site.get("layer")
     if "site" not in ignores and n_layers and layer is not None and not 0 <= layer < n_layers:
         raise MlpimError(

@@ -153,6 +153,17 @@ def test_preflight_refuses_before_the_model_loads(overrides, needles, monkeypatc
         assert needle in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "needle"), [("method.dim=5000", "1..1536"), ("site.layer=50", "layers 0..29")]
+)
+def test_preflight_knows_the_bundled_model_without_loading_it(override, needle):
+    """SmolLM2's sizes are in its config: a bad dim or layer is refused before the minute of
+    loading and preparing (the issue's example)."""
+    cfg = compose(["experiment=ioi_mlp8_das", "model=smollm2-135m", override])
+    with pytest.raises(MlpimError, match=needle.replace(".", r"\.")):
+        preflight(cfg, [override])
+
+
 def test_cli_preflight_errors_are_one_line(tmp_path):
     bad = tmp_path / "not_a_tensor.pt"
     bad.write_text("hello")
