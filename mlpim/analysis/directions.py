@@ -13,7 +13,7 @@ from mlpim import constants as C
 from mlpim.analysis.controls import loaded_basis
 from mlpim.engine.das import train_das
 from mlpim.engine.interventions import Prepared
-from mlpim.engine.models import ConfigError
+from mlpim.engine.models import ConfigError, site_width
 from mlpim.engine.subspace import direction_meta, save_subspace
 
 
@@ -25,7 +25,7 @@ def saved_or_trained(
 
     A trained basis is saved at `save_as` (reusable as `direction=`), its history at `history`.
     """
-    from mlpim.experiments.common import paper_splits, site_width
+    from mlpim.experiments.common import paper_splits  # the task's pairs when none are given
 
     d = site_width(model, kind)
     if path:

@@ -49,6 +49,11 @@ def hook_name(kind: str, layer: int) -> str:
     return SITE_HOOKS[kind].format(layer=layer)
 
 
+def site_width(model, kind: str) -> int:
+    """Width of a site's activation: d_mlp for `mlp_post`, else d_model."""
+    return model.cfg.d_mlp if kind == "mlp_post" else model.cfg.d_model
+
+
 def validate_site(model, kind: str, layer: int) -> str:
     """Check the site exists in this model and return its hook name."""
     name = hook_name(kind, layer)

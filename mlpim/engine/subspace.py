@@ -46,12 +46,11 @@ def save_subspace(path: Path, basis: Tensor, **meta) -> None:
 def direction_meta(model, model_cfg, kind: str, layer: int, position: str = "end") -> dict:
     """What ties a direction to where it was found: model, weights, processing, site, version."""
     from mlpim import __version__
-    from mlpim.engine.models import fingerprint, processing
+    from mlpim.engine.models import fingerprint, processing, site_width
 
     return {"model": model.cfg.model_name, "fingerprint": fingerprint(model),
             "processing": processing(model_cfg), "site": kind, "layer": layer,
-            "position": position, "width": int(model.cfg.d_mlp if kind == "mlp_post"
-                                               else model.cfg.d_model),
+            "position": position, "width": int(site_width(model, kind)),
             "mlpim_version": __version__}  # fmt: skip
 
 

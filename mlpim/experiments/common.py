@@ -59,11 +59,6 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def site_width(model, kind: str) -> int:
-    """Width of a site's activation: d_mlp for `mlp_post`, else d_model."""
-    return model.cfg.d_mlp if kind == "mlp_post" else model.cfg.d_model
-
-
 def paper_splits(cfg: DictConfig, model, kind: str, layer: int) -> dict[str, list[Prepared]]:
     """The task's train and test pairs (IOI: the paper's DAS data), prepared at (kind, layer)
     with `method.engine`."""

@@ -32,9 +32,9 @@ from mlpim.analysis import illusion
 from mlpim.analysis import references as R
 from mlpim.analysis.controls import loaded_basis
 from mlpim.analysis.planted import measure_checks
-from mlpim.engine.models import ConfigError, validate_site
+from mlpim.engine.models import ConfigError, site_width, validate_site
 from mlpim.engine.subspace import load_subspace
-from mlpim.experiments.common import model_for, paper_splits, site_width
+from mlpim.experiments.common import model_for, paper_splits
 from mlpim.report import io
 
 log = logging.getLogger(__name__)

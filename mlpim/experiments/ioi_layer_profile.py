@@ -27,10 +27,10 @@ from mlpim.analysis import nullspace as ns
 from mlpim.analysis.profile import null_fraction, prepare_many
 from mlpim.engine.das import train_das
 from mlpim.engine.interventions import Prepared, clean_metrics, evaluate
-from mlpim.engine.models import ConfigError
+from mlpim.engine.models import ConfigError, site_width
 from mlpim.engine.patching import full, subspace
 from mlpim.engine.subspace import direction_meta, save_subspace
-from mlpim.experiments.common import model_for, predictor, site_width
+from mlpim.experiments.common import model_for, predictor
 from mlpim.report import io
 from mlpim.tasks import task_splits
 
