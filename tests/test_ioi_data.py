@@ -13,6 +13,7 @@ from mlpim.tasks.ioi import (
     IOIBatch,
     PairBatch,
     filter_report,
+    held_out_pairs,
     make_pairs,
     make_prompts,
     one_token_words,
@@ -126,6 +127,22 @@ def test_generated_data_stays_in_split(cfg, tok):
             assert set(batch.template) <= set(cfg[f"{split}_templates"])
             for token_id in [*batch.io, *batch.s]:
                 assert _decode_name(tok, token_id) in names
+
+
+def test_held_out_pairs_hold_out_one_thing(cfg, tok):
+    """ "new templates": test templates with train names; "new names": the reverse."""
+    sets = held_out_pairs(tok, cfg, seed=0)
+    cases = {"new templates": ("test", "train"), "new names": ("train", "test")}
+    for key, (template_split, name_split) in cases.items():
+        names, n = _split_names(cfg, name_split), 0
+        for pair in sets[key]:
+            for side in (pair.base, pair.source):
+                assert set(side.template) <= set(cfg[f"{template_split}_templates"])
+                assert {_decode_name(tok, t) for t in [*side.io, *side.s]} <= names
+            combos = set(zip(pair.base.pattern, pair.source.pattern, strict=True))
+            assert combos <= {("ABB", "BAB"), ("BAB", "ABB")}
+            n += len(pair.label)
+        assert n == cfg.n_test_pairs
 
 
 # --- tokenizer ----------------------------------------------------------------------------------

@@ -238,17 +238,25 @@ def random_mlp_check(
 
 
 def generalisation_check(
-    fldd_train: float, fldd_test: float, refs: Refs | None = None, th: Thresholds = DEFAULT
-) -> Check:
-    """Warn when the train effect (opposite-pattern train pairs) passes the gate and the
-    held-out effect is below th.generalisation × it; the value is FLDD(test) / FLDD(train)."""
+    fldd_train: float, fldd_held: float | Mapping[str, float], refs: Refs | None = None,
+    th: Thresholds = DEFAULT,
+) -> Check:  # fmt: skip
+    """Warn when the train effect (opposite-pattern train pairs) passes the gate and the effect
+    on a held-out set is below th.generalisation × it. `fldd_held`: one held-out FLDD or one per
+    set (e.g. test, new templates, new names); the value is the smallest FLDD(held) / FLDD(train)."""
+    held = fldd_held if isinstance(fldd_held, Mapping) else {"held out": fldd_held}
     refs, gate = refs or Refs(), effect_gate(fldd_train, refs, th)
-    ratio = fldd_test / fldd_train if abs(fldd_train) > 1e-9 else NAN
+    ok = abs(fldd_train) > 1e-9
+    worst = min(held, key=held.get)
+    ratio = held[worst] / fldd_train if ok else NAN
     warn = gate.ok and ratio < th.generalisation
     s = th.borderline_spreads * refs.fldd_spread
     spread = s * math.hypot(1.0, ratio) / abs(fldd_train) if math.isfinite(ratio) else NAN
     rule = f"FLDD(held out) < {th.generalisation}·FLDD(train), FLDD(train) ≥ {gate.threshold:.3g}"
-    detail = f"FLDD on opposite-pattern train pairs {fldd_train:.3f}, held out {fldd_test:.3f}"
+    sets = ", ".join(f"{k} {v:.3f}" for k, v in held.items())
+    detail = (
+        f"FLDD on opposite-pattern train pairs {fldd_train:.3f}; held out: {sets} (lowest: {worst})"
+    )
     return Check("generalisation", ratio, th.generalisation, warn, rule, detail, None, None,
                  spread, -1, gate.borderline)  # fmt: skip
 

@@ -53,12 +53,20 @@ def fldds(rows: list[dict], split: str = "test") -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
-def generalisation(model, splits: Splits, v: Tensor, refs: Refs, th) -> illusion.Check:
-    """Check 6: v's FLDD on the train pairs whose answer changes vs on the held-out pairs."""
+HELD_OUT = ("test", "new templates", "new names")  # held-out sets, where the task has them
+
+
+def generalisation(
+    model, splits: Splits, v: Tensor, refs: Refs, th, keys: dict
+) -> tuple[list[dict], illusion.Check]:
+    """Check 6: v's FLDD on the train pairs whose answer changes vs on each held-out set (the
+    rows: FLDD per set, split "train (changing)", "new templates", "new names")."""
     setter = subspace(ns.unit_basis(v))
     train = controls.changing_fldd(model, splits["train"], setter)
-    test = evaluate(model, splits["test"], setter)["fldd"]
-    return illusion.generalisation_check(train, test, refs, th)
+    held = {k: evaluate(model, splits[k], setter)["fldd"] for k in HELD_OUT if k in splits}
+    rows = [r for k, f in {"train (changing)": train, **held}.items() if k != "test"
+            for r in io.metric_rows({"fldd": f}, intervention="das", split=k, **keys)]  # fmt: skip
+    return rows, illusion.generalisation_check(train, held, refs, th)
 
 
 def measure_checks(
@@ -78,7 +86,8 @@ def measure_checks(
         checks = [illusion.effect_check(f["das"], refs, th),
                   illusion.component_check(f["das"], f["full"], refs, th)]  # fmt: skip
         checks += [illusion.not_applicable(n, why) for n in illusion.CHECKS[2:-1]]
-        return rows, [*checks, generalisation(model, splits, v, refs, th)]
+        g_rows, g = generalisation(model, splits, v, refs, th, keys)
+        return rows + g_rows, [*checks, g]
     w_out = ns.mlp_w_out(model, layer)
     proj, null = ns.split(v, w_out)
     bases = controls.intervention_bases(v, proj, null)
@@ -91,7 +100,8 @@ def measure_checks(
     checks += illusion.mlp_checks(f, v, w_out, *acts(splits["test"]), refs, th)
     checks.append(alignment(v, w_out, v_ref, n_align, keys.get("seed", 0)))
     checks.append(random_mlp(f["das"], refs, th))
-    return rows, [*checks, generalisation(model, splits, v, refs, th)]
+    g_rows, g = generalisation(model, splits, v, refs, th, keys)
+    return rows + g_rows, [*checks, g]
 
 
 def alignment(v: Tensor, w_out: Tensor, v_ref: Tensor | None, n: int, seed: int):

@@ -179,7 +179,8 @@ def random_mlp_reference(
         return [], Reference("random-MLP DAS")
     epochs = opts.random_mlp_epochs or cfg.method.epochs
     sub = OmegaConf.merge(cfg, {"method": {"dim": 1, "epochs": epochs}})
-    aug = controls.augmented_splits(model, splits, layer)
+    paper = {k: splits[k] for k in ("train", "test")}  # not the held-out generalisation pairs
+    aug = controls.augmented_splits(model, paper, layer)
     rows, values = [], []
     seeds = range(opts.seed, opts.seed + opts.random_mlp_seeds)
     for seed in tqdm(seeds, desc=f"reference: random-MLP DAS L{layer}", leave=False):

@@ -10,6 +10,7 @@ from mlpim.engine.models import ConfigError, load_model, resolve_device, validat
 from mlpim.engine.patching import logits_end
 from mlpim.tasks import IOI_ONLY, bos_id, pad_id, task_splits, task_vocabulary
 from mlpim.tasks.batch import PromptBatch, left_pad
+from mlpim.tasks.ioi import held_out_pairs
 
 
 def model_for(cfg: DictConfig):
@@ -59,10 +60,15 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def paper_splits(cfg: DictConfig, model, kind: str, layer: int) -> dict[str, list[Prepared]]:
+def paper_splits(
+    cfg: DictConfig, model, kind: str, layer: int, held_out: bool = False
+) -> dict[str, list[Prepared]]:
     """The task's train and test pairs (IOI: the paper's DAS data), prepared at (kind, layer)
-    with `method.engine`."""
+    with `method.engine`. `held_out` adds, for IOI, "new templates" and "new names" (pairs that
+    hold out one of the two at a time; `mlpim.tasks.ioi.held_out_pairs`)."""
     batches = task_splits(model.tokenizer, cfg.dataset, cfg.seed, predictor(model))
+    if held_out and cfg.dataset.name == "ioi":
+        batches |= held_out_pairs(model.tokenizer, cfg.dataset, cfg.seed)
     dev = model.cfg.device
     return {s: prepare(model, [b.to(dev) for b in bs], kind, layer, cfg.method.engine)
             for s, bs in batches.items()}  # fmt: skip

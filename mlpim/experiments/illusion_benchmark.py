@@ -99,7 +99,7 @@ def case_row(name: str, truth: str, angle: float, layer, site: str, checks) -> d
 
 def layer_cases(cfg, model, layer: int, th, run_dir: Path) -> tuple[list[dict], list[dict]]:
     """Every planted case at one middle MLP: (metric rows, case rows)."""
-    splits = paper_splits(cfg, model, "mlp_post", layer)
+    splits = paper_splits(cfg, model, "mlp_post", layer, held_out=True)
     resid = {s: prepare(model, [p.pairs for p in ps], "resid_post", layer, cfg.method.engine)
              for s, ps in splits.items()}  # fmt: skip
     refs = layer_references(cfg, model, splits, "mlp_post", layer, th, run_dir)

@@ -128,7 +128,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     th, keys = thresholds(cfg), {"site": kind, "layer": layer, "dim": 1, "seed": cfg.seed}
     steps = tqdm(total=3, desc="illusion_check", unit="step")
     steps.set_postfix_str("prepare pairs")
-    splits = paper_splits(cfg, model, kind, layer)
+    splits = paper_splits(cfg, model, kind, layer, held_out=True)
     steps.update()
     steps.set_postfix_str("reference distributions")
     ref_rows, refs = references(cfg, model, splits, kind, layer, run_dir, th)

@@ -9,7 +9,7 @@ Token positions count the BOS token at position 0.
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from jaxtyping import Int
@@ -291,6 +291,13 @@ def make_pairs(
     """
     uses_fresh = any(p in FRESH_PATTERNS for combo in combos for p in combo)
     pools = _pools(tokenizer, cfg, split, min_names=4 if uses_fresh else 3)
+    return _pairs_from(tokenizer, cfg, pools, split, combos, n_per_combo, seed)
+
+
+def _pairs_from(
+    tokenizer, cfg, pools: _Pools, split: str, combos: Sequence[tuple[str, str]],
+    n_per_combo: int, seed: int,
+) -> list[PairBatch]:  # fmt: skip
     rng = random.Random(seed)
     wanted = [combo for combo in combos for _ in range(n_per_combo)]
     drawn = [_draw_pair(tokenizer, pools, rng, b, s) for b, s in wanted]
@@ -307,6 +314,17 @@ def paper_pairs(tokenizer, cfg, split: str, seed: int) -> list[PairBatch]:
         return make_pairs(tokenizer, cfg, split, combos, cfg.n_train_pairs // 4, seed)
     combos = [("ABB", "BAB"), ("BAB", "ABB")]
     return make_pairs(tokenizer, cfg, split, combos, cfg.n_test_pairs // 2, seed)
+
+
+def held_out_pairs(tokenizer, cfg, seed: int) -> dict[str, list[PairBatch]]:
+    """ABB<->BAB pairs that hold out one thing at a time: "new templates" (test templates, train
+    names, objects and places) and "new names" (test names, train templates, objects, places)."""
+    train, test = _pools(tokenizer, cfg, "train"), _pools(tokenizer, cfg, "test")
+    mixed = {"new templates": replace(train, templates=test.templates),
+             "new names": replace(train, names=test.names)}  # fmt: skip
+    combos = [("ABB", "BAB"), ("BAB", "ABB")]
+    n = cfg.n_test_pairs // 2
+    return {k: _pairs_from(tokenizer, cfg, pools, k, combos, n, seed) for k, pools in mixed.items()}
 
 
 def filter_report(tokenizer, cfg) -> dict[str, int]:
