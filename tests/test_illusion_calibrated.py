@@ -112,7 +112,8 @@ def test_benchmark_end_to_end(tmp_path):
     df = run(compose([*BENCH, *FAST, "extra.bench_layer_offsets=[0]"]), tmp_path)
     cases = pd.read_csv(tmp_path / CASES)
     assert {"illusory 30°", "illusory 60°", "real mean diff", "real row part",
-            "real resid mean diff", "toy e1", "toy k=4 illusory"} <= set(cases.case)  # fmt: skip
+            "real resid mean diff", "real v_resid (DAS)", "toy e1",
+            "toy k=4 illusory"} <= set(cases.case)  # fmt: skip
     assert set(cases.truth) == {"illusory", "real"} and cases.verdict.notna().all()
     text = (tmp_path / "summary.md").read_text()
     assert "Confusion matrix" in text and "Misses" in text and (tmp_path / PLOT).exists()
@@ -134,4 +135,4 @@ def test_benchmark_smollm2_reduced(smollm2, tmp_path):
     ]
     run(compose([*BENCH, *overrides]), tmp_path)
     cases = pd.read_csv(tmp_path / CASES)
-    assert len(cases) == 5 and set(cases.layer) == {20}
+    assert len(cases) == 6 and set(cases.layer) == {20}

@@ -154,6 +154,12 @@ def dormant_direction(
     return (d / d.norm()).to(w_out.dtype)
 
 
+def oriented(v: Tensor, along: Tensor) -> Tensor:
+    """v with its sign chosen so that it points along `along` (a DAS direction's sign is
+    arbitrary; the planted recipe needs the one of the ABB−BAB difference)."""
+    return v if float(v @ along) >= 0 else -v
+
+
 def mix(irrelevant: Tensor, dormant: Tensor, degrees: float) -> Tensor:
     """cos θ · irrelevant + sin θ · dormant, normalised (the two are orthogonal)."""
     t = math.radians(degrees)

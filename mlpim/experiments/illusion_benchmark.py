@@ -1,11 +1,13 @@
 """illusion_benchmark: how often is illusion_check's verdict right on cases whose truth is planted?
 
-At the MLPs `extra.bench_layer_offsets` around the landmark MLP (default ±2), illusory directions
-by the paper's recipe (`mlpim.analysis.planted`: the nullspace part of the ABB−BAB mean hidden
-difference mixed with a least-varying row-space direction that W_out maps onto the residual
-mean-difference direction, at `extra.bench_angles` degrees) and real ones (the hidden mean
-difference, its row-space part, the residual mean difference at resid_post of the same layer);
-plus the toy model's planted cases (`extra.bench_toy`). References are measured once per layer.
+At the MLPs `extra.bench_layer_offsets` around the landmark MLP (default ±2), a 1-D DAS direction
+v_resid is trained at resid_post of the same layer (`method.*`; saved as `v_resid_post_L<n>.pt`,
+its sign set along the ABB−BAB mean difference). Illusory directions follow the paper's recipe
+(`mlpim.analysis.planted`): the nullspace part of the ABB−BAB mean hidden difference mixed, at
+`extra.bench_angles` degrees, with a row-space direction that W_out maps onto v_resid (exactly
+when `extra.dormant_dims` is null). Real ones: the hidden mean difference, its row-space part,
+and at resid_post v_resid itself and the residual mean difference; plus the toy model's planted
+cases (`extra.bench_toy`). References are measured once per site.
 
 Writes metrics.csv, cases.csv (one row per case), summary.md (the confusion matrix, planted truth
 × verdict, and each miss with its reason), illusion_benchmark.png. Thresholds are `check.*`, as
@@ -21,12 +23,14 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from mlpim import constants as C
 from mlpim.analysis import illusion, planted
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis import references as R
+from mlpim.analysis.directions import das_basis
 from mlpim.engine.interventions import prepare
 from mlpim.experiments.common import model_for, paper_splits, require_ioi
 from mlpim.report import io
@@ -59,11 +63,11 @@ def layer_references(cfg, model, splits, kind: str, layer: int, th, run_dir: Pat
     return R.Refs(refs.random_dirs, rand, refs.natural_dormant, refs.natural_bridging)
 
 
-def planted_directions(cfg, model, splits, resid_splits, layer: int) -> dict[str, tuple]:
-    """name -> (unit direction, truth, angle) at mlp_post of `layer`."""
+def planted_directions(cfg, model, splits, target: Tensor, layer: int) -> dict[str, tuple]:
+    """name -> (unit direction, truth, angle) at mlp_post of `layer`; the dormant part of the
+    illusory ones is mapped by W_out onto `target` (the residual circuit direction)."""
     w_out = ns.mlp_w_out(model, layer)
     dh = planted.pattern_mean_diff(splits["train"])
-    target = planted.pattern_mean_diff(resid_splits["train"])
     hidden = torch.cat([*planted.acts(splits["train"])])
     irr = planted.irrelevant_direction(w_out, dh)
     dor = planted.dormant_direction(w_out, hidden, target, cfg.extra.dormant_dims)
@@ -103,22 +107,33 @@ def layer_cases(cfg, model, layer: int, th, run_dir: Path) -> tuple[list[dict], 
     resid = {s: prepare(model, [p.pairs for p in ps], "resid_post", layer, cfg.method.engine)
              for s, ps in splits.items()}  # fmt: skip
     refs = layer_references(cfg, model, splits, "mlp_post", layer, th, run_dir)
+    mean_diff = planted.pattern_mean_diff(resid["train"])
+    v_resid = planted.oriented(
+        das_basis(cfg, model, "resid_post", layer, None, run_dir, resid)[:, 0], mean_diff
+    )
     rows, cases = [], []
-    todo = planted_directions(cfg, model, splits, resid, layer)
+    todo = planted_directions(cfg, model, splits, v_resid, layer)
     for name, (v, truth, angle) in tqdm(todo.items(), desc=f"planted cases L{layer}", leave=False):
         keys = {"site": "mlp_post", "layer": layer, "case": name, "seed": cfg.seed}
         r, checks = planted.measure_checks(model, splits, "mlp_post", layer, v, refs, th, keys)
         rows += r
         cases.append(case_row(name, truth, angle, layer, "mlp_post", checks))
-    target = planted.pattern_mean_diff(resid["train"])
-    resid_refs = layer_references(cfg, model, resid, "resid_post", layer, th, run_dir)
-    keys = {"site": "resid_post", "layer": layer, "case": "real resid mean diff", "seed": cfg.seed}
-    r, checks = planted.measure_checks(model, resid, "resid_post", layer,
-                                       target / target.norm(), resid_refs, th, keys)  # fmt: skip
-    cases.append(
-        case_row("real resid mean diff", "real", float("nan"), layer, "resid_post", checks)
-    )
-    return rows + r, cases
+    r, c = resid_cases(cfg, model, resid, layer, th, run_dir, v_resid, mean_diff)
+    return rows + r, cases + c
+
+
+def resid_cases(cfg, model, resid, layer: int, th, run_dir: Path, *real: Tensor):
+    """(metric rows, case rows) of the real residual cases at resid_post of `layer`: v_resid
+    and the mean difference."""
+    refs = layer_references(cfg, model, resid, "resid_post", layer, th, run_dir)
+    rows, out = [], []
+    for name, v in zip(("real v_resid (DAS)", "real resid mean diff"), real, strict=True):
+        keys = {"site": "resid_post", "layer": layer, "case": name, "seed": cfg.seed}
+        r, checks = planted.measure_checks(model, resid, "resid_post", layer, v / v.norm(), refs,
+                                           th, keys)  # fmt: skip
+        rows += r
+        out.append(case_row(name, "real", float("nan"), layer, "resid_post", checks))
+    return rows, out
 
 
 def toy_rows(th) -> list[dict]:
