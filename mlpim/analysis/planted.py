@@ -7,11 +7,13 @@ patches behind them on the prepared pairs), judged against references measured o
 The planted recipe (the paper's construction of an illusory direction) at an MLP hidden site:
 - irrelevant: the W_out-nullspace part of the ABB-minus-BAB mean hidden difference (it separates
   the patterns and W_out never reads it);
-- dormant: a row-space direction along which natural activations vary least, chosen so that W_out
-  maps it onto the residual circuit direction (exactly when `dormant_dims` spans the row space);
+- dormant: a row-space direction that W_out maps onto the residual circuit direction (v_resid),
+  exactly when it may use the whole row space (`dims` None), else as nearly as the `dims`
+  row-space directions of least natural variation allow;
 - illusory(θ) = cos θ · irrelevant + sin θ · dormant.
 Real directions: the hidden mean difference, its row-space part (the MLP's natural output already
-varies with the pattern along it), and the residual mean difference at the handover residual.
+varies with the pattern along it), and v_resid and the residual mean difference at the handover
+residual.
 """
 
 from __future__ import annotations
