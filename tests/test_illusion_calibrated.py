@@ -103,6 +103,8 @@ def test_planted_recipe(tiny_site):
     assert ns.cosine(low @ w_out, target) > 0
     var = lambda d: (hidden @ d).var().item()  # noqa: E731
     assert var(low) < var(exact)  # least natural variation
+    torch.testing.assert_close(planted.oriented(-exact, exact), exact)  # a DAS sign is arbitrary
+    assert planted.oriented(exact, exact) is exact
     v = planted.mix(irr, exact, 30.0)
     proj, null = ns.split(v, w_out)
     assert null.norm().item() == pytest.approx(math.cos(math.radians(30)), abs=1e-4)
