@@ -142,7 +142,7 @@ class ExtraConfig:
     n_natural: int = 8
     bench_layer_offsets: list[int] = field(default_factory=lambda: [-2, -1, 0, 1, 2])
     bench_angles: list[float] = field(default_factory=lambda: [15.0, 30.0, 45.0, 60.0, 75.0])
-    dormant_dims: int | None = 64
+    dormant_dims: int | None = 64  # illusion_benchmark.yaml sets null (the exact map)
     bench_toy: bool = True
     # ioi_layer_profile (reads `layers` above too); signal_threshold is also ioi_locate's rule
     first_layer: int | None = None
