@@ -191,8 +191,10 @@ def test_guard_stops_a_corrupted_engine(model, engine):
     else:
         layer = prep.state.past.layers[2]
         layer.keys = layer.keys * 3.0
-    with pytest.raises(EngineMismatchError, match=r"mlp\.hook_post.*max \|Δ\|"):
+    with pytest.raises(EngineMismatchError, match=r"mlp\.hook_post.*max \|Δ\|") as err:
         guard(model, prep)
+    advice = str(err.value).split("(try ")[1]
+    assert f"engine={engine}" not in advice and "method.engine=full" in advice
 
 
 def test_auto_picks_kernel_at_end_and_cache_elsewhere(model):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mlpim.engine import cache as engine_cache
 from mlpim.engine.models import ConfigError
 from mlpim.engine.tiny import BOOT_NAME, FAMILIES, MISSING_SITES, build_tiny, save_tiny
 from mlpim.tasks.tokenizer import word_tokenizer
@@ -133,8 +134,8 @@ def test_kv_cache_resume(family, tok):
     tokens = _tokens(tok, 2)
     with torch.no_grad():
         full = bridge(tokens)
-        head, cache = bridge(tokens[:, :P], return_type="logits_and_cache")
-        tail = bridge(tokens[:, P:], past_key_values=cache)
+        head, past = engine_cache.prefix(bridge, tokens[:, :P], torch.ones_like(tokens[:, :P]))
+        tail = engine_cache.run_from(bridge, tokens[:, P:], torch.ones_like(tokens), past)
     torch.testing.assert_close(head, full[:, :P], atol=ATOL, rtol=0)
     torch.testing.assert_close(tail, full[:, P:], atol=ATOL, rtol=0)
 
@@ -145,14 +146,24 @@ def test_kv_cache_left_padded(family, tok):
     tokens = _tokens(tok, len(LENS))
     padded, mask = _left_padded(tokens)
     with torch.no_grad():
-        head, cache = bridge(
-            padded[:, :P], attention_mask=mask[:, :P], return_type="logits_and_cache"
-        )
-        tail = bridge(padded[:, P:], attention_mask=mask, past_key_values=cache)
+        head, past = engine_cache.prefix(bridge, padded[:, :P], mask[:, :P])
+        tail = engine_cache.run_from(bridge, padded[:, P:], mask, past)
         joined = torch.cat([head, tail], dim=1)
         for i, n in enumerate(LENS):
             alone = bridge(tokens[i : i + 1, T - n :])[0]
             torch.testing.assert_close(joined[i, T - n :], alone, atol=ATOL, rtol=0)
+
+
+def test_kv_cache_reused_unchanged(family, tok):
+    """Resuming twice from one prefix cache gives the same logits, and the cache keeps its length."""
+    _, _, bridge = family
+    padded, mask = _left_padded(_tokens(tok, len(LENS)))
+    with torch.no_grad():
+        _, past = engine_cache.prefix(bridge, padded[:, :P], mask[:, :P])
+        first = engine_cache.run_from(bridge, padded[:, P:], mask, past)
+        second = engine_cache.run_from(bridge, padded[:, P:], mask, past)
+    assert past.get_seq_length() == P
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("site", SITES)
@@ -165,10 +176,8 @@ def test_kv_cache_hooked_resume(family, tok, site):
     with torch.no_grad():
         plain = bridge(padded, attention_mask=mask)
         full = bridge.run_with_hooks(padded, attention_mask=mask, fwd_hooks=[(site, _patch(P))])
-        _, cache = bridge(padded[:, :P], attention_mask=mask[:, :P], return_type="logits_and_cache")
-        tail = bridge.run_with_hooks(
-            padded[:, P:], attention_mask=mask, past_key_values=cache, fwd_hooks=[(site, _patch(0))]
-        )
+        _, past = engine_cache.prefix(bridge, padded[:, :P], mask[:, :P])
+        tail = engine_cache.run_from(bridge, padded[:, P:], mask, past, [(site, _patch(0))])
     assert (full[:, P:] - plain[:, P:]).abs().max() > 0.1  # the patch matters
     torch.testing.assert_close(tail, full[:, P:], atol=ATOL, rtol=0)
 

@@ -1,14 +1,22 @@
 """The generic engine: resume the model's own forward from its own KV cache.
 
 The base prompts run once up to the first patch column; their Hugging Face key/value cache is
-kept. Each patched evaluation runs only the columns from there to END against that cache, with
-the site patched at each prompt's own position by a hook. Every architectural detail (rotary
+kept. Each patched evaluation runs only the columns from there to END against a deep copy of that
+cache (the documented way to reuse a transformers cache: a call may update it in place), with the
+site patched at each prompt's own position by a hook. Every architectural detail (rotary
 variants, sliding windows, QK norms, parallel blocks, biases ...) is the model's own.
+
+transformers >= 5.24 hands the cache to attention as `cache=`; TransformerLens 4.3's attention
+bridges read it as `past_key_values=` and otherwise run without it. `_cache_kwarg` passes it under
+both names for the duration of one call, and `cache_state` checks through the public
+`Cache.get_seq_length()` that the prefix really was cached.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mlpim.engine.patching import Setter, patch_hook
+from mlpim.errors import MlpimError
 from mlpim.tasks.batch import PromptBatch
 
 
@@ -25,19 +34,55 @@ class CacheState:
     """The base run's cache of columns [0, start) and the columns it resumes from `start`."""
 
     start: int
-    past: Any  # transformers Cache of the prefix (never mutated: `fork`ed per call); None if empty
+    past: Any  # the prefix's transformers Cache (deep-copied per call, never mutated); or None
     tokens: Int[Tensor, "b n"]  # columns start..END
     mask: Int[Tensor, "b seq"]  # the whole batch's attention mask
     pos: Int[Tensor, " b"]  # patch column of each row, relative to `start`
 
 
-def fork(past):
-    """A shallow copy of a transformers cache: updates replace its tensors, never mutate them."""
-    if past is None:
-        return None
-    new = copy.copy(past)
-    new.layers = [copy.copy(layer) for layer in past.layers]
-    return new
+def _alias_cache(module, args, kwargs):
+    """Forward pre-hook: pass transformers' `cache=` also as `past_key_values=`."""
+    if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+        kwargs["past_key_values"] = kwargs["cache"]
+    return args, kwargs
+
+
+@contextlib.contextmanager
+def _cache_kwarg(model):
+    """During one call, every attention module sees the cache under both of its names."""
+    attns = [block.attn for block in model.blocks]
+    handles = [m.register_forward_pre_hook(_alias_cache, with_kwargs=True) for m in attns]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*past_key_values.*deprecated", category=FutureWarning
+            )
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def prefix(model, tokens: Int[Tensor, "b p"], mask: Int[Tensor, "b p"]):
+    """(logits, the model's own KV cache) of a prefix, checked to hold every column."""
+    with torch.no_grad(), _cache_kwarg(model):
+        logits, past = model(tokens, attention_mask=mask, return_type="logits_and_cache")
+    cached = past.get_seq_length() if past is not None else 0
+    if cached != tokens.shape[1]:
+        raise MlpimError(
+            f"the model's KV cache holds {cached} of {tokens.shape[1]} prefix columns (this "
+            "transformers/TransformerLens pair does not fill it); use method.engine=full"
+        )
+    return logits, past
+
+
+def run_from(model, tokens: Int[Tensor, "b n"], mask: Int[Tensor, "b seq"], past, hooks=()):
+    """Logits of `tokens` resumed from a deep copy of `past` (None: from scratch), with hooks."""
+    kwargs = {"attention_mask": mask}
+    if past is not None:
+        kwargs["past_key_values"] = copy.deepcopy(past)
+    with _cache_kwarg(model):
+        return model.run_with_hooks(tokens, fwd_hooks=list(hooks), **kwargs)
 
 
 def cache_state(model, batch: PromptBatch) -> CacheState:
@@ -45,11 +90,7 @@ def cache_state(model, batch: PromptBatch) -> CacheState:
     start = int(batch.pos.min())
     past = None
     if start > 0:
-        with torch.no_grad():
-            _, past = model(
-                batch.tokens[:, :start], attention_mask=batch.mask[:, :start],
-                return_type="logits_and_cache",
-            )  # fmt: skip
+        _, past = prefix(model, batch.tokens[:, :start], batch.mask[:, :start])
     return CacheState(start, past, batch.tokens[:, start:], batch.mask, batch.pos - start)
 
 
@@ -58,8 +99,4 @@ def resume(
 ) -> Float[Tensor, "b vocab"]:
     """END logits with hook `name` patched by `setter` at each row's position."""
     hook = patch_hook(setter, source, state.pos)
-    kwargs = {"attention_mask": state.mask}
-    if state.past is not None:
-        kwargs["past_key_values"] = fork(state.past)
-    logits = model.run_with_hooks(state.tokens, fwd_hooks=[(name, hook)], **kwargs)
-    return logits[:, -1]
+    return run_from(model, state.tokens, state.mask, state.past, [(name, hook)])[:, -1]

@@ -150,6 +150,12 @@ def tolerance(logits: Tensor) -> float:
     return 2e-2 * scale + 1e-2  # bfloat16 / float16
 
 
+def _other_engines(failed: str) -> str:
+    """The engines to try instead of `failed`, as text."""
+    others = [e for e in ("cache", "full") if e != failed]
+    return " or ".join(f"method.engine={e}" for e in others)
+
+
 def guard(model, prep: Prepared) -> float:
     """Stop with one line unless the engine's unpatched logits equal the model's own."""
     with torch.no_grad():
@@ -160,7 +166,7 @@ def guard(model, prep: Prepared) -> float:
         raise EngineMismatchError(
             f"engine {prep.engine!r} on model {model.cfg.model_name!r} at {prep.name}: unpatched "
             f"END logits differ from the model's own by max |Δ| = {diff:.3g} (tolerance {tol:.3g}); "
-            "stopping before any training (try method.engine=cache, or full)"
+            f"stopping before any training (try {_other_engines(prep.engine)})"
         )
     return diff
 
