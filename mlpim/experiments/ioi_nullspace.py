@@ -38,13 +38,14 @@ HIST_PATTERNS = ("ABB", "ABA")
 
 
 def check_w_out(model, layer: int, batch: PromptBatch) -> float:
-    """Max |hidden @ W_out (+ b_out) - mlp_out| over the prompts; raises if not ~0."""
+    """Max |hidden @ W_out (+ b_out) - mlp_out| over the prompts; raises if not ~0 (within
+    1e-4 of the output's scale, or 4 eps of a 16-bit dtype)."""
     names = [hook_name("mlp_post", layer), hook_name("mlp_out", layer)]
     _, cache = run_cache(model, batch, names)
     w, b = ns.mlp_w_out(model, layer), ns.mlp_b_out(model, layer)
     out = cache[names[1]]
     err = (ns.mlp_output(cache[names[0]], w, b) - out).abs().max().item()
-    if err > 1e-4 * max(out.abs().max().item(), 1.0):
+    if err > max(1e-4, 4 * torch.finfo(out.dtype).eps) * max(out.abs().max().item(), 1.0):
         raise RuntimeError(f"hidden @ W_out + b_out differs from mlp_out by {err:.2e}")
     return err
 
