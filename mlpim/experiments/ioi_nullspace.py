@@ -26,7 +26,7 @@ from mlpim.analysis.controls import PARTS, intervention_bases, patching_rows  # 
 from mlpim.analysis.directions import das_direction
 from mlpim.engine.models import ConfigError, hook_name
 from mlpim.engine.patching import run_cache, site_acts
-from mlpim.engine.subspace import save_subspace
+from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.experiments.common import model_for, paper_splits, site_of
 from mlpim.report import io
 from mlpim.report.plots import table1_plot
@@ -103,9 +103,9 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     rows += hist_rows(cfg, model, kind, layer, {"das": v, "row_proj": proj, "null_proj": null},
                       run_dir, keys, splits)  # fmt: skip
     df = io.tidy(rows, cfg)
-    meta = {"model": cfg.model.name, "site": kind, "layer": layer, "k": 1, "seed": cfg.seed}
+    meta = direction_meta(model, cfg.model, kind, layer)  # the weights: refused on others
     save_subspace(run_dir / C.DIRECTION, v[:, None], method="das", proj=proj.cpu(),
-                  null_proj=null.cpu(), **meta)  # fmt: skip
+                  null_proj=null.cpu(), k=1, seed=cfg.seed, **meta)  # fmt: skip
     io.write_text(summary_markdown(cfg, df, layer, w_err), run_dir, C.SUMMARY)
     table1_plot(df, run_dir, f"{cfg.experiment}: {cfg.model.name}, {kind} L{layer}")
     return df
