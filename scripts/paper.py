@@ -27,6 +27,7 @@ import pandas as pd
 from mlpim import constants as C
 from mlpim.config import CONF_DIR, compose
 from mlpim.errors import MlpimError
+from mlpim.identity import input_hashes
 from mlpim.report.io import markdown_table
 from mlpim.run import RunDirError, check_run_dir, read_done, run
 
@@ -222,12 +223,13 @@ def plan(out: Path, only: set[str], overrides: list[str]) -> list[tuple[str, obj
 def supersede(cfg, run_dir: Path, out: Path) -> Path | None:
     """Move `run_dir` to `out/superseded/<step>-<time>/` when it holds this config's finished
     run made from input files that have changed since (an upstream step re-ran), so that the
-    step runs again; says so in one line. Returns where it went (None: nothing moved)."""
+    step runs again; says so in one line. Returns where it went (None: nothing moved). A
+    missing input is refused instead (`RunDirError`): nothing to re-run from."""
     try:
         check_run_dir(cfg, run_dir)
         return None
     except RunDirError as e:
-        if e.changed != "inputs":
+        if e.changed != "inputs" or None in input_hashes(cfg).values():
             raise
         dest = out / "superseded" / f"{run_dir.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
         dest.parent.mkdir(parents=True, exist_ok=True)

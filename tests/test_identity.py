@@ -170,6 +170,16 @@ def test_paper_reruns_a_step_whose_upstream_direction_changed(tmp_path, fake_run
     assert len(fake_runner) == 3
 
 
+def test_paper_keeps_a_step_whose_upstream_direction_is_missing(tmp_path, fake_runner):
+    paper = _paper()
+    args = ["--only", "ioi_mlp8_das,ioi_nullspace", "--out", str(tmp_path), "model=tiny"]
+    paper.main(args)
+    (tmp_path / "ioi_mlp8_das" / C.DIRECTION).unlink()
+    with pytest.raises(SystemExit, match=r"direction \(missing now\)"):
+        paper.main(["--only", "ioi_nullspace", *args[2:]])
+    assert (tmp_path / "ioi_nullspace" / C.DONE).exists() and not (tmp_path / "superseded").exists()
+
+
 def test_paper_refuses_other_code_before_any_work(tmp_path, fake_runner, monkeypatch):
     paper = _paper()
     args = ["--only", "ioi_baseline,ioi_locate", "--out", str(tmp_path), "model=tiny"]
