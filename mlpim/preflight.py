@@ -68,6 +68,16 @@ def check_extra_keys(cfg: DictConfig) -> None:
         raise MlpimError(f"unknown option extra.{unknown[0]}; known: {', '.join(sorted(known))}")
 
 
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # what `model.dtype` may name
+
+
+def check_dtype(cfg: DictConfig) -> None:
+    """`model.dtype` names a floating-point torch dtype."""
+    dtype = cfg.model.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise MlpimError(f"model.dtype={dtype}: allowed: {', '.join(DTYPES)}")
+
+
 def check_site_and_dim(cfg: DictConfig) -> None:
     """The site kind the experiment can use, the layer and `method.dim` where the model tells."""
     ignores = set(cfg.get("ignores") or [])
@@ -104,6 +114,7 @@ def preflight(cfg: DictConfig, overrides: list[str] | None = None) -> None:
             f"{', '.join(cfg.ignores)}); drop the override or pick another experiment"
         )
     check_extra_keys(cfg)
+    check_dtype(cfg)
     check_direction_file("direction", cfg.get("direction"))
     extra = cfg.get("extra") or {}
     check_direction_file("extra.resid_direction", extra.get("resid_direction"))

@@ -1,7 +1,10 @@
 """`run(cfg, run_dir)`: check, dispatch to the experiment's runner, write the run directory.
 
-A finished run directory holds `DONE`: JSON with the hash of the resolved config, mlpim's version
-and the git commit. The same config aimed at it again is skipped; any other config is refused.
+A finished run directory holds `DONE`: JSON with the hash of the resolved config, the code that
+ran it (mlpim's version, git commit, dirty flag and the hash of mlpim's files, `mlpim.identity`)
+and the SHA-256 of every input file the config names. The same config, code and inputs aimed at
+it again are skipped; a change in any of them is refused with one line saying which changed, so
+that no finished result is overwritten (`scripts/paper.py` re-runs a step whose input changed).
 `run_experiment(cfg)` runs an experiment without leaving files and returns its results.
 """
 
@@ -10,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,9 +22,9 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from mlpim import __version__
 from mlpim import constants as C
 from mlpim.errors import MlpimError
+from mlpim.identity import code_change, code_version, input_change, input_hashes
 from mlpim.preflight import preflight
 from mlpim.report import io
 
@@ -32,9 +34,11 @@ NEW_DIR_HINT = "choose a new directory (hydra.run.dir=DIR, or hydra.sweep.dir=DI
 
 
 class RunDirError(MlpimError):
-    """The run directory holds results of another config, or results without DONE."""
+    """The run directory holds results of another config, code or inputs, or results without
+    DONE."""
 
-    diff: str = ""  # the differing keys, `key: old -> new, ...`
+    diff: str = ""  # what differs: the config keys (`key: old -> new, ...`), code or input files
+    changed: str = "config"  # config | code | inputs
 
 
 NOT_IDENTITY = ("hydra", "ignores", "sites")  # Hydra's node; what the experiment declares it reads
@@ -50,18 +54,6 @@ def config_hash(cfg: DictConfig | dict) -> str:
     """SHA-256 (16 hex digits) of the resolved config: what identifies a run."""
     text = json.dumps(config_dict(cfg), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def git_commit() -> str | None:
-    """The commit of the checkout mlpim is imported from, when it is a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-            capture_output=True, text=True, timeout=5,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def read_done(run_dir: Path) -> dict | None:
@@ -100,13 +92,16 @@ def _stored_config(run_dir: Path) -> dict | None:
 
 
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
-    """True when `run_dir` already holds this config's finished run; raise when it holds another."""
+    """True when `run_dir` already holds this config's finished run, made by this code from
+    these inputs; raise `RunDirError` when it holds another config's, or this config's made by
+    other code or from other input files (`changed` says which)."""
     new, done = config_dict(cfg), read_done(run_dir)
     stored = _stored_config(run_dir)
     recorded = done.get("config_hash") if done else None
     if done == {} and stored is not None:
         recorded = config_hash(stored)  # DONE of an older mlpim: compare with its config.yaml
     if done is not None and recorded == config_hash(new):
+        check_identity(cfg, run_dir, done)
         return True
     if done is None and stored is not None and config_hash(stored) == config_hash(new):
         return False  # this config's unfinished run (interrupted): run it again
@@ -123,13 +118,28 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
     raise error
 
 
+def check_identity(cfg: DictConfig, run_dir: Path, done: dict) -> None:
+    """Raise `RunDirError` when this config's finished run in `run_dir` was made by other code
+    (`changed="code"`) or from input files of other content (`changed="inputs"`)."""
+    for changed, diff in (("code", code_change(done)), ("inputs", input_change(done, cfg))):
+        if diff is None:
+            continue
+        error = RunDirError(
+            f"{run_dir} holds a finished {cfg.experiment} run of this config, but {diff}; "
+            f"refusing to overwrite it: {NEW_DIR_HINT}, or delete {run_dir}"
+        )
+        error.diff, error.changed = diff, changed
+        raise error
+
+
 def done_record(cfg: DictConfig, seconds: float) -> dict:
-    """What DONE records about a finished run."""
+    """What DONE records about a finished run: the config hash, the code that ran it
+    (`mlpim.identity.code_version`) and the SHA-256 of each input file."""
     return {
         "config_hash": config_hash(cfg),
         "experiment": cfg.experiment,
-        "mlpim_version": __version__,
-        "git_commit": git_commit(),
+        **code_version(),
+        "inputs": input_hashes(cfg),
         "seconds": round(seconds, 1),
     }
 

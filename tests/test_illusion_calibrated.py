@@ -95,11 +95,11 @@ def test_planted_recipe(tiny_site):
     target = torch.randn(w_out.shape[1], generator=torch.Generator().manual_seed(0))
     hidden = torch.cat(planted.acts(splits["train"]))
     exact = planted.dormant_direction(w_out, hidden, target)
-    q = ns.row_space_basis(w_out)
-    torch.testing.assert_close(q @ (q.T @ exact), exact, atol=1e-5, rtol=0)  # in the row space
+    q, e64 = ns.row_space_basis(w_out), exact.double()  # the basis is float64
+    torch.testing.assert_close(q @ (q.T @ e64), e64, atol=1e-5, rtol=0)  # in the row space
     assert ns.cosine(exact @ w_out, target) == pytest.approx(1.0, abs=1e-5)  # maps onto target
     low = planted.dormant_direction(w_out, hidden, target, dims=8)
-    torch.testing.assert_close(q @ (q.T @ low), low, atol=1e-5, rtol=0)
+    torch.testing.assert_close(q @ (q.T @ low.double()), low.double(), atol=1e-5, rtol=0)
     assert ns.cosine(low @ w_out, target) > 0
     var = lambda d: (hidden @ d).var().item()  # noqa: E731
     assert var(low) < var(exact)  # least natural variation

@@ -213,7 +213,7 @@ def alignment_check(
 ) -> Check:  # fmt: skip
     """|cos(W_out·v, v_ref)| with the 95th percentile of the same for random unit hidden
     directions as the threshold; information only (never a warning)."""
-    cos = abs(ns.cosine(v @ w_out, v_ref))
+    cos = abs(ns.cosine(ns.written(v, w_out), v_ref))
     gen = torch.Generator().manual_seed(seed)
     rand = ns.random_output_cosines(w_out, v_ref, n_random, gen).abs()
     q95 = rand.quantile(0.95).item()

@@ -35,7 +35,7 @@ from mlpim.analysis.references import (
 )
 from mlpim.analysis.toy import FLIP_PAIRS
 from mlpim.engine.interventions import Prepared, evaluate
-from mlpim.engine.patching import subspace, subspace_patch
+from mlpim.engine.patching import subspace, subspace_patch, work_dtype
 from mlpim.report import io
 
 Splits = dict[str, list[Prepared]]
@@ -128,8 +128,10 @@ def random_mlp(fldd_v: float, refs: Refs, th: illusion.Thresholds) -> illusion.C
 
 
 def pattern_mean_diff(prepared: list[Prepared], which: str = "base_act") -> Tensor:
-    """mean(ABB) − mean(BAB) of the base prompts' site activations (not normalised)."""
+    """mean(ABB) − mean(BAB) of the base prompts' site activations (not normalised; at least
+    float32)."""
     x = torch.cat([getattr(p, which) for p in prepared])
+    x = x.to(work_dtype(x))
     pats = [pat for p in prepared for pat in p.pairs.base.pattern]
     abb = torch.tensor([q == "ABB" for q in pats], device=x.device)
     bab = torch.tensor([q == "BAB" for q in pats], device=x.device)
@@ -156,7 +158,7 @@ def dormant_direction(
     b = (q.T @ w_out.double()).T  # d_model × k: what each basis direction writes
     a = torch.linalg.lstsq(b, target.double()[:, None]).solution[:, 0]
     d = q @ a
-    return (d / d.norm()).to(w_out.dtype)
+    return (d / d.norm()).to(work_dtype(w_out))
 
 
 def oriented(v: Tensor, along: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from mlpim.analysis import controls
 from mlpim.analysis import nullspace as ns
 from mlpim.engine.interventions import Prepared, evaluate
-from mlpim.engine.patching import subspace
+from mlpim.engine.patching import subspace, work_dtype
 
 NAN = float("nan")
 
@@ -129,7 +129,7 @@ def natural_dormant_ratios(
 ) -> list[float]:
     """The dormant ratio of each natural direction (≈ 1: real prompts move along them)."""
     out = []
-    for u in dirs.to(w_out):
+    for u in dirs.to(w_out.device, work_dtype(w_out)):
         proj, _ = ns.split(u, w_out)
         out.append(dormant_ratio(base, source, u, proj))
     return out
@@ -139,7 +139,8 @@ def direction_fldds(
     model, prepared: list[Prepared], dirs: Float[Tensor, "k m"], desc: str
 ) -> list[float]:
     """FLDD of patching along each direction (one row of `dirs` at a time)."""
-    dirs = dirs.to(prepared[0].base_act)
+    act = prepared[0].base_act
+    dirs = dirs.to(act.device, work_dtype(act))
     bar = tqdm(dirs, desc=desc, leave=False)
     return [evaluate(model, prepared, subspace(u[:, None] / u.norm()))["fldd"] for u in bar]
 
@@ -149,7 +150,11 @@ def bridging_margins(
 ) -> list[float]:
     """FLDD(u) − superadditive·(FLDD(row part) + FLDD(null part)⁺) for each natural direction."""
     out = []
-    for u in tqdm(dirs.to(w_out), desc="reference: natural-direction bridging", leave=False):
+    for u in tqdm(
+        dirs.to(w_out.device, work_dtype(w_out)),
+        desc="reference: natural-direction bridging",
+        leave=False,
+    ):
         proj, null = ns.split(u, w_out)
         f = {n: evaluate(model, prepared, subspace(b))["fldd"]
              for n, b in controls.intervention_bases(u, proj, null).items()}  # fmt: skip

@@ -146,7 +146,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
                            cfg.extra.n_grad_prompts, cfg.seed)  # fmt: skip
     grad = gradient_direction(model, [b.to(model.cfg.device) for b in prompts], handover, heads)
     w_out = ns.mlp_w_out(model, mid)
-    dirs = {"v_mlp_out": v_mlp @ w_out, "das_resid": v_resid, "grad_resid": grad}
+    dirs = {"v_mlp_out": ns.written(v_mlp, w_out), "das_resid": v_resid, "grad_resid": grad}
     rows, randoms = cosine_rows(dirs, w_out, cfg.extra.n_random, cfg.seed)
     rows += [{"intervention": f"head_L{lh}H{h}", "metric": "head_fldd", "value": v}
              for (lh, h), v in fldd.items() if (lh, h) in heads]  # fmt: skip

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim import constants as C
+from mlpim.analysis import nullspace as ns
 from mlpim.analysis.directions import das_basis
 from mlpim.engine import fastpath
 from mlpim.engine.interventions import Prepared, clean_metrics, evaluate, prepare
@@ -57,7 +58,7 @@ def mlp_out_projection(
     model, layer: int, post: Float[Tensor, "b m"], v_true: Float[Tensor, "d k"]
 ) -> Float[Tensor, b]:
     """The MLP's END output (from its hidden activations) projected on v_true's first column."""
-    return fastpath.mlp_out_from_post(model, layer, post) @ v_true[:, 0]
+    return ns.projections(fastpath.mlp_out_from_post(model, layer, post), v_true[:, 0])
 
 
 def combo_projections(

@@ -103,7 +103,10 @@ def site_rows(
     rows, found = [], {}
     for split, prepared in splits.items():
         rows += io.metric_rows(clean_metrics(prepared), intervention="clean", split=split, **keys)
-        for name, setter in (("full", full), ("das", subspace(basis.to(prepared[0].base_act)))):
+        for name, setter in (
+            ("full", full),
+            ("das", subspace(basis.to(prepared[0].base_act.device))),
+        ):
             found[split, name] = evaluate(model, prepared, setter)
             rows += io.metric_rows(found[split, name], intervention=name, split=split, **keys)
     test = found["test", "das"]
