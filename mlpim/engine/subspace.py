@@ -196,7 +196,10 @@ def load_subspace(path: str | Path, site: str | None = None, layer: int | None =
     if not path.is_file():
         what = "a directory" if path.is_dir() else "no such file"
         raise ConfigError(f"{path}: {what} (a saved subspace.pt, or a .pt/.npy tensor)")
-    saved = _plain(path)
+    try:
+        saved = _plain(path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     if torch.is_tensor(saved):
         v = checked_basis(saved.float(), path)
         basis = orthonormalize(v[:, None] if v.dim() == 1 else v)
