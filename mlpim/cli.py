@@ -63,7 +63,7 @@ def interrupted() -> str:
 
     if ACTIVE["dir"] is None:
         return "interrupted before any run started; nothing was written"
-    return interrupted_message(ACTIVE["dir"], ACTIVE["since"])
+    return interrupted_message(ACTIVE["dir"], ACTIVE["before"])
 
 
 def _use_agg() -> None:

@@ -137,7 +137,7 @@ def done_record(cfg: DictConfig, seconds: float) -> dict:
     }
 
 
-ACTIVE: dict = {"dir": None, "since": 0.0}  # the run this process is writing (for Ctrl-C)
+ACTIVE: dict = {"dir": None, "before": {}}  # the run this process is writing (for Ctrl-C)
 HOUSEKEEPING = (C.RESOLVED_CONFIG, C.LOG, ".hydra")  # written before any result
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's console
 
@@ -188,8 +188,8 @@ def run_accepted(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     from mlpim.engine.models import resolve_device
     from mlpim.experiments import get_runner
 
-    ACTIVE.update(dir=run_dir, since=time.time())
     (run_dir / C.METRICS).unlink(missing_ok=True)
+    ACTIVE.update(dir=run_dir, before=results_in(run_dir))
     runner = get_runner(cfg.runner)
     io.write_config(cfg, run_dir)
     io.write_hydra_files(cfg, run_dir)
@@ -235,12 +235,21 @@ class RunLog:
                 self.save()
 
 
-def interrupted_message(run_dir: Path, since: float) -> str:
-    """What an interrupted run left in `run_dir`: nothing, or the complete files it wrote."""
+def results_in(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """name -> (mtime in ns, size) of the files in `run_dir` other than the housekeeping ones."""
     paths = Path(run_dir).iterdir() if Path(run_dir).is_dir() else []
-    new = sorted(
-        p.name for p in paths if p.name not in HOUSEKEEPING and p.stat().st_mtime >= since - 0.05
-    )
+    return {
+        p.name: (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in paths
+        if p.name not in HOUSEKEEPING
+    }
+
+
+def interrupted_message(run_dir: Path, before: dict[str, tuple[int, int]]) -> str:
+    """What an interrupted run left in `run_dir`: nothing, or the complete files it wrote (new
+    or changed since `before`, `results_in` when it started)."""
+    now = results_in(run_dir)
+    new = sorted(name for name, stat in now.items() if before.get(name) != stat)
     if not new:
         return f"interrupted; nothing was written to {run_dir} (no DONE)"
     shown = ", ".join(new[:4]) + (", ..." if len(new) > 4 else "")
