@@ -187,7 +187,8 @@ def random_mlp_rows(
     patch, history = train_random_das(
         model, aug["train"], aug["test"], layer, mlp, cfg.method, seed
     )
-    history.to_csv(run_dir / f"history_random_mlp_seed{seed}.csv", index=False)
+    name = f"history_random_mlp_seed{seed}.csv"
+    io.write_csv(history, Path(run_dir), name)
     rows = []
     for split, prepared in aug.items():
         mid, _ = split_acts(prepared, d)

@@ -21,6 +21,7 @@ from mlpim.engine import metrics
 from mlpim.engine.interventions import Prepared, patched_end_logits, patched_end_loss
 from mlpim.engine.models import ConfigError
 from mlpim.engine.patching import Setter, work_dtype
+from mlpim.files import save_torch
 from mlpim.tasks.pairs import Pair
 
 MIN_PART_NORM = 1e-2  # row/null parts shorter than this (of a unit direction) are skipped
@@ -189,8 +190,9 @@ def save_pair_directions(run_dir, layer: int, v: Tensor, pairs: list[Pair], mode
     from mlpim.engine.models import fingerprint
 
     keys = [(p.base, p.source) for p in pairs]
-    torch.save({"layer": layer, "directions": v.detach().cpu(), "pairs": keys,
-                "fingerprint": fingerprint(model)}, pair_file(run_dir, layer))  # fmt: skip
+    record = {"layer": layer, "directions": v.detach().cpu(), "pairs": keys,
+              "fingerprint": fingerprint(model)}  # fmt: skip
+    save_torch(record, pair_file(run_dir, layer))
 
 
 def load_pair_directions(run_dir, layer: int, pairs: list[Pair], model) -> Tensor:

@@ -44,6 +44,7 @@ RANDOM_FRACTION = 0.5  # check 5: random-MLP FLDD at least this fraction of FLDD
 GENERALISATION = 0.5  # check 6: held-out FLDD below this fraction of the train FLDD
 VERDICTS = {0: "no warning signs", 1: "caution"}  # 2 or more: LIKELY_ILLUSORY
 LIKELY_ILLUSORY = "likely illusory"
+NO_EFFECT = "no effect to explain"  # FLDD(v) below the effect gate: no verdict on the checks
 BORDERLINE = "borderline"
 NA = "n.a."
 NAN = float("nan")
@@ -282,9 +283,14 @@ def label(n: int) -> str:
     return VERDICTS.get(n, LIKELY_ILLUSORY)
 
 
-def verdict_of(flags: Sequence[tuple[bool | None, bool]]) -> tuple[int, str]:
-    """`verdict` from (warning, borderline) pairs, one per check."""
+def verdict_of(
+    flags: Sequence[tuple[bool | None, bool]], effect: tuple[float, float] | None = None
+) -> tuple[int, str]:
+    """`verdict` from (warning, borderline) pairs, one per check; `effect` (FLDD(v), gate):
+    below the gate there is no effect to explain, whatever the checks say."""
     n = sum(w is True for w, _ in flags)
+    if effect is not None and effect[0] < effect[1]:
+        return n, f"{NO_EFFECT} (FLDD {effect[0]:.3f} below the gate {effect[1]:.3f})"
     lo = sum(w is True and not b for w, b in flags)
     low, high = label(lo), label(lo + sum(b for _, b in flags))
     return n, low if low == high else f"{BORDERLINE}: {low} or {high}"
@@ -292,8 +298,10 @@ def verdict_of(flags: Sequence[tuple[bool | None, bool]]) -> tuple[int, str]:
 
 def verdict(checks: Sequence[Check]) -> tuple[int, str]:
     """(number of warnings, label): 0 no warning signs, 1 caution, ≥2 likely illusory; when
-    the borderline checks could change the label: "borderline: <low> or <high>"."""
-    return verdict_of([(c.warning, c.borderline) for c in checks])
+    the borderline checks could change the label: "borderline: <low> or <high>"; when FLDD(v)
+    is below the effect gate: "no effect to explain (FLDD ... below the gate ...)"."""
+    effect = next(((c.value, c.threshold) for c in checks if c.name == "effect"), None)
+    return verdict_of([(c.warning, c.borderline) for c in checks], effect)
 
 
 def warning_word(check: Check) -> str:

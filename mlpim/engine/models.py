@@ -134,6 +134,13 @@ def gguf_path(cfg: DictConfig) -> Path:
         path = Path(cfg.file).expanduser()
         if not path.is_file():
             raise ModelNotFoundError(f"model.file={cfg.file}: no such GGUF file")
+        with path.open("rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ConfigError(
+                f"model.file={cfg.file}: not a GGUF file (it starts with {magic!r}, not the GGUF "
+                "magic b'GGUF'); give a .gguf model file"
+            )
         return path
     spec = importlib.util.find_spec(cfg.gguf_package)
     if spec is None or not spec.submodule_search_locations:

@@ -80,7 +80,10 @@ def planted_directions(cfg, model, splits, target: Tensor, layer: int) -> dict[s
 
 
 def verdict_class(label: str) -> str:
-    """The verdict's word, borderline verdicts pooled."""
+    """The verdict's word, borderline verdicts pooled (and "no effect to explain" without its
+    numbers)."""
+    if label.startswith(illusion.NO_EFFECT):
+        return illusion.NO_EFFECT
     return "borderline" if label.startswith(illusion.BORDERLINE) else label
 
 
@@ -155,7 +158,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     if cfg.extra.bench_toy:
         cases += toy_rows(th)
     table = pd.DataFrame(cases)
-    table.to_csv(run_dir / CASES, index=False)
+    io.write_csv(table, run_dir, CASES)
     for c in cases:
         rows += io.metric_rows({"n_warnings": float(c["n_warnings"]), "miss": float(c["miss"])},
                                intervention=c["case"], site=c["site"], layer=c["layer"],

@@ -162,7 +162,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         "margin": wide.loc[names, "margin"], "percentile": wide.loc[names, "percentile"],
         "z": wide.loc[names, "z"], "warning": [word(n, f, wide) for n, f in zip(names, flags, strict=True)],
     })  # fmt: skip
-    n, label = illusion.verdict_of(flags)
+    effect = tuple(wide.loc["effect", ["check_value", "threshold"]]) if "effect" in names else None
+    n, label = illusion.verdict_of(flags, effect)
     table.loc["verdict"] = [float(n), math.nan, math.nan, math.nan, math.nan, label]
     table.index.name = "check"
     return table

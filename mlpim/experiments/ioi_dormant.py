@@ -184,7 +184,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
         v_true_layer=resid_layer, mlp_after_handover=mlp_layer > resid_layer
     )
     raw = pd.concat(raws, ignore_index=True)
-    raw.to_csv(run_dir / PROJECTIONS, index=False)
+    io.write_csv(raw, run_dir, PROJECTIONS)
     title = f"{cfg.model.name}: MLP{mlp_layer} output on v_true (resid_post L{resid_layer})"
     plot_dormant(raw, run_dir, title)
     io.write_text(summary_markdown(cfg, df, mlp_layer, resid_layer), run_dir, C.SUMMARY)

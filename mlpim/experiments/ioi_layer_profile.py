@@ -140,7 +140,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     check_method(cfg, model)
     layers, why = profile_layers(cfg, model.cfg.n_layers, locate)
     log.info("profiling layers %s (%s)", layers, why)
-    batches = task_splits(model.tokenizer, cfg.dataset, cfg.seed, predictor(model))
+    batches = task_splits(model.tokenizer, cfg.dataset, cfg.seed, predictor(model), model.cfg.n_ctx)
     dev = model.cfg.device
     sites = [(kind, layer) for layer in layers for kind in KINDS]
     start = time.time()
