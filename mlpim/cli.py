@@ -32,6 +32,7 @@ def _hydra_main(argv: list[str]) -> None:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def main(cfg: DictConfig) -> None:
+        """One job: run it (a sweep's job records its outcome; a single run's error exits 2)."""
         _use_agg()  # also in the worker processes of a sweep launcher
         hc = HydraConfig.get()
         run_dir, overrides = Path(hc.runtime.output_dir), list(hc.overrides.task)
@@ -83,6 +84,7 @@ def list_options() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the command line `argv` (default: sys.argv[1:]); exits 2 on a bad command."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)

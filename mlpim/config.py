@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from mlpim.analysis.landmarks import Landmarks
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-
-
-@dataclass
-class Landmarks:
-    handover_layer: int | None = None  # resid layer after S-inhibition heads, before name movers
-    mlp_in_the_middle: int | None = None  # the MLP between them
-    name_movers: list[Any] = field(default_factory=list)  # [[layer, head], ...]
 
 
 @dataclass
@@ -52,8 +48,7 @@ class MethodConfig:
     lr: float = 0.01
     lr_end_factor: float = 0.1
     epochs: int = 30
-    engine: str = "auto"  # auto | kernel | cache | full  (see mlpim/engine/prepare.py)
-    parametrization: str = "orthogonal"
+    engine: str = "auto"  # auto | kernel | cache | full  (see mlpim/engine/interventions.py)
 
 
 @dataclass
@@ -67,7 +62,6 @@ class DatasetConfig:
     pairs_per_fact: int = 1  # facts: source facts drawn per base fact
     relations: list[str] = field(default_factory=list)  # facts: keep only these (all if empty)
     min_pairs: int = 20  # pairs/facts: fewer pairs in a split is an error
-    seed: int = 0
     batch_size: int = 20
     share_names: bool = True
     n_train_pairs: int = 200
@@ -81,75 +75,6 @@ class DatasetConfig:
     names: list[str] = field(default_factory=list)
     objects: list[str] = field(default_factory=list)
     places: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ExtraConfig:
-    """Every experiment's own options (`extra.*`), declared once with their defaults.
-
-    Each `conf/experiment/*.yaml` sets and documents the ones its runner reads."""
-
-    # directions and alignment (illusion_check, ioi_alignment, ioi_dormant, ioi_path_patching)
-    resid_direction: str | None = None
-    n_random: int = 1000
-    n_grad_prompts: int = 100
-    n_head_pairs: int = 20
-    random_mlp_seeds: int = 1
-    random_mlp_epochs: int | None = None
-    resid_layer: int | None = "${model.landmarks.handover_layer}"  # type: ignore[assignment]
-    n_per_combo: int = 50
-    split: str = "test"
-    frozen_norm: bool = False
-    # ioi_locate, ioi_nullspace, ioi_random_mlp, ioi_neuron_budget
-    n_pairs_per_direction: int = 20
-    hist_split: str = "test"
-    n_hist_prompts: int = 200
-    n_random_seeds: int = 3
-    n_grid: list[Any] = field(default_factory=lambda: [8, 32, 128, 512, "all"])
-    subset: str = "first"
-    # mlp_recovery
-    corpus_path: str | None = None
-    chunk_len: int = 64
-    positions_per_chunk: int = 16
-    n_activations: int = 2000
-    n_train: int = 1600
-    layers: list[int] | None = None
-    layer_step: int = 3
-    n_directions: int = 5
-    n_logistic_directions: int = 1
-    z_values: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
-    logistic_c: float = 1e4
-    norm_scale: str = "mean"
-    fast: bool = True
-    batch_size: int = 16
-    # fact_patching / fact_editing (also read `layers`, `layer_step`, `corpus_path`, `chunk_len`,
-    # `batch_size` above)
-    known_only: bool = True  # keep only facts the model gets right (false: random test models)
-    pair_steps: int = 30  # Adam steps of the per-pair directions (all pairs in one batched run)
-    n_cov_tokens: int = 4096  # offline-text tokens for the second moment C of mlp_post
-    cov_ridge: float = 1e-3  # ridge (× mean eigenvalue of C) added only when C is singular
-    n_neighbours: int = 10  # other facts of the same relation per edit (specificity)
-    pair_run: str | None = None  # fact_editing: a fact_patching run dir to reuse its directions
-    # toy_illusion
-    n_seeds: int = 50
-    das_steps: int = 300
-    das_lr: float = 0.05
-    iia_tol: float = 0.05
-    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    extra_dims: int = 0
-    # illusion_check, illusion_benchmark: references and planted cases
-    n_random_directions: int = 32
-    n_natural: int = 8
-    bench_layer_offsets: list[int] = field(default_factory=lambda: [-2, -1, 0, 1, 2])
-    bench_angles: list[float] = field(default_factory=lambda: [15.0, 30.0, 45.0, 60.0, 75.0])
-    dormant_dims: int | None = 64  # illusion_benchmark.yaml sets null (the exact map)
-    bench_toy: bool = True
-    # ioi_layer_profile (reads `layers` above too); signal_threshold is also ioi_locate's rule
-    first_layer: int | None = None
-    last_layer: int | None = None
-    window: int = 2
-    locate_run: str | None = None
-    signal_threshold: float = 0.2
 
 
 @dataclass
@@ -180,22 +105,45 @@ class Config:
     site: SiteConfig = field(default_factory=SiteConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    extra: ExtraConfig = field(default_factory=ExtraConfig)  # experiments' own options
+    extra: Any = field(default_factory=dict)  # the experiment's own options (register_configs)
     check: CheckConfig = field(default_factory=CheckConfig)  # illusion checks' thresholds
     sites: list[str] = field(default_factory=list)  # site kinds the experiment can use; [] = any
     ignores: list[str] = field(default_factory=list)  # top-level keys the experiment never reads
 
 
+@functools.cache
+def experiment_runners() -> dict[str, str]:
+    """experiment -> its runner, as each `conf/experiment/*.yaml` names it (`runner:`)."""
+    return {
+        p.stem: str(OmegaConf.load(p).runner)
+        for p in sorted((CONF_DIR / "experiment").glob("*.yaml"))
+    }
+
+
 def register_configs() -> None:
-    """Register the schemas; `mlpim/conf/config.yaml` extends `config_schema`."""
-    ConfigStore.instance().store(name="config_schema", node=Config)
+    """Register the schemas: `mlpim/conf/config.yaml` extends `config_schema`, and selects the
+    chosen experiment's options (`extra/<experiment>`: its `mlpim.experiments.options` class,
+    not in struct mode, so that an unknown key reaches `preflight` and its one-line error)."""
+    from mlpim.experiments.options import OPTIONS
+
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    for experiment, runner in experiment_runners().items():
+        node = OmegaConf.structured(OPTIONS[runner])
+        OmegaConf.set_struct(node, False)
+        store.store(group="extra", name=experiment, node=node)
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
-    """Compose the config as `mlpim run` would, for notebooks and tests."""
+    """Compose the config as `mlpim run` would, for notebooks and tests; a key the schema or
+    the experiment's options lack is refused here (`mlpim.preflight.check_unknown_keys`)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from mlpim.preflight import check_unknown_keys
+
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides or [])
+        cfg = hydra_compose(config_name="config", overrides=overrides or [])
+    check_unknown_keys(cfg)
+    return cfg

@@ -20,16 +20,20 @@ from mlpim import __version__
 
 PACKAGE = Path(__file__).resolve().parent
 CODE_SUFFIXES = (".py", ".yaml", ".jsonl")  # what mlpim runs and reads from its own tree
-FILE_OPTIONS = ("direction", "extra.resid_direction", "dataset.path", "extra.corpus_path",
-                "model.file")  # fmt: skip
+FILE_OPTIONS = (
+    "direction",
+    "extra.resid_direction",
+    "dataset.path",
+    "extra.corpus_path",
+    "model.file",
+)
 PAIR_FILES = "pair_directions_L*.pt"  # what fact_editing reads from `extra.pair_run`
 LOCATE_FILE = "metrics.csv"  # what ioi_layer_profile reads from `extra.locate_run`
 
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=PACKAGE, capture_output=True, text=True,
-                             timeout=5)  # fmt: skip
+        out = subprocess.run(["git", *args], cwd=PACKAGE, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -49,9 +53,10 @@ def git_dirty() -> bool | None:
 def code_files() -> list[Path]:
     """mlpim's own files that make its results: modules, configs, bundled data (sorted)."""
     return sorted(
-        p for p in PACKAGE.rglob("*")
+        p
+        for p in PACKAGE.rglob("*")
         if p.suffix in CODE_SUFFIXES and p.is_file() and "__pycache__" not in p.parts
-    )  # fmt: skip
+    )
 
 
 @functools.cache
@@ -66,8 +71,12 @@ def code_hash() -> str:
 
 def code_version() -> dict:
     """What DONE records about the code: version, commit, dirty flag and `code_hash`."""
-    return {"mlpim_version": __version__, "git_commit": git_commit(), "git_dirty": git_dirty(),
-            "code_hash": code_hash()}  # fmt: skip
+    return {
+        "mlpim_version": __version__,
+        "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
+        "code_hash": code_hash(),
+    }
 
 
 def _get(cfg: DictConfig | dict, dotted: str):
@@ -137,6 +146,8 @@ def input_change(done: dict, cfg: DictConfig | dict) -> str | None:
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if not changed:
         return None
-    what = [f"{k} ({'missing now' if new.get(k) is None else 'new' if k not in old else 'content'})"
-            for k in changed]  # fmt: skip
+    what = [
+        f"{k} ({'missing now' if new.get(k) is None else 'new' if k not in old else 'content'})"
+        for k in changed
+    ]
     return f"input file(s) changed: {', '.join(what)}"

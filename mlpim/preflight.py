@@ -78,11 +78,13 @@ def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[tuple
 
 
 def check_unknown_keys(cfg: DictConfig) -> None:
-    """A key added with `+key=` or `++key=` slips past the typed schema: refuse it like a typo."""
+    """A key added with `+key=` or `++key=` slips past the typed schema: refuse it like a typo;
+    an `extra.*` key the experiment's options lack too (`check_options`)."""
     from mlpim.config import Config
 
     found = unknown_keys(cfg, Config)
     if not found:
+        check_options(cfg)
         return
     key, known = found[0]
     parent, name = key.rpartition(".")[0], key.rpartition(".")[2]
@@ -92,6 +94,15 @@ def check_unknown_keys(cfg: DictConfig) -> None:
         f"unknown option {key} (added with + or ++, so Hydra accepted it; mlpim would ignore "
         f"it): {hint}known {parent or 'top-level'} options: {', '.join(known)}"
     )
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Every `extra.*` key is an option of the experiment (`mlpim.experiments.options`)."""
+    from mlpim.experiments.options import OPTIONS, check_keys
+
+    options = OPTIONS.get(cfg.get("runner"))
+    if options is not None:  # an unknown runner is refused when the run starts
+        check_keys(cfg.experiment, list(cfg.get("extra") or {}), options)
 
 
 def check_positive(cfg: DictConfig) -> None:
@@ -143,12 +154,13 @@ def check_device(cfg: DictConfig) -> None:
 def check_model_file(cfg: DictConfig) -> None:
     """A GGUF model file exists and is a GGUF file (a GGUF without its file is refused)."""
     from mlpim.engine.models import gguf_path
+    from mlpim.experiments.common import model_spec
 
     if "model" in (cfg.get("ignores") or []) or cfg.model.source != "gguf":
         return
     if OmegaConf.is_missing(cfg.model, "file"):
         raise MlpimError("model=gguf needs the file: model.file=/path/to/model.gguf")
-    gguf_path(cfg.model)
+    gguf_path(model_spec(cfg))
 
 
 def check_task_file(cfg: DictConfig) -> None:

@@ -271,6 +271,7 @@ def interrupted_message(run_dir: Path, before: dict[str, tuple[int, int]]) -> st
 
 
 def print_summary(cfg: DictConfig, table: pd.DataFrame, run_dir: Path, seconds: float) -> None:
+    """Print the run's summary table and its directory."""
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(f"\n{cfg.experiment} on {cfg.model.name} ({seconds:.0f} s)\n{table.round(3)}")
     print(f"\nrun directory: {run_dir}")

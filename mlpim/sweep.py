@@ -27,11 +27,10 @@ from mlpim import lock
 from mlpim.errors import MlpimError
 from mlpim.lock import RunDirLocked
 from mlpim.report import io
+from mlpim.report.status import RECORDS, STATUS, job_records, read_status
 
 log = logging.getLogger("mlpim")
 
-STATUS = "status.json"
-RECORDS = ".status"  # in the sweep directory: statuses of jobs that left their directory alone
 LAST: dict = {"failed": 0}  # the last sweep's counts in this process (read by the CLI)
 
 
@@ -52,11 +51,8 @@ def write_status(
     io.write_text(json.dumps({**record, "job": job}) + "\n", sweep_dir / RECORDS, name)
 
 
-def read_status(job_dir: Path) -> dict | None:
-    return read_status_file(Path(job_dir) / STATUS)
-
-
 def one_line(e: BaseException) -> str:
+    """An exception as one line: a user mistake's message, else its type and text."""
     text = str(e).strip().splitlines()
     return (
         text[0] if isinstance(e, MlpimError) and text else f"{type(e).__name__}: {' '.join(text)}"
@@ -105,24 +101,6 @@ def sweep_jobs(sweep_dir: Path, since: float) -> list[tuple[str, dict]]:
     )
 
 
-def job_records(sweep_dir: Path) -> dict[str, dict]:
-    """job -> status of the jobs that recorded it in the sweep directory (`.status/`)."""
-    out = {}
-    for path in sorted((Path(sweep_dir) / RECORDS).glob("*.json")):
-        status = read_status_file(path)
-        if status is not None:
-            out[status.get("job", path.stem)] = status
-    return out
-
-
-def read_status_file(path: Path) -> dict | None:
-    """A status record; None when absent or unreadable."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def varying(rows: list[tuple[str, dict]]) -> dict[str, str]:
     """job -> its overrides that differ between the jobs (what tells them apart)."""
     overrides = {job: r.get("overrides", []) for job, r in rows}
@@ -152,6 +130,7 @@ class SweepReport(Callback):
     sweep directory before the sweeper writes anything, prints the table at the end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        """Lock the sweep directory and refuse a sweep whose jobs cannot run there."""
         self.start = time.time()
         LAST.update(failed=0)
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -166,6 +145,7 @@ class SweepReport(Callback):
             sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        """Print the table of finished, skipped and failed jobs; unlock."""
         print(report(Path(config.hydra.sweep.dir), getattr(self, "start", 0.0)), flush=True)
         lock.release(Path(config.hydra.sweep.dir))
 

@@ -163,6 +163,7 @@ def lookup(out: Path, experiment: str, filters: dict) -> str:
 
 
 def report(out: Path, model: str, times: dict[str, float]) -> str:
+    """The markdown report: the paper's numbers next to ours, and the steps' times."""
     rows = [(q, p, lookup(out, e, f), e) for q, p, e, f in COMPARE]
     table = pd.DataFrame(rows, columns=["quantity", "paper (GPT-2 small)", model, "experiment"])
     steps = pd.DataFrame([(e, f"{t:.0f}") for e, t in times.items()], columns=["step", "s"])
@@ -189,6 +190,7 @@ def step_seconds(run_dir: Path, elapsed: float) -> float:
 
 
 def collect_figures(out: Path) -> None:
+    """Copy every step's figures into `out/figures`."""
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
     for png in out.glob("*/*.png"):
@@ -239,6 +241,7 @@ def supersede(cfg, run_dir: Path, out: Path) -> Path | None:
 
 
 def main(argv: list[str]) -> None:
+    """Run the steps (`--only`) into `--out` and write the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated steps (default: all)")
     parser.add_argument("--out", default=None)

@@ -56,17 +56,23 @@ def gpt2_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from mlpim.engine.tiny import word_tokenizer
     from mlpim.tasks import task_vocabulary
-    from mlpim.tasks.tokenizer import word_tokenizer
 
     path = tmp_path_factory.mktemp("gpt2")
     words = [task_vocabulary(compose([f"dataset={d}"]).dataset) for d in ("ioi", "facts")]
     tok = word_tokenizer(list(dict.fromkeys(words[0] + words[1])))
     torch.manual_seed(0)
     conf = GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, n_inner=64, vocab_size=len(tok), n_positions=64,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        n_inner=64,
+        vocab_size=len(tok),
+        n_positions=64,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     GPT2LMHeadModel(conf).save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -8,8 +8,10 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from mlpim.config import CONF_DIR, compose
+from mlpim.config import CONF_DIR, compose, experiment_runners
+from mlpim.errors import MlpimError
 from mlpim.experiments import runner_names
+from mlpim.experiments.options import OPTIONS, option_names
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -64,8 +66,6 @@ def test_experiment_composes_with_model(name, model):
         "model.nam=x",
         "seeed=1",
         "method.dim=two",
-        "extra.n_randm=5",
-        "extra.n_random=many",
         "dataset.n_train_pair=5",
         "dataset.batch_size=x",
     ],
@@ -109,18 +109,88 @@ def test_conf_dir_ships_inside_the_package():
     assert not (Path(__file__).resolve().parents[1] / "conf").exists()
 
 
-def test_experiment_options_are_declared_once():
-    """Every `extra:` key of an experiment config is a typed option (declared in ExtraConfig)."""
-    from dataclasses import fields
+def test_an_option_of_the_wrong_type_fails_at_compose_time():
+    with pytest.raises(ConfigCompositionException):
+        compose(["experiment=ioi_alignment", "model=tiny", "extra.n_random=many"])
 
-    from mlpim.config import ExtraConfig
 
-    known = {f.name for f in fields(ExtraConfig)}
-    for name in EXPERIMENTS:
-        raw = OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml")
-        assert set(raw.get("extra") or {}) <= known, name
-        assert set(raw.get("ignores") or []) <= {"model", "dataset", "site", "method",
-                                                  "direction", "device"}, name  # fmt: skip
-    cfg = compose(["experiment=ioi_alignment", "model=tiny"])
-    assert cfg.extra.n_random == 1000 and cfg.extra.resid_direction is None
-    assert list(cfg.ignores) == ["site"]
+def _foreign_key(name: str) -> str:
+    """An option of another experiment that `name` does not have."""
+    own = set(option_names(options_of(name)))
+    others = {k for e in EXPERIMENTS for k in option_names(options_of(e))}
+    return sorted(others - own)[0]
+
+
+def options_of(name: str) -> type:
+    """The options dataclass of experiment `name` (through its runner)."""
+    return OPTIONS[experiment_runners()[name]]
+
+
+def _refused(name: str, override: str, key: str) -> None:
+    """Composing `override` for experiment `name` is one ConfigError listing every option."""
+    listed = [f"extra.{k}" for k in option_names(options_of(name))]
+    with pytest.raises(MlpimError) as e:
+        compose([f"experiment={name}", "model=tiny", override])
+    message = str(e.value)
+    assert "\n" not in message and f"{name} has no option extra.{key}" in message
+    assert all(k in message for k in listed), message
+    if not listed:
+        assert "takes no extra.* options" in message
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_unknown_or_foreign_option_is_refused_with_the_experiments_options(name):
+    """An unknown key and another experiment's option: refused, the experiment's options listed."""
+    _refused(name, "extra.no_such_option=1", "no_such_option")
+    foreign = _foreign_key(name)
+    _refused(name, f"++extra.{foreign}=1", foreign)
+
+
+@pytest.mark.parametrize("plus", ["", "+", "++"])
+def test_plain_plus_and_plusplus_overrides_are_refused_alike(plus):
+    _refused("ioi_dormant", f"{plus}extra.n_random=1", "n_random")
+    _refused("ioi_baseline", f"{plus}extra.n_random=1", "n_random")
+
+
+def test_a_close_option_name_is_suggested():
+    with pytest.raises(MlpimError, match="did you mean extra.n_random"):
+        compose(["experiment=ioi_alignment", "model=tiny", "extra.n_randm=5"])
+
+
+def test_every_runner_declares_its_options():
+    assert set(OPTIONS) == set(runner_names())
+    assert set(experiment_runners()) == set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_yaml_agrees_with_its_options(name):
+    """Every `extra:` key of an experiment's YAML is an option, set to the dataclass default
+    (the YAML documents the defaults; the dataclass declares them); the composed `extra` node
+    holds exactly the experiment's options."""
+    raw = OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml")
+    declared = OmegaConf.structured(options_of(name))
+    yaml_extra = OmegaConf.to_container(raw.get("extra") or OmegaConf.create({}))
+    defaults = OmegaConf.to_container(declared)
+    assert set(yaml_extra) <= set(defaults), name
+    assert {k: v for k, v in defaults.items() if k in yaml_extra} == yaml_extra, name
+    cfg = compose([f"experiment={name}", "model=tiny"])
+    assert list(cfg.extra) == option_names(options_of(name))
+    ignores = {"model", "dataset", "site", "method", "direction", "device"}
+    assert set(raw.get("ignores") or []) <= ignores, name
+
+
+def test_options_are_typed_dataclasses_for_the_runner():
+    from mlpim.experiments.options import IoiDormantOptions, options
+
+    cfg = compose(["experiment=ioi_dormant", "model=smollm2-135m", "extra.n_per_combo=7"])
+    opts = options(cfg, IoiDormantOptions)
+    assert isinstance(opts, IoiDormantOptions)
+    assert (opts.resid_layer, opts.n_per_combo, opts.resid_direction) == (20, 7, None)
+    assert list(compose(["experiment=ioi_alignment", "model=tiny"]).ignores) == ["site"]
+
+
+def test_dead_options_are_gone():
+    """`method.parametrization` and `dataset.seed` were never read: now refused."""
+    for override in ("method.parametrization=orthogonal", "dataset.seed=1"):
+        with pytest.raises(ConfigCompositionException):
+            compose(["experiment=ioi_mlp8_das", "model=tiny", override])

@@ -8,21 +8,16 @@ import pytest
 import torch
 
 from mlpim import constants as C
-from mlpim.config import compose
-from mlpim.engine.interventions import patched_end_logits, prepare
-from mlpim.experiments.ioi_dormant import (
-    dormant_combos,
-    layer_note,
-    projection_stats,
-    same_position,
-)
-from mlpim.experiments.ioi_random_mlp import (
+from mlpim.analysis.controls import (
     RandomMLPPatch,
     matched_random_mlp,
     random_patch,
     split_acts,
     with_resid_mid,
 )
+from mlpim.analysis.dormant import dormant_combos, layer_note, projection_stats, same_position
+from mlpim.config import compose
+from mlpim.engine.interventions import patched_end_logits, prepare
 from mlpim.run import run
 from mlpim.tasks.ioi import paper_pairs
 
@@ -103,8 +98,9 @@ def test_dormant_then_random_mlp_end_to_end(tmp_path):
     assert {"proj_mean", "proj_std", "dormant_ratio", "fldd", "iia"} <= set(das.metric)
 
     v_mlp = tmp_path / "d" / f"v_mlp_post_L{LAYER}.pt"
-    cfg = compose(["experiment=ioi_random_mlp", *FAST, f"direction={v_mlp}",
-                   "extra.n_random_seeds=2"])  # fmt: skip
+    cfg = compose(
+        ["experiment=ioi_random_mlp", *FAST, f"direction={v_mlp}", "extra.random_mlp_seeds=2"]
+    )
     df = run(cfg, tmp_path / "r")
     assert not (tmp_path / "r" / f"das_mlp_post_L{LAYER}").exists()  # v_MLP loaded, not trained
     assert {"random_mlp", "das", "full", "clean"} == set(df.intervention)

@@ -128,10 +128,15 @@ def test_illusion_check_end_to_end_in_bfloat16(tmp_path):
     low = [*FAST, "model.dtype=bfloat16", "method.epochs=2"]
     run(compose(["experiment=ioi_mlp8_das", *low]), tmp_path / "mlp")
     run(compose(["experiment=ioi_mean_diff", *low]), tmp_path / "resid")
-    overrides = [f"direction={tmp_path / 'mlp' / C.DIRECTION}",
-                 f"extra.resid_direction={tmp_path / 'resid' / C.DIRECTION}",
-                 "extra.random_mlp_epochs=1", "extra.n_random=200", "extra.random_mlp_seeds=2",
-                 "extra.n_random_directions=8", "extra.n_natural=3"]  # fmt: skip
+    overrides = [
+        f"direction={tmp_path / 'mlp' / C.DIRECTION}",
+        f"extra.resid_direction={tmp_path / 'resid' / C.DIRECTION}",
+        "extra.random_mlp_epochs=1",
+        "extra.n_random=200",
+        "extra.random_mlp_seeds=2",
+        "extra.n_random_directions=8",
+        "extra.n_natural=3",
+    ]
     df = run(compose(["experiment=illusion_check", *low, *overrides]), tmp_path / "check")
     checks = df[df.metric == "check_value"].set_index("intervention").value
     from mlpim.analysis import illusion

@@ -21,9 +21,17 @@ from mlpim.tasks.facts import fact_task
 
 torch.set_num_threads(1)
 
-TINY = ["model=tiny", "device=cpu", "extra.known_only=false", "dataset.n_train_pairs=8",
-        "dataset.n_test_pairs=6", "dataset.batch_size=4", "dataset.min_pairs=4",
-        "extra.pair_steps=3", "method.epochs=1"]  # fmt: skip
+TINY = [
+    "model=tiny",
+    "device=cpu",
+    "extra.known_only=false",
+    "dataset.n_train_pairs=8",
+    "dataset.n_test_pairs=6",
+    "dataset.batch_size=4",
+    "dataset.min_pairs=4",
+    "extra.pair_steps=3",
+    "method.epochs=1",
+]
 
 
 def _cfg(experiment: str, *more: str, arch: str = "gpt2"):
@@ -67,8 +75,9 @@ def test_fact_task_keeps_metadata_in_batch_order(tiny):
     _, model, task = tiny
     test = task.pairs["test"]
     labels = torch.cat([b.label for b in task.batches["test"]]).tolist()
-    first = [model.tokenizer(" " + p.source_answer, add_special_tokens=False).input_ids[0]
-             for p in test]  # fmt: skip
+    first = [
+        model.tokenizer(" " + p.source_answer, add_special_tokens=False).input_ids[0] for p in test
+    ]
     assert labels == first and len(test) == 6
     assert all(p.meta["relation"] and p.meta["subject"] in p.base for p in test)
 
@@ -118,8 +127,11 @@ def _mlp_out(model, batch: PromptBatch, layer: int, hooks=()) -> torch.Tensor:
     got = {}
     read = lambda act, hook=None: got.setdefault("out", act.detach().clone())  # noqa: E731
     with torch.no_grad():
-        model.run_with_hooks(batch.tokens, attention_mask=batch.mask,
-                             fwd_hooks=[*hooks, (hook_name("mlp_out", layer), read)])  # fmt: skip
+        model.run_with_hooks(
+            batch.tokens,
+            attention_mask=batch.mask,
+            fwd_hooks=[*hooks, (hook_name("mlp_out", layer), read)],
+        )
     return got["out"]
 
 
@@ -218,14 +230,18 @@ def test_fact_editing_refuses_directions_of_other_pairs(tmp_path):
     run_dir = tmp_path / "patch"
     run_dir.mkdir()
     v = torch.zeros(1, 128)
-    torch.save({"layer": 0, "directions": v, "pairs": [("a", "b")], "fingerprint": "x"},
-               FD.pair_file(run_dir, 0))  # fmt: skip
+    torch.save(
+        {"layer": 0, "directions": v, "pairs": [("a", "b")], "fingerprint": "x"},
+        FD.pair_file(run_dir, 0),
+    )
     cfg = _cfg("fact_editing", "extra.layers=[0]", f"extra.pair_run={run_dir}")
     with pytest.raises(Exception, match="other weights"):
         fact_editing.run(cfg, tmp_path / "edit")
     with pytest.raises(Exception, match="no pair_directions_L1.pt"):
-        fact_editing.run(_cfg("fact_editing", "extra.layers=[1]", f"extra.pair_run={run_dir}"),
-                         tmp_path / "edit2")  # fmt: skip
+        fact_editing.run(
+            _cfg("fact_editing", "extra.layers=[1]", f"extra.pair_run={run_dir}"),
+            tmp_path / "edit2",
+        )
 
 
 @pytest.mark.slow
@@ -234,9 +250,17 @@ def test_fact_patching_on_smollm2_short_grid(tmp_path, smollm2, monkeypatch):
 
     monkeypatch.setattr(fact_patching, "model_for", lambda cfg: smollm2)  # loaded once
 
-    cfg = compose(["experiment=fact_patching", "device=cpu", "extra.layers=[12]",
-                   "dataset.n_test_pairs=20", "dataset.n_train_pairs=40", "extra.pair_steps=20",
-                   "method.epochs=2"])  # fmt: skip
+    cfg = compose(
+        [
+            "experiment=fact_patching",
+            "device=cpu",
+            "extra.layers=[12]",
+            "dataset.n_test_pairs=20",
+            "dataset.n_train_pairs=40",
+            "extra.pair_steps=20",
+            "method.epochs=2",
+        ]
+    )
     df = fact_patching.run(cfg, tmp_path)  # ~70-120 s on 2 CPU cores
     test = df[df.split == "test"]
     fldd = test[test.metric == "fldd"].set_index("intervention").value

@@ -167,6 +167,8 @@ CONFIGS = {  # probe -> (overrides, what the line must say)
     "batch_size_0": (["dataset.batch_size=0"], ["dataset.batch_size=0", "at least 1"]),
     "plus_typo": (["+method.dimm=2"], ["unknown option method.dimm", "did you mean method.dim?"]),
     "plusplus_typo": (["++dataset.min_pair=3"], ["unknown option dataset.min_pair"]),
+    "extra_typo": (["extra.n_randm=5"], ["ioi_mlp8_das has no option extra.n_randm"]),
+    "extra_plus": (["+extra.n_random=5"], ["has no option extra.n_random", "no extra.* options"]),
     "device": (["device=cuda"], ["device=cuda", "CUDA is not available", "device=cpu"]),
     "device_name": (["device=gpu"], ["device=gpu: not a device"]),
     "path_missing": (["dataset=pairs", "dataset.path=/no/such.jsonl"], ["no such file"]),

@@ -16,12 +16,18 @@ import mlpim.experiments
 from mlpim import constants as C
 from mlpim import identity
 from mlpim.config import compose
-from mlpim.engine.models import ConfigError
 from mlpim.engine.subspace import check_model, load_subspace
+from mlpim.errors import ConfigError
 from mlpim.run import RunDirError, read_done, run
 
-FAST = ["model=tiny", "device=cpu", "method.epochs=1", "dataset.n_train_pairs=20",
-        "dataset.n_test_pairs=20", "dataset.n_eval_prompts=20"]  # fmt: skip
+FAST = [
+    "model=tiny",
+    "device=cpu",
+    "method.epochs=1",
+    "dataset.n_train_pairs=20",
+    "dataset.n_test_pairs=20",
+    "dataset.n_eval_prompts=20",
+]
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "paper.py"
 
 
@@ -41,8 +47,18 @@ def fake_runner(monkeypatch):
     def runner(cfg, run_dir):
         calls.append(Path(run_dir).name)
         write_direction(Path(run_dir) / C.DIRECTION, cfg.seed)
-        return pd.DataFrame([{"model": "tiny", "experiment": cfg.experiment, "intervention": "x",
-                              "split": "test", "metric": "x", "value": float(cfg.seed)}])  # fmt: skip
+        return pd.DataFrame(
+            [
+                {
+                    "model": "tiny",
+                    "experiment": cfg.experiment,
+                    "intervention": "x",
+                    "split": "test",
+                    "metric": "x",
+                    "value": float(cfg.seed),
+                }
+            ]
+        )
 
     monkeypatch.setattr(mlpim.experiments, "get_runner", lambda name: runner)
     return calls
@@ -56,14 +72,15 @@ def other_code(monkeypatch) -> None:
 def test_done_records_code_and_the_content_of_every_input(tmp_path, fake_runner):
     v = write_direction(tmp_path / "v.pt", 0)
     r = write_direction(tmp_path / "r.pt", 1)
-    cfg = compose(["experiment=ioi_mlp8_das", *FAST, f"direction={v}",
-                   f"extra.resid_direction={r}"])  # fmt: skip
+    cfg = compose(["experiment=ioi_dormant", *FAST, f"direction={v}", f"extra.resid_direction={r}"])
     run(cfg, tmp_path / "run")
     done = read_done(tmp_path / "run")
     assert done["code_hash"] == identity.code_hash() and len(done["code_hash"]) == 16
     assert done["mlpim_version"] and "git_commit" in done and "git_dirty" in done
-    assert done["inputs"] == {"direction": identity.file_sha256(v),
-                              "extra.resid_direction": identity.file_sha256(r)}  # fmt: skip
+    assert done["inputs"] == {
+        "direction": identity.file_sha256(v),
+        "extra.resid_direction": identity.file_sha256(r),
+    }
     assert len(done["inputs"]["direction"]) == 64
     assert run(cfg, tmp_path / "run") is None and fake_runner == ["run"]  # all same: skipped
 
@@ -110,14 +127,24 @@ def test_input_files_come_from_every_path_option(tmp_path):
     (locate / C.METRICS).parent.mkdir()
     (locate / C.METRICS).write_text("a\n1\n")
     (tmp_path / "corpus.txt").write_text("text")
-    cfg = compose(["experiment=fact_editing", "dataset.path=/no/such/facts.jsonl",
-                   f"extra.pair_run={pair_run}", f"extra.corpus_path={tmp_path / 'corpus.txt'}",
-                   f"++extra.locate_run={locate}"])  # fmt: skip
+    corpus = tmp_path / "corpus.txt"
+    cfg = compose(
+        [
+            "experiment=fact_editing",
+            "dataset.path=/no/such/facts.jsonl",
+            f"extra.pair_run={pair_run}",
+            f"extra.corpus_path={corpus}",
+        ]
+    )
     files = identity.input_files(cfg)
-    assert set(files) == {"dataset.path", "extra.corpus_path", "extra.locate_run",
-                          "extra.pair_run/pair_directions_L0.pt",
-                          "extra.pair_run/pair_directions_L2.pt"}  # fmt: skip
-    assert files["extra.locate_run"] == locate / C.METRICS
+    assert set(files) == {
+        "dataset.path",
+        "extra.corpus_path",
+        "extra.pair_run/pair_directions_L0.pt",
+        "extra.pair_run/pair_directions_L2.pt",
+    }
+    profile = compose(["experiment=ioi_layer_profile", f"extra.locate_run={locate}"])
+    assert identity.input_files(profile) == {"extra.locate_run": locate / C.METRICS}
     hashes = identity.input_hashes(cfg)
     assert hashes["dataset.path"] is None and len(hashes["extra.corpus_path"]) == 64
     model_file = compose(["model=gguf", f"model.file={tmp_path / 'corpus.txt'}"])

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from transformer_lens.utilities import get_tokenizer_with_bos
 from transformers import PreTrainedTokenizerFast
 
+from mlpim.engine.tiny import word_tokenizer
 from mlpim.tasks.ioi import (
     PATTERNS,
     IOIBatch,
@@ -24,7 +25,7 @@ from mlpim.tasks.ioi import (
     patched_is_io,
     s1_position,
 )
-from mlpim.tasks.tokenizer import ioi_vocabulary, word_tokenizer
+from mlpim.tasks.tokenizer import ioi_vocabulary
 
 CONF = Path(__file__).resolve().parents[1] / "mlpim" / "conf" / "dataset" / "ioi.yaml"
 ALL_COMBOS = list(itertools.product(PATTERNS, PATTERNS))
@@ -235,13 +236,25 @@ def test_label_truth_table():
     s1 = {"ABB": 1, "BAB": 0, "ABA": 0, "BAA": 1, "CDD": 1, "DCD": 0}
     assert {p: s1_position(p) for p in PATTERNS} == s1
     io_combos = {
-        ("ABB", "ABB"), ("ABB", "BAA"), ("ABB", "CDD"),
-        ("BAA", "ABB"), ("BAA", "BAA"), ("BAA", "CDD"),
-        ("CDD", "ABB"), ("CDD", "BAA"), ("CDD", "CDD"),
-        ("BAB", "BAB"), ("BAB", "ABA"), ("BAB", "DCD"),
-        ("ABA", "BAB"), ("ABA", "ABA"), ("ABA", "DCD"),
-        ("DCD", "BAB"), ("DCD", "ABA"), ("DCD", "DCD"),
-    }  # fmt: skip
+        ("ABB", "ABB"),
+        ("ABB", "BAA"),
+        ("ABB", "CDD"),
+        ("BAA", "ABB"),
+        ("BAA", "BAA"),
+        ("BAA", "CDD"),
+        ("CDD", "ABB"),
+        ("CDD", "BAA"),
+        ("CDD", "CDD"),
+        ("BAB", "BAB"),
+        ("BAB", "ABA"),
+        ("BAB", "DCD"),
+        ("ABA", "BAB"),
+        ("ABA", "ABA"),
+        ("ABA", "DCD"),
+        ("DCD", "BAB"),
+        ("DCD", "ABA"),
+        ("DCD", "DCD"),
+    }
     for base, source in ALL_COMBOS:
         assert patched_is_io(base, source) == ((base, source) in io_combos)
     with pytest.raises(ValueError):
@@ -303,8 +316,11 @@ def test_paper_pairs_sizes(cfg, tok):
     _check_pairs(train + test, tok, cfg)
     combos = [(b, s) for p in train for b, s in zip(p.base.pattern, p.source.pattern, strict=True)]
     assert {c: combos.count(c) for c in set(combos)} == {
-        ("ABB", "ABB"): 50, ("ABB", "BAB"): 50, ("BAB", "ABB"): 50, ("BAB", "BAB"): 50
-    }  # fmt: skip
+        ("ABB", "ABB"): 50,
+        ("ABB", "BAB"): 50,
+        ("BAB", "ABB"): 50,
+        ("BAB", "BAB"): 50,
+    }
     combos = {(b, s) for p in test for b, s in zip(p.base.pattern, p.source.pattern, strict=True)}
     assert combos == {("ABB", "BAB"), ("BAB", "ABB")}
     moved = test[0].to("cpu")

@@ -12,30 +12,56 @@ from mlpim.analysis import landmarks as lmk
 from mlpim.analysis.profile import null_fraction, prepare_many
 from mlpim.config import compose
 from mlpim.engine.interventions import prepare
-from mlpim.engine.models import ConfigError
-from mlpim.errors import MlpimError
+from mlpim.errors import ConfigError, MlpimError
 from mlpim.experiments.ioi_layer_profile import profile_layers, read_locate
 from mlpim.run import run
 from mlpim.tasks.ioi import make_pairs
 
-TINY = ["model=tiny", "device=cpu", "method.epochs=2", "dataset.n_train_pairs=20",
-        "dataset.n_test_pairs=20", "dataset.n_eval_prompts=20", "seed=3"]  # fmt: skip
+TINY = [
+    "model=tiny",
+    "device=cpu",
+    "method.epochs=2",
+    "dataset.n_train_pairs=20",
+    "dataset.n_test_pairs=20",
+    "dataset.n_eval_prompts=20",
+    "seed=3",
+]
 
 
 def locate_table(
-    attn: dict[int, float], resid: dict[int, float], n_layers: int = 12,
+    attn: dict[int, float],
+    resid: dict[int, float],
+    n_layers: int = 12,
     heads: dict[tuple[int, int], float] | None = None,
-) -> pd.DataFrame:  # fmt: skip
+) -> pd.DataFrame:
     """A tidy ioi_locate-like table: FLDD of attn_out, mlp_out, resid_post per layer, and heads."""
     rows = []
     for layer in range(n_layers):
         for site, values in (("attn_out", attn), ("mlp_out", {}), ("resid_post", resid)):
             for metric, v in (("fldd", values.get(layer, 0.01)), ("iia", 0.0)):
-                rows.append({"site": site, "layer": layer, "head": -1, "metric": metric,
-                             "value": v, "split": "test", "intervention": "full"})  # fmt: skip
+                rows.append(
+                    {
+                        "site": site,
+                        "layer": layer,
+                        "head": -1,
+                        "metric": metric,
+                        "value": v,
+                        "split": "test",
+                        "intervention": "full",
+                    }
+                )
     for (layer, h), v in (heads or {}).items():
-        rows.append({"site": "z", "layer": layer, "head": h, "metric": "fldd", "value": v,
-                     "split": "test", "intervention": "full"})  # fmt: skip
+        rows.append(
+            {
+                "site": "z",
+                "layer": layer,
+                "head": h,
+                "metric": "fldd",
+                "value": v,
+                "split": "test",
+                "intervention": "full",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -45,8 +71,11 @@ def locate_table(
 def test_signal_written_in_block_8_and_read_from_9_gives_8():
     # GPT-2-like: S-inhibition heads in 7 and 8 write it, the residual carries it to 8, the name
     # movers (9, 10) read it; their own outputs move LD little, one name mover a bit
-    df = locate_table(attn={7: 0.35, 8: 0.7, 9: 0.03}, resid={7: 0.4, 8: 1.2, 9: 0.1},
-                      heads={(8, 6): 0.4, (9, 9): 0.08, (10, 0): 0.06, (11, 3): 0.01})  # fmt: skip
+    df = locate_table(
+        attn={7: 0.35, 8: 0.7, 9: 0.03},
+        resid={7: 0.4, 8: 1.2, 9: 0.1},
+        heads={(8, 6): 0.4, (9, 9): 0.08, (10, 0): 0.06, (11, 3): 0.01},
+    )
     lm = lmk.find_landmarks(df)
     assert (lm.mlp_in_the_middle, lm.handover_layer) == (8, 8)
     assert lm.name_movers == [[9, 9], [10, 0]]  # after block 8, above 0.05, largest first
@@ -54,8 +83,11 @@ def test_signal_written_in_block_8_and_read_from_9_gives_8():
 
 
 def test_threshold_is_a_parameter_and_late_direct_attention_is_not_a_writer():
-    df = locate_table(attn={19: 0.18, 20: 0.78, 22: 0.15, 25: 0.3},
-                      resid={19: 0.18, 20: 1.03, 21: 1.0, 22: 1.0}, n_layers=30)  # fmt: skip
+    df = locate_table(
+        attn={19: 0.18, 20: 0.78, 22: 0.15, 25: 0.3},
+        resid={19: 0.18, 20: 1.03, 21: 1.0, 22: 1.0},
+        n_layers=30,
+    )
     # attn_out 25 moves LD but the residual after it no longer carries the signal: not a writer
     assert lmk.find_landmarks(df).mlp_in_the_middle == 20
     assert lmk.find_landmarks(df, threshold=0.1).mlp_in_the_middle == 22  # 0.15 counts now
@@ -64,13 +96,12 @@ def test_threshold_is_a_parameter_and_late_direct_attention_is_not_a_writer():
     assert lmk.signal_range(df) == (20, 22)
 
 
-def test_no_block_above_threshold_gives_none_and_a_clear_yaml(tmp_path):
+def test_no_block_above_threshold_gives_none_and_a_clear_yaml():
     df = locate_table(attn={}, resid={})
     assert lmk.find_landmarks(df) is None
     assert lmk.signal_range(df) is None
-    line = lmk.write_landmarks(df, tmp_path, "m", 0.2)
-    assert "no block" in line
-    assert "landmarks: null" in (tmp_path / "landmarks.yaml").read_text()
+    assert "no block" in lmk.landmarks_line(None, 0.2)
+    assert "landmarks: null" in lmk.landmarks_yaml(None, 0.2, "m")
 
 
 def test_not_a_locate_table_is_refused():
@@ -78,14 +109,16 @@ def test_not_a_locate_table_is_refused():
         lmk.find_landmarks(locate_table({}, {}).query("site != 'attn_out'"))
 
 
-def test_landmarks_yaml_is_a_model_config_block(tmp_path):
+def test_landmarks_yaml_is_a_model_config_block():
     from omegaconf import OmegaConf
 
     df = locate_table(attn={8: 0.7}, resid={8: 1.2}, heads={(9, 9): 0.1})
-    lmk.write_landmarks(df, tmp_path, "gpt2-small", 0.2)
-    got = OmegaConf.load(tmp_path / "landmarks.yaml")
-    assert dict(got.landmarks) == {"handover_layer": 8, "mlp_in_the_middle": 8,
-                                   "name_movers": [[9, 9]]}  # fmt: skip
+    got = OmegaConf.create(lmk.landmarks_yaml(lmk.find_landmarks(df), 0.2, "gpt2-small"))
+    assert dict(got.landmarks) == {
+        "handover_layer": 8,
+        "mlp_in_the_middle": 8,
+        "name_movers": [[9, 9]],
+    }
 
 
 # ----- config and layer choice -----
@@ -122,8 +155,15 @@ def test_layers_default_to_landmarks_plus_window_and_follow_options(tmp_path):
     hf = compose(["experiment=ioi_layer_profile", "model=hf", "model.path=/x"])
     with pytest.raises(ConfigError, match="no landmarks"):
         profile_layers(hf, 12, None)
-    given = compose(["experiment=ioi_layer_profile", "model=hf", "model.path=/x",
-                     "extra.first_layer=3", "extra.last_layer=5"])  # fmt: skip
+    given = compose(
+        [
+            "experiment=ioi_layer_profile",
+            "model=hf",
+            "model.path=/x",
+            "extra.first_layer=3",
+            "extra.last_layer=5",
+        ]
+    )
     assert profile_layers(given, 12, None)[0] == [3, 4, 5]  # no landmarks needed
 
 
@@ -185,7 +225,11 @@ def test_profile_equals_single_layer_runs(tmp_path):
     prof = run(cfg, tmp_path / "profile")
     assert (tmp_path / "profile" / "layer_profile.png").stat().st_size > 0
     assert sorted(p.name for p in (tmp_path / "profile" / "directions").iterdir()) == [
-        "mlp_post_L0.pt", "mlp_post_L1.pt", "resid_post_L0.pt", "resid_post_L1.pt"]  # fmt: skip
+        "mlp_post_L0.pt",
+        "mlp_post_L1.pt",
+        "resid_post_L0.pt",
+        "resid_post_L1.pt",
+    ]
     assert set(prof.layer) == {0, 1} and set(prof.site) == {"mlp_post", "resid_post"}
     null = prof[prof.metric == "null_frac"].value
     assert len(null) == 2 and null.between(0, 1).all()
@@ -209,8 +253,15 @@ def test_profile_equals_single_layer_runs(tmp_path):
 def test_ioi_locate_writes_the_landmarks_the_rule_gives(tmp_path, caplog):
     from omegaconf import OmegaConf
 
-    cfg = compose(["experiment=ioi_locate", "model=tiny", "device=cpu",
-                   "extra.n_pairs_per_direction=4", "++extra.signal_threshold=-1.0"])  # fmt: skip
+    cfg = compose(
+        [
+            "experiment=ioi_locate",
+            "model=tiny",
+            "device=cpu",
+            "extra.n_pairs_per_direction=4",
+            "++extra.signal_threshold=-1.0",
+        ]
+    )
     with caplog.at_level("INFO"):
         run(cfg, tmp_path)
     df = pd.read_csv(tmp_path / C.METRICS)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from mlpim.engine.tiny import word_tokenizer
 from mlpim.errors import MlpimError
 from mlpim.tasks import bos_id, pad_id
 from mlpim.tasks.ioi import make_pairs
@@ -19,7 +20,7 @@ from mlpim.tasks.mib import (
     write_mib_jsonl,
 )
 from mlpim.tasks.pairs import Pair, collate, encode
-from mlpim.tasks.tokenizer import ioi_vocabulary, word_tokenizer
+from mlpim.tasks.tokenizer import ioi_vocabulary
 
 CONF = Path(__file__).resolve().parents[1] / "mlpim" / "conf" / "dataset" / "ioi.yaml"
 

@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from mlpim import constants as C
+from mlpim.analysis.controls import loaded_basis
 from mlpim.config import compose
-from mlpim.engine.models import ConfigError, fingerprint
+from mlpim.engine.models import fingerprint
 from mlpim.engine.subspace import check_model, direction_meta, load_subspace, save_subspace
-from mlpim.engine.tiny import save_tiny
-from mlpim.experiments.subspace import loaded_basis
+from mlpim.engine.tiny import save_tiny, word_tokenizer
+from mlpim.errors import ConfigError
+from mlpim.experiments.common import model_spec
 from mlpim.run import run
-from mlpim.tasks.tokenizer import ioi_vocabulary, word_tokenizer
+from mlpim.tasks.tokenizer import ioi_vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +28,18 @@ def gemma_dir(tmp_path_factory):
 def test_hf_model_directory_runs_end_to_end(gemma_dir, tmp_path):
     """`model=hf model.path=<tiny Gemma 3> site.layer=1`: the cache engine, a saved direction
     that records the model, its weights and the site."""
-    cfg = compose(["experiment=ioi_mlp8_das", "model=hf", f"model.path={gemma_dir}",
-                   "site.layer=1", "method.epochs=1", "device=cpu",
-                   "dataset.n_train_pairs=40", "dataset.n_test_pairs=20"])  # fmt: skip
+    cfg = compose(
+        [
+            "experiment=ioi_mlp8_das",
+            "model=hf",
+            f"model.path={gemma_dir}",
+            "site.layer=1",
+            "method.epochs=1",
+            "device=cpu",
+            "dataset.n_train_pairs=40",
+            "dataset.n_test_pairs=20",
+        ]
+    )
     df = run(cfg, tmp_path / "run")
     assert {"clean", "full", "das"} <= set(df.intervention)
     saved = torch.load(tmp_path / "run" / C.DIRECTION, weights_only=True)
@@ -62,7 +73,7 @@ def test_direction_from_another_model_is_refused(tiny_gpt2, tiny_llama, tmp_path
     cfg = compose(["model=tiny"])
     path = tmp_path / "v.pt"
     basis = torch.linalg.qr(torch.randn(tiny_gpt2.cfg.d_mlp, 1))[0]
-    save_subspace(path, basis, **direction_meta(tiny_gpt2, cfg.model, "mlp_post", 1))
+    save_subspace(path, basis, **direction_meta(tiny_gpt2, model_spec(cfg), "mlp_post", 1))
     d = tiny_gpt2.cfg.d_mlp
     assert torch.equal(loaded_basis(str(path), "mlp_post", 1, d, tiny_gpt2), basis)
     assert fingerprint(tiny_gpt2) != fingerprint(tiny_llama)

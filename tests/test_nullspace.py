@@ -14,8 +14,13 @@ from mlpim.tasks.batch import PromptBatch
 from mlpim.tasks.ioi import make_prompts
 
 torch.set_num_threads(1)
-FAST = ["model=tiny", "device=cpu", "method.epochs=1", "dataset.n_train_pairs=40",
-        "dataset.n_test_pairs=20"]  # fmt: skip
+FAST = [
+    "model=tiny",
+    "device=cpu",
+    "method.epochs=1",
+    "dataset.n_train_pairs=40",
+    "dataset.n_test_pairs=20",
+]
 
 
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama", "tiny_gpt2_compat"])
@@ -93,8 +98,10 @@ def test_alignment_reuses_saved_directions(tmp_path):
     run(compose(["experiment=ioi_nullspace", *FAST, "extra.n_hist_prompts=40"]), tmp_path / "a")
     resid = tmp_path / "a" / "subspace.pt"  # wrong site on purpose: must be refused
     with pytest.raises(Exception, match="mlp_post"):
-        run(compose(["experiment=ioi_alignment", *FAST, f"extra.resid_direction={resid}"]),
-            tmp_path / "b")  # fmt: skip
+        run(
+            compose(["experiment=ioi_alignment", *FAST, f"extra.resid_direction={resid}"]),
+            tmp_path / "b",
+        )
     overrides = [f"direction={resid}", "extra.n_random=100", "extra.n_grad_prompts=20"]
     df = run(compose(["experiment=ioi_alignment", *FAST, *overrides]), tmp_path / "c")
     assert not (tmp_path / "c" / "das_mlp_post").exists()  # loaded, not trained

@@ -46,11 +46,20 @@ def test_whole_paper_on_the_gpt2_code_path(tmp_path, gpt2_dir):
     """Every step of `make paper MODEL=gpt2-small`, on a tiny GPT-2 saved like a downloaded one
     (the real loading and weight processing; landmarks moved into its 2 layers)."""
     paper = _paper()  # extra.known_only=false below: a random model knows no fact
-    tiny = ["model=gpt2-small", f"model.path={gpt2_dir}", "device=cpu", "method.epochs=1",
-            "dataset.n_train_pairs=40", "dataset.n_test_pairs=20", "dataset.n_eval_prompts=40",
-            "model.landmarks.handover_layer=0", "model.landmarks.mlp_in_the_middle=0",
-            "model.landmarks.name_movers=[[1,0],[1,2]]", "++extra.chunk_len=32",
-            "extra.known_only=false"]  # fmt: skip
+    tiny = [
+        "model=gpt2-small",
+        f"model.path={gpt2_dir}",
+        "device=cpu",
+        "method.epochs=1",
+        "dataset.n_train_pairs=40",
+        "dataset.n_test_pairs=20",
+        "dataset.n_eval_prompts=40",
+        "model.landmarks.handover_layer=0",
+        "model.landmarks.mlp_in_the_middle=0",
+        "model.landmarks.name_movers=[[1,0],[1,2]]",
+        "++extra.chunk_len=32",
+        "extra.known_only=false",
+    ]
     paper.main(["--out", str(tmp_path), *tiny])
     for name, _, _ in paper.STEPS:
         assert (tmp_path / name / C.DONE).exists(), name

@@ -65,10 +65,15 @@ def _setup(model, pb, kind: str, layer: int, setter=full):
 def _rows(batch, keep: torch.Tensor):
     """The rows `keep` of a (prompt) batch."""
     vals = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    return dataclasses.replace(batch, **{
-        k: v[keep] if torch.is_tensor(v) else tuple(x for x, k_ in zip(v, keep.tolist(), strict=True) if k_)
-        for k, v in vals.items()
-    })  # fmt: skip
+    return dataclasses.replace(
+        batch,
+        **{
+            k: v[keep]
+            if torch.is_tensor(v)
+            else tuple(x for x, k_ in zip(v, keep.tolist(), strict=True) if k_)
+            for k, v in vals.items()
+        },
+    )
 
 
 def _unpadded(pb):
@@ -76,8 +81,9 @@ def _unpadded(pb):
     0 * NaN reaches the real tokens (float32 is unaffected; the engine's guard would stop it)."""
     keep = pb.base.mask.bool().all(1) & pb.source.mask.bool().all(1)
     assert keep.sum() >= 2
-    return dataclasses.replace(pb, base=_rows(pb.base, keep), source=_rows(pb.source, keep),
-                               label=pb.label[keep])  # fmt: skip
+    return dataclasses.replace(
+        pb, base=_rows(pb.base, keep), source=_rows(pb.source, keep), label=pb.label[keep]
+    )
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> bool:
@@ -165,8 +171,11 @@ def test_query_only_for_last_layer_equals_hooked_query_patch(model64, pair):
     q_name, mlp_name = f"blocks.{last}.attn.hook_q", hook_name("mlp_out", last)
     patched_q = _cached(model, pair, [q_name], [_site_patch_hook(hook_name(kind, layer), act)])
     clean_mlp = _cached(model, pair, [mlp_name], [])[mlp_name]
-    final = _hooked_final(model, pair, [_site_patch_hook(q_name, patched_q[q_name]),
-                                        _site_patch_hook(mlp_name, clean_mlp)])  # fmt: skip
+    final = _hooked_final(
+        model,
+        pair,
+        [_site_patch_hook(q_name, patched_q[q_name]), _site_patch_hook(mlp_name, clean_mlp)],
+    )
     effects = paths.query_effects(model, state, r, clean, patched, frozen=True)
     assert list(effects) == [last]
     hooked = paths.dla(final - clean.final, paths.frozen_readout(model, r, clean.final))
@@ -184,8 +193,9 @@ def test_head_output_alone_equals_hooked_head_patch(model64, pair):
     for h in range(model.cfg.n_heads):
         z = clean.z[last].clone()
         z[:, h] = patched.z[last][:, h]
-        final = _hooked_final(model, pair, [_site_patch_hook(z_name, z),
-                                            _site_patch_hook(mlp_name, clean_mlp)])  # fmt: skip
+        final = _hooked_final(
+            model, pair, [_site_patch_hook(z_name, z), _site_patch_hook(mlp_name, clean_mlp)]
+        )
         delta = paths.logit_diff(model, r, final) - paths.logit_diff(model, r, clean.final)
         assert _close_rel(effects[:, h], delta)
 
@@ -195,9 +205,11 @@ def test_identity_patch_changes_nothing(model, pair, kind, layer):
     """A head's output (or query) patched with its own clean value: every effect is zero."""
     state, clean, patched, r, _ = _setup(model, pair, kind, layer, setter=lambda b, s: b)
     for frozen in (False, True):
-        found = [paths.output_effects(model, r, clean, patched, frozen),
-                 paths.query_effects(model, state, r, clean, patched, frozen),
-                 paths.mlp_effects(model, r, clean, patched, frozen)]  # fmt: skip
+        found = [
+            paths.output_effects(model, r, clean, patched, frozen),
+            paths.query_effects(model, state, r, clean, patched, frozen),
+            paths.mlp_effects(model, r, clean, patched, frozen),
+        ]
         for by_layer in found:
             assert all(_close(v, torch.zeros_like(v)) for v in by_layer.values())
     dla_clean, dla_patched = paths.head_dla(model, r, clean), paths.head_dla(model, r, patched)
@@ -215,8 +227,14 @@ def test_subspace_patch_runs_on_mlp_post(tiny_llama, pair):
 
 
 def test_runs_end_to_end(tmp_path):
-    overrides = ["experiment=ioi_path_patching", "model=tiny", "method.epochs=1", "device=cpu",
-                 "dataset.n_train_pairs=20", "dataset.n_test_pairs=20"]  # fmt: skip
+    overrides = [
+        "experiment=ioi_path_patching",
+        "model=tiny",
+        "method.epochs=1",
+        "device=cpu",
+        "dataset.n_train_pairs=20",
+        "dataset.n_test_pairs=20",
+    ]
     df = run(compose(overrides), tmp_path)
     for name in ("path_patching.png", C.METRICS, "subspace_resid.pt", "subspace_mlp.pt"):
         assert (tmp_path / name).exists(), name

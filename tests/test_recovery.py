@@ -11,8 +11,8 @@ import torch
 
 from mlpim import constants as C
 from mlpim.analysis import recovery as R
+from mlpim.analysis.budget import NeuronSubspace, grid, linear_fit, neuron_order
 from mlpim.config import compose
-from mlpim.experiments.ioi_neuron_budget import NeuronSubspace, grid, linear_fit, neuron_order
 from mlpim.run import run
 
 LAYER = 1
@@ -29,10 +29,16 @@ def corpus(tmp_path_factory):
     d, rng = compose(["model=tiny"]).dataset, random.Random(0)
     pick = lambda xs: rng.choice(list(xs))  # noqa: E731
     text = " ".join(
-        pick(d.templates).format(A=pick(d.names), B=pick(d.names), S=pick(d.names),
-                                 PLACE=pick(d.places), OBJECT=pick(d.objects)) + f" {pick(d.names)}."
+        pick(d.templates).format(
+            A=pick(d.names),
+            B=pick(d.names),
+            S=pick(d.names),
+            PLACE=pick(d.places),
+            OBJECT=pick(d.objects),
+        )
+        + f" {pick(d.names)}."
         for _ in range(300)
-    )  # fmt: skip
+    )
     path = tmp_path_factory.mktemp("corpus") / "ioi.txt"
     path.write_text(text)
     return path
@@ -142,11 +148,20 @@ def test_grid_and_fit():
 
 
 def test_mlp_recovery_end_to_end(corpus, tmp_path):
-    cfg = compose([
-        "experiment=mlp_recovery", "model=tiny", "device=cpu", f"extra.corpus_path={corpus}",
-        "extra.chunk_len=24", "extra.n_activations=200", "extra.n_train=150", "extra.layers=[0,2]",
-        "extra.n_directions=2", "extra.z_values=[0.01,0.5]",
-    ])  # fmt: skip
+    cfg = compose(
+        [
+            "experiment=mlp_recovery",
+            "model=tiny",
+            "device=cpu",
+            f"extra.corpus_path={corpus}",
+            "extra.chunk_len=24",
+            "extra.n_activations=200",
+            "extra.n_train=150",
+            "extra.layers=[0,2]",
+            "extra.n_directions=2",
+            "extra.z_values=[0.01,0.5]",
+        ]
+    )
     df = run(cfg, tmp_path)
     assert set(df.intervention) == {"ridge", "logistic"} and set(df.layer) == {0, 2}
     assert len(df[df.metric == "r2"]) == 4 and len(df[df.metric == "accuracy"]) == 4
@@ -158,10 +173,17 @@ def test_mlp_recovery_end_to_end(corpus, tmp_path):
 
 
 def test_ioi_neuron_budget_end_to_end(tmp_path):
-    cfg = compose([
-        "experiment=ioi_neuron_budget", "model=tiny", "device=cpu", "dataset.n_train_pairs=40",
-        "dataset.n_test_pairs=40", "method.epochs=1", "extra.n_grid=[4,16,all]",
-    ])  # fmt: skip
+    cfg = compose(
+        [
+            "experiment=ioi_neuron_budget",
+            "model=tiny",
+            "device=cpu",
+            "dataset.n_train_pairs=40",
+            "dataset.n_test_pairs=40",
+            "method.epochs=1",
+            "extra.n_grid=[4,16,all]",
+        ]
+    )
     df = run(cfg, tmp_path)
     test = df[(df.split == "test") & (df.metric == "fldd")]
     assert set(test.intervention) >= {"das_n4", "das_n16", "das_n128", "full"}

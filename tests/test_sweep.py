@@ -47,9 +47,13 @@ def mlpim_command() -> list[str]:
 def mlpim(*args: str, cwd: Path, timeout: int = 300, rc: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [*mlpim_command(), *args], cwd=cwd, env=env, capture_output=True, text=True,
+        [*mlpim_command(), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
-    )  # fmt: skip
+    )
     assert proc.returncode == rc, (
         f"mlpim {' '.join(args)}: exit {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     )
@@ -157,9 +161,20 @@ def fake_job(path: Path, layer: int, dim: int, seed: int, overrides: list[str] |
         for split in ("train", "test"):
             for metric in ("fldd", "iia", "logit_diff"):
                 value = None if intervention == "clean" and metric == "iia" else layer + dim + seed
-                rows.append(dict(model="tiny", experiment="x", intervention=intervention,
-                                 site="mlp_post", layer=layer, split=split, metric=metric,
-                                 value=value, dim=dim, seed=seed))  # fmt: skip
+                rows.append(
+                    dict(
+                        model="tiny",
+                        experiment="x",
+                        intervention=intervention,
+                        site="mlp_post",
+                        layer=layer,
+                        split=split,
+                        metric=metric,
+                        value=value,
+                        dim=dim,
+                        seed=seed,
+                    )
+                )
     path.mkdir(parents=True)
     pd.DataFrame(rows).to_csv(path / C.METRICS, index=False)
     if overrides is not None:
@@ -173,9 +188,13 @@ def test_collect_synthetic(tmp_path, capsys):
         for dim in (1, 2):
             for seed in (0, 1):
                 lr = 0.1 if layer == 2 else 0.01
-                fake_job(tmp_path / "sweep" / ("nested" if n >= 10 else "") / str(n), layer, dim,
-                         seed, [f"site.layer={layer}", f"method.dim={dim}", f"seed={seed}",
-                                f"method.lr={lr}"])  # fmt: skip
+                fake_job(
+                    tmp_path / "sweep" / ("nested" if n >= 10 else "") / str(n),
+                    layer,
+                    dim,
+                    seed,
+                    [f"site.layer={layer}", f"method.dim={dim}", f"seed={seed}", f"method.lr={lr}"],
+                )
                 n += 1
     (tmp_path / "sweep" / ".submitit" / "1").mkdir(parents=True)
     (tmp_path / "sweep" / ".submitit" / "1" / C.METRICS).write_text("not,a\nmetrics,file\n")

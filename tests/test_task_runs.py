@@ -9,7 +9,7 @@ import pytest
 
 from mlpim import constants as C
 from mlpim.config import compose
-from mlpim.engine.models import ConfigError
+from mlpim.errors import ConfigError
 from mlpim.run import run
 
 NAMES = ["Mary", "John", "Anna", "Paul", "Sara", "Mark", "Lisa", "Tom", "Emma", "Jack"]
@@ -21,8 +21,15 @@ def write_task(path) -> None:
     for i, a in enumerate(NAMES):
         for b in NAMES[i + 1 : i + 4]:
             text = "When {} and {} went to the store , {} gave a drink to"
-            rows.append({"base": text.format(a, b, b), "source": text.format(a, b, a),
-                         "base_answer": a, "source_answer": b, "meta": {"group": a}})  # fmt: skip
+            rows.append(
+                {
+                    "base": text.format(a, b, b),
+                    "source": text.format(a, b, a),
+                    "base_answer": a,
+                    "source_answer": b,
+                    "meta": {"group": a},
+                }
+            )
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
@@ -34,8 +41,15 @@ def task(tmp_path):
 
 
 def overrides(task) -> list[str]:
-    return ["model=tiny", "device=cpu", "dataset=pairs", f"dataset.path={task}",
-            "dataset.min_pairs=5", "dataset.batch_size=7", "method.epochs=2"]  # fmt: skip
+    return [
+        "model=tiny",
+        "device=cpu",
+        "dataset=pairs",
+        f"dataset.path={task}",
+        "dataset.min_pairs=5",
+        "dataset.batch_size=7",
+        "method.epochs=2",
+    ]
 
 
 def test_das_on_a_jsonl_task(task, tmp_path):
@@ -62,10 +76,21 @@ def test_ioi_only_experiments_refuse_another_task(task, tmp_path, name):
 def test_illusion_check_on_a_jsonl_task(task, tmp_path):
     """A verdict on a user's own task: the direction found on it, checked on its pairs."""
     run(compose(["experiment=ioi_mlp8_das", *overrides(task)]), tmp_path / "das")
-    checks = ["extra.random_mlp_seeds=1", "extra.random_mlp_epochs=1",
-              "extra.n_random_directions=4", "extra.n_natural=2", "extra.n_random=50"]  # fmt: skip
-    cfg = compose(["experiment=illusion_check", *overrides(task), *checks,
-                   f"direction={tmp_path / 'das' / C.DIRECTION}"])  # fmt: skip
+    checks = [
+        "extra.random_mlp_seeds=1",
+        "extra.random_mlp_epochs=1",
+        "extra.n_random_directions=4",
+        "extra.n_natural=2",
+        "extra.n_random=50",
+    ]
+    cfg = compose(
+        [
+            "experiment=illusion_check",
+            *overrides(task),
+            *checks,
+            f"direction={tmp_path / 'das' / C.DIRECTION}",
+        ]
+    )
     df = run(cfg, tmp_path / "check")
     assert "verdict" in set(df.intervention)
     assert (tmp_path / "check" / C.VERDICT).exists()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mlpim.engine.models import ConfigError
+from mlpim.engine.tiny import word_tokenizer
+from mlpim.errors import ConfigError
 from mlpim.tasks.facts import (
     Fact,
     fact_pairs,
@@ -27,7 +28,6 @@ from mlpim.tasks.pairs import (
     split_pairs,
     write_jsonl,
 )
-from mlpim.tasks.tokenizer import word_tokenizer
 
 BOS = 0
 TEXTS = [
@@ -52,8 +52,12 @@ def fact_tok(tmp_path_factory):
 
 
 def pair(**kw) -> Pair:
-    base = dict(base="The city of Paris is in", source="The city of Rome is in",
-                base_answer="France", source_answer="Italy")  # fmt: skip
+    base = dict(
+        base="The city of Paris is in",
+        source="The city of Rome is in",
+        base_answer="France",
+        source_answer="Italy",
+    )
     return Pair(**(base | kw))
 
 
@@ -76,8 +80,9 @@ def test_span_position_is_the_last_token_of_the_span(tok):
 
 def test_span_uses_first_occurrence_and_end_and_index(tok):
     text = "The city of Paris is in the city of"
-    (e,) = encode([pair(base=text, position="span", base_span="city of", source_span="Rome")],
-                  tok, BOS)  # fmt: skip
+    (e,) = encode(
+        [pair(base=text, position="span", base_span="city of", source_span="Rome")], tok, BOS
+    )
     assert e.base_pos == 3
     (end,) = encode([pair()], tok, BOS)
     assert end.base_pos == len(end.base_ids) - 1 == 6
@@ -117,8 +122,10 @@ def test_answer_not_one_token_names_word_and_tokens(tok):
 
 
 def test_position_outside_and_span_not_found(tok):
-    bad = [pair(position="index", base_pos=7, source_pos=-1),
-           pair(position="span", base_span="Paris", source_span="Berlin")]  # fmt: skip
+    bad = [
+        pair(position="index", base_pos=7, source_pos=-1),
+        pair(position="span", base_span="Paris", source_span="Berlin"),
+    ]
     with pytest.raises(ConfigError) as err:
         encode(bad, tok, BOS)
     assert problem_lines(err) == [
@@ -149,10 +156,15 @@ def test_drop_invalid_keeps_good_pairs_and_checks_min_pairs(tok):
 def test_jsonl_round_trip(tmp_path):
     pairs = [
         pair(),
-        pair(position="span", base_span="Paris", source_span="Rome", label="Italy",
-             meta={"relation": "city_country", "subject": "Paris"}),
+        pair(
+            position="span",
+            base_span="Paris",
+            source_span="Rome",
+            label="Italy",
+            meta={"relation": "city_country", "subject": "Paris"},
+        ),
         pair(position="index", base_pos=3, source_pos=0),
-    ]  # fmt: skip
+    ]
     write_jsonl(pairs, tmp_path / "t.jsonl")
     back = read_jsonl(tmp_path / "t.jsonl")
     assert back == pairs
@@ -162,9 +174,15 @@ def test_jsonl_round_trip(tmp_path):
 
 
 def test_collate_left_pads_and_moves_pos(tok):
-    pairs = [pair(base="The city of Lyon is in the country of", position="span",
-                  base_span="Lyon", source_span="city"),
-             pair(position="index", base_pos=1, source_pos=5)]  # fmt: skip
+    pairs = [
+        pair(
+            base="The city of Lyon is in the country of",
+            position="span",
+            base_span="Lyon",
+            source_span="city",
+        ),
+        pair(position="index", base_pos=1, source_pos=5),
+    ]
     enc = encode(pairs, tok, BOS)
     batch = collate(enc, pad_id=99)
     assert batch.base.tokens.shape == (2, 10) and batch.source.tokens.shape == (2, 7)
@@ -202,12 +220,23 @@ def test_split_pairs_by_key_is_disjoint_and_seeded():
 
 def test_load_facts_reads_rome_known_facts_json(tmp_path):
     records = [
-        {"known_id": 0, "subject": "Vinson Massif", "attribute": "Antarctica",
-         "template": "{} is located in the continent of", "prediction": " Antarctica",
-         "prompt": "Vinson Massif is located in the continent of", "relation_id": "P30"},
-        {"known_id": 1, "subject": "Beats Music", "attribute": "Apple",
-         "prompt": "Beats Music is owned by", "relation_id": "P127"},
-    ]  # fmt: skip
+        {
+            "known_id": 0,
+            "subject": "Vinson Massif",
+            "attribute": "Antarctica",
+            "template": "{} is located in the continent of",
+            "prediction": " Antarctica",
+            "prompt": "Vinson Massif is located in the continent of",
+            "relation_id": "P30",
+        },
+        {
+            "known_id": 1,
+            "subject": "Beats Music",
+            "attribute": "Apple",
+            "prompt": "Beats Music is owned by",
+            "relation_id": "P127",
+        },
+    ]
     path = tmp_path / "known_1000.json"
     path.write_text(json.dumps(records, indent=2))
     facts = load_facts(path)
@@ -220,8 +249,9 @@ def test_load_facts_reads_rome_known_facts_json(tmp_path):
 
 def test_load_facts_reports_bad_records(tmp_path):
     good = {"relation_id": "r", "subject": "Paris", "attribute": "France", "template": "{} is"}
-    path = write_lines(tmp_path / "f.jsonl", [good, {**good, "attribute": ""},
-                                              {**good, "template": "no slot"}])  # fmt: skip
+    path = write_lines(
+        tmp_path / "f.jsonl", [good, {**good, "attribute": ""}, {**good, "template": "no slot"}]
+    )
     with pytest.raises(ConfigError) as err:
         load_facts(path)
     assert problem_lines(err) == [
@@ -293,6 +323,9 @@ def test_bundled_attributes_are_one_smollm2_token():
 
     directory = list(spec.submodule_search_locations)[0]
     tok = AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    bad = {f.attribute: tok.tokenize(" " + f.attribute) for f in load_facts()
-           if len(tok(" " + f.attribute, add_special_tokens=False).input_ids) != 1}  # fmt: skip
+    bad = {
+        f.attribute: tok.tokenize(" " + f.attribute)
+        for f in load_facts()
+        if len(tok(" " + f.attribute, add_special_tokens=False).input_ids) != 1
+    }
     assert not bad

@@ -12,9 +12,15 @@ import pytest
 import torch
 
 from mlpim.engine import cache as engine_cache
-from mlpim.engine.models import ConfigError
-from mlpim.engine.tiny import BOOT_NAME, FAMILIES, MISSING_SITES, build_tiny, save_tiny
-from mlpim.tasks.tokenizer import word_tokenizer
+from mlpim.engine.tiny import (
+    BOOT_NAME,
+    FAMILIES,
+    MISSING_SITES,
+    build_tiny,
+    save_tiny,
+    word_tokenizer,
+)
+from mlpim.errors import ConfigError
 
 WORDS = "When John and Mary went to the store , John gave a drink to Mary Alice Bob".split()
 D_MLP, N_HEADS, D_HEAD = 128, 4, 16

@@ -138,8 +138,9 @@ def test_runner(tmp_path, monkeypatch):
         raise AssertionError("toy_illusion must not load a language model")
 
     monkeypatch.setattr(common, "model_for", no_model)
-    cfg = compose(["experiment=toy_illusion", "extra.n_seeds=3", "extra.das_steps=150",
-                   "extra.ks=[1,2]"])  # fmt: skip
+    cfg = compose(
+        ["experiment=toy_illusion", "extra.n_seeds=3", "extra.das_steps=150", "extra.ks=[1,2]"]
+    )
     df = run(cfg, tmp_path)
     assert isinstance(df, pd.DataFrame)
     for name in ("toy_tables.md", "toy_illusion.png", "metrics.csv", "das_seeds.csv", "DONE"):

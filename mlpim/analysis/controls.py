@@ -20,11 +20,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from mlpim.analysis import nullspace as ns
-from mlpim.engine.das import fit
+from mlpim.analysis.rows import metric_rows
+from mlpim.engine.das import DasSettings, fit
 from mlpim.engine.interventions import (
     Prepared,
     clean_metrics,
@@ -33,10 +33,11 @@ from mlpim.engine.interventions import (
     prepare,
 )
 from mlpim.engine.metrics import fldd, logit_diff
-from mlpim.engine.models import ConfigError, hook_name
+from mlpim.engine.models import hook_name
 from mlpim.engine.patching import full, site_acts, subspace, work_dtype
 from mlpim.engine.subspace import RotatedSubspace, check_model, load_subspace
-from mlpim.report import io
+from mlpim.errors import ConfigError
+from mlpim.files import atomic_write
 
 PARTS = ("row_proj", "null_proj")
 
@@ -62,14 +63,17 @@ class RandomMLP:
     eps: float = 1e-5
 
     def norm(self, x: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
+        """x normalised without learned weights (LayerNorm or RMSNorm)."""
         if self.centered:
             x = x - x.mean(-1, keepdim=True)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def hidden(self, x: Float[Tensor, "b d"]) -> Float[Tensor, "b m"]:
+        """The hidden activations act(W1 norm(x) + b1)."""
         return ACTIVATIONS[self.act](self.norm(x.to(self.w1.dtype)) @ self.w1 + self.b1)
 
     def out(self, h: Float[Tensor, "b m"]) -> Float[Tensor, "b d"]:
+        """The output W2 h + b2 of hidden activations h."""
         return h @ self.w2 + self.b2
 
     def __call__(self, x: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
@@ -95,6 +99,7 @@ def draw_random_mlp(d: int, m: int, act: str, centered: bool, seed: int) -> Rand
 
 
 def mean_norm(x: Float[Tensor, "n d"]) -> float:
+    """The mean Euclidean norm of the rows of x."""
     return x.norm(dim=-1).mean().item()
 
 
@@ -111,9 +116,12 @@ def matched_random_mlp(
 
 
 def random_patch(
-    mlp: RandomMLP, basis: Float[Tensor, "m k"], out_base: Float[Tensor, "b d"],
-    mid_base: Float[Tensor, "b d"], mid_src: Float[Tensor, "b d"],
-) -> Float[Tensor, "b d"]:  # fmt: skip
+    mlp: RandomMLP,
+    basis: Float[Tensor, "m k"],
+    out_base: Float[Tensor, "b d"],
+    mid_base: Float[Tensor, "b d"],
+    mid_src: Float[Tensor, "b d"],
+) -> Float[Tensor, "b d"]:
     """Real MLP output plus W2 (h' - h_base), h' the subspace patch of the random hidden acts."""
     hb, hs = mlp.hidden(mid_base), mlp.hidden(mid_src)
     return out_base + (((hs - hb) @ basis) @ basis.T) @ mlp.w2
@@ -129,6 +137,7 @@ class RandomMLPPatch(nn.Module):
         self.rot = RotatedSubspace(mlp.w2.shape[0], dim, generator=generator)
 
     def forward(self, base: Float[Tensor, "b d"], source: Float[Tensor, "b 3d"]) -> Tensor:
+        """The real MLP output with the random MLP's subspace patch added."""
         d = base.shape[-1]
         mid_src, mid_base = source[:, d : 2 * d], source[:, 2 * d :]
         return random_patch(self.mlp, self.rot.basis, base, mid_base, mid_src)
@@ -167,9 +176,15 @@ def split_acts(prepared: list[Prepared], d: int) -> tuple[Tensor, Tensor]:
 
 
 def train_random_das(
-    model, train: list[Prepared], test: list[Prepared], layer: int, mlp: RandomMLP,
-    method: DictConfig, seed: int, progress: bool = True,
-) -> tuple[RandomMLPPatch, pd.DataFrame]:  # fmt: skip
+    model,
+    train: list[Prepared],
+    test: list[Prepared],
+    layer: int,
+    mlp: RandomMLP,
+    method: DasSettings,
+    seed: int,
+    progress: bool = True,
+) -> tuple[RandomMLPPatch, pd.DataFrame]:
     """DAS on the random MLP's hidden acts: the loss, optimiser and schedule of `mlpim.engine.das`."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -178,24 +193,37 @@ def train_random_das(
     return patch, fit(model, train, test, patch, method, gen, desc, progress)
 
 
-def random_mlp_rows(
-    cfg: DictConfig, model, aug: dict[str, list[Prepared]], layer: int, seed: int, run_dir: Path
-) -> list[dict]:
-    """Draw, norm-match and DAS-train one random MLP; its metrics (and output norm) per split."""
+def random_mlp_run(
+    model, aug: dict[str, list[Prepared]], layer: int, seed: int, method: DasSettings
+) -> tuple[list[dict], pd.DataFrame]:
+    """Draw, norm-match and DAS-train one random MLP; returns its metrics (and output norm) per
+    split as rows, and its DAS history."""
     d = model.cfg.d_model
     mlp = matched_random_mlp(model, *split_acts(aug["train"], d), seed)
-    patch, history = train_random_das(
-        model, aug["train"], aug["test"], layer, mlp, cfg.method, seed
-    )
-    name = f"history_random_mlp_seed{seed}.csv"
-    io.write_csv(history, Path(run_dir), name)
+    patch, history = train_random_das(model, aug["train"], aug["test"], layer, mlp, method, seed)
     rows = []
     for split, prepared in aug.items():
         mid, _ = split_acts(prepared, d)
         with torch.no_grad():
             values = evaluate(model, prepared, patch) | {"out_norm": mean_norm(mlp(mid))}
-        rows += io.metric_rows(values, intervention="random_mlp", site="mlp_out", layer=layer,
-                               split=split, seed=seed)  # fmt: skip
+        keys = {"site": "mlp_out", "layer": layer, "split": split, "seed": seed}
+        rows += metric_rows(values, intervention="random_mlp", **keys)
+    return rows, history
+
+
+def random_mlp_history_name(seed: int) -> str:
+    """The file name of one random MLP's DAS history in the run directory."""
+    return f"history_random_mlp_seed{seed}.csv"
+
+
+def random_mlp_rows(cfg, model, aug, layer: int, seed: int, run_dir: Path) -> list[dict]:
+    """TEMPORARY (issue 19): `random_mlp_run` that also writes the history into `run_dir`, for
+    `analysis/references.py` until its merge (then its caller writes; this is deleted)."""
+    m = cfg.method
+    method = DasSettings(dim=m.dim, lr=m.lr, lr_end_factor=m.lr_end_factor, epochs=m.epochs)
+    rows, history = random_mlp_run(model, aug, layer, seed, method)
+    path = Path(run_dir) / random_mlp_history_name(seed)
+    atomic_write(path, lambda p: history.to_csv(p, index=False))
     return rows
 
 
@@ -213,11 +241,11 @@ def patching_rows(model, splits, bases, kind: str, layer: int, keys: dict) -> li
     """clean, full and every basis on train and test pairs."""
     rows = []
     for split, prepared in splits.items():
-        rows += io.metric_rows(clean_metrics(prepared), intervention="clean", split=split, **keys)
+        rows += metric_rows(clean_metrics(prepared), intervention="clean", split=split, **keys)
         setters = {"full": full} | {n: subspace(b) for n, b in bases.items()}
         for name, setter in setters.items():
             values = evaluate(model, prepared, setter)
-            rows += io.metric_rows(values, intervention=name, split=split, **keys)
+            rows += metric_rows(values, intervention=name, split=split, **keys)
     return rows
 
 

@@ -59,8 +59,9 @@ def second_moments(
         hooks = [(hook_name("mlp_post", L), reader(L)) for L in layers]
         try:
             with torch.no_grad():
-                model.run_with_hooks(tokens[i : i + batch_size].to(model.cfg.device),
-                                     fwd_hooks=hooks)  # fmt: skip
+                model.run_with_hooks(
+                    tokens[i : i + batch_size].to(model.cfg.device), fwd_hooks=hooks
+                )
         except _Stop:
             pass
     n = tokens.shape[0] * (tokens.shape[1] - 1)
@@ -83,9 +84,12 @@ def key_vectors(cov: Float[Tensor, "m m"], keys: Float[Tensor, "n m"]) -> Float[
 
 
 def rank_one_delta(
-    w_out: Float[Tensor, "m d"], v: Float[Tensor, " m"], key: Float[Tensor, " m"],
-    source: Float[Tensor, " m"], b: Float[Tensor, " m"],
-) -> Float[Tensor, "m d"]:  # fmt: skip
+    w_out: Float[Tensor, "m d"],
+    v: Float[Tensor, " m"],
+    key: Float[Tensor, " m"],
+    source: Float[Tensor, " m"],
+    b: Float[Tensor, " m"],
+) -> Float[Tensor, "m d"]:
     """ΔW_out = b ⊗ (c · v @ W_out), c = (k_src − k)·v: at key k it adds the patch's output."""
     c = (source.double() - key.double()) @ v.double()
     return torch.outer(b.double(), c * (v.double() @ w_out.double())).to(w_out.dtype)
@@ -144,9 +148,11 @@ class Effects:
 
 
 def effects(
-    model, probes: list[Probe], layer: int | None = None,
+    model,
+    probes: list[Probe],
+    layer: int | None = None,
     delta_for: Callable[[int], Tensor] | None = None,
-) -> Effects:  # fmt: skip
+) -> Effects:
     """Each probe run unpatched, with probe i's own edit `delta_for(i)` of W_out at `layer`
     applied (no edit when `delta_for` is None)."""
     cols: list[list[float]] = [[], [], [], []]

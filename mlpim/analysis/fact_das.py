@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from jaxtyping import Bool, Float
@@ -18,25 +19,29 @@ from torch import Tensor, nn
 
 from mlpim.analysis import nullspace as ns
 from mlpim.engine import metrics
+from mlpim.engine.das import DasSettings
 from mlpim.engine.interventions import Prepared, patched_end_logits, patched_end_loss
-from mlpim.engine.models import ConfigError
+from mlpim.engine.models import fingerprint
 from mlpim.engine.patching import Setter, work_dtype
-from mlpim.files import save_torch
+from mlpim.errors import ConfigError
 from mlpim.tasks.pairs import Pair
 
 MIN_PART_NORM = 1e-2  # row/null parts shorter than this (of a unit direction) are skipped
 KIND = "mlp_post"
 
 
-def check_cfg(cfg) -> None:
+def check_setup(experiment: str, dataset: str, site: str, method: str, dim: int) -> None:
     """fact_patching / fact_editing need dataset=facts, site=mlp_post and 1-D DAS."""
-    if cfg.dataset.name != "facts":
-        raise ConfigError(f"{cfg.experiment} needs dataset=facts, got {cfg.dataset.name}")
-    if cfg.site.kind != KIND:
-        raise ConfigError(f"{cfg.experiment} patches mlp_post, not {cfg.site.kind}")
-    if cfg.method.name != "das" or cfg.method.dim != 1:
-        raise ConfigError(f"{cfg.experiment} needs method=das method.dim=1")
-    run = cfg.extra.pair_run
+    if dataset != "facts":
+        raise ConfigError(f"{experiment} needs dataset=facts, got {dataset}")
+    if site != KIND:
+        raise ConfigError(f"{experiment} patches mlp_post, not {site}")
+    if method != "das" or dim != 1:
+        raise ConfigError(f"{experiment} needs method=das method.dim=1")
+
+
+def check_pair_run(run: str | None) -> None:
+    """`extra.pair_run`, when given, is a directory (a fact_patching run)."""
     if run and not pair_file(run, 0).parent.is_dir():
         raise ConfigError(f"extra.pair_run={run}: no such directory (a fact_patching run)")
 
@@ -63,13 +68,16 @@ class PairDirections(nn.Module):
 
     @property
     def directions(self) -> Float[Tensor, "n d"]:
+        """The n unit directions."""
         return self.raw / self.raw.norm(dim=1, keepdim=True)
 
     def select(self, start: int, stop: int) -> PairDirections:
+        """This module, set to patch the pairs start..stop-1 next."""
         self.rows = slice(start, stop)
         return self
 
     def forward(self, base: Float[Tensor, "b d"], source: Float[Tensor, "b d"]) -> Tensor:
+        """Each base row patched along its own pair's direction."""
         raw = self.raw[self.rows]
         v = raw / raw.norm(dim=1, keepdim=True)
         return base + ((source - base) * v).sum(-1, keepdim=True) * v
@@ -91,9 +99,13 @@ def offsets(prepared: list[Prepared]) -> list[tuple[int, int]]:
 
 
 def train_pair_directions(
-    model, prepared: list[Prepared], init: Float[Tensor, "n d"], steps: int, lr: float,
+    model,
+    prepared: list[Prepared],
+    init: Float[Tensor, "n d"],
+    steps: int,
+    lr: float,
     lr_end_factor: float = 0.1,
-) -> tuple[Float[Tensor, "n d"], list[float]]:  # fmt: skip
+) -> tuple[Float[Tensor, "n d"], list[float]]:
     """One direction per pair, all pairs at once; returns unit directions and the summed loss
     per step. Every step accumulates the summed cross-entropy over all batches, then one Adam
     step (LinearLR to lr·lr_end_factor), then renormalises each row (as the paper)."""
@@ -146,9 +158,13 @@ def fact_metrics(o: Outcomes, keep: Bool[Tensor, " n"] | None = None) -> dict[st
         o = Outcomes(o.ld[keep], o.clean[keep], o.hit[keep])
     if len(o.ld) == 0:
         return {}
-    return {"fact_flip": o.hit.float().mean().item(), "fldd": metrics.fldd(o.ld, o.clean),
-            "logit_diff": o.ld.mean().item(), "ld_flip": metrics.flip_rate(o.ld, o.clean),
-            "n_pairs": float(len(o.ld))}  # fmt: skip
+    return {
+        "fact_flip": o.hit.float().mean().item(),
+        "fldd": metrics.fldd(o.ld, o.clean),
+        "logit_diff": o.ld.mean().item(),
+        "ld_flip": metrics.flip_rate(o.ld, o.clean),
+        "n_pairs": float(len(o.ld)),
+    }
 
 
 def direction_parts(
@@ -162,43 +178,43 @@ def direction_parts(
     out = {}
     for name, part in (("row", row), ("null", v.double() - row)):
         norm = part.norm(dim=1)
-        unit = torch.where((norm >= MIN_PART_NORM)[:, None], part / norm.clamp_min(1e-12)[:, None],
-                           v.double())  # fmt: skip
+        unit = torch.where(
+            (norm >= MIN_PART_NORM)[:, None], part / norm.clamp_min(1e-12)[:, None], v.double()
+        )
         out[name] = (unit.to(v.dtype), norm.to(v.dtype))
     return out
 
 
-def pair_directions(cfg, model, prepared: list[Prepared], layer: int):
-    """The per-pair directions of `prepared`'s pairs at `layer` as both experiments train them:
-    seeded init (seed + layer), `extra.pair_steps` Adam steps at `method.lr`.
+def pair_directions(
+    model, prepared: list[Prepared], seed: int, steps: int, method: DasSettings
+) -> tuple[Float[Tensor, "n d"], list[float]]:
+    """The per-pair directions of `prepared`'s pairs as both experiments train them: init
+    seeded with `seed` (the run's seed + layer), `steps` Adam steps at `method.lr`.
     Returns (unit directions [n, d], summed loss per step)."""
     n, d = sum(len(p.pairs) for p in prepared), prepared[0].base_act.shape[-1]
-    init = random_directions(n, d, cfg.seed + layer)
-    return train_pair_directions(model, prepared, init, cfg.extra.pair_steps, cfg.method.lr,
-                                 cfg.method.lr_end_factor)  # fmt: skip
+    init = random_directions(n, d, seed)
+    return train_pair_directions(model, prepared, init, steps, method.lr, method.lr_end_factor)
 
 
-def pair_file(run_dir, layer: int):
+def pair_file(run_dir, layer: int) -> Path:
     """Where `fact_patching` saves the per-pair directions of one layer."""
-    from pathlib import Path
-
     return Path(run_dir) / f"pair_directions_L{layer}.pt"
 
 
-def save_pair_directions(run_dir, layer: int, v: Tensor, pairs: list[Pair], model) -> None:
-    """Save one layer's per-pair directions with the pairs and the weights they belong to."""
-    from mlpim.engine.models import fingerprint
-
+def pair_record(layer: int, v: Tensor, pairs: list[Pair], model) -> dict:
+    """One layer's per-pair directions with the pairs and the weights they belong to (what
+    fact_patching saves at `pair_file`)."""
     keys = [(p.base, p.source) for p in pairs]
-    record = {"layer": layer, "directions": v.detach().cpu(), "pairs": keys,
-              "fingerprint": fingerprint(model)}  # fmt: skip
-    save_torch(record, pair_file(run_dir, layer))
+    return {
+        "layer": layer,
+        "directions": v.detach().cpu(),
+        "pairs": keys,
+        "fingerprint": fingerprint(model),
+    }
 
 
 def load_pair_directions(run_dir, layer: int, pairs: list[Pair], model) -> Tensor:
     """Per-pair directions saved by a `fact_patching` run, checked against these pairs/weights."""
-    from mlpim.engine.models import fingerprint
-
     path = pair_file(run_dir, layer)
     if not path.is_file():
         have = sorted(p.name for p in path.parent.glob("pair_directions_L*.pt"))

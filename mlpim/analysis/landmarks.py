@@ -19,15 +19,24 @@ this patch and do not end the window early. SmolLM2-135M (README, ioi_locate): a
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from omegaconf import OmegaConf
 
-from mlpim.config import Landmarks
+if TYPE_CHECKING:
+    import pandas as pd
 
 COMPONENTS_NEEDED = ("attn_out", "resid_post")
+
+
+@dataclass
+class Landmarks:
+    """Where a model's IOI circuit hands over; also the schema of `model.landmarks`."""
+
+    handover_layer: int | None = None  # resid layer after S-inhibition heads, before name movers
+    mlp_in_the_middle: int | None = None  # the MLP between them
+    name_movers: list[Any] = field(default_factory=list)  # [[layer, head], ...]
 
 
 def component_fldd(df: pd.DataFrame) -> pd.DataFrame:
@@ -93,12 +102,8 @@ def landmarks_yaml(lm: Landmarks | None, threshold: float, model: str) -> str:
     return head + OmegaConf.to_yaml({"landmarks": asdict(lm)})
 
 
-def write_landmarks(df: pd.DataFrame, run_dir: Path, model: str, threshold: float) -> str:
-    """Apply the rule, write `landmarks.yaml` into `run_dir`; returns a one-line description."""
-    from mlpim.report import io
-
-    lm = find_landmarks(df, threshold)
-    io.write_text(landmarks_yaml(lm, threshold, model), Path(run_dir), "landmarks.yaml")
+def landmarks_line(lm: Landmarks | None, threshold: float) -> str:
+    """A one-line description of what the rule found (logged by ioi_locate)."""
     if lm is None:
         return f"landmarks: no block has attn_out and resid_post FLDD >= {threshold}"
     return (

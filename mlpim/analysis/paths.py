@@ -14,20 +14,28 @@ Effects on the logit difference LD = logit(IO) - logit(S) of the base prompts:
   through the final norm with its scale frozen at the run's own value.
 With `frozen=True` the first two use the clean run's frozen final-norm scale too, which makes
 them linear in the head outputs (they add up to the change of the final residual's DLA).
+
+`path_patch` measures all of them for a list of `Intervention`s (and the whole source prompt,
+`source_run`) over pair batches, as the tidy table ioi_path_patching writes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from mlpim.engine import fastpath
+from mlpim.analysis.rows import metric_rows
+from mlpim.engine import fastpath, metrics
 from mlpim.engine.models import hook_name
-from mlpim.engine.patching import run_cache
-from mlpim.tasks.batch import PromptBatch
+from mlpim.engine.patching import Setter, run_cache
+from mlpim.tasks.batch import PairBatch, PromptBatch
+
+SOURCE = "source_run"  # the whole source prompt: the clean ABB vs BAB difference
 
 
 @dataclass
@@ -153,11 +161,14 @@ def output_effects(
     """Per layer from `patched.start`: ΔLD when one head's END output alone is patched."""
     return {
         i: direct_effect(
-            model, r, clean,
-            head_outputs(model, i, patched.z[i]) - head_outputs(model, i, clean.z[i]), frozen,
+            model,
+            r,
+            clean,
+            head_outputs(model, i, patched.z[i]) - head_outputs(model, i, clean.z[i]),
+            frozen,
         )
         for i in patched.z
-    }  # fmt: skip
+    }
 
 
 def mlp_effects(
@@ -180,9 +191,13 @@ def query_z(
 
 
 def query_effects(
-    model, state: fastpath.EndState, r: Readout, clean: EndTrace, patched: EndTrace,
+    model,
+    state: fastpath.EndState,
+    r: Readout,
+    clean: EndTrace,
+    patched: EndTrace,
     frozen: bool = False,
-) -> dict[int, Float[Tensor, "b h"]]:  # fmt: skip
+) -> dict[int, Float[Tensor, "b h"]]:
     """Per layer from `patched.start`: ΔLD when only one head's END query sees the patched run."""
     out = {}
     for i in patched.z:
@@ -213,3 +228,91 @@ def run_trace(
         run = trace(model, state, state.resid_pre, 0)
     acts = {hook_name(k, layer): cache[hook_name(k, layer)][:, -1] for k, layer in sites}
     return state, run, acts
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """A patch of one END site: setter(base activation, source activation) -> patched."""
+
+    name: str
+    kind: str
+    layer: int
+    setter: Setter
+
+
+def effects(model, state, r: Readout, clean: EndTrace, run: EndTrace, frozen: bool) -> dict:
+    """{metric: {layer: per-prompt tensor}}: the path metrics of one patched (or source) run."""
+    return {
+        "ld_via_head_output": output_effects(model, r, clean, run, frozen),
+        "ld_via_query": query_effects(model, state, r, clean, run, frozen),
+        "dla": head_dla(model, r, run),
+        "ld_via_mlp_output": mlp_effects(model, r, clean, run, frozen),
+    }
+
+
+def outcome(model, pb: PairBatch, r: Readout, run: EndTrace) -> dict[str, Tensor]:
+    """Per-prompt LD and whether the argmax is the patched answer."""
+    logits = model.unembed(model.ln_final(run.final[:, None]))[:, 0]
+    hit = (logits.argmax(-1) == pb.label).float()
+    return {"logit_diff": logit_diff(model, r, run.final), "hit": hit}
+
+
+def path_patch_batch(model, pb: PairBatch, todo: list[Intervention], frozen: bool = False) -> dict:
+    """{intervention: {metric: {layer: per-prompt tensor}} | outcome} for one pair batch."""
+    sites = sorted({(iv.kind, iv.layer) for iv in todo})
+    state, clean, base_acts = run_trace(model, pb.base, sites)
+    _, source, src_acts = run_trace(model, pb.source, sites)
+    r = readout(model, pb.base.io, pb.base.s)
+    runs = {SOURCE: source}
+    with torch.no_grad():
+        for iv in todo:
+            name = hook_name(iv.kind, iv.layer)
+            act = iv.setter(base_acts[name], src_acts[name])
+            runs[iv.name] = patched_trace(model, state, clean, iv.kind, iv.layer, act)
+        out = {"clean": {"dla": head_dla(model, r, clean), **outcome(model, pb, r, clean)}}
+        for name, run in runs.items():
+            out[name] = effects(model, state, r, clean, run, frozen) | outcome(model, pb, r, run)
+    return out
+
+
+def concat(parts: list) -> Tensor | dict:
+    """Concatenate per-batch results along the prompt axis (nested dicts keep their keys)."""
+    if isinstance(parts[0], dict):
+        return {k: concat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
+def intervention_rows(name: str, res: dict, clean_ld: Tensor) -> list[dict]:
+    """Tidy rows of one intervention: per head, per MLP, and its overall LD / FLDD / IIA."""
+    rows = []
+    for metric, by_layer in res.items():
+        if metric in ("logit_diff", "hit"):
+            continue
+        site = "mlp_out" if metric == "ld_via_mlp_output" else "z"
+        for layer, t in by_layer.items():
+            mean = t.mean(0).reshape(-1).tolist()
+            heads = range(len(mean)) if site == "z" else [-1]
+            keys = {"intervention": name, "site": site, "layer": layer}
+            rows += [
+                {**keys, "head": h, "metric": metric, "value": v}
+                for h, v in zip(heads, mean, strict=True)
+            ]
+    ld = res["logit_diff"]
+    overall = {
+        "logit_diff": ld.mean().item(),
+        "fldd": metrics.fldd(ld, clean_ld),
+        "iia": res["hit"].mean().item(),
+        "flip_rate": metrics.flip_rate(ld, clean_ld),
+    }
+    return rows + metric_rows(overall, intervention=name, site="logits", layer=-1, head=-1)
+
+
+def path_patch(
+    model, batches: list[PairBatch], todo: list[Intervention], frozen: bool = False
+) -> pd.DataFrame:
+    """Tidy table (mean over all pairs) of every intervention's path-patching metrics."""
+    parts = [path_patch_batch(model, pb, todo, frozen) for pb in tqdm(batches, desc="path patch")]
+    res = concat(parts)
+    clean_ld = res["clean"]["logit_diff"]
+    rows = [row for name, r in res.items() for row in intervention_rows(name, r, clean_ld)]
+    return pd.DataFrame(rows)

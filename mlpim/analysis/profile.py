@@ -1,4 +1,5 @@
-"""Several sites prepared from one run per batch, and the nullspace share of an MLP subspace.
+"""Several sites prepared from one run per batch, the nullspace share of an MLP subspace, and
+one site of ioi_layer_profile (`profile_site`: DAS, then the rows of a single-layer run).
 
 `prepare_many` is `interventions.prepare` for many sites at once: each batch's base and source
 prompts run once (per engine: every site kind of a layer profile resolves to the same one), the
@@ -12,13 +13,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import pandas as pd
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mlpim.analysis import nullspace as ns
+from mlpim.analysis.rows import metric_rows
 from mlpim.engine import fastpath
-from mlpim.engine.interventions import Prepared, Site, choose_engine, guard, prepare_sites
+from mlpim.engine.das import DasSettings, train_das
+from mlpim.engine.interventions import (
+    Prepared,
+    Site,
+    choose_engine,
+    clean_metrics,
+    evaluate,
+    guard,
+    prepare_sites,
+)
+from mlpim.engine.patching import full, subspace
 from mlpim.tasks.batch import PairBatch
 
 
@@ -71,3 +84,31 @@ def null_fraction(basis: Float[Tensor, "m k"], w_out: Float[Tensor, "m d"]) -> t
     null = b - q @ (q.T @ b)
     frac = (null.norm() ** 2 / b.norm() ** 2).item()
     return frac, 1.0 - q.shape[1] / w_out.shape[0]
+
+
+def profile_site(
+    model,
+    kind: str,
+    layer: int,
+    splits: dict[str, list[Prepared]],
+    method: DasSettings,
+    seed: int,
+) -> tuple[list[dict], Tensor, dict[str, float], pd.DataFrame]:
+    """DAS at one site, then the rows of a single-layer subspace run (the clean, full and DAS
+    metrics per split, and v_MLP's nullspace share at mlp_post). Returns (rows, the basis, its
+    test metrics, the DAS history)."""
+    rot, hist = train_das(model, splits["train"], splits["test"], method, seed)
+    basis = rot.basis.detach()
+    keys = {"site": kind, "layer": layer, "dim": method.dim, "seed": seed}
+    rows, found = [], {}
+    for split, prepared in splits.items():
+        rows += metric_rows(clean_metrics(prepared), intervention="clean", split=split, **keys)
+        das = subspace(basis.to(prepared[0].base_act.device))
+        for name, setter in (("full", full), ("das", das)):
+            found[split, name] = evaluate(model, prepared, setter)
+            rows += metric_rows(found[split, name], intervention=name, split=split, **keys)
+    if kind == "mlp_post":
+        frac, chance = null_fraction(basis, ns.mlp_w_out(model, layer))
+        values = {"null_frac": frac, "null_frac_random": chance}
+        rows += metric_rows(values, intervention="das", split="train", **keys)
+    return rows, basis, found["test", "das"], hist

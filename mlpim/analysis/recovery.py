@@ -108,20 +108,28 @@ def _run_until(model, tokens: Int[Tensor, "b seq"], hooks: list, stop: str) -> N
 
 
 def collect(
-    model, tokens: Int[Tensor, "c seq"], pos: Int[Tensor, "c per"], layers: list[int],
+    model,
+    tokens: Int[Tensor, "c seq"],
+    pos: Int[Tensor, "c per"],
+    layers: list[int],
     batch_size: int = 16,
-) -> Activations:  # fmt: skip
+) -> Activations:
     """resid_mid and mlp_post of `layers` at positions `pos`; stops after the last layer's MLP."""
     keys = [(k, L) for L in layers for k in ("resid_mid", "mlp_post")]
     got: dict[tuple[str, int], list[Tensor]] = {key: [] for key in keys}
     for i in range(0, len(tokens), batch_size):
         p = pos[i : i + batch_size].to(model.cfg.device)
         hooks = [(hook_name(*key), _reader(got[key], p)) for key in keys]
-        _run_until(model, tokens[i : i + batch_size].to(model.cfg.device), hooks,
-                   hook_name("mlp_post", max(layers)))  # fmt: skip
+        _run_until(
+            model,
+            tokens[i : i + batch_size].to(model.cfg.device),
+            hooks,
+            hook_name("mlp_post", max(layers)),
+        )
     cat = {key: torch.cat(v) for key, v in got.items()}
-    return Activations({L: cat["resid_mid", L] for L in layers},
-                       {L: cat["mlp_post", L] for L in layers})  # fmt: skip
+    return Activations(
+        {L: cat["resid_mid", L] for L in layers}, {L: cat["mlp_post", L] for L in layers}
+    )
 
 
 def random_directions(d: int, k: int, gen: torch.Generator) -> Float[Tensor, "d k"]:
@@ -161,14 +169,18 @@ def ridge_r2(
     y = y[:, None] if y.ndim == 1 else y
     reg = make_pipeline(StandardScaler(), RidgeCV(alphas=RIDGE_ALPHAS, alpha_per_target=True))
     reg.fit(_np(x[train]), _np(y[train]))
-    return r2_score(_np(y[test]), reg.predict(_np(x[test])).reshape(len(test), -1),
-                    multioutput="raw_values")  # fmt: skip
+    return r2_score(
+        _np(y[test]), reg.predict(_np(x[test])).reshape(len(test), -1), multioutput="raw_values"
+    )
 
 
 def logistic_accuracy(
-    x: Float[Tensor, "n m"], labels: Float[Tensor, n], train: Int[Tensor, a], test: Int[Tensor, b],
+    x: Float[Tensor, "n m"],
+    labels: Float[Tensor, n],
+    train: Int[Tensor, a],
+    test: Int[Tensor, b],
     c: float = 1e4,
-) -> float:  # fmt: skip
+) -> float:
     """Held-out accuracy of a logistic classifier (standardised features, inverse strength c)."""
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
     with warnings.catch_warnings():
@@ -178,9 +190,12 @@ def logistic_accuracy(
 
 
 def perturbation(
-    mid: Float[Tensor, "n d"], v: Float[Tensor, d], z: float, signs: Float[Tensor, n],
+    mid: Float[Tensor, "n d"],
+    v: Float[Tensor, d],
+    z: float,
+    signs: Float[Tensor, n],
     scale: str = "mean",
-) -> Float[Tensor, "n d"]:  # fmt: skip
+) -> Float[Tensor, "n d"]:
     """±z·v·‖resid_mid‖: the mean norm over samples (`mean`, the paper) or each token's (`token`)."""
     norms = mid.norm(dim=-1)
     if scale not in ("mean", "token"):
@@ -200,16 +215,26 @@ def post_from_mid(model, layer: int, mid: Float[Tensor, "n d"]) -> Float[Tensor,
 
 
 def post_with_hook(
-    model, tokens: Int[Tensor, "c seq"], pos: Int[Tensor, "c per"], layer: int,
-    delta: Float[Tensor, "c*per d"], batch_size: int = 16,
-) -> Float[Tensor, "c*per m"]:  # fmt: skip
+    model,
+    tokens: Int[Tensor, "c seq"],
+    pos: Int[Tensor, "c per"],
+    layer: int,
+    delta: Float[Tensor, "c*per d"],
+    batch_size: int = 16,
+) -> Float[Tensor, "c*per m"]:
     """MLP post-activations at `pos` when `delta` is added to `blocks.L.hook_resid_mid` there."""
     out, per = [], pos.shape[1]
     for i in range(0, len(tokens), batch_size):
         p = pos[i : i + batch_size].to(model.cfg.device)
         d = delta[i * per : (i + len(p)) * per].to(model.cfg.device).view(len(p), per, -1)
-        hooks = [(hook_name("resid_mid", layer), _adder(p, d)),
-                 (hook_name("mlp_post", layer), _reader(out, p))]  # fmt: skip
-        _run_until(model, tokens[i : i + batch_size].to(model.cfg.device), hooks,
-                   hook_name("mlp_post", layer))  # fmt: skip
+        hooks = [
+            (hook_name("resid_mid", layer), _adder(p, d)),
+            (hook_name("mlp_post", layer), _reader(out, p)),
+        ]
+        _run_until(
+            model,
+            tokens[i : i + batch_size].to(model.cfg.device),
+            hooks,
+            hook_name("mlp_post", layer),
+        )
     return torch.cat(out)

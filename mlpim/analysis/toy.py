@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mlpim.analysis.rows import metric_rows
 from mlpim.engine.patching import subspace_patch
 from mlpim.engine.subspace import RotatedSubspace
 
@@ -39,12 +40,15 @@ class ToyModel:
 
     @property
     def d(self) -> int:
+        """The hidden width."""
         return self.w_in.shape[0]
 
     def hidden(self, x: Float[Tensor, " b"]) -> Float[Tensor, "b d"]:
+        """The hidden activations x · W_in."""
         return x[:, None] * self.w_in
 
     def readout(self, h: Float[Tensor, "b d"]) -> Float[Tensor, " b"]:
+        """The output h · W_out."""
         return h @ self.w_out
 
     def __call__(self, x: Float[Tensor, " b"]) -> Float[Tensor, " b"]:
@@ -52,10 +56,12 @@ class ToyModel:
 
 
 def vec(*coords: float) -> Tensor:
+    """A float64 vector of `coords`."""
     return torch.tensor(coords, dtype=DTYPE)
 
 
 def unit(*coords: float) -> Tensor:
+    """The unit vector along `coords`."""
     v = vec(*coords)
     return v / v.norm()
 
@@ -66,6 +72,7 @@ def post_model() -> ToyModel:
 
 
 def standard_directions() -> dict[str, Tensor]:
+    """The standard basis e1, e2, e3."""
     return {"e1": unit(1, 0, 0), "e2": unit(0, 1, 0), "e3": unit(0, 0, 1)}
 
 
@@ -99,6 +106,7 @@ class Patch:
 
     @property
     def label(self) -> str:
+        """The pair as the post writes it, 'Into x from x′'."""
         return f"Into {fmt_num(self.base_x)} from {fmt_num(self.source_x)}"
 
 
@@ -108,12 +116,18 @@ def patch(model: ToyModel, direction: Tensor, base_x: float, source_x: float) ->
     hb, hs = model.hidden(xb), model.hidden(xs)
     after = subspace_patch(hb, hs, as_basis(direction))
     return Patch(
-        base_x, source_x, hb[0], after[0],
-        model(xb).item(), model.readout(after).item(), model(xs).item(),
-    )  # fmt: skip
+        base_x,
+        source_x,
+        hb[0],
+        after[0],
+        model(xb).item(),
+        model.readout(after).item(),
+        model(xs).item(),
+    )
 
 
 def patch_pairs(model: ToyModel, direction: Tensor, pairs=FLIP_PAIRS) -> list[Patch]:
+    """One `Patch` per (base x, source x) of `pairs`."""
     return [patch(model, direction, b, s) for b, s in pairs]
 
 
@@ -133,6 +147,7 @@ def fmt_num(x: float, digits: int = 6) -> str:
 
 
 def fmt_vec(v: Tensor) -> str:
+    """A vector as '(a, b, c)' with `fmt_num` entries."""
     return "(" + ", ".join(fmt_num(c) for c in v.tolist()) + ")"
 
 
@@ -202,10 +217,12 @@ ROLES = {
 
 
 def role(c: dict[str, float]) -> str:
+    """The role ('real', 'illusory' ...) of a direction's measurements."""
     return ROLES[(bool(c["correlated"]), bool(c["causal"]))]
 
 
 def classification_frame(model: ToyModel, directions: dict[str, Tensor]) -> pd.DataFrame:
+    """One row per direction: its `classify` measurements and role."""
     rows = []
     for name, u in directions.items():
         c = classify(model, u)
@@ -214,17 +231,24 @@ def classification_frame(model: ToyModel, directions: dict[str, Tensor]) -> pd.D
 
 
 def classification_table(frame: pd.DataFrame) -> str:
+    """A classification frame as a markdown table."""
     rows = [
         [
-            r.direction, fmt_num(r.projection_spread, 4), fmt_num(r.output_sensitivity, 4),
-            fmt_num(r.patch_output_change, 4), r.role,
+            r.direction,
+            fmt_num(r.projection_spread, 4),
+            fmt_num(r.output_sensitivity, 4),
+            fmt_num(r.patch_output_change, 4),
+            r.role,
         ]
         for r in frame.itertuples()
-    ]  # fmt: skip
+    ]
     header = [
-        "direction (normalised)", "projection spread over x", "|Δy| per unit along it",
-        "|Δy| when patched", "role",
-    ]  # fmt: skip
+        "direction (normalised)",
+        "projection spread over x",
+        "|Δy| per unit along it",
+        "|Δy| when patched",
+        "role",
+    ]
     return markdown(header, rows)
 
 
@@ -259,9 +283,13 @@ def das_pairs(model: ToyModel):
 
 
 def train_das(
-    model: ToyModel, k: int = 1, seed: int = 0, steps: int = 300, lr: float = 0.05,
+    model: ToyModel,
+    k: int = 1,
+    seed: int = 0,
+    steps: int = 300,
+    lr: float = 0.05,
     tol: float = 0.05,
-) -> DASResult:  # fmt: skip
+) -> DASResult:
     """DAS: a RotatedSubspace (d×k) trained so that the patched output equals the source output.
 
     Loss: MSE between the patched output and the counterfactual output (the model's output on
@@ -291,6 +319,7 @@ def train_das(
 
 
 def das_result(model: ToyModel, basis: Tensor, seed: int = -1, tol: float = 0.05) -> DASResult:
+    """The measurements of one DAS solution `basis` (IIA, flips, cosines)."""
     hb, hs, target = das_pairs(model)
     out = model.readout(subspace_patch(hb, hs, basis))
     flips = [
@@ -298,9 +327,12 @@ def das_result(model: ToyModel, basis: Tensor, seed: int = -1, tol: float = 0.05
         for b, s in FLIP_PAIRS
     ]
     return DASResult(
-        seed, basis, ((out - target) ** 2).mean().item(),
-        ((out - target).abs() < tol).double().mean().item(), sum(flips) / len(flips),
-    )  # fmt: skip
+        seed,
+        basis,
+        ((out - target) ** 2).mean().item(),
+        ((out - target).abs() < tol).double().mean().item(),
+        sum(flips) / len(flips),
+    )
 
 
 def describe_direction(model: ToyModel, u: Tensor) -> dict[str, float]:
@@ -350,6 +382,7 @@ def das_seeds(
 
 
 def das_summary(seeds: pd.DataFrame) -> dict[str, float]:
+    """The shares of DAS restarts with IIA 1, on e1 and illusory."""
     n = len(seeds)
     perfect = seeds.iia == 1
     return {
@@ -364,6 +397,7 @@ def das_summary(seeds: pd.DataFrame) -> dict[str, float]:
 
 
 def das_table(summary: dict[str, float]) -> str:
+    """A DAS summary as a markdown table."""
     labels = {
         "n_seeds": "seeds",
         "frac_iia_1": "IIA = 1 (patched output = x′ on all pairs)",
@@ -373,8 +407,10 @@ def das_table(summary: dict[str, float]) -> str:
         "frac_other": "… of which other (flip mostly via e1, e.g. near W_in)",
         "max_loss": "largest final MSE",
     }
-    rows = [[labels[k], fmt_num(v, 4) if k in ("n_seeds", "max_loss") else f"{v:.0%}"]
-            for k, v in summary.items()]  # fmt: skip
+    rows = [
+        [labels[k], fmt_num(v, 4) if k in ("n_seeds", "max_loss") else f"{v:.0%}"]
+        for k, v in summary.items()
+    ]
     return markdown(["DAS solutions (d = 3, k = 1)", "value"], rows)
 
 
@@ -412,29 +448,144 @@ def higher_dim_measures(hd: HigherDim) -> pd.DataFrame:
     """Per intervention: output after the patch into 1 from −1, IIA and flip rate over the two
     flip pairs, and the largest |dormant activation| after the patch (0 on the data)."""
     subspaces = {
-        "real": hd.real, "v_illusory": hd.illusory, "irrelevant_only": hd.irrelevant,
-        "dormant_only": hd.dormant, "full": full_basis(hd.model.d),
-    }  # fmt: skip
+        "real": hd.real,
+        "v_illusory": hd.illusory,
+        "irrelevant_only": hd.irrelevant,
+        "dormant_only": hd.dormant,
+        "full": full_basis(hd.model.d),
+    }
     rows = []
     for name, basis in subspaces.items():
         ps = patch_pairs(hd.model, basis)
         dormant_act = max((p.hidden_after @ hd.dormant).abs().max().item() for p in ps)
-        rows.append({
-            "intervention": name, "k": hd.k, "d": hd.model.d, "subspace_dim": basis.shape[1],
-            "output_after": ps[0].output_after,
-            "iia": sum(abs(p.output_after - p.source_output) < 1e-9 for p in ps) / len(ps),
-            "flip_rate": sum(math.copysign(1, p.output_after) == p.source_x for p in ps) / len(ps),
-            "dormant_activation": dormant_act,
-        })  # fmt: skip
+        rows.append(
+            {
+                "intervention": name,
+                "k": hd.k,
+                "d": hd.model.d,
+                "subspace_dim": basis.shape[1],
+                "output_after": ps[0].output_after,
+                "iia": sum(abs(p.output_after - p.source_output) < 1e-9 for p in ps) / len(ps),
+                "flip_rate": sum(math.copysign(1, p.output_after) == p.source_x for p in ps)
+                / len(ps),
+                "dormant_activation": dormant_act,
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def higher_dim_table(frame: pd.DataFrame) -> str:
+    """The k-dim construction's measurements as a markdown table."""
     rows = [
-        [int(r.k), int(r.d), r.intervention, int(r.subspace_dim), fmt_num(r.output_after, 4),
-         f"{r.iia:.0%}", fmt_num(r.dormant_activation, 4)]
+        [
+            int(r.k),
+            int(r.d),
+            r.intervention,
+            int(r.subspace_dim),
+            fmt_num(r.output_after, 4),
+            f"{r.iia:.0%}",
+            fmt_num(r.dormant_activation, 4),
+        ]
         for r in frame.itertuples()
-    ]  # fmt: skip
-    header = ["k", "hidden dim", "patch", "subspace dim", "output into 1 from −1", "IIA",
-              "max |dormant act.| after"]  # fmt: skip
+    ]
+    header = [
+        "k",
+        "hidden dim",
+        "patch",
+        "subspace dim",
+        "output into 1 from −1",
+        "IIA",
+        "max |dormant act.| after",
+    ]
     return markdown(header, rows)
+
+
+# ----- toy_illusion's tidy rows -----
+
+KEYS = {"site": "hidden", "layer": 0, "split": "all"}
+
+
+def pair_name(base_x: float, source_x: float) -> str:
+    """A pair's label `base<-source` (ASCII minus)."""
+    return f"{fmt_num(base_x)}<-{fmt_num(source_x)}".replace("−", "-")
+
+
+def table_rows(model: ToyModel) -> list[dict]:
+    """Per intervention and pair: hidden and output before/after; per intervention: rates."""
+    rows = []
+    directions = {**post_directions(), "full": full_basis(model.d)}
+    for name, u in directions.items():
+        patches = patch_pairs(model, u)
+        for p in patches:
+            values = {
+                "output_before": p.output_before,
+                "output_after": p.output_after,
+                "source_output": p.source_output,
+            }
+            values |= {f"hidden_before_{i + 1}": v for i, v in enumerate(p.hidden_before.tolist())}
+            values |= {f"hidden_after_{i + 1}": v for i, v in enumerate(p.hidden_after.tolist())}
+            rows += metric_rows(
+                values,
+                intervention=name,
+                **KEYS,
+                part="tables",
+                pair=pair_name(p.base_x, p.source_x),
+            )
+        rates = {
+            "flip_rate": sum(p.output_after * p.source_x > 0 for p in patches) / len(patches),
+            "iia": sum(abs(p.output_after - p.source_output) < 1e-9 for p in patches)
+            / len(patches),
+            "dormant_activation": max(abs(p.hidden_after[2].item()) for p in patches),
+        }
+        rows += metric_rows(rates, intervention=name, **KEYS, part="tables", pair="all")
+    return rows
+
+
+def classification_rows(frame: pd.DataFrame, basis: str) -> list[dict]:
+    """Rows of the correlated/causal measurements of each direction of one basis."""
+    rows = []
+    for r in frame.to_dict("records"):
+        values = {k: v for k, v in r.items() if k not in ("direction", "role")}
+        rows += metric_rows(values, intervention=r["direction"], **KEYS, part=basis, pair="all")
+    return rows
+
+
+def das_rows(seeds: pd.DataFrame) -> list[dict]:
+    """Rows of every DAS restart: loss, IIA, cosines and what it landed on."""
+    rows = []
+    metrics = [
+        "loss",
+        "iia",
+        "flip_rate",
+        "abs_cos_e1",
+        "abs_cos_v",
+        "abs_cos_w_in",
+        "dormant_share",
+    ]
+    for r in seeds.to_dict("records"):
+        values = {m: r[m] for m in metrics}
+        values |= {
+            "is_e1": float(r["category"] == "e1"),
+            "is_illusory": float(r["category"] == "illusory"),
+            "is_not_e1": float(r["iia"] == 1 and r["abs_cos_e1"] < 0.9),
+        }
+        rows += metric_rows(values, intervention="das", **KEYS, part="das", seed=r["seed"])
+    return rows
+
+
+def higher_dim_rows(frame: pd.DataFrame) -> list[dict]:
+    """Rows of the k-dim construction, one intervention per k."""
+    rows = []
+    for r in frame.to_dict("records"):
+        values = {m: r[m] for m in ("output_after", "iia", "flip_rate", "dormant_activation")}
+        name = f"{r['intervention']}_k{r['k']}"  # distinct from the 3-D model's interventions
+        rows += metric_rows(
+            values,
+            intervention=name,
+            **KEYS,
+            part="higher_dim",
+            k=r["k"],
+            hidden_dim=r["d"],
+            subspace_dim=r["subspace_dim"],
+        )
+    return rows

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -12,10 +13,27 @@ from mlpim.engine.interventions import Prepared, evaluate, patched_end_loss
 from mlpim.engine.subspace import RotatedSubspace
 
 
+@dataclass(frozen=True)
+class DasSettings:
+    """How DAS trains: subspace dimension, Adam's learning rate decayed linearly to
+    `lr * lr_end_factor` over `epochs` (`conf/method/das.yaml` documents each)."""
+
+    dim: int = 1
+    lr: float = 0.01
+    lr_end_factor: float = 0.1
+    epochs: int = 30
+
+
 def fit(
-    model, train: list[Prepared], test: list[Prepared] | None, patch: nn.Module,
-    method: DictConfig, gen: torch.Generator, desc: str = "DAS", progress: bool = True,
-) -> pd.DataFrame:  # fmt: skip
+    model,
+    train: list[Prepared],
+    test: list[Prepared] | None,
+    patch: nn.Module,
+    method: DasSettings,
+    gen: torch.Generator,
+    desc: str = "DAS",
+    progress: bool = True,
+) -> pd.DataFrame:
     """Train `patch`'s parameters: Adam + LinearLR, full-vocabulary cross-entropy at END.
 
     Batches are shuffled with `gen` every epoch; with `test`, the test IIA is logged per epoch.
@@ -44,9 +62,13 @@ def fit(
 
 
 def train_das(
-    model, train: list[Prepared], test: list[Prepared], method: DictConfig, seed: int,
+    model,
+    train: list[Prepared],
+    test: list[Prepared] | None,
+    method: DasSettings,
+    seed: int,
     progress: bool = True,
-) -> tuple[RotatedSubspace, pd.DataFrame]:  # fmt: skip
+) -> tuple[RotatedSubspace, pd.DataFrame]:
     """DAS from a seeded random orthonormal basis; returns the trained basis and its history."""
     torch.manual_seed(seed)  # the orthogonal parametrization draws from the global generator
     gen = torch.Generator().manual_seed(seed)

@@ -6,12 +6,14 @@ import hashlib
 import importlib.util
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
-from mlpim.errors import MlpimError
+from mlpim.errors import ConfigError, ModelNotFoundError
+
+__all__ = ["ConfigError", "ModelNotFoundError"]  # importable from here too
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +29,23 @@ SITE_HOOKS = {
 CACHE_DIR = Path(os.environ.get("MLPIM_CACHE", Path.home() / ".cache" / "mlpim"))
 
 
-class ModelNotFoundError(MlpimError, RuntimeError):
-    """Model weights are not on this machine."""
+@dataclass(frozen=True)
+class ModelSpec:
+    """What loading a model needs: a `conf/model/*.yaml` as plain values (no Hydra config)."""
 
-
-class ConfigError(MlpimError, ValueError):
-    """A config value that cannot work with this model or dataset."""
+    name: str
+    source: str  # gguf | hf | tiny
+    arch: str = ""  # tiny: the family to build (`mlpim.engine.tiny.FAMILIES`)
+    hf_name: str = ""  # hub id, used to find the local HF cache (never downloaded)
+    path: str | None = None  # a local directory with config + weights + tokenizer
+    file: str | None = None  # a local GGUF file (model=gguf)
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+    bos_token: str | None = None  # token prepended to prompts; default: the tokenizer's BOS
+    compat: bool = False  # TransformerLens processing: fold LN, center writing weights/unembed
+    refactor_factored_attn_matrices: bool = False
+    dtype: str = "float32"
+    tiny: dict[str, int] = field(default_factory=dict)  # sizes of the random tiny model
 
 
 def resolve_device(name: str) -> str:
@@ -65,8 +78,8 @@ def validate_site(model, kind: str, layer: int) -> str:
     return name
 
 
-def load_model(cfg: DictConfig, device: str = "cpu", vocab: list[str] | None = None):
-    """Load `cfg` (a `conf/model/*.yaml`) as a TransformerBridge in eval mode with frozen weights.
+def load_model(cfg: ModelSpec, device: str = "cpu", vocab: list[str] | None = None):
+    """Load the model `cfg` describes as a TransformerBridge in eval mode with frozen weights.
 
     The caller's torch RNG is left as it was: TransformerLens draws from it while it builds the
     bridge (layers it creates and then fills with the model's weights), the tiny model seeds it."""
@@ -74,7 +87,7 @@ def load_model(cfg: DictConfig, device: str = "cpu", vocab: list[str] | None = N
         return _load_model(cfg, device, vocab)
 
 
-def _load_model(cfg: DictConfig, device: str, vocab: list[str] | None):
+def _load_model(cfg: ModelSpec, device: str, vocab: list[str] | None):
     loaders = {"gguf": _load_gguf, "hf": _load_hf, "tiny": lambda c: _build_tiny(c, vocab)}
     if cfg.source not in loaders:
         raise ConfigError(f"unknown model source {cfg.source!r}; allowed: {', '.join(loaders)}")
@@ -91,32 +104,34 @@ def _load_model(cfg: DictConfig, device: str, vocab: list[str] | None):
     if cfg.compat:
         bridge.enable_compatibility_mode(
             disable_warnings=True,
-            refactor_factored_attn_matrices=cfg.get("refactor_factored_attn_matrices", False),
+            refactor_factored_attn_matrices=cfg.refactor_factored_attn_matrices,
         )
     bridge.eval()
     for p in bridge.parameters():
         p.requires_grad_(False)
     bridge.cfg.model_name = model_name(cfg)
-    if cfg.get("bos_token"):
+    if cfg.bos_token:
         bridge.tokenizer.bos_token = cfg.bos_token
     return bridge
 
 
-def model_name(cfg: DictConfig) -> str:
+def model_name(cfg: ModelSpec) -> str:
     """The config's name; for `model=hf` / `model=gguf`, the directory or file it loads."""
     if cfg.source == "hf" and cfg.name == "hf" and cfg.path:
         return Path(cfg.path).expanduser().resolve().name
-    if cfg.source == "gguf" and cfg.name == "gguf" and cfg.get("file"):
+    if cfg.source == "gguf" and cfg.name == "gguf" and cfg.file:
         return Path(cfg.file).stem
-    if cfg.source == "tiny" and cfg.get("arch", "gpt2") != "gpt2":
+    if cfg.source == "tiny" and (cfg.arch or "gpt2") != "gpt2":
         return f"{cfg.name}-{cfg.arch}"
     return cfg.name
 
 
-def processing(cfg: DictConfig) -> dict[str, bool]:
+def processing(cfg: ModelSpec) -> dict[str, bool]:
     """TransformerLens processing flags a direction found on this model depends on."""
-    return {"compat": bool(cfg.compat),
-            "refactor_factored_attn_matrices": bool(cfg.get("refactor_factored_attn_matrices"))}  # fmt: skip
+    return {
+        "compat": bool(cfg.compat),
+        "refactor_factored_attn_matrices": bool(cfg.refactor_factored_attn_matrices),
+    }
 
 
 def fingerprint(model) -> str:
@@ -128,9 +143,9 @@ def fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def gguf_path(cfg: DictConfig) -> Path:
+def gguf_path(cfg: ModelSpec) -> Path:
     """`model.file`, else the GGUF file inside its package (found without importing it)."""
-    if cfg.get("file"):
+    if cfg.file:
         path = Path(cfg.file).expanduser()
         if not path.is_file():
             raise ModelNotFoundError(f"model.file={cfg.file}: no such GGUF file")
@@ -162,7 +177,7 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_gguf(cfg: DictConfig):
+def _load_gguf(cfg: ModelSpec):
     """Dequantize the GGUF once; later loads read the cached safetensors (seconds)."""
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -194,7 +209,7 @@ def _from_dir(path: Path):
     return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def hf_model_dir(cfg: DictConfig) -> Path:
+def hf_model_dir(cfg: ModelSpec) -> Path:
     """`model.path`, else the local Hugging Face cache; a clear error when neither has the model."""
     if cfg.path:
         path = Path(cfg.path).expanduser()
@@ -218,44 +233,17 @@ def hf_model_dir(cfg: DictConfig) -> Path:
     )
 
 
-def _load_hf(cfg: DictConfig):
+def _load_hf(cfg: ModelSpec):
     return _from_dir(hf_model_dir(cfg))
 
 
-def _build_tiny(cfg: DictConfig, vocab: list[str] | None):
-    """A random model over a word-level IOI tokenizer: GPT-2 or Llama as built here, any other
-    family of `mlpim.engine.tiny.FAMILIES` from there."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    from mlpim.engine.tiny import build_tiny
-    from mlpim.tasks.tokenizer import word_tokenizer
+def _build_tiny(cfg: ModelSpec, vocab: list[str] | None):
+    """A random model of family `cfg.arch` over a word-level tokenizer of the task's `vocab`
+    (`mlpim.engine.tiny.build_tiny`); GPT-2 and Llama keep Hugging Face's default init."""
+    from mlpim.engine.tiny import HF_INIT, SIZES, build_tiny, word_tokenizer
 
     if vocab is None:
         raise ConfigError("the tiny model needs the dataset vocabulary (vocab=...)")
     tok = word_tokenizer(vocab)
-    t = cfg.tiny
-    if cfg.arch not in ("gpt2", "llama"):
-        sizes = {k: t[k] for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp", "seed")}
-        return build_tiny(cfg.arch, tok, **sizes), tok
-    if cfg.arch == "gpt2":
-        conf = GPT2Config(
-            n_layer=t.n_layers, n_embd=t.d_model, n_head=t.n_heads, n_inner=t.d_mlp,
-            vocab_size=len(tok), n_positions=128, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        )  # fmt: skip
-        return _seeded(GPT2LMHeadModel, conf, t.seed), tok
-    conf = LlamaConfig(
-        num_hidden_layers=t.n_layers, hidden_size=t.d_model, num_attention_heads=t.n_heads,
-        num_key_value_heads=t.n_kv_heads, intermediate_size=t.d_mlp, vocab_size=len(tok),
-        max_position_embeddings=128, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    return _seeded(LlamaForCausalLM, conf, t.seed), tok
-
-
-def _seeded(model_class, conf, seed: int):
-    """`model_class(conf)` initialised from torch's RNG seeded with `seed`, in a fork of that
-    RNG: the caller's global RNG state is left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return model_class(conf)
+    sizes = {k: cfg.tiny[k] for k in SIZES if k in cfg.tiny}
+    return build_tiny(cfg.arch, tok, **sizes, init_range=HF_INIT.get(cfg.arch)), tok

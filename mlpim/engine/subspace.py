@@ -10,8 +10,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from mlpim.engine.models import ConfigError
 from mlpim.engine.patching import subspace_patch
+from mlpim.errors import ConfigError
 from mlpim.files import save_torch
 
 
@@ -29,9 +29,11 @@ class RotatedSubspace(nn.Module):
 
     @property
     def basis(self) -> Float[Tensor, "d k"]:
+        """The d×k orthonormal basis."""
         return self.lin.weight
 
     def forward(self, base: Float[Tensor, "b d"], source: Float[Tensor, "b d"]) -> Tensor:
+        """The base activation with its component in the basis taken from the source."""
         return subspace_patch(base, source, self.basis)
 
 
@@ -46,15 +48,21 @@ def save_subspace(path: Path, basis: Tensor, **meta) -> None:
     save_torch({"basis": basis.detach().cpu(), **meta}, path)
 
 
-def direction_meta(model, model_cfg, kind: str, layer: int, position: str = "end") -> dict:
+def direction_meta(model, spec, kind: str, layer: int, position: str = "end") -> dict:
     """What ties a direction to where it was found: model, weights, processing, site, version."""
     from mlpim import __version__
     from mlpim.engine.models import fingerprint, processing, site_width
 
-    return {"model": model.cfg.model_name, "fingerprint": fingerprint(model),
-            "processing": processing(model_cfg), "site": kind, "layer": layer,
-            "position": position, "width": int(site_width(model, kind)),
-            "mlpim_version": __version__}  # fmt: skip
+    return {
+        "model": model.cfg.model_name,
+        "fingerprint": fingerprint(model),
+        "processing": processing(spec),
+        "site": kind,
+        "layer": layer,
+        "position": position,
+        "width": int(site_width(model, kind)),
+        "mlpim_version": __version__,
+    }
 
 
 KINDS = {

@@ -3,28 +3,35 @@
 `build_tiny(arch, tokenizer)` returns a random `PreTrainedModel` whose `config.architectures`
 names its model class, so `TransformerBridge.boot_transformers(BOOT_NAME[arch], hf_model=...)`
 picks the right adapter offline. The weights are scaled up from the usual 0.02 init so the
-logits vary (std well above 0.1) and equality tests between the bridge and HF mean something.
+logits vary (std well above 0.1) and equality tests between the bridge and HF mean something;
+`model=tiny` (`mlpim.engine.models.load_model`) builds GPT-2 and Llama here with Hugging Face's
+default init instead (`HF_INIT`), the weights the tests' pinned numbers were measured on.
+`word_tokenizer` is the tiny models' word-level tokenizer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mlpim.engine.models import ConfigError
+from mlpim.errors import ConfigError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 MAX_POSITIONS = 128
 SLIDING_WINDOW = 4  # short, so that test prompts reach past it on Gemma 3's sliding layers
 INIT_RANGE = 0.2  # std of the random weights for families whose default is 0.02
 GPT2_INIT_RANGE = 0.1  # GPT-2 ties its unembedding to the embedding; 0.1 gives logits std ~0.9
+HF_INIT = {"gpt2": 0.02, "llama": 0.02}  # model=tiny: Hugging Face's default init for these two
+SIZES = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp", "seed")  # build_tiny's sizes
+EOT = "<|endoftext|>"
+PUNCTUATION = tuple(".,!?;:'\"()-")
 
-Sizes = dict[str, int]  # what a builder reads: sizes, vocab and the tokenizer's special ids
+Sizes = dict[str, Any]  # what a builder reads: sizes, vocab, special ids and the init std
 
 
 def _llama_like(s: Sizes) -> dict[str, Any]:
@@ -37,7 +44,7 @@ def _llama_like(s: Sizes) -> dict[str, Any]:
         "intermediate_size": s["d_mlp"],
         "vocab_size": s["vocab"],
         "max_position_embeddings": MAX_POSITIONS,
-        "initializer_range": INIT_RANGE,
+        "initializer_range": s["init"] or INIT_RANGE,
         "tie_word_embeddings": False,
         **_ids(s),
     }
@@ -51,9 +58,15 @@ def _gpt2(s: Sizes):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     conf = GPT2Config(
-        n_layer=s["n_layers"], n_embd=s["d_model"], n_head=s["n_heads"], n_inner=s["d_mlp"],
-        vocab_size=s["vocab"], n_positions=MAX_POSITIONS, initializer_range=GPT2_INIT_RANGE, **_ids(s),
-    )  # fmt: skip
+        n_layer=s["n_layers"],
+        n_embd=s["d_model"],
+        n_head=s["n_heads"],
+        n_inner=s["d_mlp"],
+        vocab_size=s["vocab"],
+        n_positions=MAX_POSITIONS,
+        initializer_range=s["init"] or GPT2_INIT_RANGE,
+        **_ids(s),
+    )
     return conf, GPT2LMHeadModel
 
 
@@ -108,11 +121,18 @@ def _neox(s: Sizes):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     conf = GPTNeoXConfig(
-        num_hidden_layers=s["n_layers"], hidden_size=s["d_model"],
-        num_attention_heads=s["n_heads"], intermediate_size=s["d_mlp"], vocab_size=s["vocab"],
-        max_position_embeddings=MAX_POSITIONS, rotary_pct=0.25, use_parallel_residual=True,
-        initializer_range=INIT_RANGE, tie_word_embeddings=False, **_ids(s),
-    )  # fmt: skip
+        num_hidden_layers=s["n_layers"],
+        hidden_size=s["d_model"],
+        num_attention_heads=s["n_heads"],
+        intermediate_size=s["d_mlp"],
+        vocab_size=s["vocab"],
+        max_position_embeddings=MAX_POSITIONS,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        initializer_range=s["init"] or INIT_RANGE,
+        tie_word_embeddings=False,
+        **_ids(s),
+    )
     return conf, GPTNeoXForCausalLM
 
 
@@ -148,19 +168,28 @@ def build_tiny(
     n_kv_heads: int = 2,
     d_mlp: int = 128,
     seed: int = 0,
+    init_range: float | None = None,
 ) -> PreTrainedModel:
     """A random `arch` causal LM over `tokenizer`'s vocabulary, in eval mode.
 
     Seeded without touching the global torch RNG; head_dim is d_model // n_heads; GPT-2 and
-    GPT-NeoX ignore n_kv_heads (no grouped-query attention).
+    GPT-NeoX ignore n_kv_heads (no grouped-query attention). `init_range`: the std of the
+    random weights (default: the family's scaled-up one, `INIT_RANGE` / `GPT2_INIT_RANGE`).
     """
     if arch not in _BUILDERS:
         raise ConfigError(f"unknown tiny architecture {arch!r}; allowed: {', '.join(FAMILIES)}")
     sizes = {
-        "n_layers": n_layers, "d_model": d_model, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
-        "d_mlp": d_mlp, "vocab": len(tokenizer), "bos": tokenizer.bos_token_id,
-        "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id,
-    }  # fmt: skip
+        "n_layers": n_layers,
+        "d_model": d_model,
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads,
+        "d_mlp": d_mlp,
+        "vocab": len(tokenizer),
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+        "init": init_range,
+    }
     conf, model_class = _BUILDERS[arch](sizes)
     conf.architectures = [model_class.__name__]
     with torch.random.fork_rng(devices=[]):
@@ -179,3 +208,39 @@ def save_tiny(arch: str, tokenizer, path: str | Path, **sizes) -> Path:
     build_tiny(arch, tokenizer, **sizes).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def word_tokenizer(words: Iterable[str], cache_dir: Path | None = None) -> PreTrainedTokenizerFast:
+    """WordLevel tokenizer over `words` (each with and without a leading space) and punctuation.
+
+    "<|endoftext|>" is id 0 and serves as bos/eos/pad/unk. Built in memory (no temporary files)
+    with `add_bos_token=True`, the form TransformerLens's bridge would otherwise reload it in from
+    `name_or_path`, so the bridge takes it as it is; saved to `cache_dir` when one is given.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    vocab = {EOT: 0}
+    for word in [*words, *PUNCTUATION]:
+        if not word.strip():
+            continue
+        for text in (word, " " + word):
+            for piece, _ in pre.pre_tokenize_str(text):
+                vocab.setdefault(piece, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=EOT))
+    backend.pre_tokenizer = pre
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([EOT])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=EOT,
+        eos_token=EOT,
+        unk_token=EOT,
+        pad_token=EOT,
+        add_bos_token=True,
+        name_or_path=str(cache_dir) if cache_dir else "mlpim-word-level",
+    )
+    if cache_dir is not None:
+        tok.save_pretrained(str(Path(cache_dir)))
+    return tok

@@ -1,6 +1,8 @@
 """Experiments: one module per runner named in `conf/experiment/*.yaml` (`runner:`).
 
-Each module has `run(cfg, run_dir) -> metrics DataFrame` (and optionally `summarize`).
+Each module has `run(cfg, run_dir) -> metrics DataFrame` (and optionally `summarize`); its options
+(`extra.*`) are its dataclass in `mlpim.experiments.options`. `common` holds the steps runners
+share; no experiment module imports another.
 """
 
 from __future__ import annotations
@@ -9,16 +11,19 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-from omegaconf import DictConfig
+if TYPE_CHECKING:
+    import pandas as pd
+    from omegaconf import DictConfig
 
-Runner = Callable[[DictConfig, Path], pd.DataFrame]
+Runner = Callable[["DictConfig", Path], "pd.DataFrame"]
+SHARED = ("common", "options")  # modules of this package that are not experiments
 
 
 def runner_names() -> list[str]:
     """Modules of this package that define an experiment runner."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "common")
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in SHARED)
 
 
 def get_runner(name: str) -> Runner:

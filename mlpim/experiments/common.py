@@ -1,22 +1,47 @@
-"""Shared steps of runners: load the model for a config, validate the site, plots."""
+"""Steps runners share: the engine's settings from a config, the model, site and pairs of a
+config, and DAS directions loaded or trained (a trained one is saved in the run directory)."""
 
 from __future__ import annotations
 
-import torch
-from omegaconf import DictConfig
+from dataclasses import fields
+from pathlib import Path
 
+import torch
+from jaxtyping import Float
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from mlpim import constants as C
+from mlpim.analysis.controls import loaded_basis
+from mlpim.engine.das import DasSettings, train_das
 from mlpim.engine.interventions import Prepared, prepare
-from mlpim.engine.models import ConfigError, load_model, resolve_device, validate_site
+from mlpim.engine.models import ModelSpec, load_model, resolve_device, site_width, validate_site
 from mlpim.engine.patching import logits_end
+from mlpim.engine.subspace import direction_meta, save_subspace
+from mlpim.errors import ConfigError
+from mlpim.report import io
 from mlpim.tasks import IOI_ONLY, bos_id, pad_id, task_splits, task_vocabulary
 from mlpim.tasks.batch import PromptBatch, left_pad
 from mlpim.tasks.ioi import held_out_pairs
 
 
+def model_spec(cfg: DictConfig) -> ModelSpec:
+    """The config's `model.*` as the engine's `ModelSpec` (plain values)."""
+    data = OmegaConf.to_container(cfg.model, resolve=True)
+    return ModelSpec(**{f.name: data[f.name] for f in fields(ModelSpec) if f.name in data})
+
+
+def das_settings(cfg: DictConfig, **changes) -> DasSettings:
+    """The config's `method.*` as the engine's `DasSettings`, with `changes` applied."""
+    m = cfg.method
+    values = {"dim": m.dim, "lr": m.lr, "lr_end_factor": m.lr_end_factor, "epochs": m.epochs}
+    return DasSettings(**(values | changes))
+
+
 def model_for(cfg: DictConfig):
     """The config's model on the config's device (the tiny model gets the task's vocabulary)."""
     vocab = task_vocabulary(cfg.dataset) if cfg.model.source == "tiny" else None
-    return load_model(cfg.model, resolve_device(cfg.device), vocab=vocab)
+    return load_model(model_spec(cfg), resolve_device(cfg.device), vocab=vocab)
 
 
 def require_ioi(cfg: DictConfig) -> None:
@@ -26,14 +51,14 @@ def require_ioi(cfg: DictConfig) -> None:
 
 
 def predictor(model, batch_size: int = 32):
-    """prompt texts -> the model's argmax next-token ids (prompts start with BOS)."""
+    """A function: prompt texts -> the model's argmax next-token ids (prompts start with BOS)."""
     tok = model.tokenizer
 
     def predict(texts: list[str]) -> list[int]:
         out = []
         for i in range(0, len(texts), batch_size):
-            rows = [[bos_id(tok), *tok(t, add_special_tokens=False).input_ids]
-                    for t in texts[i : i + batch_size]]  # fmt: skip
+            chunk = texts[i : i + batch_size]
+            rows = [[bos_id(tok), *tok(t, add_special_tokens=False).input_ids] for t in chunk]
             tokens, mask, _ = left_pad(rows, pad_id(tok))
             end = torch.full((len(rows),), tokens.shape[1] - 1)
             batch = PromptBatch(tokens, mask, end, end, end).to(model.cfg.device)
@@ -56,6 +81,7 @@ def site_of(cfg: DictConfig, model) -> tuple[str, int]:
 
 
 def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch's global RNG; returns a CPU generator seeded the same."""
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 
@@ -66,9 +92,95 @@ def paper_splits(
     """The task's train and test pairs (IOI: the paper's DAS data), prepared at (kind, layer)
     with `method.engine`. `held_out` adds, for IOI, "new templates" and "new names" (pairs that
     hold out one of the two at a time; `mlpim.tasks.ioi.held_out_pairs`)."""
-    batches = task_splits(model.tokenizer, cfg.dataset, cfg.seed, predictor(model), model.cfg.n_ctx)
+    n_ctx = model.cfg.n_ctx
+    batches = task_splits(model.tokenizer, cfg.dataset, cfg.seed, predictor(model), n_ctx)
     if held_out and cfg.dataset.name == "ioi":
         batches |= held_out_pairs(model.tokenizer, cfg.dataset, cfg.seed)
     dev = model.cfg.device
-    return {s: prepare(model, [b.to(dev) for b in bs], kind, layer, cfg.method.engine)
-            for s, bs in batches.items()}  # fmt: skip
+    return {
+        s: prepare(model, [b.to(dev) for b in bs], kind, layer, cfg.method.engine)
+        for s, bs in batches.items()
+    }
+
+
+def saved_or_trained(
+    cfg: DictConfig,
+    model,
+    kind: str,
+    layer: int,
+    path: str | None,
+    *,
+    history: Path,
+    save_as: Path,
+    splits: dict[str, list[Prepared]] | None = None,
+) -> torch.Tensor:
+    """A DAS basis (d×k) at (kind, layer): loaded from `path`, else trained on the paper's pairs.
+
+    A trained basis is saved at `save_as` (reusable as `direction=`), its history at `history`.
+    """
+    d = site_width(model, kind)
+    if path:
+        return loaded_basis(path, kind, layer, d, model).to(model.cfg.device)
+    if cfg.method.dim > d:
+        raise ConfigError(f"method.dim={cfg.method.dim} exceeds the width {d} of {kind}")
+    splits = splits or paper_splits(cfg, model, kind, layer)
+    rot, hist = train_das(model, splits["train"], splits["test"], das_settings(cfg), cfg.seed)
+    history.parent.mkdir(parents=True, exist_ok=True)
+    io.write_csv(hist, history.parent, history.name)
+    basis = rot.basis.detach()
+    meta = direction_meta(model, model_spec(cfg), kind, layer)
+    save_subspace(save_as, basis, **meta, k=basis.shape[1], seed=cfg.seed, method="das")
+    return basis
+
+
+def das_direction(
+    cfg: DictConfig,
+    model,
+    kind: str,
+    layer: int,
+    path: str | None,
+    run_dir: Path,
+    splits: dict[str, list[Prepared]] | None = None,
+) -> Float[Tensor, " d"]:
+    """A 1-D DAS direction at (kind, layer): loaded from `path`, else trained (saved in run_dir)."""
+    if cfg.method.name != "das" or cfg.method.dim != 1:
+        raise ConfigError(f"needs a 1-D DAS direction (method=das method.dim=1), got {cfg.method}")
+    basis = saved_or_trained(
+        cfg,
+        model,
+        kind,
+        layer,
+        path,
+        history=run_dir / C.HISTORY,
+        save_as=run_dir / C.DIRECTION,
+        splits=splits,
+    )
+    if basis.shape[1] != 1:
+        raise ConfigError(f"{path} holds a {basis.shape[1]}-D subspace; a direction is 1-D")
+    return basis[:, 0]
+
+
+def das_basis(
+    cfg: DictConfig,
+    model,
+    kind: str,
+    layer: int,
+    path: str | None,
+    run_dir: Path,
+    splits: dict[str, list[Prepared]] | None = None,
+) -> Float[Tensor, "d k"]:
+    """The DAS basis at (kind, layer): loaded from `path`, else trained as the subspace runner does.
+
+    A trained basis is saved as `v_{kind}_L{layer}.pt` (reusable as `direction=`), its training
+    history under `das_{kind}_L{layer}/`.
+    """
+    return saved_or_trained(
+        cfg,
+        model,
+        kind,
+        layer,
+        path,
+        history=run_dir / f"das_{kind}_L{layer}" / C.HISTORY,
+        save_as=run_dir / f"v_{kind}_L{layer}.pt",
+        splits=splits,
+    )

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from mlpim.engine import metrics
 from mlpim.engine.patching import logits_end
 from mlpim.experiments.common import model_for, require_ioi
+from mlpim.experiments.options import NoOptions, options
 from mlpim.report import io
 from mlpim.tasks.ioi import IOIBatch, make_prompts
 
@@ -45,6 +46,8 @@ def plot(df: pd.DataFrame, run_dir: Path, model_name: str) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    """Clean LD and accuracy per template and split; the metrics."""
+    options(cfg, NoOptions)
     require_ioi(cfg)
     model = model_for(cfg)
     rows = []
@@ -57,9 +60,14 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
         for template, g in groups:
             values = {"logit_diff": g.logit_diff.mean(), "accuracy": g.accuracy.mean()}
             rows += io.metric_rows(
-                values, intervention="clean", site="none", layer=-1, split=split,
-                template=str(template), n=len(g),
-            )  # fmt: skip
+                values,
+                intervention="clean",
+                site="none",
+                layer=-1,
+                split=split,
+                template=str(template),
+                n=len(g),
+            )
     df = io.tidy(rows, cfg)
     plot(df, run_dir, cfg.model.name)
     return df

@@ -9,10 +9,12 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from omegaconf import DictConfig
 
-from mlpim.analysis.landmarks import write_landmarks
+from mlpim.analysis import landmarks as lmk
 from mlpim.engine import metrics
 from mlpim.engine.interventions import patch_each
 from mlpim.experiments.common import model_for, predictor
+from mlpim.experiments.options import IoiLocateOptions as Options
+from mlpim.experiments.options import options
 from mlpim.report import io
 from mlpim.tasks import task_splits
 from mlpim.tasks.ioi import PairBatch, make_pairs
@@ -54,8 +56,14 @@ def heatmaps(df: pd.DataFrame, run_dir: Path, title: str) -> None:
     for ax, data, xlabel in ((axes[0], comp, "component"), (axes[1], heads, "head")):
         lim = max(abs(data.values).max(), 1e-6)
         im = ax.imshow(data.values, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-        ax.set(xticks=range(data.shape[1]), xticklabels=data.columns, yticks=range(len(data)),
-               yticklabels=data.index, xlabel=xlabel, ylabel="layer")  # fmt: skip
+        ax.set(
+            xticks=range(data.shape[1]),
+            xticklabels=data.columns,
+            yticks=range(len(data)),
+            yticklabels=data.index,
+            xlabel=xlabel,
+            ylabel="layer",
+        )
         fig.colorbar(im, ax=ax, label="FLDD (1 = LD removed)")
     axes[0].set_title(f"{title}: full patch at END")
     axes[1].set_title("per head (hook_z)")
@@ -68,24 +76,34 @@ def summarize(df: pd.DataFrame, top: int = 12) -> pd.DataFrame:
     return wide.reindex(wide.fldd.abs().sort_values(ascending=False).index).head(top)
 
 
-def pairs_to_patch(cfg: DictConfig, model) -> list[PairBatch]:
+def pairs_to_patch(cfg: DictConfig, model, n: int) -> list[PairBatch]:
     """IOI: ABB->BAB and BAB->ABB test pairs; any other task: its test pairs."""
     if cfg.dataset.name != "ioi":
         return task_splits(
             model.tokenizer, cfg.dataset, cfg.seed, predictor(model), model.cfg.n_ctx
         )["test"]
     combos = [("ABB", "BAB"), ("BAB", "ABB")]
-    n = cfg.extra.n_pairs_per_direction
     return make_pairs(model.tokenizer, cfg.dataset, "test", combos, n, cfg.seed)
 
 
+def write_landmarks(df: pd.DataFrame, run_dir: Path, model: str, threshold: float) -> str:
+    """Apply the landmark rule, write `landmarks.yaml` into `run_dir`; returns a one-line
+    description."""
+    found = lmk.find_landmarks(df, threshold)
+    io.write_text(lmk.landmarks_yaml(found, threshold, model), run_dir, "landmarks.yaml")
+    return lmk.landmarks_line(found, threshold)
+
+
 def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    """Patch every component and head at END; the metrics (and landmarks.yaml for IOI)."""
+    opts = options(cfg, Options)
     model = model_for(cfg)
-    batches = [b.to(model.cfg.device) for b in pairs_to_patch(cfg, model)]
+    pairs = pairs_to_patch(cfg, model, opts.n_pairs_per_direction)
+    batches = [b.to(model.cfg.device) for b in pairs]
     df = locate(model, batches, cfg.method.engine).assign(split="test")
     df = io.tidy(df.to_dict("records"), cfg)
     what = "ABB<->BAB" if cfg.dataset.name == "ioi" else f"{cfg.dataset.name} test pairs"
     heatmaps(df, run_dir, f"{cfg.model.name}, {what}")
     if cfg.dataset.name == "ioi":  # the landmark rule reads the IOI position signal
-        log.info(write_landmarks(df, run_dir, cfg.model.name, cfg.extra.signal_threshold))
+        log.info(write_landmarks(df, run_dir, cfg.model.name, opts.signal_threshold))
     return df

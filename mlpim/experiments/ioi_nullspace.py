@@ -22,12 +22,14 @@ from torch import Tensor
 
 from mlpim import constants as C
 from mlpim.analysis import nullspace as ns
-from mlpim.analysis.controls import PARTS, intervention_bases, patching_rows  # noqa: F401
-from mlpim.analysis.directions import das_direction
-from mlpim.engine.models import ConfigError, hook_name
+from mlpim.analysis.controls import PARTS, intervention_bases, patching_rows
+from mlpim.engine.models import hook_name
 from mlpim.engine.patching import run_cache, site_acts
 from mlpim.engine.subspace import direction_meta, save_subspace
-from mlpim.experiments.common import model_for, paper_splits, site_of
+from mlpim.errors import ConfigError
+from mlpim.experiments.common import das_direction, model_for, model_spec, paper_splits, site_of
+from mlpim.experiments.options import IoiNullspaceOptions as Options
+from mlpim.experiments.options import options
 from mlpim.report import io
 from mlpim.report.plots import table1_plot
 from mlpim.tasks.batch import PromptBatch
@@ -74,8 +76,11 @@ def histogram_plot(acts, parts, stats, run_dir: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(parts), figsize=(4.2 * len(parts), 3.3), squeeze=False)
     for ax, (name, vec) in zip(axes[0], parts.items(), strict=True):
         proj = {group: ns.projections(x, vec).cpu() for group, x in acts.items()}
-        bins = torch.linspace(min(p.min() for p in proj.values()).item(),
-                              max(p.max() for p in proj.values()).item(), 31)  # fmt: skip
+        bins = torch.linspace(
+            min(p.min() for p in proj.values()).item(),
+            max(p.max() for p in proj.values()).item(),
+            31,
+        )
         for (pat, values), color in zip(proj.items(), ("tab:blue", "tab:orange"), strict=True):
             ax.hist(values, bins=bins, alpha=0.6, color=color, label=pat)
         ax.set(title=f"onto {name} (sep {stats[name]['separation']:.2f})", xlabel="h · part")
@@ -85,6 +90,8 @@ def histogram_plot(acts, parts, stats, run_dir: Path, title: str) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    """v_MLP's row/null parts: patching along each, their norms and histograms; the metrics."""
+    opts = options(cfg, Options)
     model = model_for(cfg)
     kind, layer = site_of(cfg, model)
     if kind != "mlp_post":
@@ -100,34 +107,39 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
         rows += io.metric_rows(
             {"norm_sq": part.norm().item() ** 2}, intervention=name, split="train", **keys
         )
-    rows += hist_rows(cfg, model, kind, layer, {"das": v, "row_proj": proj, "null_proj": null},
-                      run_dir, keys, splits)  # fmt: skip
+    parts = {"das": v, "row_proj": proj, "null_proj": null}
+    rows += hist_rows(cfg, opts, model, kind, layer, parts, run_dir, keys, splits)
     df = io.tidy(rows, cfg)
-    meta = direction_meta(model, cfg.model, kind, layer)  # the weights: refused on others
-    save_subspace(run_dir / C.DIRECTION, v[:, None], method="das", proj=proj.cpu(),
-                  null_proj=null.cpu(), k=1, seed=cfg.seed, **meta)  # fmt: skip
+    meta = direction_meta(model, model_spec(cfg), kind, layer)  # the weights: refused on others
+    parts = {"proj": proj.cpu(), "null_proj": null.cpu()}
+    save_subspace(
+        run_dir / C.DIRECTION, v[:, None], method="das", **parts, k=1, seed=cfg.seed, **meta
+    )
     io.write_text(summary_markdown(cfg, df, layer, w_err), run_dir, C.SUMMARY)
     table1_plot(df, run_dir, f"{cfg.experiment}: {cfg.model.name}, {kind} L{layer}")
     return df
 
 
-def hist_groups(cfg, model, kind: str, layer: int, splits) -> tuple[str, dict[str, Tensor]]:
+def hist_groups(
+    cfg, opts: Options, model, kind: str, layer: int, splits
+) -> tuple[str, dict[str, Tensor]]:
     """(split, two groups of site activations): IOI, ABB vs ABA prompts (which name repeats
     varies, the position signal does not); other tasks, the test pairs' base vs source."""
     if cfg.dataset.name != "ioi":
         test = splits["test"]
-        return "test", {"base": torch.cat([p.base_act for p in test]),
-                        "source": torch.cat([p.source_act for p in test])}  # fmt: skip
-    split, n = cfg.extra.hist_split, cfg.extra.n_hist_prompts
+        base = torch.cat([p.base_act for p in test])
+        return "test", {"base": base, "source": torch.cat([p.source_act for p in test])}
+    split, n = opts.hist_split, opts.n_hist_prompts
     prompts = make_prompts(model.tokenizer, cfg.dataset, split, HIST_PATTERNS, n, cfg.seed)
     acts = end_activations(model, [b.to(model.cfg.device) for b in prompts], kind, layer)
     return split, {p: acts[p] for p in HIST_PATTERNS}
 
 
-def hist_rows(cfg, model, kind, layer, parts: dict[str, Tensor], run_dir, keys,
-              splits) -> list[dict]:  # fmt: skip
+def hist_rows(
+    cfg, opts: Options, model, kind, layer, parts: dict[str, Tensor], run_dir, keys, splits
+) -> list[dict]:
     """Projections of two groups: stats as rows (split = the prompts' split) and the plot."""
-    split, acts = hist_groups(cfg, model, kind, layer, splits)
+    split, acts = hist_groups(cfg, opts, model, kind, layer, splits)
     stats = histogram_stats(acts, parts)
     title = f"{cfg.model.name} {kind} L{layer}: END activations, {split} prompts"
     histogram_plot(acts, {k: parts[k] for k in PARTS}, stats, run_dir, title)
@@ -143,6 +155,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_markdown(cfg: DictConfig, df: pd.DataFrame, layer: int, w_err: float) -> str:
+    """summary.md: the W_out check and the table of interventions."""
     return (
         f"# {cfg.experiment}\n\nmodel: {cfg.model.name}; site: mlp_post, layer {layer}; seed "
         f"{cfg.seed}\n\nmax |hidden @ W_out + b_out - mlp_out| = {w_err:.2e}\n\n"

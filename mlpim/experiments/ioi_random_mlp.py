@@ -18,25 +18,19 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim import constants as C
-from mlpim.analysis.controls import (  # noqa: F401 (re-exported)
-    ACTIVATIONS,
-    RandomMLP,
-    RandomMLPPatch,
+from mlpim.analysis.controls import (
     augmented_splits,
-    draw_random_mlp,
-    matched_random_mlp,
     mean_norm,
-    random_mlp_rows,
-    random_patch,
+    random_mlp_history_name,
+    random_mlp_run,
     split_acts,
-    train_random_das,
-    with_resid_mid,
 )
-from mlpim.analysis.directions import das_basis
 from mlpim.engine.interventions import Prepared, clean_metrics, evaluate
-from mlpim.engine.models import ConfigError
 from mlpim.engine.patching import full, subspace
-from mlpim.experiments.common import model_for, paper_splits, site_of
+from mlpim.errors import ConfigError
+from mlpim.experiments.common import das_basis, das_settings, model_for, paper_splits, site_of
+from mlpim.experiments.options import IoiRandomMlpOptions as Options
+from mlpim.experiments.options import options
 from mlpim.report import io
 
 log = logging.getLogger(__name__)
@@ -45,9 +39,13 @@ INTERVENTIONS = ("full", "das", "random_mlp")
 
 
 def real_mlp_rows(
-    cfg: DictConfig, model, splits: dict[str, list[Prepared]], aug: dict[str, list[Prepared]],
-    layer: int, basis: Tensor,
-) -> list[dict]:  # fmt: skip
+    cfg: DictConfig,
+    model,
+    splits: dict[str, list[Prepared]],
+    aug: dict[str, list[Prepared]],
+    layer: int,
+    basis: Tensor,
+) -> list[dict]:
     """Clean LD and real MLP output norm, the full MLP patch and v_MLP, per split."""
     rows, d = [], model.cfg.d_model
     for split, prepared in splits.items():
@@ -95,6 +93,7 @@ def plot_bars(df: pd.DataFrame, run_dir: Path, title: str) -> None:
 
 
 def summary_markdown(cfg: DictConfig, df: pd.DataFrame, layer: int, n_seeds: int) -> str:
+    """summary.md: which MLP and seeds, and the mean (sd) table."""
     return (
         f"# {cfg.experiment}\n\nmodel: {cfg.model.name}; MLP layer {layer}; random MLP seeds "
         f"{cfg.seed}..{cfg.seed + n_seeds - 1} (v_MLP: seed {cfg.seed}); mean (sd over seeds)"
@@ -102,7 +101,19 @@ def summary_markdown(cfg: DictConfig, df: pd.DataFrame, layer: int, n_seeds: int
     )
 
 
+def random_rows(cfg: DictConfig, model, aug: dict, layer: int, n_seeds: int, run_dir: Path):
+    """Each random MLP's rows (seeds seed..seed+n-1); their DAS histories written to run_dir."""
+    rows = []
+    for seed in range(cfg.seed, cfg.seed + n_seeds):
+        new, history = random_mlp_run(model, aug, layer, seed, das_settings(cfg))
+        io.write_csv(history, run_dir, random_mlp_history_name(seed))
+        rows += new
+    return rows
+
+
 def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    """v_MLP, the full patch and DAS in random MLPs at the same place; the tidy metrics."""
+    n_seeds = options(cfg, Options).random_mlp_seeds
     model = model_for(cfg)
     kind, layer = site_of(cfg, model)
     if kind != "mlp_post":
@@ -111,9 +122,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     basis = das_basis(cfg, model, "mlp_post", layer, cfg.direction, run_dir, splits)
     aug = augmented_splits(model, splits, layer)
     rows = real_mlp_rows(cfg, model, splits, aug, layer, basis)
-    n_seeds = int(cfg.extra.n_random_seeds)
-    for seed in range(cfg.seed, cfg.seed + n_seeds):
-        rows += random_mlp_rows(cfg, model, aug, layer, seed, run_dir)
+    rows += random_rows(cfg, model, aug, layer, n_seeds, run_dir)
     df = io.tidy(rows, cfg)
     plot_bars(df, run_dir, f"{cfg.model.name}: random MLP vs v_MLP (layer {layer})")
     io.write_text(summary_markdown(cfg, df, layer, n_seeds), run_dir, C.SUMMARY)

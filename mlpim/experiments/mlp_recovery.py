@@ -18,8 +18,10 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig
 
 from mlpim.analysis import recovery as R
-from mlpim.engine.models import ConfigError
+from mlpim.errors import ConfigError
 from mlpim.experiments.common import model_for, seed_everything
+from mlpim.experiments.options import MlpRecoveryOptions as Options
+from mlpim.experiments.options import options
 from mlpim.report import io
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,7 @@ PAPER_R2 = (0.71, 0.17)
 PAPER_ACC = {1e-4: 0.69, 1e-3: 0.83, 1e-2: 0.87, 1e-1: 0.996}
 
 
-def layers_of(extra, n_layers: int) -> list[int]:
+def layers_of(extra: Options, n_layers: int) -> list[int]:
     """`extra.layers`, else every `extra.layer_step`-th layer from 0 plus the last one."""
     if extra.layers is not None:
         layers = sorted({int(L) for L in extra.layers})
@@ -43,37 +45,58 @@ def ridge_rows(acts: R.Activations, dirs: torch.Tensor, train, test) -> list[dic
     rows = []
     for layer, post in acts.post.items():
         for j, r2 in enumerate(R.ridge_r2(post, acts.mid[layer] @ dirs, train, test)):
-            rows += io.metric_rows({"r2": float(r2)}, intervention="ridge", site="mlp_post",
-                                   layer=layer, split="test", direction=j)  # fmt: skip
+            rows += io.metric_rows(
+                {"r2": float(r2)},
+                intervention="ridge",
+                site="mlp_post",
+                layer=layer,
+                split="test",
+                direction=j,
+            )
     return rows
 
 
-def logistic_rows(model, cfg, acts, tokens, pos, train, test, gen) -> list[dict]:
+def logistic_rows(model, ex: Options, acts, tokens, pos, train, test, gen) -> list[dict]:
     """One accuracy row per layer, z and direction; MLP activations recomputed per perturbation."""
-    ex, rows = cfg.extra, []
+    rows = []
     signs = R.balanced_signs(len(pos.flatten()), train, test)
     for layer, mid in acts.mid.items():
         for j, v in enumerate(R.random_directions(mid.shape[1], ex.n_logistic_directions, gen).T):
             for z in ex.z_values:
                 delta = R.perturbation(mid, v, float(z), signs, ex.norm_scale)
-                post = (R.post_from_mid(model, layer, mid + delta) if ex.fast
-                        else R.post_with_hook(model, tokens, pos, layer, delta, ex.batch_size))  # fmt: skip
+                post = (
+                    R.post_from_mid(model, layer, mid + delta)
+                    if ex.fast
+                    else R.post_with_hook(model, tokens, pos, layer, delta, ex.batch_size)
+                )
                 acc = R.logistic_accuracy(post, signs, train, test, ex.logistic_c)
-                rows += io.metric_rows({"accuracy": acc}, intervention="logistic", site="mlp_post",
-                                       layer=layer, split="test", direction=j, z=float(z))  # fmt: skip
+                rows += io.metric_rows(
+                    {"accuracy": acc},
+                    intervention="logistic",
+                    site="mlp_post",
+                    layer=layer,
+                    split="test",
+                    direction=j,
+                    z=float(z),
+                )
             log.info("logistic layer %d direction %d done", layer, j)
     return rows
 
 
 def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
-    model, ex = model_for(cfg), cfg.extra
+    """Ridge and logistic probes over the corpus at each layer; the tidy metrics."""
+    ex = options(cfg, Options)
+    model = model_for(cfg)
     if ex.chunk_len + 1 > model.cfg.n_ctx:
-        raise ConfigError(f"extra.chunk_len={ex.chunk_len} plus BOS exceeds {cfg.model.name}'s "
-                          f"context of {model.cfg.n_ctx} tokens; lower extra.chunk_len")  # fmt: skip
+        raise ConfigError(
+            f"extra.chunk_len={ex.chunk_len} plus BOS exceeds {cfg.model.name}'s "
+            f"context of {model.cfg.n_ctx} tokens; lower extra.chunk_len"
+        )
     gen = seed_everything(cfg.seed)
     tokens = R.corpus_chunks(model.tokenizer, R.corpus_texts(ex.corpus_path), ex.chunk_len)
-    chunks, pos = R.sample_positions(len(tokens), tokens.shape[1], ex.n_activations,
-                                     ex.positions_per_chunk, gen)  # fmt: skip
+    chunks, pos = R.sample_positions(
+        len(tokens), tokens.shape[1], ex.n_activations, ex.positions_per_chunk, gen
+    )
     tokens = tokens[chunks]
     layers = layers_of(ex, model.cfg.n_layers)
     log.info("%d chunks, %d positions, layers %s", len(tokens), pos.numel(), layers)
@@ -81,11 +104,11 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     train, test = R.split_indices(pos.numel(), ex.n_train, ex.n_activations - ex.n_train, gen)
     dirs = R.random_directions(model.cfg.d_model, ex.n_directions, gen)
     rows = ridge_rows(acts, dirs, train, test)
-    rows += logistic_rows(model, cfg, acts, tokens, pos, train, test, gen)
+    rows += logistic_rows(model, ex, acts, tokens, pos, train, test, gen)
     df = io.tidy(rows, cfg)
     r2_plot(df, run_dir, cfg.model.name)
     logistic_plot(df, run_dir, cfg.model.name)
-    io.write_text(summary_markdown(cfg, df, layers), run_dir, "summary.md")
+    io.write_text(summary_markdown(cfg, ex, df, layers), run_dir, "summary.md")
     return df
 
 
@@ -95,13 +118,15 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     acc = df[df.metric == "accuracy"].pivot_table(index="layer", columns="z", values="value")
     acc.columns = [f"acc z={z:g}" for z in acc.columns]
     table = r2.join(acc)
-    overall = {"r2_mean": df[df.metric == "r2"].value.mean(),
-               "r2_std": df[df.metric == "r2"].value.std()} | acc.mean().to_dict()  # fmt: skip
+    overall = {
+        "r2_mean": df[df.metric == "r2"].value.mean(),
+        "r2_std": df[df.metric == "r2"].value.std(),
+    } | acc.mean().to_dict()
     return pd.concat([table, pd.DataFrame(overall, index=["all"])])
 
 
-def summary_markdown(cfg: DictConfig, df: pd.DataFrame, layers: list[int]) -> str:
-    ex = cfg.extra
+def summary_markdown(cfg: DictConfig, ex: Options, df: pd.DataFrame, layers: list[int]) -> str:
+    """summary.md: the per-layer table and the paper's numbers."""
     table = summarize(df)
     table.index = table.index.map(str)
     table.index.name = "layer"
@@ -122,12 +147,28 @@ def r2_plot(df: pd.DataFrame, run_dir: Path, model_name: str) -> None:
     stats = r2.groupby("layer").value.agg(["mean", "std"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.scatter(r2.layer, r2.value, s=12, alpha=0.5, color="tab:blue", label="one direction")
-    ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), color="k", marker="o",
-                capsize=3, label="mean ± std")  # fmt: skip
-    ax.axhspan(PAPER_R2[0] - PAPER_R2[1], PAPER_R2[0] + PAPER_R2[1], color="gray", alpha=0.15,
-               label="GPT-2 (paper)")  # fmt: skip
-    ax.set(xlabel="layer", ylabel="held-out R²", ylim=(min(0, r2.value.min()) - 0.05, 1.05),
-           title=f"resid_mid·v recovered from MLP activations ({model_name})")  # fmt: skip
+    ax.errorbar(
+        stats.index,
+        stats["mean"],
+        yerr=stats["std"].fillna(0),
+        color="k",
+        marker="o",
+        capsize=3,
+        label="mean ± std",
+    )
+    ax.axhspan(
+        PAPER_R2[0] - PAPER_R2[1],
+        PAPER_R2[0] + PAPER_R2[1],
+        color="gray",
+        alpha=0.15,
+        label="GPT-2 (paper)",
+    )
+    ax.set(
+        xlabel="layer",
+        ylabel="held-out R²",
+        ylim=(min(0, r2.value.min()) - 0.05, 1.05),
+        title=f"resid_mid·v recovered from MLP activations ({model_name})",
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     io.save_figure(fig, run_dir, "recovery_r2.png")
@@ -141,7 +182,12 @@ def logistic_plot(df: pd.DataFrame, run_dir: Path, model_name: str) -> None:
     for color, layer in zip(colors, acc.columns, strict=True):
         ax.plot(acc.index, acc[layer], marker="o", color=color, label=f"L{layer}")
     ax.plot(list(PAPER_ACC), list(PAPER_ACC.values()), "k--", label="GPT-2 mean (paper)")
-    ax.set(xscale="log", xlabel="z", ylabel="held-out accuracy", ylim=(0.4, 1.02),
-           title=f"detecting ±z·v·‖resid_mid‖ from MLP activations ({model_name})")  # fmt: skip
+    ax.set(
+        xscale="log",
+        xlabel="z",
+        ylabel="held-out accuracy",
+        ylim=(0.4, 1.02),
+        title=f"detecting ±z·v·‖resid_mid‖ from MLP activations ({model_name})",
+    )
     ax.legend(fontsize=7, ncol=2)
     io.save_figure(fig, run_dir, "recovery_logistic.png")

@@ -10,13 +10,13 @@ import torch
 from omegaconf import DictConfig
 
 from mlpim import constants as C
-from mlpim.analysis.controls import loaded_basis, mean_diff_direction  # noqa: F401
-from mlpim.analysis.directions import saved_or_trained
+from mlpim.analysis.controls import mean_diff_direction
 from mlpim.engine.interventions import clean_metrics, evaluate
-from mlpim.engine.models import ConfigError
 from mlpim.engine.patching import full, subspace
 from mlpim.engine.subspace import direction_meta, save_subspace
-from mlpim.experiments.common import model_for, paper_splits, site_of
+from mlpim.errors import ConfigError
+from mlpim.experiments.common import model_for, model_spec, paper_splits, saved_or_trained, site_of
+from mlpim.experiments.options import NoOptions, options
 from mlpim.report import io
 from mlpim.report.plots import table1_plot
 
@@ -33,11 +33,16 @@ def find_basis(cfg, model, splits, kind: str, layer: int, run_dir: Path, method:
     trained; history and basis saved in the run directory)."""
     if method == "mean_diff":
         return mean_diff_direction(splits["train"])
-    return saved_or_trained(cfg, model, kind, layer, cfg.direction, history=run_dir / C.HISTORY,
-                            save_as=run_dir / C.DIRECTION, splits=splits)  # fmt: skip
+    history, save_as = run_dir / C.HISTORY, run_dir / C.DIRECTION
+    path = cfg.direction
+    return saved_or_trained(
+        cfg, model, kind, layer, path, history=history, save_as=save_as, splits=splits
+    )
 
 
 def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    """The subspace found at the site, next to the full patch, on train and test; the metrics."""
+    options(cfg, NoOptions)
     model = model_for(cfg)
     kind, layer = site_of(cfg, model)
     if cfg.method.name not in ("das", "mean_diff"):
@@ -63,16 +68,17 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     df = io.tidy(rows, cfg)
     method = cfg.method.name
     test = df[(df.split == "test") & (df.intervention == method)].set_index("metric").value
-    save_subspace(
-        run_dir / C.DIRECTION, found[method], **direction_meta(model, cfg.model, kind, layer),
-        k=found[method].shape[1], seed=cfg.seed, method=method, metrics=test.to_dict(),
-    )  # fmt: skip
+    meta = direction_meta(model, model_spec(cfg), kind, layer)
+    basis, k = found[method], found[method].shape[1]
+    path = run_dir / C.DIRECTION
+    save_subspace(path, basis, **meta, k=k, seed=cfg.seed, method=method, metrics=test.to_dict())
     io.write_text(summary_markdown(cfg, df, kind, layer), run_dir, C.SUMMARY)
     table1_plot(df, run_dir, f"{cfg.experiment}: {cfg.model.name}, {kind} L{layer}")
     return df
 
 
 def summary_markdown(cfg: DictConfig, df: pd.DataFrame, kind: str, layer: int) -> str:
+    """summary.md: the site, k and the table of interventions (without the cosine row)."""
     table = io.summary_table(df[df.metric != "cosine_with_das"])
     return (
         f"# {cfg.experiment}\n\nmodel: {cfg.model.name}; site: {kind}, layer {layer}; "

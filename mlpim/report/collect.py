@@ -26,6 +26,7 @@ import yaml
 from mlpim import constants as C
 from mlpim.errors import MlpimError
 from mlpim.report import io
+from mlpim.report.status import job_records, read_status
 
 PLOT_METRICS = {"fldd": "FLDD", "iia": "IIA"}
 # Interventions that do not depend on the subspace dimension (averaged over `dim` in plots),
@@ -53,9 +54,10 @@ def metrics_files(multirun_dir: Path) -> list[Path]:
     if not multirun_dir.is_dir():
         raise CollectError(f"{multirun_dir} is not a directory")
     files = [
-        p for p in multirun_dir.rglob(C.METRICS)
+        p
+        for p in multirun_dir.rglob(C.METRICS)
         if not any(part.startswith(".") for part in p.relative_to(multirun_dir).parts)
-    ]  # fmt: skip
+    ]
     if not files:
         bad = incomplete_jobs(multirun_dir)
         jobs = "; ".join(f"{job}: {why}" for job, why in bad.items())
@@ -65,8 +67,6 @@ def metrics_files(multirun_dir: Path) -> list[Path]:
 
 def incomplete_jobs(multirun_dir: Path) -> dict[str, str]:
     """Jobs under `multirun_dir` without results: job -> why (its failure, or missing files)."""
-    from mlpim.sweep import job_records, read_status
-
     multirun_dir = Path(multirun_dir)
     out = {}
     for job, status in job_records(multirun_dir).items():  # jobs refused before they ran
@@ -195,8 +195,14 @@ def _plot_vs(rows: pd.DataFrame, x: str, title: str, xlabel: str) -> plt.Figure:
             stats = g.groupby(x).value.agg(["mean", "std"]).sort_index()
             std = stats["std"].fillna(0.0)
             (line,) = ax.plot(stats.index, stats["mean"], marker="o", label=label)
-            ax.fill_between(stats.index, stats["mean"] - std, stats["mean"] + std,
-                            color=line.get_color(), alpha=0.2, lw=0)  # fmt: skip
+            ax.fill_between(
+                stats.index,
+                stats["mean"] - std,
+                stats["mean"] + std,
+                color=line.get_color(),
+                alpha=0.2,
+                lw=0,
+            )
         ax.axhline(0, color="k", lw=0.8)
         ax.axhline(1, color="gray", lw=0.8, ls="--")
         ax.set(title=f"{name} (test)", xlabel=xlabel, ylabel=name)
@@ -247,6 +253,7 @@ def _collect(multirun_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
 
 
 def collect_cli(argv: list[str]) -> None:
+    """`mlpim collect DIR`: collect, summarize and plot a sweep; prints what it wrote."""
     parser = argparse.ArgumentParser(
         prog="mlpim collect", description="Gather a sweep's metrics.csv files into one table."
     )

@@ -15,9 +15,10 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from mlpim import constants as C
+from mlpim.analysis.rows import metric_rows
 from mlpim.files import atomic_write, save_torch, write_bytes
 
-__all__ = ["atomic_write", "save_torch", "write_bytes"]  # re-exported for the runners
+__all__ = ["atomic_write", "metric_rows", "save_torch", "write_bytes"]  # for the runners
 
 
 def tidy(rows: list[dict], cfg: DictConfig) -> pd.DataFrame:
@@ -29,20 +30,18 @@ def tidy(rows: list[dict], cfg: DictConfig) -> pd.DataFrame:
     return df[cols]
 
 
-def metric_rows(values: dict[str, float], **keys) -> list[dict]:
-    """{metric: value} -> tidy rows sharing `keys` (intervention, site, layer, split ...)."""
-    return [{**keys, "metric": m, "value": v} for m, v in values.items()]
-
-
 def write_config(cfg: DictConfig, run_dir: Path) -> Path:
+    """The resolved config as `run_dir/config.yaml`; returns its path."""
     return atomic_write(run_dir / C.RESOLVED_CONFIG, lambda p: OmegaConf.save(cfg, p, resolve=True))
 
 
 def write_metrics(df: pd.DataFrame, run_dir: Path) -> Path:
+    """The tidy metrics as `run_dir/metrics.csv`; returns its path."""
     return atomic_write(run_dir / C.METRICS, lambda p: df.to_csv(p, index=False))
 
 
 def write_text(text: str, run_dir: Path, name: str) -> Path:
+    """`text` as `run_dir/name`; returns its path."""
     return atomic_write(run_dir / name, lambda p: p.write_text(text))
 
 
@@ -52,6 +51,7 @@ def write_csv(df: pd.DataFrame, run_dir: Path, name: str) -> Path:
 
 
 def save_figure(fig: plt.Figure, run_dir: Path, name: str) -> Path:
+    """`fig` as a PNG at `run_dir/name` (then closed); returns its path."""
     try:
         return atomic_write(run_dir / name, lambda p: fig.savefig(p, dpi=130, bbox_inches="tight"))
     finally:

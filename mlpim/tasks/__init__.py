@@ -41,7 +41,7 @@ def task_splits(
         return _jsonl_splits(tokenizer, dataset, seed, n_ctx)
     if dataset.name == "facts":
         return _fact_splits(tokenizer, dataset, seed, predict, n_ctx)
-    from mlpim.engine.models import ConfigError
+    from mlpim.errors import ConfigError
 
     raise ConfigError(f"unknown dataset {dataset.name!r}; allowed: {', '.join(TASKS)}")
 
@@ -93,7 +93,10 @@ def task_vocabulary(dataset) -> list[str]:
     else:
         from mlpim.tasks.pairs import read_jsonl
 
-        texts = [t for p in read_jsonl(dataset.path)
-                 for t in (p.base, p.source, p.base_answer, p.source_answer)]  # fmt: skip
+        texts = [
+            t
+            for p in read_jsonl(dataset.path)
+            for t in (p.base, p.source, p.base_answer, p.source_answer)
+        ]
     words = [w for t in texts for w in re.findall(r"\w+|[^\w\s]", t)]
     return list(dict.fromkeys(words))

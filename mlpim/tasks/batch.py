@@ -39,6 +39,7 @@ class PromptBatch:
         return bool((self.pos == self.end).all())
 
     def to(self, device) -> PromptBatch:
+        """The same batch with its tensors on `device`."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: v.to(device) for k, v in moved.items() if torch.is_tensor(v)})
 
@@ -55,8 +56,13 @@ class PairBatch:
         return len(self.base)
 
     def to(self, device) -> PairBatch:
-        return replace(self, base=self.base.to(device), source=self.source.to(device),
-                       label=self.label.to(device))  # fmt: skip
+        """The same batch with its tensors on `device`."""
+        return replace(
+            self,
+            base=self.base.to(device),
+            source=self.source.to(device),
+            label=self.label.to(device),
+        )
 
 
 def left_pad(

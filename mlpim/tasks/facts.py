@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlpim.engine.models import ConfigError
+from mlpim.errors import ConfigError
 from mlpim.tasks.batch import PairBatch
 from mlpim.tasks.pairs import (
     Pair,
@@ -47,6 +47,7 @@ class Fact:
 
     @property
     def prompt(self) -> str:
+        """The template with the subject filled in."""
         return self.template.replace("{}", self.subject, 1)
 
 
@@ -76,8 +77,12 @@ def _fact(record: Any) -> Fact | str:
     template = record.get("template")
     if template is None and isinstance(record.get("prompt"), str) and subject:
         template = record["prompt"].replace(subject, "{}", 1)
-    fields = {"relation_id": relation, "subject": subject, "attribute": attribute,
-              "template": template}  # fmt: skip
+    fields = {
+        "relation_id": relation,
+        "subject": subject,
+        "attribute": attribute,
+        "template": template,
+    }
     missing = [k for k, v in fields.items() if not isinstance(v, str) or not v.strip()]
     if missing:
         return f"missing field(s) {missing}"
@@ -141,8 +146,12 @@ def one_token_facts(facts: Sequence[Fact], tokenizer) -> list[Fact]:
     kept = [f for f in facts if answer_problem(tokenizer, f.attribute) is None]
     if len(kept) < len(facts):
         dropped = sorted({f.attribute for f in facts} - {f.attribute for f in kept})
-        logger.warning("dropped %d of %d fact(s) whose attribute is not one token: %s",
-                       len(facts) - len(kept), len(facts), dropped)  # fmt: skip
+        logger.warning(
+            "dropped %d of %d fact(s) whose attribute is not one token: %s",
+            len(facts) - len(kept),
+            len(facts),
+            dropped,
+        )
     return kept
 
 
@@ -158,10 +167,22 @@ def split_facts(facts: Sequence[Fact], split: str, test_fraction: float, seed: i
 
 
 def _pair(base: Fact, source: Fact) -> Pair:
-    meta = {"relation": base.relation, "template": base.template, "subject": base.subject,
-            "source_subject": source.subject}  # fmt: skip
-    return Pair(base.prompt, source.prompt, base.attribute, source.attribute, position="span",
-                base_span=base.subject, source_span=source.subject, meta=meta)  # fmt: skip
+    meta = {
+        "relation": base.relation,
+        "template": base.template,
+        "subject": base.subject,
+        "source_subject": source.subject,
+    }
+    return Pair(
+        base.prompt,
+        source.prompt,
+        base.attribute,
+        source.attribute,
+        position="span",
+        base_span=base.subject,
+        source_span=source.subject,
+        meta=meta,
+    )
 
 
 def _group_pairs(group: list[Fact], rng: random.Random, per_fact: int) -> list[Pair]:
@@ -237,8 +258,16 @@ def fact_task(
             )
     encoded = {}
     for split, n in (("train", dataset.n_train_pairs), ("test", dataset.n_test_pairs)):
-        rows = fact_pairs(facts, tokenizer, bos_id(tokenizer), seed, split,
-                            dataset.test_fraction, dataset.pairs_per_fact, n)  # fmt: skip
+        rows = fact_pairs(
+            facts,
+            tokenizer,
+            bos_id(tokenizer),
+            seed,
+            split,
+            dataset.test_fraction,
+            dataset.pairs_per_fact,
+            n,
+        )
         encoded[split] = P.encode(
             rows, tokenizer, bos_id(tokenizer), drop_invalid=True, max_len=n_ctx
         )

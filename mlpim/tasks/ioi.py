@@ -52,10 +52,12 @@ class IOIBatch(PromptBatch):
 
     @property
     def io(self) -> Int[Tensor, " batch"]:
+        """The indirect object's token ids (the answer)."""
         return self.answer
 
     @property
     def s(self) -> Int[Tensor, " batch"]:
+        """The subject's token ids (the other name)."""
         return self.other
 
 
@@ -157,9 +159,15 @@ def _filtered(tokenizer, cfg, split: str) -> _Pools:
     totals = {k: len(v) for k, v in raw.items()} | {"templates": len(indices)}
     prefixes = [str(p) for p in cfg.prefixes] or [""]
     return _Pools(
-        kept["names"], kept["objects"], kept["places"], templates, totals, texts, prefixes,
+        kept["names"],
+        kept["objects"],
+        kept["places"],
+        templates,
+        totals,
+        texts,
+        prefixes,
         bool(cfg.get("share_names", True)),
-    )  # fmt: skip
+    )
 
 
 def _describe(pools: _Pools, split: str) -> str:
@@ -214,11 +222,16 @@ def _collate(rows: Sequence[_Row], pad_id: int) -> IOIBatch:
     tokens, mask, offset = left_pad([r.ids for r in rows], pad_id)
     shifted = {k: torch.tensor([getattr(r, k) for r in rows]) + offset for k in _POSITIONS}
     return IOIBatch(
-        tokens=tokens, mask=mask, pos=torch.full((len(rows),), tokens.shape[1] - 1),
-        answer=torch.tensor([r.io for r in rows]), other=torch.tensor([r.s for r in rows]),
-        **shifted, pattern=tuple(r.pattern for r in rows),
-        template=tuple(r.template for r in rows), text=tuple(r.text for r in rows),
-    )  # fmt: skip
+        tokens=tokens,
+        mask=mask,
+        pos=torch.full((len(rows),), tokens.shape[1] - 1),
+        answer=torch.tensor([r.io for r in rows]),
+        other=torch.tensor([r.s for r in rows]),
+        **shifted,
+        pattern=tuple(r.pattern for r in rows),
+        template=tuple(r.template for r in rows),
+        text=tuple(r.text for r in rows),
+    )
 
 
 def _draw_prompt(tokenizer, pools: _Pools, rng: random.Random, pattern: str) -> _Row | None:
@@ -295,9 +308,14 @@ def make_pairs(
 
 
 def _pairs_from(
-    tokenizer, cfg, pools: _Pools, split: str, combos: Sequence[tuple[str, str]],
-    n_per_combo: int, seed: int,
-) -> list[PairBatch]:  # fmt: skip
+    tokenizer,
+    cfg,
+    pools: _Pools,
+    split: str,
+    combos: Sequence[tuple[str, str]],
+    n_per_combo: int,
+    seed: int,
+) -> list[PairBatch]:
     rng = random.Random(seed)
     wanted = [combo for combo in combos for _ in range(n_per_combo)]
     drawn = [_draw_pair(tokenizer, pools, rng, b, s) for b, s in wanted]
@@ -320,8 +338,10 @@ def held_out_pairs(tokenizer, cfg, seed: int) -> dict[str, list[PairBatch]]:
     """ABB<->BAB pairs that hold out one thing at a time: "new templates" (test templates, train
     names, objects and places) and "new names" (test names, train templates, objects, places)."""
     train, test = _pools(tokenizer, cfg, "train"), _pools(tokenizer, cfg, "test")
-    mixed = {"new templates": replace(train, templates=test.templates),
-             "new names": replace(train, names=test.names)}  # fmt: skip
+    mixed = {
+        "new templates": replace(train, templates=test.templates),
+        "new names": replace(train, names=test.names),
+    }
     combos = [("ABB", "BAB"), ("BAB", "ABB")]
     n = cfg.n_test_pairs // 2
     return {k: _pairs_from(tokenizer, cfg, pools, k, combos, n, seed) for k, pools in mixed.items()}

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from mlpim.engine.models import ConfigError
+from mlpim.errors import ConfigError
 from mlpim.files import atomic_write
 from mlpim.tasks.batch import PairBatch, PromptBatch, left_pad
 
@@ -103,6 +103,7 @@ class TaskProblems:
         self.what, self.lines, self.kinds = what, [], []
 
     def add(self, where: str, message: str, kind: str = "invalid") -> None:
+        """Record one problem at `where`."""
         self.lines.append(f"{where}: {message}")
         self.kinds.append(kind)
 
@@ -115,6 +116,7 @@ class TaskProblems:
         return bool(self.lines)
 
     def message(self) -> str:
+        """All problems as one message (the first few lines, then a count)."""
         shown = self.lines[:MAX_LINES]
         more = len(self.lines) - len(shown)
         tail = [f"  ... and {more} more"] if more else []
@@ -122,6 +124,7 @@ class TaskProblems:
         return "\n".join([head, *(f"  {line}" for line in shown), *tail])
 
     def raise_if_any(self) -> None:
+        """Raise `ConfigError` with the message when there is a problem."""
         if self.lines:
             raise ConfigError(self.message())
 
@@ -144,13 +147,22 @@ def _record_problems(record: Any) -> list[str]:
     if position not in POSITIONS:
         return [*out, f"position {position!r} is not one of {POSITIONS}"]
     needs = {"span": ("base_span", "source_span"), "index": ("base_pos", "source_pos")}
-    out += [f"missing field {k!r} (position={position!r})" for k in needs.get(position, ())
-            if k not in record]  # fmt: skip
+    out += [
+        f"missing field {k!r} (position={position!r})"
+        for k in needs.get(position, ())
+        if k not in record
+    ]
     strings = [*REQUIRED, "base_span", "source_span", "label"]
-    out += [f"field {k!r} must be a string" for k in strings
-            if k in record and not isinstance(record[k], str)]  # fmt: skip
-    out += [f"field {k!r} must be an integer" for k in ("base_pos", "source_pos")
-            if k in record and (type(record[k]) is not int)]  # fmt: skip
+    out += [
+        f"field {k!r} must be a string"
+        for k in strings
+        if k in record and not isinstance(record[k], str)
+    ]
+    out += [
+        f"field {k!r} must be an integer"
+        for k in ("base_pos", "source_pos")
+        if k in record and (type(record[k]) is not int)
+    ]
     if "meta" in record and not isinstance(record["meta"], dict):
         out.append("field 'meta' must be an object")
     return out
@@ -251,8 +263,12 @@ def _position(
         return pos
     pos = getattr(pair, f"{side}_pos")
     if not 0 <= pos < len(ids):
-        problems.add(where, f"{side}_pos {pos} is outside the {side} prompt "
-                            f"({len(ids)} tokens with BOS, valid 0..{len(ids) - 1})", "position")  # fmt: skip
+        problems.add(
+            where,
+            f"{side}_pos {pos} is outside the {side} prompt "
+            f"({len(ids)} tokens with BOS, valid 0..{len(ids) - 1})",
+            "position",
+        )
         return None
     return pos
 
@@ -280,13 +296,23 @@ def _encode_one(
     pos = {s: _position(tokenizer, pair, s, ids[s], problems, where) for s in ids}
     if problems:
         return problems
-    base_a, source_a, label = (answer_tokens(tokenizer, w)[0] for w in
-                               (pair.base_answer, pair.source_answer, pair.label_word))  # fmt: skip
+    base_a, source_a, label = (
+        answer_tokens(tokenizer, w)[0]
+        for w in (pair.base_answer, pair.source_answer, pair.label_word)
+    )
     _meaningless(pair, ids, pos, base_a == source_a, problems, where)
     if problems:
         return problems
-    return EncodedPair(tuple(ids["base"]), tuple(ids["source"]), pos["base"], pos["source"],
-                       base_a, source_a, label, pair)  # fmt: skip
+    return EncodedPair(
+        tuple(ids["base"]),
+        tuple(ids["source"]),
+        pos["base"],
+        pos["source"],
+        base_a,
+        source_a,
+        label,
+        pair,
+    )
 
 
 def _meaningless(pair: Pair, ids: dict, pos: dict, same_answer: bool, problems, where) -> None:
@@ -308,8 +334,15 @@ def _meaningless(pair: Pair, ids: dict, pos: dict, same_answer: bool, problems, 
 
 
 def _key(e: EncodedPair) -> tuple:
-    return (e.base_ids, e.source_ids, e.base_pos, e.source_pos, e.base_answer, e.source_answer,
-            e.label)  # fmt: skip
+    return (
+        e.base_ids,
+        e.source_ids,
+        e.base_pos,
+        e.source_pos,
+        e.base_answer,
+        e.source_answer,
+        e.label,
+    )
 
 
 def encode(
@@ -381,8 +414,9 @@ def check_splits(
 
 def _prompts(ids, pos, answer, other, pad_id: int) -> PromptBatch:
     tokens, mask, offsets = left_pad(ids, pad_id)
-    return PromptBatch(tokens, mask, torch.tensor(pos) + offsets, torch.tensor(answer),
-                       torch.tensor(other))  # fmt: skip
+    return PromptBatch(
+        tokens, mask, torch.tensor(pos) + offsets, torch.tensor(answer), torch.tensor(other)
+    )
 
 
 def collate(encoded: Sequence[EncodedPair], pad_id: int) -> PairBatch:
@@ -392,10 +426,12 @@ def collate(encoded: Sequence[EncodedPair], pad_id: int) -> PairBatch:
     source its own vs the base's; `label` is the answer the patched base run should give.
     """
     b_ans, s_ans = [e.base_answer for e in encoded], [e.source_answer for e in encoded]
-    base = _prompts([e.base_ids for e in encoded], [e.base_pos for e in encoded], b_ans, s_ans,
-                    pad_id)  # fmt: skip
-    source = _prompts([e.source_ids for e in encoded], [e.source_pos for e in encoded], s_ans,
-                      b_ans, pad_id)  # fmt: skip
+    base = _prompts(
+        [e.base_ids for e in encoded], [e.base_pos for e in encoded], b_ans, s_ans, pad_id
+    )
+    source = _prompts(
+        [e.source_ids for e in encoded], [e.source_pos for e in encoded], s_ans, b_ans, pad_id
+    )
     return PairBatch(base, source, torch.tensor([e.label for e in encoded]))
 
 
