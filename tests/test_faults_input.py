@@ -29,27 +29,13 @@ def unit(d: int = 128) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
+SUFFIX = {"npy_as_pt": ".pt", "npz": ".npz", "text": ".pt", "empty": ".pt", "pickle": ".pt"}
+SUFFIX |= {"nan_subspace": ".pt"}  # every other probe is a .npy file
+
+
 def make(tmp_path: Path, name: str) -> Path:
     """A direction file of the kind `name` (each a probe of the issue)."""
-    path = (
-        tmp_path
-        / {
-            "nan": "d.npy",
-            "inf": "d.npy",
-            "zero": "d.npy",
-            "tiny_norm": "d.npy",
-            "object": "d.npy",
-            "strings": "d.npy",
-            "torch_as_npy": "d.npy",
-            "npy_as_pt": "d.pt",
-            "npz": "d.npz",
-            "text": "d.pt",
-            "empty": "d.pt",
-            "pickle": "d.pt",
-            "nan_subspace": "d.pt",
-            "matrix3d": "d.npy",
-        }[name]
-    )
+    path = tmp_path / f"d{SUFFIX.get(name, '.npy')}"
     v = unit()
     if name in ("nan", "inf"):
         v[5] = np.nan if name == "nan" else np.inf
@@ -149,7 +135,9 @@ def test_no_effect_gets_no_verdict_on_the_checks():
         illusion.effect_check(0.001),
         illusion.component_check(0.001, 0.5),
         illusion.dormant_check(5.0),
-        illusion.Check("random_mlp", 0.0, 0.0, False, "r", spread=1.0),  # borderline
+        illusion.Check(
+            name="random_mlp", value=0.0, threshold=0.0, warning=False, rule="r", spread=1.0
+        ),  # borderline
     ]
     n, label = illusion.verdict(checks)
     assert n == 1 and label == "no effect to explain (FLDD 0.001 below the gate 0.200)"

@@ -95,7 +95,7 @@ def draw_random_mlp(d: int, m: int, act: str, centered: bool, seed: int) -> Rand
     gen = torch.Generator().manual_seed(seed)
     w1, b1 = _uniform((d, m), d, gen), _uniform((m,), d, gen)
     w2, b2 = _uniform((m, d), m, gen), _uniform((d,), m, gen)
-    return RandomMLP(w1, b1, w2, b2, act, centered)
+    return RandomMLP(w1=w1, b1=b1, w2=w2, b2=b2, act=act, centered=centered)
 
 
 def mean_norm(x: Float[Tensor, "n d"]) -> float:

@@ -133,7 +133,8 @@ def probe(tokenizer, pair: Pair, facts: list[Fact], n: int, rng: random.Random) 
     answer = torch.tensor([first(pair.base_answer), *(first(f.attribute) for f in chosen)])
     other = torch.full_like(answer, first(pair.source_answer))
     end = torch.full((len(rows),), tokens.shape[1] - 1)
-    return Probe(PromptBatch(tokens, mask, end, answer, other), first(pair.label_word))
+    batch = PromptBatch(tokens=tokens, mask=mask, pos=end, answer=answer, other=other)
+    return Probe(batch, first(pair.label_word))
 
 
 @dataclass

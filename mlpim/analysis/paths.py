@@ -86,7 +86,7 @@ def trace(model, state: fastpath.EndState, h: Float[Tensor, "b d"], start: int) 
         mid = h + fastpath.attn_out_from_z(model, i, zs[i])
         outs[i] = mlp_out(model, i, mid)
         h = mid + outs[i]
-    return EndTrace(start, pre, zs, outs, h)
+    return EndTrace(start=start, resid_pre=pre, z=zs, mlp_out=outs, final=h)
 
 
 def site_resid(model, clean: EndTrace, kind: str, layer: int, act: Tensor) -> Float[Tensor, "b d"]:

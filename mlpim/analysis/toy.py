@@ -116,13 +116,13 @@ def patch(model: ToyModel, direction: Tensor, base_x: float, source_x: float) ->
     hb, hs = model.hidden(xb), model.hidden(xs)
     after = subspace_patch(hb, hs, as_basis(direction))
     return Patch(
-        base_x,
-        source_x,
-        hb[0],
-        after[0],
-        model(xb).item(),
-        model.readout(after).item(),
-        model(xs).item(),
+        base_x=base_x,
+        source_x=source_x,
+        hidden_before=hb[0],
+        hidden_after=after[0],
+        output_before=model(xb).item(),
+        output_after=model.readout(after).item(),
+        source_output=model(xs).item(),
     )
 
 
@@ -327,11 +327,11 @@ def das_result(model: ToyModel, basis: Tensor, seed: int = -1, tol: float = 0.05
         for b, s in FLIP_PAIRS
     ]
     return DASResult(
-        seed,
-        basis,
-        ((out - target) ** 2).mean().item(),
-        ((out - target).abs() < tol).double().mean().item(),
-        sum(flips) / len(flips),
+        seed=seed,
+        basis=basis,
+        loss=((out - target) ** 2).mean().item(),
+        iia=((out - target).abs() < tol).double().mean().item(),
+        flip_rate=sum(flips) / len(flips),
     )
 
 
@@ -441,7 +441,14 @@ def higher_dim(k: int, extra: int = 0) -> HigherDim:
     w_in[irr] = 1.0
     w_out[dor] = 2.0 / k
     illusory = (eye[:, irr] + eye[:, dor]) / math.sqrt(2)
-    return HigherDim(ToyModel(w_in, w_out), k, eye[:, :1], eye[:, irr], eye[:, dor], illusory)
+    return HigherDim(
+        model=ToyModel(w_in, w_out),
+        k=k,
+        real=eye[:, :1],
+        irrelevant=eye[:, irr],
+        dormant=eye[:, dor],
+        illusory=illusory,
+    )
 
 
 def higher_dim_measures(hd: HigherDim) -> pd.DataFrame:

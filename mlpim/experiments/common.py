@@ -61,7 +61,8 @@ def predictor(model, batch_size: int = 32):
             rows = [[bos_id(tok), *tok(t, add_special_tokens=False).input_ids] for t in chunk]
             tokens, mask, _ = left_pad(rows, pad_id(tok))
             end = torch.full((len(rows),), tokens.shape[1] - 1)
-            batch = PromptBatch(tokens, mask, end, end, end).to(model.cfg.device)
+            batch = PromptBatch(tokens=tokens, mask=mask, pos=end, answer=end, other=end)
+            batch = batch.to(model.cfg.device)
             with torch.no_grad():
                 out += logits_end(model, batch).argmax(-1).tolist()
         return out

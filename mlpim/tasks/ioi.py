@@ -137,7 +137,17 @@ def _encode(tokenizer, text: str, pattern: str, names: Sequence[str], template: 
     in_order = s1 < io_pos < s2 if s1_position(pattern) == 0 else io_pos < s1
     if not in_order:
         return None
-    return _Row(ids, io_ids[0], s_ids[0], io_pos, s1, s2, pattern, template, text)
+    return _Row(
+        ids=ids,
+        io=io_ids[0],
+        s=s_ids[0],
+        io_pos=io_pos,
+        s1_pos=s1,
+        s2_pos=s2,
+        pattern=pattern,
+        template=template,
+        text=text,
+    )
 
 
 def _template_ok(tokenizer, texts: list[str], template: int, names: list[str], obj, place) -> bool:
@@ -159,14 +169,14 @@ def _filtered(tokenizer, cfg, split: str) -> _Pools:
     totals = {k: len(v) for k, v in raw.items()} | {"templates": len(indices)}
     prefixes = [str(p) for p in cfg.prefixes] or [""]
     return _Pools(
-        kept["names"],
-        kept["objects"],
-        kept["places"],
-        templates,
-        totals,
-        texts,
-        prefixes,
-        bool(cfg.get("share_names", True)),
+        names=kept["names"],
+        objects=kept["objects"],
+        places=kept["places"],
+        templates=templates,
+        totals=totals,
+        texts=texts,
+        prefixes=prefixes,
+        share_names=bool(cfg.get("share_names", True)),
     )
 
 

@@ -304,14 +304,14 @@ def _encode_one(
     if problems:
         return problems
     return EncodedPair(
-        tuple(ids["base"]),
-        tuple(ids["source"]),
-        pos["base"],
-        pos["source"],
-        base_a,
-        source_a,
-        label,
-        pair,
+        base_ids=tuple(ids["base"]),
+        source_ids=tuple(ids["source"]),
+        base_pos=pos["base"],
+        source_pos=pos["source"],
+        base_answer=base_a,
+        source_answer=source_a,
+        label=label,
+        pair=pair,
     )
 
 
@@ -415,7 +415,11 @@ def check_splits(
 def _prompts(ids, pos, answer, other, pad_id: int) -> PromptBatch:
     tokens, mask, offsets = left_pad(ids, pad_id)
     return PromptBatch(
-        tokens, mask, torch.tensor(pos) + offsets, torch.tensor(answer), torch.tensor(other)
+        tokens=tokens,
+        mask=mask,
+        pos=torch.tensor(pos) + offsets,
+        answer=torch.tensor(answer),
+        other=torch.tensor(other),
     )
 
 
