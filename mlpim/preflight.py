@@ -153,14 +153,13 @@ def check_device(cfg: DictConfig) -> None:
 
 def check_model_file(cfg: DictConfig) -> None:
     """A GGUF model file exists and is a GGUF file (a GGUF without its file is refused)."""
-    from mlpim.engine.models import gguf_path
-    from mlpim.experiments.common import model_spec
+    from mlpim.engine.models import ModelSpec, gguf_path
 
     if "model" in (cfg.get("ignores") or []) or cfg.model.source != "gguf":
         return
     if OmegaConf.is_missing(cfg.model, "file"):
         raise MlpimError("model=gguf needs the file: model.file=/path/to/model.gguf")
-    gguf_path(model_spec(cfg))
+    gguf_path(ModelSpec.from_mapping(OmegaConf.to_container(cfg.model, resolve=True)))
 
 
 def check_task_file(cfg: DictConfig) -> None:

@@ -6,7 +6,7 @@ import hashlib
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -46,6 +46,11 @@ class ModelSpec:
     refactor_factored_attn_matrices: bool = False
     dtype: str = "float32"
     tiny: dict[str, int] = field(default_factory=dict)  # sizes of the random tiny model
+
+    @classmethod
+    def from_mapping(cls, data: dict) -> ModelSpec:
+        """The spec of a plain mapping (a model config as a dict); keys it does not use ignored."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def resolve_device(name: str) -> str:

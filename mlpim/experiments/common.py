@@ -3,7 +3,6 @@ config, and DAS directions loaded or trained (a trained one is saved in the run 
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -27,8 +26,7 @@ from mlpim.tasks.ioi import held_out_pairs
 
 def model_spec(cfg: DictConfig) -> ModelSpec:
     """The config's `model.*` as the engine's `ModelSpec` (plain values)."""
-    data = OmegaConf.to_container(cfg.model, resolve=True)
-    return ModelSpec(**{f.name: data[f.name] for f in fields(ModelSpec) if f.name in data})
+    return ModelSpec.from_mapping(OmegaConf.to_container(cfg.model, resolve=True))
 
 
 def das_settings(cfg: DictConfig, **changes) -> DasSettings:
