@@ -9,7 +9,8 @@ run) or of other code (mlpim's files changed) is refused before any work: choose
 or delete it. Directions are reused: the residual and MLP DAS directions trained by the first
 steps are passed to every later analysis; a finished step whose input direction has changed since
 (its upstream step re-ran) is re-run, its old results moved to `superseded/<step>-<time>/`. The
-report puts each number of the paper (GPT-2 small) next to the measured one.
+report puts each number of the paper (GPT-2 small) next to the measured one. An `extra.*`
+override goes to the steps whose experiment has that option (one no step has is refused).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import matplotlib
 import pandas as pd
 
 from mlpim import constants as C
-from mlpim.config import CONF_DIR, compose
+from mlpim.config import CONF_DIR, compose, experiment_runners
 from mlpim.errors import MlpimError
+from mlpim.experiments.options import OPTIONS, option_names
 from mlpim.identity import input_hashes
+from mlpim.preflight import override_key
 from mlpim.report.io import markdown_table
 from mlpim.run import RunDirError, check_run_dir, read_done, run
 
@@ -198,16 +201,37 @@ def collect_figures(out: Path) -> None:
             shutil.copy(png, figs / f"{png.parent.name}__{png.name}")
 
 
+def option_of(override: str) -> str | None:
+    """The option an `extra.*` override sets (`++extra.chunk_len=32` -> chunk_len), else None."""
+    key = override_key(override)
+    return key.removeprefix("extra.") if key.startswith("extra.") else None
+
+
+def for_step(experiment: str, overrides: list[str]) -> list[str]:
+    """The overrides that apply to `experiment`: an `extra.*` one only where it is an option."""
+    options = option_names(OPTIONS[experiment_runners()[experiment]])
+    return [o for o in overrides if option_of(o) in (None, *options)]
+
+
+def check_options_taken(experiments: list[str], overrides: list[str]) -> None:
+    """Refuse an `extra.*` override that none of the steps' experiments has (a typo)."""
+    taken = {o for e in experiments for o in for_step(e, overrides)}
+    unused = [o for o in overrides if o not in taken]
+    if unused:
+        raise MlpimError(f"no step of this report takes {', '.join(unused)}")
+
+
 def plan(out: Path, only: set[str], overrides: list[str]) -> list[tuple[str, object]]:
     """(step, composed config) of the steps to run; refuses, before any work, when a step's
-    directory holds a run of another config."""
+    directory holds a run of another config. An `extra.*` override goes to the steps whose
+    experiment has that option."""
     available = {p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")}
+    todo = [s for s in STEPS if (not only or s[0] in only) and s[1] in available]
+    check_options_taken([experiment for _, experiment, _ in todo], overrides)
     steps, refused = [], []
-    for name, experiment, extra in STEPS:
-        if (only and name not in only) or experiment not in available:
-            continue
-        step = [f"experiment={experiment}", *(o.format(out=out) for o in extra), *overrides]
-        cfg = compose(step)
+    for name, experiment, extra in todo:
+        own = [o.format(out=out) for o in extra]
+        cfg = compose([f"experiment={experiment}", *own, *for_step(experiment, overrides)])
         try:
             check_run_dir(cfg, out / name)
         except RunDirError as e:
@@ -248,7 +272,7 @@ def main(argv: list[str]) -> None:
     args, overrides = parser.parse_known_args(argv)
     matplotlib.use("Agg")
     try:
-        model = compose(overrides).model.name
+        model = compose([o for o in overrides if option_of(o) is None]).model.name
         out = Path(args.out or f"outputs/paper/{model}")
         steps = plan(out, set(filter(None, args.only.split(","))), overrides)
     except MlpimError as e:

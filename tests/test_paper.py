@@ -73,3 +73,17 @@ def test_whole_paper_on_the_gpt2_code_path(tmp_path, gpt2_dir):
     missing = {q for q, _, _, _ in paper.COMPARE if measured.get(q, "n/a") == "n/a"}
     # every compared quantity was measured, except what a 64-neuron MLP cannot have
     assert missing == {"neuron budget: FLDD with the first 128 neurons"}
+
+
+def test_extra_overrides_go_to_the_steps_that_take_them(tmp_path):
+    from mlpim.errors import MlpimError
+
+    paper = _paper()
+    overrides = ["++extra.chunk_len=32", "extra.known_only=false", "method.epochs=1"]
+    assert paper.for_step("mlp_recovery", overrides) == ["++extra.chunk_len=32", "method.epochs=1"]
+    assert paper.for_step("fact_editing", overrides) == overrides
+    assert paper.for_step("ioi_baseline", overrides) == ["method.epochs=1"]
+    with pytest.raises(MlpimError, match="no step of this report takes extra.n_randm=5"):
+        paper.plan(tmp_path, {"ioi_baseline", "ioi_locate"}, ["extra.n_randm=5"])
+    with pytest.raises(MlpimError, match="takes extra.chunk_len=32"):  # not in these steps
+        paper.plan(tmp_path, {"ioi_baseline"}, ["extra.chunk_len=32"])
