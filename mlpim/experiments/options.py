@@ -64,6 +64,7 @@ class IoiNeuronBudgetOptions:
 class IoiDormantOptions:
     """ioi_dormant's options (`conf/experiment/ioi_dormant.yaml`)."""
 
+    # where v_true lives (resid_post): an interpolation, resolved when composed
     resid_layer: int | None = "${model.landmarks.handover_layer}"  # type: ignore[assignment]
     resid_direction: str | None = None  # saved v_true (resid_post at resid_layer); None: train
     n_per_combo: int = 50  # pairs per (base, source) combo
