@@ -35,22 +35,15 @@ def classification_section(standard: pd.DataFrame, rotated: pd.DataFrame) -> str
     )
 
 
-def plot(model: toy.ToyModel, seeds: pd.DataFrame, hd: pd.DataFrame, run_dir: Path) -> None:
-    """(a) hidden activations before/after the e1 and v patches; (b) DAS solutions' |cos e1|
-    per seed; (c) output after each patch in the k-dim construction."""
-    fig = plt.figure(figsize=(17, 4.8))
-    ax = fig.add_subplot(1, 3, 1, projection="3d")
+def _hidden_panel(ax, model: toy.ToyModel) -> None:
+    """The data's hidden activations and where the e1 and v patches move them (3-D)."""
     data = model.hidden(toy.vec(*toy.XS))
     ax.scatter(*data.T.tolist(), c="k", s=50, label="data h(x), x = ±1")
     for name, color in (("e1", "tab:blue"), ("v_illusory", "tab:red")):
         for i, p in enumerate(toy.patch_pairs(model, toy.post_directions()[name])):
             (a, b) = p.hidden_before.tolist(), p.hidden_after.tolist()
-            ax.quiver(
-                *a,
-                *(y - x for x, y in zip(a, b, strict=True)),
-                color=color,
-                arrow_length_ratio=0.15,
-            )
+            step = [y - x for x, y in zip(a, b, strict=True)]
+            ax.quiver(*a, *step, color=color, arrow_length_ratio=0.15)
             ax.scatter(*b, c=color, s=40, label=f"after patch along {name}" if i == 0 else None)
     ax.set(
         xlabel="e1 (real)",
@@ -60,7 +53,9 @@ def plot(model: toy.ToyModel, seeds: pd.DataFrame, hd: pd.DataFrame, run_dir: Pa
     )
     ax.legend(fontsize=7, loc="upper left")
 
-    ax = fig.add_subplot(1, 3, 2)
+
+def _seeds_panel(ax, seeds: pd.DataFrame) -> None:
+    """|cos(u, e1)| of every DAS restart, sorted, coloured by what it landed on."""
     s = seeds.sort_values("abs_cos_e1").reset_index(drop=True)
     ax.bar(s.index, s.abs_cos_e1, color=[CATEGORY_COLORS[c] for c in s.category])
     ax.axhline(0.9, ls="--", c="k", lw=0.8)
@@ -76,7 +71,9 @@ def plot(model: toy.ToyModel, seeds: pd.DataFrame, hd: pd.DataFrame, run_dir: Pa
     )
     ax.legend(fontsize=8)
 
-    ax = fig.add_subplot(1, 3, 3)
+
+def _higher_dim_panel(ax, hd: pd.DataFrame) -> None:
+    """The output after each patch in the k-dim construction, per k."""
     wide = hd.pivot_table(index="intervention", columns="k", values="output_after", sort=False)
     wide.plot.bar(ax=ax, rot=20)
     ax.axhline(0, c="k", lw=0.6)
@@ -86,5 +83,14 @@ def plot(model: toy.ToyModel, seeds: pd.DataFrame, hd: pd.DataFrame, run_dir: Pa
         title="k irrelevant + k dormant + 1 real neuron",
     )
     ax.legend(title="k", fontsize=8)
+
+
+def plot(model: toy.ToyModel, seeds: pd.DataFrame, hd: pd.DataFrame, run_dir: Path) -> None:
+    """(a) hidden activations before/after the e1 and v patches; (b) DAS solutions' |cos e1|
+    per seed; (c) output after each patch in the k-dim construction."""
+    fig = plt.figure(figsize=(17, 4.8))
+    _hidden_panel(fig.add_subplot(1, 3, 1, projection="3d"), model)
+    _seeds_panel(fig.add_subplot(1, 3, 2), seeds)
+    _higher_dim_panel(fig.add_subplot(1, 3, 3), hd)
     fig.tight_layout()
     io.save_figure(fig, run_dir, "toy_illusion.png")
