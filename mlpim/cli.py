@@ -1,7 +1,9 @@
-"""Command line: `mlpim run [-m] [overrides]`, `mlpim list`, `mlpim collect DIR`."""
+"""Command line: `mlpim run [-m] [overrides]`, `mlpim check DIRECTION [overrides]`, `mlpim list`,
+`mlpim collect DIR`."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from mlpim.config import CONF_DIR, register_configs
 from mlpim.errors import MlpimError
 
 USAGE = """usage: mlpim run [-m] [hydra overrides ...]   run an experiment (sweep with -m)
+       mlpim check [-m] DIRECTION [overrides ...] is this direction an illusion? (--help: formats)
        mlpim list                                list experiments, models, sites, methods
        mlpim collect MULTIRUN_DIR                gather a sweep's metrics into one table + plots
 Examples:
@@ -17,6 +20,58 @@ Examples:
   mlpim run experiment=ioi_baseline model=gpt2-small model.path=/models/gpt2
   mlpim run -m experiment=ioi_mlp8_das site.layer=range(14,22,2) method.dim=1,2,4 seed=0,1
   mlpim run --cfg job experiment=ioi_locate        # print the composed config"""
+
+
+CHECK_USAGE = """usage: mlpim check [-m] DIRECTION [hydra overrides ...]
+Runs illusion_check on a direction saved by mlpim or another tool, prints the verdict table and
+where the report is: the same as `mlpim run experiment=illusion_check direction=DIRECTION ...`
+(same run directory, locking, errors and exit codes). The task and model are given as usual
+(dataset=..., model=...). The format is told from the file's contents (docs/bring-your-own.md).
+Examples, one per format:
+  mlpim check outputs/ioi_mlp8_das/RUN/subspace.pt                 # mlpim's own direction
+  mlpim check v.npy direction_site=mlp_post direction_layer=20       # a .npy (or .pt) vector
+  mlpim check my_pyvene_dir                                         # pyvene IntervenableModel.save
+  mlpim check my_pyvene_dir direction_key=0                         # ... one of several interventions
+  mlpim check my_sae_dir direction_feature=123                      # SAELens folder: a W_dec row
+  mlpim check rotation.safetensors direction_site=resid_post direction_layer=20 direction_columns=0
+                                                                    # causalab (k-dim: one column)
+  mlpim check dirs.safetensors direction_key=v direction_site=mlp_post direction_layer=20
+  mlpim check dirs.npz direction_key=v direction_site=mlp_post direction_layer=20
+  mlpim check my_sae_dir direction_feature=123 dataset=mib dataset.path=ioi_mib.jsonl \\
+      dataset.counterfactual=s2_io_flip                             # a MIB-style task
+  mlpim check v.npy direction_site=mlp_post direction_layer=20 dataset=pairs \\
+      dataset.path=task.jsonl dataset.invalid=drop dataset.keep=known   # your own pairs
+The checks are 1-D: a k-dim subspace is refused unless one column is chosen
+(direction_columns=N); check every column with a sweep: mlpim check -m DIR direction_columns=range(k)"""
+SAFE_VALUE = re.compile(r"[\w./~+@-]+")  # a path Hydra's override grammar takes unquoted
+
+
+def check_command(argv: list[str]) -> None:
+    """`mlpim check [-m] DIRECTION [overrides]`: `mlpim run experiment=illusion_check
+    direction=DIRECTION [overrides]`, nothing more."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(CHECK_USAGE)
+        return
+    sweep = [a for a in argv if a in ("-m", "--multirun")]
+    args = [a for a in argv if a not in sweep]
+    if not args or "=" in args[0] or args[0].startswith("-"):
+        _usage_error("mlpim check needs the direction first: mlpim check DIRECTION [overrides]")
+    direction, overrides = args[0], args[1:]
+    own = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("experiment", "direction")]
+    if own:
+        _usage_error(f"mlpim check sets experiment and direction itself; drop {', '.join(own)}")
+    value = direction if SAFE_VALUE.fullmatch(direction) else _quoted(direction)
+    _hydra_main([*sweep, "experiment=illusion_check", f"direction={value}", *overrides])
+
+
+def _quoted(value: str) -> str:
+    """A value in Hydra's single quotes (backslashes and quotes escaped)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _usage_error(message: str) -> None:
+    print(f"mlpim: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _hydra_main(argv: list[str]) -> None:
@@ -93,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     _use_agg()
     if cmd == "run":
         _hydra_main(rest)
+    elif cmd == "check":
+        check_command(rest)
     elif cmd == "list":
         print(list_options())
     elif cmd == "collect":

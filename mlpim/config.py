@@ -54,10 +54,15 @@ class MethodConfig:
 @dataclass
 class DatasetConfig:
     """The task: IOI's prompt distribution (`conf/dataset/ioi.yaml` documents each key), or
-    pairs from a file (`dataset=pairs`, `dataset=facts`: `conf/dataset/*.yaml`)."""
+    pairs from a file (`dataset=pairs`, `dataset=mib`, `dataset=facts`: `conf/dataset/*.yaml`)."""
 
     name: str = MISSING
-    path: str | None = None  # pairs: the JSONL file; facts: the bundled set, or a ROME file
+    path: str | None = None  # pairs: the JSONL file; mib: JSONL or save_to_disk folder; facts:
+    # the bundled set, or a ROME file
+    counterfactual: str | None = None  # mib: the <type>_counterfactual column (None: the only one)
+    split: str | None = None  # mib: the split of a save_to_disk DatasetDict
+    invalid: str = "error"  # pairs/mib: error | drop (invalid pairs dropped, counted by reason)
+    keep: str = "all"  # pairs/mib: all | known (pairs whose answers the model predicts)
     test_fraction: float = 0.5  # pairs/facts: share of groups (subjects) held out for test
     pairs_per_fact: int = 1  # facts: source facts drawn per base fact
     relations: list[str] = field(default_factory=list)  # facts: keep only these (all if empty)
@@ -98,9 +103,15 @@ class Config:
     runner: str = MISSING
     seed: int = 0
     device: str = "auto"
-    direction: str | None = None  # a saved subspace (.pt), or a plain tensor file (.pt/.npy)
-    direction_site: str | None = None  # site kind of a plain tensor direction
-    direction_layer: int | None = None  # layer of a plain tensor direction
+    # a direction to load: mlpim's subspace.pt, a tensor file (.pt/.npy/.npz/.safetensors), a
+    # causalab rotation.safetensors, a pyvene or SAELens folder (docs/bring-your-own.md)
+    direction: str | None = None
+    direction_site: str | None = None  # site kind, for a file that does not say it
+    direction_layer: int | None = None  # layer, for a file that does not say it
+    direction_key: str | None = None  # the tensor of a file with several; a pyvene intervention
+    direction_feature: Any = None  # SAELens: the feature (row of W_dec), or a list of them
+    direction_columns: Any = None  # column(s) of a d×k basis or rotation to keep
+    direction_rows: Any = None  # row(s) of a matrix that stores its vectors in rows
     model: ModelConfig = field(default_factory=ModelConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     method: MethodConfig = field(default_factory=MethodConfig)

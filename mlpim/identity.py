@@ -105,9 +105,16 @@ def input_files(cfg: DictConfig | dict) -> dict[str, Path]:
 
 
 def file_sha256(path: Path) -> str | None:
-    """SHA-256 of a file's content (read each time: never a stale hash); None when it does not
-    exist."""
+    """SHA-256 of a file's content, or of a folder's files (names and contents: a pyvene or
+    SAELens direction, a saved dataset), read each time: never a stale hash; None when it does
+    not exist."""
     path = Path(path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            h.update(p.relative_to(path).as_posix().encode() + b"\0")
+            h.update(bytes.fromhex(file_sha256(p)))
+        return h.hexdigest()
     if not path.is_file():
         return None
     h = hashlib.sha256()

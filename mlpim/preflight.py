@@ -18,7 +18,7 @@ from typing import get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
-from mlpim.errors import MlpimError
+from mlpim.errors import ConfigError, MlpimError
 
 
 def override_key(override: str) -> str:
@@ -38,18 +38,90 @@ def ignored_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
     return out
 
 
-def check_direction_file(
-    key: str, path: str | None, site: str | None = None, layer: int | None = None
-) -> None:
-    """A direction file is readable as what it is named, and holds a meaningful direction."""
-    from mlpim.engine.subspace import load_subspace
+ONE_D = ("illusion_check",)  # runners whose checks take one direction, not a subspace
 
+
+def direction_options(cfg: DictConfig) -> dict:
+    """The config's `direction_<option>=` values (key, feature, columns, rows), None if unset."""
+    from mlpim.engine.subspace import OPTION_NAMES
+
+    return {o: cfg.get(f"direction_{o}") for o in OPTION_NAMES}
+
+
+def check_direction_file(
+    key: str,
+    path: str | None,
+    site: str | None = None,
+    layer: int | None = None,
+    options: dict | None = None,
+    cfg: DictConfig | None = None,
+) -> None:
+    """A direction file or folder is readable as what it is and holds a meaningful direction;
+    the site and layer it states agree with `site`/`layer` given for it; with `cfg`, it fits
+    the model's declared sizes and, for a 1-D check (`ONE_D`), is one direction."""
     if not path:
         return
+    from mlpim.engine.subspace import load_subspace
+
     try:
-        load_subspace(path, site, layer)
+        rec = load_subspace(path, **(options or {}))["reader"]
+        rec = _given_site(rec, site, layer)
+        if cfg is not None:
+            _fits_declared(rec, cfg)
     except MlpimError as e:
-        raise MlpimError(f"{key}={e}") from None
+        raise ConfigError(f"{key}={e}") from None
+
+
+def _given_site(rec, site: str | None, layer: int | None):
+    """The record with the given site/layer where the file does not say them; a file that says
+    other ones is refused."""
+    from dataclasses import replace
+
+    for name, found, given in (("site", rec.site, site), ("layer", rec.layer, layer)):
+        if found is not None and given is not None and found != given:
+            raise MlpimError(
+                f"{rec.path} says {name} {found!r} ({rec.describe()}), but direction_{name}="
+                f"{given}; drop direction_{name}="
+            )
+    return replace(rec, site=rec.site or site, layer=rec.layer if rec.layer is not None else layer)
+
+
+def _fits_declared(rec, cfg: DictConfig) -> None:
+    """The checks of `readers.check_fits` that need no model: a z direction, a layer or width
+    that the model config's sizes rule out, a subspace given to a 1-D check."""
+    from mlpim.engine.readers.record import Z_REFUSAL
+
+    if rec.site == "z":
+        raise MlpimError(f"{rec.path}: {Z_REFUSAL}")
+    sizes = model_sizes(cfg)
+    n_layers, width = (
+        sizes.get("n_layers"),
+        sizes.get("d_mlp" if rec.site == "mlp_post" else "d_model"),
+    )
+    if rec.layer is not None and n_layers and not 0 <= rec.layer < n_layers:
+        raise MlpimError(
+            f"{rec.path} ({rec.describe()}): layer {rec.layer} is outside {cfg.model.name} "
+            f"(layers 0..{n_layers - 1})"
+        )
+    if rec.site is not None and width and rec.width != width:
+        raise MlpimError(
+            f"{rec.path} ({rec.describe()}): width {rec.width}, but {rec.site} of "
+            f"{cfg.model.name} is {width}"
+        )
+    if cfg.get("runner") in ONE_D and rec.k > 1:
+        raise MlpimError(
+            f"{rec.path} holds a {rec.k}-D subspace ({rec.describe()}); "
+            f"{cfg.experiment}'s checks are 1-D: check one column with direction_columns=N "
+            f"(0..{rec.k - 1}), or each in a sweep: mlpim check -m {rec.path} "
+            f"direction_columns=range({rec.k})"
+        )
+
+
+def check_direction_options(cfg: DictConfig) -> None:
+    """`direction_key=` and the like only say how to read `direction=`: refused without it."""
+    given = [f"direction_{o}" for o, v in direction_options(cfg).items() if v is not None]
+    if given and not cfg.get("direction"):
+        raise MlpimError(f"{', '.join(given)} given without direction=: they say how to read it")
 
 
 def model_sizes(cfg: DictConfig) -> dict:
@@ -162,18 +234,43 @@ def check_model_file(cfg: DictConfig) -> None:
     gguf_path(ModelSpec.from_mapping(OmegaConf.to_container(cfg.model, resolve=True)))
 
 
+TASK_CHOICES = {"invalid": ("error", "drop"), "keep": ("all", "known")}
+
+
 def check_task_file(cfg: DictConfig) -> None:
-    """`dataset.path` of a task read from a file: given (pairs), and a readable file."""
-    if "dataset" in (cfg.get("ignores") or []) or cfg.dataset.name not in ("pairs", "facts"):
+    """`dataset.path` of a task read from a file: given (pairs, mib), and readable (a file; a
+    mib task may be a save_to_disk folder); dataset.invalid/keep: allowed values, and only for
+    the tasks read from a user's file."""
+    if "dataset" in (cfg.get("ignores") or []):
         return
-    if OmegaConf.is_missing(cfg.dataset, "path") or (
-        cfg.dataset.name == "pairs" and not cfg.dataset.path
-    ):
-        raise MlpimError("dataset=pairs needs the task file: dataset.path=/path/to/task.jsonl")
+    check_task_choices(cfg.dataset)
+    name = cfg.dataset.name
+    if name not in ("pairs", "facts", "mib"):
+        return
+    if OmegaConf.is_missing(cfg.dataset, "path") or (name != "facts" and not cfg.dataset.path):
+        what = "task file" if name == "pairs" else "MIB rows (a JSONL file or save_to_disk folder)"
+        raise MlpimError(f"dataset={name} needs the {what}: dataset.path=/path/to/task.jsonl")
     path = cfg.dataset.path
-    if path and not Path(path).is_file():
-        what = "a directory" if Path(path).is_dir() else "no such file"
-        raise MlpimError(f"dataset.path={path}: {what}; give a JSONL file of pairs (README)")
+    if not path or Path(path).is_file() or (name == "mib" and Path(path).is_dir()):
+        return
+    what = "a directory" if Path(path).is_dir() else "no such file"
+    raise MlpimError(f"dataset.path={path}: {what}; give a JSONL file of pairs (docs/tasks.md)")
+
+
+def check_task_choices(dataset: DictConfig) -> None:
+    """dataset.invalid and dataset.keep name an allowed value, and are only changed for the
+    tasks read from a user's file (pairs, mib)."""
+    from mlpim.tasks import FILE_TASKS
+
+    for key, allowed in TASK_CHOICES.items():
+        value = dataset.get(key, allowed[0])
+        if value not in allowed:
+            raise MlpimError(f"dataset.{key}={value}: allowed: {', '.join(allowed)}")
+        if value != allowed[0] and dataset.name not in FILE_TASKS:
+            raise MlpimError(
+                f"dataset.{key}={value} applies to the pairs of a user's file (dataset=pairs or "
+                f"dataset=mib), not dataset={dataset.name}"
+            )
 
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # what `model.dtype` may name
@@ -227,8 +324,11 @@ def preflight(cfg: DictConfig, overrides: list[str] | None = None) -> None:
     check_dtype(cfg)
     ignores = set(cfg.get("ignores") or [])
     if "direction" not in ignores:
+        check_direction_options(cfg)
         site = (cfg.get("direction_site"), cfg.get("direction_layer"))
-        check_direction_file("direction", cfg.get("direction"), *site)
+        check_direction_file(
+            "direction", cfg.get("direction"), *site, options=direction_options(cfg), cfg=cfg
+        )
     extra = cfg.get("extra") or {}
     check_direction_file("extra.resid_direction", extra.get("resid_direction"))
     check_site_and_dim(cfg)

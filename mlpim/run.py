@@ -209,7 +209,8 @@ def run_accepted(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
         device = resolve_device(cfg.device)
         log.info("experiment %s on %s (%s)", cfg.experiment, cfg.model.name, device)
         start = time.time()
-        df = runner(cfg, run_dir)
+        with reading_direction(cfg):
+            df = runner(cfg, run_dir)
         io.write_metrics(df, run_dir)
         saved = run_log.save()
         record = json.dumps(done_record(cfg, time.time() - start), indent=1) + "\n"
@@ -270,11 +271,23 @@ def interrupted_message(run_dir: Path, before: dict[str, tuple[int, int]]) -> st
     )
 
 
+def reading_direction(cfg: DictConfig):
+    """A context in which every loader of the run's `direction=` reads it with the config's
+    `direction_key=`, `direction_feature=`, ... (`mlpim.engine.subspace.reading_options`)."""
+    from mlpim.engine.subspace import reading_options
+    from mlpim.preflight import direction_options
+
+    return reading_options(cfg.get("direction"), direction_options(cfg))
+
+
 def print_summary(cfg: DictConfig, table: pd.DataFrame, run_dir: Path, seconds: float) -> None:
-    """Print the run's summary table and its directory."""
+    """Print the run's summary table, its directory and its report (verdict.md, summary.md)."""
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(f"\n{cfg.experiment} on {cfg.model.name} ({seconds:.0f} s)\n{table.round(3)}")
     print(f"\nrun directory: {run_dir}")
+    report = next((run_dir / n for n in (C.VERDICT, C.SUMMARY) if (run_dir / n).is_file()), None)
+    if report is not None:
+        print(f"report: {report}")
 
 
 @dataclass
@@ -292,7 +305,7 @@ def run_experiment(cfg: DictConfig) -> Result:
     from mlpim.experiments import get_runner
 
     preflight(cfg)
-    with tempfile.TemporaryDirectory(prefix="mlpim_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mlpim_") as tmp, reading_direction(cfg):
         metrics = get_runner(cfg.runner)(cfg, Path(tmp))
         result = Result(metrics=metrics)
         for path in sorted(Path(tmp).rglob("*")):

@@ -54,8 +54,8 @@ def make(tmp_path: Path, name: str) -> Path:
     elif name == "npy_as_pt":
         np.save(tmp_path / "tmp.npy", v)
         (tmp_path / "tmp.npy").rename(path)
-    elif name == "npz":
-        np.savez(path, v=v)
+    elif name == "npz":  # readable (issue 21), but which of its arrays is the direction?
+        np.savez(path, v=v, w=v)
     elif name == "text":
         path.write_text("hello\n")
     elif name == "empty":
@@ -78,8 +78,8 @@ DIRECTIONS = {  # probe -> what the one line must say
     "strings": ["dtype <U1, not real numbers"],
     "torch_as_npy": ["a torch file named .npy", "rename it to d.pt"],
     "npy_as_pt": ["a numpy .npy file named .pt", "rename it to d.npy"],
-    "npz": ["a numpy .npz archive, not a torch (.pt) or numpy (.npy) file"],
-    "text": ["a text file, not a torch (.pt) or numpy (.npy) file"],
+    "npz": ["holds 2 tensors", "choose one with direction_key="],
+    "text": ["a text file, not a direction file", "pyvene or SAELens folder"],
     "empty": ["an empty file"],
     "pickle": ["a Python pickle that mlpim cannot load as tensors", "never runs code"],
     "matrix3d": ["shape (128, 2, 2)"],

@@ -269,8 +269,14 @@ def test_files_that_would_run_code_are_refused(tmp_path, gpt2):
 # ---------------------------------------------------------------- SAELens
 
 
-def saelens_folder(path: Path, hook: str, d_in: int = D, d_sae: int = 10, v6: bool = True):
-    """A folder in SAELens's save_model layout; returns its W_dec."""
+RAW = {"center_writing_weights": False}  # what SAELens's training runner records by default
+
+
+def saelens_folder(
+    path: Path, hook: str, d_in: int = D, d_sae: int = 10, v6: bool = True, kwargs=RAW
+):
+    """A folder in SAELens's save_model layout (`kwargs`: the recorded
+    model_from_pretrained_kwargs, None: not recorded); returns its W_dec."""
     path.mkdir(parents=True, exist_ok=True)
     w_dec = torch.randn(d_sae, d_in, generator=torch.Generator().manual_seed(3))
     weights = {
@@ -294,7 +300,11 @@ def saelens_folder(path: Path, hook: str, d_in: int = D, d_sae: int = 10, v6: bo
         "normalize_activations": "none",
         "reshape_activations": "none",
     }
-    cfg |= {"metadata": meta} if v6 else {"hook_point": hook, "hook_point_layer": 1}
+    if kwargs is not None:
+        meta["model_from_pretrained_kwargs"] = kwargs
+    old = {"hook_point": hook, "hook_point_layer": 1}
+    old |= {} if kwargs is None else {"model_from_pretrained_kwargs": kwargs}
+    cfg |= {"metadata": meta} if v6 else old
     (path / "cfg.json").write_text(json.dumps(cfg))
     return w_dec
 
@@ -330,7 +340,38 @@ def test_saelens_site_comes_from_the_hook_name(tmp_path, hook, site, layer, widt
     saelens_folder(tmp_path, hook, d_in=width, v6=False)
     rec = read_direction(tmp_path, feature=0)
     assert (rec.site, rec.layer, rec.width) == (site, layer, width)
-    check_fits(rec, GPT2_SIZES)
+    if site != "z":
+        check_fits(rec, GPT2_SIZES)
+        return
+    with pytest.raises(MlpimError) as e:  # mlpim patches z per head: no whole-z vector
+        check_fits(rec, GPT2_SIZES)
+    assert "per head" in one_line(e)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "raw_ok", "compat_ok"),
+    [
+        ({"center_writing_weights": False}, True, False),
+        ({"center_writing_weights": True}, False, True),
+        ({"fold_ln": True}, False, True),  # TransformerLens's own default centres
+        (None, False, False),  # not recorded: mlpim cannot tell
+    ],
+)
+def test_saelens_residual_processing_must_match(tmp_path, kwargs, raw_ok, compat_ok):
+    """A residual SAE is refused on a model processed otherwise than the SAE's (compat centres
+    the residual stream); an MLP-hidden SAE fits both (the centring does not touch it)."""
+    saelens_folder(tmp_path / "r", "blocks.1.hook_resid_post", kwargs=kwargs)
+    rec = read_direction(tmp_path / "r", feature=0)
+    for compat, ok in ((False, raw_ok), (True, compat_ok)):
+        if ok:
+            check_fits(rec, GPT2_SIZES, compat=compat)
+            continue
+        with pytest.raises(MlpimError) as e:
+            check_fits(rec, GPT2_SIZES, compat=compat)
+        assert "model.compat" in one_line(e) or "does not say whether" in str(e.value)
+    saelens_folder(tmp_path / "m", "blocks.1.mlp.hook_post", d_in=D_MLP, kwargs=kwargs)
+    for compat in (False, True):
+        check_fits(read_direction(tmp_path / "m", feature=0), GPT2_SIZES, compat=compat)
 
 
 @pytest.mark.parametrize(
@@ -430,7 +471,12 @@ def test_npy_vector_and_its_checks(tmp_path):
     np.save(tmp_path / "zero.npy", np.zeros((D, 2)))
     with pytest.raises(MlpimError) as e:
         read_direction(tmp_path / "zero.npy")
-    assert "linearly dependent" in one_line(e)
+    assert "points nowhere" in one_line(e)  # issue 18's checks, for every format
+    v = np.random.default_rng(0).standard_normal(D)
+    np.save(tmp_path / "parallel.npy", np.stack([v, 2 * v], 1))
+    with pytest.raises(MlpimError) as e:
+        read_direction(tmp_path / "parallel.npy")
+    assert "rank-deficient basis" in one_line(e)
 
 
 def test_keys_rows_and_columns(tmp_path):
@@ -442,7 +488,7 @@ def test_keys_rows_and_columns(tmp_path):
         assert sniff(tmp_path / name) == fmt
         with pytest.raises(MlpimError) as e:
             read_direction(tmp_path / name)
-        assert "choose one with key=" in one_line(e) and "'a'" in str(e.value)
+        assert "choose one with direction_key=" in one_line(e) and "'a'" in str(e.value)
         rec = read_direction(tmp_path / name, key="a", rows=[2])
         assert torch.allclose(rec.basis[:, 0], m[2] / m[2].norm(), atol=1e-6)
         with pytest.raises(MlpimError) as e:

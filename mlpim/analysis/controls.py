@@ -12,6 +12,7 @@ f(h') - f(h_base) = W2 (h' - h_base) to the real MLP output.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,8 +37,10 @@ from mlpim.engine.metrics import fldd, logit_diff
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import full, site_acts, subspace, work_dtype
 from mlpim.engine.subspace import RotatedSubspace, check_model, load_subspace
-from mlpim.errors import ConfigError
+from mlpim.errors import ConfigError, MlpimError
 from mlpim.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 PARTS = ("row_proj", "null_proj")
 
@@ -263,12 +266,26 @@ def mean_diff_direction(prepared: list[Prepared]) -> torch.Tensor:
     return (diff / diff.norm())[:, None]
 
 
+def fits_model(rec, model) -> None:
+    """Log what a loaded direction is (one INFO line); refuse, in one line, one that does not fit
+    `model` (site, layer, width, MLP type, norms, processing: `readers.check_fits`)."""
+    from mlpim.engine.readers import check_fits, sizes_of
+
+    log.info("direction %s: %s%s", rec.path, rec.describe(), f" ({rec.note})" if rec.note else "")
+    compat = bool(getattr(model, "compatibility_mode", False))
+    try:
+        check_fits(rec, sizes_of(model), compat=compat)
+    except MlpimError as e:
+        raise ConfigError(str(e)) from None
+
+
 def loaded_basis(path: str, kind: str, layer: int, d: int, model=None) -> torch.Tensor:
     """A saved basis, checked against the site it is used at (and the model's weights); a plain
     tensor file is taken to be of this site."""
     saved = load_subspace(path, kind, layer)
     if model is not None:
         check_model(saved, model, path)
+        fits_model(saved["reader"], model)
     if (saved.get("site"), saved.get("layer")) != (kind, layer) or saved["basis"].shape[0] != d:
         raise ConfigError(
             f"{path} holds a subspace of {saved.get('site')} layer {saved.get('layer')} "

@@ -23,6 +23,13 @@ def iia(logits: Float[Tensor, "b vocab"], label: Int[Tensor, b]) -> float:
     return accuracy(logits, label)
 
 
+# FLDD divides by the mean clean logit difference (nats). Below 1 nat the base answer is less
+# than e ≈ 2.7 times as likely as the source answer, and check.min_effect = 0.2 then asks for a
+# change of under 0.2 nat; as the mean approaches 0 (or turns negative when the model gets some
+# pairs wrong) FLDD grows without bound, or flips sign, for small changes of LD.
+MIN_CLEAN_LD = 1.0
+
+
 def fldd(ld_patched: Float[Tensor, b], ld_clean: Float[Tensor, b]) -> float:
     """Fraction of logit-difference decrease, 1 - mean(LD_patched) / mean(LD_clean)."""
     return 1.0 - ld_patched.mean().item() / ld_clean.mean().item()

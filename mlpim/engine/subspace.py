@@ -1,8 +1,18 @@
-"""Subspaces: a trainable orthonormal basis (DAS rotation), saving and loading."""
+"""Subspaces: a trainable orthonormal basis (DAS rotation), saving and loading.
+
+`load_subspace` reads a direction in every format mlpim reads: its own subspace.pt and plain
+.pt/.npy tensors (checked here: the content must be what the name says, nothing is unpickled),
+and, through `mlpim.engine.readers`, .npz/safetensors files, causalab rotations and pyvene and
+SAELens folders. Every format passes the same checks of a meaningful direction
+(`basis_problem`: finite, non-zero, full rank).
+"""
 
 from __future__ import annotations
 
 import zipfile
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -10,8 +20,10 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from mlpim.engine import readers
 from mlpim.engine.patching import subspace_patch
-from mlpim.errors import ConfigError
+from mlpim.engine.readers.record import basis_problem
+from mlpim.errors import ConfigError, MlpimError
 from mlpim.files import save_torch
 
 
@@ -77,8 +89,12 @@ KINDS = {
     "binary": "a binary file of unknown format",
 }
 NAMED = {".npy": "npy", ".pt": "torch", ".pth": "torch"}  # suffix -> the kind it promises
-MIN_NORM = 1e-6  # a direction (column) shorter than this points nowhere
-RANK_TOL = 1e-4  # a k-D basis whose unit columns have a singular value below this is degenerate
+READABLE = (
+    "mlpim reads a saved subspace.pt, a .pt/.npy/.npz/safetensors tensor file, a causalab "
+    "rotation.safetensors, or a pyvene or SAELens folder (docs/bring-your-own.md)"
+)
+OPTION_NAMES = ("key", "feature", "columns", "rows")  # how to read a file: direction_<name>=
+_READ_OPTIONS: ContextVar[dict[str, dict] | None] = ContextVar("mlpim_read_options", default=None)
 
 
 def file_kind(path: Path) -> str:
@@ -145,46 +161,16 @@ def _torch_reason(e: Exception) -> str:
     return text.splitlines()[0][:120] if text else type(e).__name__
 
 
-def _plain(path: Path) -> Tensor | dict:
-    """The file's tensor or dict, read as what its content is; a name that says otherwise is
-    refused, naming what the file is."""
-    kind, promised = file_kind(path), NAMED.get(path.suffix.lower())
-    readable = {"npy": "npy", "torch": "torch", "pickle": "torch"}
-    if kind not in readable:
-        raise ConfigError(
-            f"{path}: {KINDS[kind]}, not a torch (.pt) or numpy (.npy) file: save the direction "
-            "with torch.save or numpy.save"
-        )
-    if promised is not None and promised != readable[kind]:
-        right = ".npy" if readable[kind] == "npy" else ".pt"
+def _plain(path: Path, kind: str) -> Tensor | dict:
+    """A .npy/.pt file's tensor or dict, read as what its content is (`kind`); a name that says
+    otherwise is refused, naming what the file is."""
+    promised, readable = NAMED.get(path.suffix.lower()), "npy" if kind == "npy" else "torch"
+    if promised is not None and promised != readable:
+        right = ".npy" if readable == "npy" else ".pt"
         raise ConfigError(
             f"{path}: {KINDS[kind]} named {path.suffix}; rename it to {path.stem}{right}"
         )
     return _npy(path) if kind == "npy" else _torch(path, kind)
-
-
-def basis_problem(v: Tensor) -> str | None:
-    """Why `v` (a vector, or a d×k basis in its columns) is no direction; None when it is one:
-    finite, no column of (near) zero norm, columns linearly independent."""
-    if v.dim() not in (1, 2) or v.numel() == 0:
-        return f"a tensor of shape {tuple(v.shape)}; a direction is a vector (d) or a basis (d×k)"
-    bad = int((~torch.isfinite(v)).sum())
-    if bad:
-        return f"{bad} non-finite value(s) (NaN or inf) of {v.numel()}"
-    m = v.double().reshape(v.shape[0], -1)
-    norms = m.norm(dim=0)
-    if (norms < MIN_NORM).any():
-        i = int(norms.argmin())
-        col = "" if m.shape[1] == 1 else f"column {i} has "
-        return f"{col}norm {norms[i].item():.3g} (zero or below {MIN_NORM:g}): it points nowhere"
-    s = torch.linalg.svdvals(m / norms)
-    if m.shape[1] > 1 and s[-1] < RANK_TOL * s[0]:
-        rank = int((s >= RANK_TOL * s[0]).sum())
-        return (
-            f"a rank-deficient basis: its {m.shape[1]} columns span only {rank} dimension(s) "
-            f"(smallest singular value {s[-1].item():.2g} of unit columns)"
-        )
-    return None
 
 
 def checked_basis(v: Tensor, path: Path) -> Tensor:
@@ -195,31 +181,95 @@ def checked_basis(v: Tensor, path: Path) -> Tensor:
     return v
 
 
-def load_subspace(path: str | Path, site: str | None = None, layer: int | None = None) -> dict:
-    """A saved subspace (`['basis']` is d×k), or a plain tensor file (.pt holding a tensor, or
-    .npy; a vector is one direction) with its `site` and `layer` given by the caller. Refused in
-    one line: a file that is not what its name says, a tensor that is no direction (non-finite,
-    zero, rank-deficient)."""
-    path = Path(path)
-    if not path.is_file():
-        what = "a directory" if path.is_dir() else "no such file"
-        raise ConfigError(f"{path}: {what} (a saved subspace.pt, or a .pt/.npy tensor)")
+@contextmanager
+def reading_options(path: str | Path | None, options: dict):
+    """Within the block, `load_subspace(path)` reads `path` with `options` (OPTION_NAMES: the
+    config's direction_key=, direction_feature=, ...): how a run tells every loader of its
+    `direction=` how to read it, down to the experiments that only pass the path."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if not path or not given:
+        yield
+        return
+    token = _READ_OPTIONS.set({**(_READ_OPTIONS.get() or {}), _where(path): given})
     try:
-        saved = _plain(path)
+        yield
+    finally:
+        _READ_OPTIONS.reset(token)
+
+
+def _where(path: str | Path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def load_subspace(
+    path: str | Path, site: str | None = None, layer: int | None = None, **options
+) -> dict:
+    """A direction or subspace (`['basis']` d×k, orthonormal) in any format mlpim reads: its own
+    subspace.pt, a tensor file, or another tool's file or folder (`mlpim.engine.readers`).
+
+    `site`/`layer` are taken when the file does not say them. `options` (OPTION_NAMES; else
+    those of `reading_options`) say how to read it. `['reader']` is the `ForeignDirection` that
+    states what was found. Refused in one line: a file that is not what its name says, or that
+    would run code; a tensor that is no direction (non-finite, zero, rank-deficient)."""
+    path = Path(path)
+    opts = {**(_READ_OPTIONS.get() or {}).get(_where(path), {}), **options}
+    opts = {k: _plain_value(v) for k, v in opts.items() if v is not None}
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or folder; {READABLE}")
+    kind = None if path.is_dir() else file_kind(path)
+    try:
+        if kind in ("npy", "torch", "pickle"):
+            loaded = _plain(path, kind)
+            if isinstance(loaded, dict) and "basis" in loaded:
+                return _mlpim_subspace(path, loaded, site, layer, opts)
+        elif kind is not None and kind != "npz" and not _other_tool_file(path):
+            raise ConfigError(f"{path}: {KINDS[kind]}, not a direction file: {READABLE}")
+        rec = readers.read_direction(path, **opts)
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
-    if torch.is_tensor(saved):
-        v = checked_basis(saved.float(), path)
-        basis = orthonormalize(v[:, None] if v.dim() == 1 else v)
-        return {"basis": basis, "site": site, "layer": layer}
-    if not isinstance(saved, dict) or not torch.is_tensor(saved.get("basis")):
-        raise ConfigError(f"{path}: holds neither a tensor nor a saved subspace (no 'basis')")
+    rec = replace(rec, site=rec.site or site, layer=rec.layer if rec.layer is not None else layer)
+    return {"basis": rec.basis, "site": rec.site, "layer": rec.layer, "reader": rec}
+
+
+def _plain_value(value):
+    """A config value (OmegaConf list) as plain Python."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def _other_tool_file(path: Path) -> bool:
+    """Whether a file that is neither .npy nor torch is one `readers.sniff` knows (safetensors)."""
+    try:
+        readers.sniff(path)
+    except MlpimError:
+        return False
+    return True
+
+
+def _mlpim_subspace(path: Path, saved: dict, site, layer, opts: dict) -> dict:
+    """mlpim's own saved subspace, `direction_columns` picked, orthonormal."""
+    if not torch.is_tensor(saved["basis"]):
+        raise ConfigError(f"{path}: holds a 'basis' that is not a tensor")
+    extra = sorted(set(opts) - {"columns"})
+    if extra:
+        named = ", ".join(f"direction_{o}" for o in extra)
+        raise ConfigError(f"{path} is an mlpim subspace: {named} not for it (takes columns)")
     basis = checked_basis(saved["basis"].float(), path)
     basis = basis[:, None] if basis.dim() == 1 else basis
+    note = ", ".join(f"{k}={saved[k]}" for k in ("model", "k", "seed") if k in saved)
+    if "columns" in opts:
+        chosen = readers.pick(opts["columns"], basis.shape[1], f"{path}: direction_columns")
+        basis, note = basis[:, chosen], f"{note}; columns {chosen}"
     eye = torch.eye(basis.shape[1], dtype=basis.dtype)
     if not torch.allclose(basis.T @ basis, eye, atol=1e-4):
         basis = orthonormalize(basis)  # same span; the patch needs orthonormal columns
-    return {**saved, "basis": basis}
+    kind, where = saved.get("site") or site, saved.get("layer")
+    where = where if where is not None else layer
+    rec = readers.ForeignDirection(
+        basis=basis, site=kind, layer=where, fmt="mlpim", kind="subspace", note=note, path=str(path)
+    )
+    return {**saved, "basis": basis, "site": kind, "layer": where, "reader": rec}
 
 
 def check_model(saved: dict, model, path: str | Path) -> None:

@@ -3,6 +3,7 @@ config, and DAS directions loaded or trained (a trained one is saved in the run 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -14,14 +15,17 @@ from mlpim import constants as C
 from mlpim.analysis.controls import loaded_basis
 from mlpim.engine.das import DasSettings, train_das
 from mlpim.engine.interventions import Prepared, prepare
+from mlpim.engine.metrics import MIN_CLEAN_LD
 from mlpim.engine.models import ModelSpec, load_model, resolve_device, site_width, validate_site
 from mlpim.engine.patching import logits_end
 from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.errors import ConfigError
 from mlpim.report import io
-from mlpim.tasks import IOI_ONLY, bos_id, pad_id, task_splits, task_vocabulary
+from mlpim.tasks import FILE_TASKS, IOI_ONLY, bos_id, pad_id, task_splits, task_vocabulary
 from mlpim.tasks.batch import PromptBatch, left_pad
 from mlpim.tasks.ioi import held_out_pairs
+
+log = logging.getLogger(__name__)
 
 
 def model_spec(cfg: DictConfig) -> ModelSpec:
@@ -96,10 +100,35 @@ def paper_splits(
     if held_out and cfg.dataset.name == "ioi":
         batches |= held_out_pairs(model.tokenizer, cfg.dataset, cfg.seed)
     dev = model.cfg.device
-    return {
+    prepared = {
         s: prepare(model, [b.to(dev) for b in bs], kind, layer, cfg.method.engine)
         for s, bs in batches.items()
     }
+    if cfg.dataset.name in FILE_TASKS:
+        warn_small_clean_ld(prepared, cfg.dataset.get("keep", "all"))
+    return prepared
+
+
+def warn_small_clean_ld(splits: dict[str, list[Prepared]], keep: str) -> None:
+    """One WARNING, before any training, when the pairs' mean clean logit difference is below
+    `MIN_CLEAN_LD`: FLDD divides by it (engine/metrics.py)."""
+    ld = torch.cat([p.clean_ld for ps in splits.values() for p in ps])
+    mean = float(ld.mean())
+    if mean >= MIN_CLEAN_LD:
+        return
+    kept = "kept pairs (dataset.keep=known)" if keep == "known" else "pairs"
+    hint = (
+        "" if keep == "known" else "; keep the pairs the model gets right with dataset.keep=known"
+    )
+    log.warning(
+        "the %d %s have a mean clean logit difference of %.3g nat, below %.3g: FLDD = 1 - "
+        "LD_patched / LD_clean divides by it, so FLDD means little here%s",
+        len(ld),
+        kept,
+        mean,
+        MIN_CLEAN_LD,
+        hint,
+    )
 
 
 def saved_or_trained(

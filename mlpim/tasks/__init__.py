@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 
 from mlpim.tasks.batch import PairBatch
 
-TASKS = ("ioi", "pairs", "facts")
+TASKS = ("ioi", "pairs", "facts", "mib")
+FILE_TASKS = ("pairs", "mib")  # pairs read from a user's file: dataset.invalid and dataset.keep
 IOI_ONLY = "this experiment is IOI-specific (name movers, IOI patterns); use dataset=ioi"
 
 Predict = Callable[[list[str]], Sequence[int]]  # prompt texts -> the model's argmax token ids
@@ -31,14 +32,15 @@ def pad_id(tokenizer) -> int:
 def task_splits(
     tokenizer, dataset, seed: int, predict: Predict | None = None, n_ctx: int | None = None
 ) -> dict[str, list[PairBatch]]:
-    """Train and test pair batches of the configured task (`predict` keeps known facts; a pair
-    longer than `n_ctx` tokens, the model's context, is a problem of the task)."""
+    """Train and test pair batches of the configured task (`predict`, the model's argmax, keeps
+    known facts, and the pairs the model gets right with dataset.keep=known; a pair longer than
+    `n_ctx` tokens, the model's context, is a problem of the task)."""
     if dataset.name == "ioi":
         from mlpim.tasks.ioi import paper_pairs
 
         return {s: paper_pairs(tokenizer, dataset, s, seed) for s in ("train", "test")}
-    if dataset.name == "pairs":
-        return _jsonl_splits(tokenizer, dataset, seed, n_ctx)
+    if dataset.name in FILE_TASKS:
+        return _file_splits(tokenizer, dataset, seed, predict, n_ctx)
     if dataset.name == "facts":
         return _fact_splits(tokenizer, dataset, seed, predict, n_ctx)
     from mlpim.errors import ConfigError
@@ -46,13 +48,31 @@ def task_splits(
     raise ConfigError(f"unknown dataset {dataset.name!r}; allowed: {', '.join(TASKS)}")
 
 
-def _jsonl_splits(tokenizer, dataset, seed: int, n_ctx: int | None) -> dict[str, list[PairBatch]]:
-    """The whole file validated in one pass (every problem, with its line), then split."""
+def _file_splits(tokenizer, dataset, seed: int, predict: Predict | None, n_ctx: int | None):
+    """The whole file validated in one pass (every problem, with its line or row; with
+    dataset.invalid=drop the invalid pairs dropped and counted by reason), the pairs the model
+    gets right kept (dataset.keep=known), then split."""
     from mlpim.tasks import pairs as P
 
-    rows = P.read_jsonl(dataset.path)
-    what = f"task file {dataset.path}"
-    encoded = P.encode(rows, tokenizer, bos_id(tokenizer), min_pairs=0, max_len=n_ctx, what=what)
+    what = f"task file {dataset.path}" if dataset.name == "pairs" else f"MIB task {dataset.path}"
+    problems = P.TaskProblems(what)
+    rows = _file_pairs(dataset, problems)
+    drop = dataset.get("invalid", "error") == "drop"
+    bos = bos_id(tokenizer)
+    encoded = P.encode(
+        rows,
+        tokenizer,
+        bos,
+        min_pairs=0,
+        drop_invalid=drop,
+        max_len=n_ctx,
+        what=what,
+        earlier=problems,
+    )
+    if dataset.get("keep", "all") == "known":
+        if predict is None:
+            raise ValueError("dataset.keep=known needs the model's predictions (predict)")
+        encoded = P.keep_known(encoded, predict, what)
     train, test = P.split_pairs(encoded, lambda e: _pair_key(e.pair), dataset.test_fraction, seed)
     splits = {"train": train, "test": test}
     grouped = all("group" in e.pair.meta for e in encoded)
@@ -64,6 +84,17 @@ def _jsonl_splits(tokenizer, dataset, seed: int, n_ctx: int | None) -> dict[str,
     )
     P.check_splits(what, splits, len(encoded), dataset.min_pairs, why)
     return {s: P.batches(e, dataset.batch_size, pad_id(tokenizer)) for s, e in splits.items()}
+
+
+def _file_pairs(dataset, problems) -> list:
+    """The `Pair`s of a pairs JSONL file or a MIB-style task; bad records go to `problems`."""
+    if dataset.name == "pairs":
+        from mlpim.tasks.pairs import read_jsonl
+
+        return read_jsonl(dataset.path, problems)
+    from mlpim.tasks.mib import mib_task
+
+    return mib_task(dataset.path, dataset.get("counterfactual"), dataset.get("split"), problems)
 
 
 def _pair_key(pair) -> tuple[str, ...]:
@@ -91,11 +122,12 @@ def task_vocabulary(dataset) -> list[str]:
 
         texts = [t for f in load_facts(dataset.path) for t in (f.prompt, f.attribute)]
     else:
-        from mlpim.tasks.pairs import read_jsonl
+        from mlpim.tasks.pairs import TaskProblems
 
+        ignored = TaskProblems("vocabulary")  # the task's own reading reports them
         texts = [
             t
-            for p in read_jsonl(dataset.path)
+            for p in _file_pairs(dataset, ignored)
             for t in (p.base, p.source, p.base_answer, p.source_answer)
         ]
     words = [w for t in texts for w in re.findall(r"\w+|[^\w\s]", t)]

@@ -62,6 +62,17 @@ def _column(counterfactual: str, rows: Sequence[dict]) -> str:
     return column
 
 
+def _only_type(rows: Sequence[dict]) -> str:
+    """The one counterfactual type of the rows; a refusal listing them when there are several."""
+    types = counterfactual_types(rows)
+    if len(types) == 1:
+        return types[0]
+    found = ", ".join(types) or "none"
+    raise MlpimError(
+        f"choose the counterfactual with dataset.counterfactual=: the rows hold {found}"
+    )
+
+
 def _dotted(row: dict, path: str) -> Any:
     """row["a"]["b"] for path "a.b"; None when a step is missing."""
     value: Any = row
@@ -150,20 +161,23 @@ def _refusal(problems: dict[str, list[int]], n_rows: int) -> str:
 
 def mib_pairs(
     rows: Iterable[dict],
-    counterfactual: str,
+    counterfactual: str | None,
     prompt_field: str | None = None,
     answer_field: str | None = None,
     drop_invalid: bool = False,
+    problems=None,
 ) -> list[dict]:
-    """mlpim pair dicts (pairs.py's JSONL schema) from MIB rows and one counterfactual type.
+    """mlpim pair dicts (pairs.py's JSONL schema) from MIB rows and one counterfactual type
+    (None: the only one the rows hold).
 
     Rows are numbered from 0. A row that cannot be paired (no such counterfactual, no prompt,
-    no answer) is an error, in one line by reason; `drop_invalid` drops and logs them instead.
+    no answer) is an error, in one line by reason; `drop_invalid` drops and logs them instead;
+    given a `problems` collector (`pairs.TaskProblems`), they are added to it, one per row.
     """
     rows = list(rows)
-    column = _column(counterfactual, rows)
+    column = _column(_only_type(rows) if counterfactual is None else counterfactual, rows)
     opts = {"prompt_field": prompt_field, "answer_field": answer_field}
-    pairs, problems = [], {}
+    collector, pairs, problems = problems, [], {}
     for i, row in enumerate(rows):
         sources = _sources(row, column)
         meta = _meta(row, i, column[: -len(SUFFIX)])
@@ -175,9 +189,13 @@ def mib_pairs(
                 problems.setdefault(pair, []).append(i)
             else:
                 pairs.append(pair)
-    if problems and not drop_invalid:
-        raise MlpimError(_refusal(problems, len(rows)) + "; drop them with invalid=drop")
-    if problems:
+    if collector is not None:
+        for reason, where in problems.items():
+            for i in dict.fromkeys(where):
+                collector.add(f"row {i}", f"cannot be paired: {reason}", reason)
+    elif problems and not drop_invalid:
+        raise MlpimError(_refusal(problems, len(rows)) + "; drop them with dataset.invalid=drop")
+    elif problems:
         logger.warning("dropped: %s", _refusal(problems, len(rows)))
     return pairs
 
@@ -278,3 +296,12 @@ def write_mib_jsonl(rows: Iterable[dict], path: str | Path) -> None:
     """Write MIB rows one JSON object per line (readable by `read_mib_rows`)."""
     lines = [json.dumps(row, ensure_ascii=False) for row in rows]
     Path(path).write_text("".join(line + "\n" for line in lines))
+
+
+def mib_task(path: str | Path, counterfactual: str | None, split: str | None, problems) -> list:
+    """The `pairs.Pair`s of a MIB-style task (JSONL file or `save_to_disk` folder) for one
+    counterfactual type; rows that cannot be paired are added to `problems` (`TaskProblems`)."""
+    from mlpim.tasks.pairs import Pair
+
+    made = mib_pairs(read_mib_rows(path, split), counterfactual, problems=problems)
+    return [Pair(**d, origin=f"row {d['meta']['mib_row']}") for d in made]

@@ -100,17 +100,28 @@ class TaskProblems:
     """Collects one line per problem and raises them as one `ConfigError`."""
 
     def __init__(self, what: str):
-        self.what, self.lines, self.kinds = what, [], []
+        self.what, self.lines, self.kinds, self.places = what, [], [], []
 
     def add(self, where: str, message: str, kind: str = "invalid") -> None:
         """Record one problem at `where`."""
         self.lines.append(f"{where}: {message}")
         self.kinds.append(kind)
+        self.places.append(where)
 
     def extend(self, other: TaskProblems) -> None:
         """Add the problems of `other`."""
         self.lines += other.lines
         self.kinds += other.kinds
+        self.places += other.places
+
+    def n_places(self) -> int:
+        """How many places (lines, rows, pairs) have a problem."""
+        return len(set(self.places))
+
+    def by_reason(self) -> str:
+        """`3 answer not one token, 1 duplicate`: how many places have each kind of problem."""
+        kinds = Counter(k for _, k in dict.fromkeys(zip(self.places, self.kinds, strict=True)))
+        return ", ".join(f"{n} {k}" for k, n in kinds.most_common())
 
     def __bool__(self) -> bool:
         return bool(self.lines)
@@ -180,10 +191,12 @@ def task_file(path: str | Path | None) -> Path:
     return path
 
 
-def read_jsonl(path: str | Path) -> list[Pair]:
-    """The pairs of a JSONL task file; one ConfigError listing every bad line."""
+def read_jsonl(path: str | Path, problems: TaskProblems | None = None) -> list[Pair]:
+    """The pairs of a JSONL task file; one ConfigError listing every bad line, or, given a
+    `problems` collector, the good lines' pairs with the bad lines' problems added to it."""
     path = task_file(path)
-    problems, pairs = TaskProblems(f"task file {path}"), []
+    collect = problems is not None
+    problems, pairs = problems if collect else TaskProblems(f"task file {path}"), []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -191,15 +204,16 @@ def read_jsonl(path: str | Path) -> list[Pair]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            problems.add(where, f"not valid JSON ({err.msg} at column {err.colno})")
+            problems.add(where, f"not valid JSON ({err.msg} at column {err.colno})", "not JSON")
             continue
         found = _record_problems(record)
         for message in found:
-            problems.add(where, message)
+            problems.add(where, message, "malformed record")
         if not found:
             record = {**record, "position": _infer_position(record)}
             pairs.append(Pair(**record, origin=f"{path.name} {where}"))
-    problems.raise_if_any()
+    if not collect:
+        problems.raise_if_any()
     return pairs
 
 
@@ -353,16 +367,21 @@ def encode(
     drop_invalid: bool = False,
     max_len: int | None = None,
     what: str = "task",
+    earlier: TaskProblems | None = None,
 ) -> list[EncodedPair]:
     """Token ids, patch positions and answer ids of every pair.
 
     Problems (an answer that is not one token, a position outside the prompt, a span not found,
     a prompt longer than `max_len` tokens, identical base and source prompts or answers, a
-    duplicated pair, fewer than `min_pairs` pairs) are collected and raised as ONE ConfigError,
-    one line each. With `drop_invalid`, bad and duplicated pairs are dropped (a WARNING counts
-    them by reason) instead, and only too few surviving pairs is an error.
+    duplicated pair, fewer than `min_pairs` pairs), with the `earlier` ones of records that
+    never became pairs, are collected and raised as ONE ConfigError, one line each. With
+    `drop_invalid`, bad and duplicated pairs are dropped instead, and ONE WARNING counts them by
+    reason; only too few surviving pairs is an error.
     """
     problems, out, seen, n_bad = TaskProblems(what), [], {}, 0
+    if earlier is not None:
+        problems.extend(earlier)
+    n_given = len(pairs) + problems.n_places()
     for i, pair in enumerate(pairs):
         where = pair.origin or f"pair {i + 1}"
         done = _encode_one(tokenizer, bos_id, pair, where, max_len)
@@ -374,21 +393,68 @@ def encode(
         else:
             out.append(done)
     if drop_invalid and problems:
-        counts = ", ".join(f"{n} {k}" for k, n in Counter(problems.kinds).most_common())
         logger.warning(
-            "dropped %d of %d pair(s) (problems: %s)\n%s",
-            len(pairs) - len(out),
-            len(pairs),
-            counts,
+            "%s: dropped %d of %d pair(s) (dataset.invalid=drop), by reason: %s\n%s",
+            what,
+            n_given - len(out),
+            n_given,
+            problems.by_reason(),
             problems.message(),
         )
         problems = TaskProblems(what)
     # strict: invalid pairs are reported above, so only distinct pairs count; else valid ones
     n, kind = (len(out), "valid") if drop_invalid else (len(out) + n_bad, "distinct")
     if n < min_pairs:
-        problems.add("task", f"only {n} {kind} pair(s) of {len(pairs)}, min_pairs={min_pairs}")
+        problems.add("task", f"only {n} {kind} pair(s) of {n_given}, min_pairs={min_pairs}")
     problems.raise_if_any()
     return out
+
+
+GROUP_KEYS = ("relation", "template", "group")  # meta keys that name a pair's group, first wins
+SHOWN_GROUPS = 8  # groups named in the keep=known line; the rest are summed
+
+
+def group_of(pair: Pair) -> str:
+    """The pair's group for counts: its meta's relation, template or group, else "all"."""
+    return next((str(pair.meta[k]) for k in GROUP_KEYS if k in pair.meta), "all")
+
+
+def keep_known(
+    encoded: Sequence[EncodedPair], predict: Callable[[list[str]], Sequence[int]], what: str
+) -> list[EncodedPair]:
+    """The pairs whose base answer and source answer the model itself predicts (`predict`:
+    prompt texts -> the model's argmax next-token ids); logs how many survived per group."""
+    n = len(encoded)
+    predicted = list(predict([e.pair.base for e in encoded] + [e.pair.source for e in encoded]))
+    if len(predicted) != 2 * n:
+        raise ValueError(f"predict gave {len(predicted)} ids for {2 * n} prompts")
+    known = [
+        predicted[i] == e.base_answer and predicted[n + i] == e.source_answer
+        for i, e in enumerate(encoded)
+    ]
+    kept = [e for e, k in zip(encoded, known, strict=True) if k]
+    total, survived = Counter(group_of(e.pair) for e in encoded), Counter()
+    survived.update(group_of(e.pair) for e in kept)
+    ordered = [g for g, _ in total.most_common()]
+    shown, rest = ordered[:SHOWN_GROUPS], ordered[SHOWN_GROUPS:]
+    parts = [f"{g} {survived[g]}/{total[g]}" for g in shown]
+    if rest:
+        k, t = sum(survived[g] for g in rest), sum(total[g] for g in rest)
+        parts.append(f"{len(rest)} more groups {k}/{t}")
+    logger.info(
+        "%s: dataset.keep=known kept %d of %d pair(s) whose base and source answers the model "
+        "predicts (per group: %s)",
+        what,
+        len(kept),
+        n,
+        ", ".join(parts),
+    )
+    if not kept:
+        raise ConfigError(
+            f"{what}: dataset.keep=known kept none of the {n} pair(s): the model predicts the "
+            "base and source answers of none of them"
+        )
+    return kept
 
 
 def check_splits(

@@ -92,6 +92,14 @@ NO_SITE = {
     "key_output": "attention keys",
     "value_output": "attention values before the heads are mixed",
 }
+# Module-path components (pyvene hooks any module as "<path>.input" / "<path>.output") that are
+# exactly an mlpim site: the input of the MLP's output projection is TransformerLens's
+# `mlp.hook_post` (act(gate) * up on a gated MLP, act(pre) otherwise): Llama-family `down_proj`,
+# GPT-2 `c_proj`. `layers[20]` and `layers.20` are both pyvene paths.
+MODULE_SITES = (
+    (re.compile(r"(?:model\.)?layers(?:\[(\d+)\]|\.(\d+))\.mlp\.down_proj\.input"), "mlp_post"),
+    (re.compile(r"(?:transformer\.)?h(?:\[(\d+)\]|\.(\d+))\.mlp\.c_proj\.input"), "mlp_post"),
+)
 ORIGINAL = "rotate_layer.parametrizations.weight.original"
 BASE = "rotate_layer.parametrizations.weight.0.base"
 
@@ -189,16 +197,22 @@ def choose(found: list[Entry], key: str | int | None, folder: Path) -> Entry:
     if key is None:
         if len(found) == 1:
             return found[0]
-        raise MlpimError(f"{folder} holds {len(found)} interventions; choose one with key=: {keys}")
+        raise MlpimError(
+            f"{folder} holds {len(found)} interventions; choose one with direction_key=: {keys}"
+        )
+    if isinstance(key, str) and key.isdigit():  # an index, given on the command line
+        key = int(key)
     if isinstance(key, int) and not isinstance(key, bool):
         if 0 <= key < len(found):
             return found[key]
-        raise MlpimError(f"{folder}: key={key} is not an index 0..{len(found) - 1} of {keys}")
+        raise MlpimError(
+            f"{folder}: direction_key={key} is not an index 0..{len(found) - 1} of {keys}"
+        )
     hits = [e for e in found if str(key) in (e.key, e.key.split("#")[0])]
     if len(hits) == 1:
         return hits[0]
     problem = "names several" if hits else "names none"
-    raise MlpimError(f"{folder}: key={key!r} {problem} of its interventions {keys}")
+    raise MlpimError(f"{folder}: direction_key={key!r} {problem} of its interventions {keys}")
 
 
 def load_state(path: Path) -> dict[str, Tensor]:
@@ -248,12 +262,26 @@ def rebuild_rotation(state: dict[str, Tensor], what: str) -> Float[Tensor, "d n"
         return checked_orthonormal(holder.weight.detach().clone(), what)
 
 
+def module_site(comp: str, what: str) -> tuple[str, int]:
+    """(mlpim site, layer) of a module-path component that is exactly a site (MODULE_SITES)."""
+    for pattern, site in MODULE_SITES:
+        found = pattern.fullmatch(comp)
+        if found:
+            return site, int(found.group(1) or found.group(2))
+    named = ", ".join(COMPONENT_SITES)
+    exact = "layers[L].mlp.down_proj.input (Llama family), h[L].mlp.c_proj.input (GPT-2)"
+    raise MlpimError(
+        f"{what}: component {comp!r} is a module path mlpim does not map; it maps the named "
+        f"components ({named}) and the module paths {exact}"
+    )
+
+
 def pyvene_site(entry: Entry, what: str) -> tuple[str, int]:
     """(mlpim site, layer) of a pyvene component; a one-line refusal where the spaces differ."""
     comp = entry.component
     if "." in comp:
-        named = ", ".join(COMPONENT_SITES)
-        raise MlpimError(f"{what}: component {comp!r} is a module path, not a named one ({named})")
+        _check_units(entry, what)
+        return module_site(comp, what)  # pyvene ignores `layer` for a module path
     if comp.startswith("head_"):
         raise MlpimError(f"{what}: component {comp!r} patches single heads, not a whole site")
     if comp in NO_SITE:
@@ -261,12 +289,17 @@ def pyvene_site(entry: Entry, what: str) -> tuple[str, int]:
     if comp not in COMPONENT_SITES:
         named = ", ".join(COMPONENT_SITES)
         raise MlpimError(f"{what}: unknown pyvene component {comp!r}; mlpim maps {named}")
-    if entry.unit != "pos" or entry.n_units != 1:
-        units = f"unit={entry.unit!r}, max_number_of_units={entry.n_units}"
-        raise MlpimError(f"{what}: {units}; mlpim reads interventions on one position ('pos', 1)")
+    _check_units(entry, what)
     if not isinstance(entry.layer, int) or isinstance(entry.layer, bool):
         raise MlpimError(f"{what}: layer {entry.layer!r} is not an integer")
     return COMPONENT_SITES[comp], entry.layer
+
+
+def _check_units(entry: Entry, what: str) -> None:
+    """mlpim reads interventions on one position ('pos', 1 unit)."""
+    if entry.unit != "pos" or entry.n_units != 1:
+        units = f"unit={entry.unit!r}, max_number_of_units={entry.n_units}"
+        raise MlpimError(f"{what}: {units}; mlpim reads interventions on one position ('pos', 1)")
 
 
 def _rotated(entry: Entry, rot: Tensor, state: dict, what: str) -> tuple[Tensor, str]:
@@ -309,12 +342,12 @@ def _boundless(rot: Tensor, state: dict, what: str) -> tuple[Tensor, str]:
 def _basis(entry: Entry, rot: Tensor, state: dict, columns, what: str) -> tuple[Tensor, str]:
     """The subspace the intervention patches (or the chosen `columns` of its rotation), and why."""
     if columns is not None:
-        chosen = pick(columns, rot.shape[1], f"{what}: columns")
+        chosen = pick(columns, rot.shape[1], f"{what}: direction_columns")
         return rot[:, chosen], f"{entry.kind}: rotation columns {chosen} (chosen by the user)"
     if entry.partition is not None:
         part = f"subspace_partition {entry.partition}"
         raise MlpimError(
-            f"{what}: with {part} the patched columns are chosen per call; give columns="
+            f"{what}: with {part} the patched columns are chosen per call; give direction_columns="
         )
     if entry.kind == "LowRankRotatedSpaceIntervention":
         return _low_rank(entry, rot, what)
@@ -356,7 +389,7 @@ def read_pyvene(
         layer=agree(found_layer, layer, "layer", what),
         fmt="pyvene",
         kind=entry.kind,
-        origin=f"{entry.component} L{entry.layer}",
+        origin=entry.component if "." in entry.component else f"{entry.component} L{entry.layer}",
         note=note,
         path=str(folder),
         requires=frozenset(COMPONENT_REQUIRES.get(entry.component, set()) | {"raw_activations"}),

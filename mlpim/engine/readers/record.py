@@ -24,6 +24,8 @@ SITES = tuple(SITE_HOOKS)
 # means something else there. mlp_post and z are computed after a norm and are not shifted.
 WRITING_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 ORTHONORMAL_TOL = 1e-4  # |VᵀV - I| allowed for a basis a tool saved as orthonormal
+MIN_NORM = 1e-6  # a direction (column) shorter than this points nowhere
+RANK_TOL = 1e-4  # a k-D basis whose unit columns have a singular value below this is degenerate
 
 # Conditions a direction may need from the model, with the one-line reason when it is not met.
 REQUIREMENTS = {
@@ -33,7 +35,19 @@ REQUIREMENTS = {
     "post-MLP norm, while mlpim's {site} comes after it",
     "raw_activations": "it was found on the model's raw activations, but model.compat=true "
     "centres the residual stream that mlpim's {site} reads; run with model.compat=false",
+    "centred_activations": "it was found with TransformerLens's centred writing weights "
+    "(center_writing_weights), which shift the residual stream that mlpim's {site} reads; run "
+    "with model.compat=true",
+    "stated_processing": "its config does not say whether the residual stream was centred "
+    "(metadata.model_from_pretrained_kwargs.center_writing_weights), which changes what mlpim's "
+    "{site} reads; add it to cfg.json if you know it",
 }
+
+
+Z_REFUSAL = (
+    "a direction over all heads' z (n_heads·d_head wide) cannot be checked: mlpim patches z "
+    "per head ([heads, d_head] at hook_z), so there is no one vector of that width to patch"
+)
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,8 @@ def _unmet(rec: ForeignDirection, sizes: ModelSizes, compat: bool) -> str | None
         "ungated_mlp": sizes.gated_mlp,
         "no_post_norm": sizes.post_norm and rec.site in ("attn_out", "mlp_out"),
         "raw_activations": compat and rec.site in WRITING_SITES,
+        "centred_activations": not compat and rec.site in WRITING_SITES,
+        "stated_processing": rec.site in WRITING_SITES,
     }
     for name in sorted(rec.requires):
         if broken.get(name, False):
@@ -126,9 +142,14 @@ def check_fits(rec: ForeignDirection, sizes: ModelSizes, compat: bool = False) -
     """Raise a one-line MlpimError unless `rec`'s site, layer, width and space fit the model."""
     what = f"{rec.path or rec.fmt} ({rec.describe()})"
     if rec.site is None or rec.layer is None:
-        raise MlpimError(f"{what}: the file does not say its site and layer; give both")
+        raise MlpimError(
+            f"{what}: the file does not say its site and layer; give both: "
+            "direction_site=KIND direction_layer=N"
+        )
     if rec.site not in SITES:
         raise MlpimError(f"{what}: unknown site {rec.site!r}; mlpim sites: {', '.join(SITES)}")
+    if rec.site == "z":
+        raise MlpimError(f"{what}: {Z_REFUSAL}")
     last = sizes.n_layers - 1
     if not 0 <= rec.layer <= last:
         raise MlpimError(f"{what}: layer {rec.layer} is outside {sizes.name} (layers 0..{last})")
@@ -139,13 +160,44 @@ def check_fits(rec: ForeignDirection, sizes: ModelSizes, compat: bool = False) -
         raise MlpimError(f"{what}: does not fit {sizes.name}: {reason}")
 
 
+def basis_problem(v: Tensor) -> str | None:
+    """Why `v` (a vector, or a d×k basis in its columns) is no direction; None when it is one:
+    finite, no column of (near) zero norm, columns linearly independent."""
+    if v.dim() not in (1, 2) or v.numel() == 0:
+        return f"a tensor of shape {tuple(v.shape)}; a direction is a vector (d) or a basis (d×k)"
+    bad = int((~torch.isfinite(v)).sum())
+    if bad:
+        return f"{bad} non-finite value(s) (NaN or inf) of {v.numel()}"
+    m = v.double().reshape(v.shape[0], -1)
+    norms = m.norm(dim=0)
+    if (norms < MIN_NORM).any():
+        i = int(norms.argmin())
+        col = "" if m.shape[1] == 1 else f"column {i} has "
+        return f"{col}norm {norms[i].item():.3g} (zero or below {MIN_NORM:g}): it points nowhere"
+    s = torch.linalg.svdvals(m / norms)
+    if m.shape[1] > 1 and s[-1] < RANK_TOL * s[0]:
+        rank = int((s >= RANK_TOL * s[0]).sum())
+        return (
+            f"a rank-deficient basis: its {m.shape[1]} columns span only {rank} dimension(s) "
+            f"(smallest singular value {s[-1].item():.2g} of unit columns)"
+        )
+    return None
+
+
+def meaningful(v: Tensor, what: str) -> Tensor:
+    """`v` when it is a meaningful direction or basis (`basis_problem`); else one-line error."""
+    problem = basis_problem(v)
+    if problem is not None:
+        raise MlpimError(f"{what}: no direction to check: {problem}")
+    return v
+
+
 def span_basis(v: Float[Tensor, "d k"], what: str) -> Float[Tensor, "d k"]:
-    """Orthonormal float32 basis of the span of v's columns; refuses NaN or dependent columns."""
-    v = v.detach().to(torch.float64)
+    """Orthonormal float32 basis of the span of v's columns; refuses what `basis_problem` does."""
+    v = v.detach()
     if v.dim() != 2 or v.shape[1] < 1 or v.shape[0] < v.shape[1]:
         raise MlpimError(f"{what}: expected a d×k matrix with k ≤ d, got shape {tuple(v.shape)}")
-    if not torch.isfinite(v).all():
-        raise MlpimError(f"{what}: holds NaN or infinite values")
+    v = meaningful(v, what).to(torch.float64)
     q, r = torch.linalg.qr(v)
     diag = r.diagonal().abs()
     if diag.min() <= 1e-6 * max(float(v.norm(dim=0).max()), 1e-30):
@@ -155,9 +207,7 @@ def span_basis(v: Float[Tensor, "d k"], what: str) -> Float[Tensor, "d k"]:
 
 def checked_orthonormal(w: Float[Tensor, "d k"], what: str) -> Float[Tensor, "d k"]:
     """w as float32 after checking its columns are orthonormal (a tool's saved rotation)."""
-    w = w.detach().to(torch.float32)
-    if not torch.isfinite(w).all():
-        raise MlpimError(f"{what}: holds NaN or infinite values")
+    w = meaningful(w.detach(), what).to(torch.float32)
     gram = w.T.to(torch.float64) @ w.to(torch.float64)
     err = float((gram - torch.eye(w.shape[1], dtype=torch.float64)).abs().max())
     if err > ORTHONORMAL_TOL:
@@ -179,7 +229,9 @@ def pick(items: list[int] | tuple[int, ...] | int | None, n: int, what: str) -> 
 def agree(found, given, name: str, what: str):
     """The value the file says, after checking a value the user also gave agrees with it."""
     if given is not None and found is not None and given != found:
-        raise MlpimError(f"{what}: the file says {name}={found!r}, not {given!r}")
+        raise MlpimError(
+            f"{what}: the file says {name}={found!r}, not {given!r} (given as direction_{name}=)"
+        )
     return found if found is not None else given
 
 

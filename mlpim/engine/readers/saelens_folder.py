@@ -97,6 +97,18 @@ def _sizes(cfg: dict, what: str) -> tuple[int, int, str]:
     return int(cfg["d_in"]), int(cfg["d_sae"]), str(cfg["hook_name"])
 
 
+def processing_requires(cfg: dict) -> tuple[frozenset[str], str]:
+    """What the SAE's activations need from the model at a residual site, and a note: SAELens
+    records TransformerLens's `from_pretrained` kwargs; its training runner sets
+    center_writing_weights=False (raw residuals), TransformerLens's own default is True."""
+    kwargs = cfg.get("model_from_pretrained_kwargs")
+    if not isinstance(kwargs, dict):
+        return frozenset({"stated_processing"}), "processing not recorded"
+    centred = bool(kwargs.get("center_writing_weights", True))
+    need = "centred_activations" if centred else "raw_activations"
+    return frozenset({need}), f"center_writing_weights={centred}"
+
+
 def _rows(folder: Path, features: list[int] | None, d_in: int, d_sae: int) -> torch.Tensor:
     """The chosen rows of W_dec, read without loading the rest of the file."""
     path = folder / WEIGHTS
@@ -111,7 +123,7 @@ def _rows(folder: Path, features: list[int] | None, d_in: int, d_sae: int) -> to
             want = f"[d_sae, d_in] = [{d_sae}, {d_in}]"
             raise MlpimError(f"{path}: W_dec is {list(shape)}, but {CFG} says {want}")
         if features is None:
-            choose = f"choose one with feature=N (0..{d_sae - 1})"
+            choose = f"choose one with direction_feature=N (0..{d_sae - 1})"
             raise MlpimError(f"{folder}: an SAE with {d_sae} features; {choose}")
         return torch.stack([sliced[i : i + 1][0] for i in features])
 
@@ -127,14 +139,16 @@ def read_saelens(
     what = str(folder)
     cfg = _cfg(folder)
     d_in, d_sae, hook = _sizes(cfg, what)
-    features = pick(feature, d_sae, f"{what}: feature")
+    features = pick(feature, d_sae, f"{what}: direction_feature")
     rows = _rows(folder, features, d_in, d_sae)
     found_site, found_layer = tl_hook_site(hook, what)
     if cfg.get("hook_layer") is not None and int(cfg["hook_layer"]) != found_layer:
         raise MlpimError(f"{what}: hook_layer {cfg['hook_layer']} but hook {hook!r}")
     norms = ", ".join(f"{float(n):.3g}" for n in rows.float().norm(dim=1))
     arch, norm = cfg.get("architecture", "?"), cfg.get("normalize_activations", "?")
+    requires, processing = processing_requires(cfg)
     note = f"W_dec rows {features} (norms {norms}), normalised; {arch} SAE, normalize {norm}"
+    note += f"; {processing}"
     return ForeignDirection(
         basis=span_basis(rows.T, f"{what}: W_dec rows {features}"),
         site=agree(found_site, site, "site", what),
@@ -144,4 +158,5 @@ def read_saelens(
         origin=hook,
         note=note,
         path=str(folder),
+        requires=requires,
     )

@@ -31,7 +31,7 @@ OPTIONS = {
     "npy": {"columns", "rows", "site", "layer"},
     "npz": {"key", "columns", "rows", "site", "layer"},
     "torch": {"key", "columns", "rows", "site", "layer"},
-    "mlpim": {"site", "layer"},
+    "mlpim": {"columns", "site", "layer"},
 }
 
 
@@ -139,10 +139,9 @@ def read_direction(path: str | Path, **options) -> ForeignDirection:
     given = {k: v for k, v in options.items() if v is not None}
     extra = sorted(set(given) - OPTIONS[fmt])
     if extra:
-        takes = ", ".join(sorted(OPTIONS[fmt]))
-        raise MlpimError(
-            f"{path} is a {fmt} direction: {', '.join(extra)} not for it (takes {takes})"
-        )
+        takes = ", ".join(f"direction_{o}" for o in sorted(OPTIONS[fmt]))
+        named = ", ".join(f"direction_{o}" for o in extra)
+        raise MlpimError(f"{path} is a {fmt} direction: {named} not for it (takes {takes})")
     if fmt == "pyvene":
         return read_pyvene(path, **given)
     if fmt == "saelens":

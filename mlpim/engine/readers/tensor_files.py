@@ -42,7 +42,9 @@ def _pick_key(keys: list[str], key: str | None, what: str) -> str:
     if key is None and len(keys) == 1:
         return keys[0]
     if key is None:
-        raise MlpimError(f"{what} holds {len(keys)} tensors; choose one with key=: {keys}")
+        raise MlpimError(
+            f"{what} holds {len(keys)} tensors; choose one with direction_key=: {keys}"
+        )
     if key not in keys:
         raise MlpimError(f"{what}: no tensor {key!r}; it holds {keys}")
     return key
@@ -64,7 +66,7 @@ def numpy_tensor(path: Path, key: str | None) -> tuple[str | None, Tensor]:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             if key is not None:
-                raise MlpimError(f"{path} is one .npy array; key={key!r} does not apply")
+                raise MlpimError(f"{path} is one .npy array; direction_key={key!r} does not apply")
             return None, torch.from_numpy(np.array(loaded))
         with loaded:
             name = _pick_key(sorted(loaded.files), key, str(path))
@@ -85,7 +87,7 @@ def torch_tensor(path: Path, loaded, key: str | None) -> tuple[str | None, Tenso
     """(key, tensor) of a loaded torch file: the tensor itself, or a dict entry."""
     if torch.is_tensor(loaded):
         if key is not None:
-            raise MlpimError(f"{path} holds one tensor; key={key!r} does not apply")
+            raise MlpimError(f"{path} holds one tensor; direction_key={key!r} does not apply")
         return None, loaded
     if not isinstance(loaded, dict):
         raise MlpimError(f"{path} holds a {type(loaded).__name__}, not a tensor or a dict")
@@ -101,31 +103,44 @@ def torch_tensor(path: Path, loaded, key: str | None) -> tuple[str | None, Tenso
 def as_matrix(t: Tensor, columns, rows, what: str) -> Tensor:
     """A d×k matrix from a vector or a matrix: `columns` picks columns, `rows` reads rows."""
     if columns is not None and rows is not None:
-        raise MlpimError(f"{what}: give columns= or rows=, not both")
+        raise MlpimError(f"{what}: give direction_columns= or direction_rows=, not both")
     if t.dim() == 1:
         if columns is not None or rows is not None:
-            raise MlpimError(f"{what} is one vector; columns=/rows= do not apply")
+            raise MlpimError(
+                f"{what} is one vector; direction_columns=/direction_rows= do not apply"
+            )
         return t[:, None]
     if t.dim() != 2:
         raise MlpimError(f"{what} has shape {tuple(t.shape)}; expected a vector or a matrix")
     if rows is not None:
-        return t[pick(rows, t.shape[0], f"{what}: rows")].T
+        return t[pick(rows, t.shape[0], f"{what}: direction_rows")].T
     if columns is not None:
-        return t[:, pick(columns, t.shape[1], f"{what}: columns")]
+        return t[:, pick(columns, t.shape[1], f"{what}: direction_columns")]
     if t.shape[1] > t.shape[0]:
         shape = tuple(t.shape)
-        raise MlpimError(f"{what}: {shape} has more columns than rows; vectors in rows need rows=")
+        raise MlpimError(
+            f"{what}: {shape} has more columns than rows; vectors in rows need direction_rows="
+        )
     return t
 
 
-def read_mlpim(path: Path, saved: dict, site, layer) -> ForeignDirection:
-    """mlpim's own saved subspace (`save_subspace`): basis, site and layer from the file."""
+def _listed(items) -> list:
+    """An index or a list of them, as a list (for the note)."""
+    return [items] if isinstance(items, int) else list(items)
+
+
+def read_mlpim(path: Path, saved: dict, site, layer, columns=None) -> ForeignDirection:
+    """mlpim's own saved subspace (`save_subspace`): basis, site and layer from the file;
+    `columns` picks some of its columns."""
     basis = saved["basis"]
     if not torch.is_tensor(basis) or basis.dim() != 2:
         raise MlpimError(f"{path}: 'basis' is not a d×k tensor")
     what = str(path)
     keep = ("model", "k", "seed", "position")
     note = ", ".join(f"{k}={saved[k]}" for k in keep if k in saved)
+    if columns is not None:
+        chosen = pick(columns, basis.shape[1], f"{what}: direction_columns")
+        basis, note = basis[:, chosen], f"{note}; columns {chosen}"
     return ForeignDirection(
         basis=checked_orthonormal(basis, f"{what}: basis"),
         site=agree(saved.get("site"), site, "site", what),
@@ -156,14 +171,16 @@ def read_tensor_file(
     else:
         loaded = torch_object(path)
         if isinstance(loaded, dict) and "basis" in loaded:
-            return read_mlpim(path, loaded, site, layer)
+            if key is not None or rows is not None:
+                raise MlpimError(f"{path} is an mlpim subspace: direction_key/rows do not apply")
+            return read_mlpim(path, loaded, site, layer, columns)
         name, t = torch_tensor(path, loaded, key)
     what = f"{path}" + (f" [{name}]" if name else "")
     matrix = as_matrix(t, columns, rows, what)
     orthonormal = fmt == "causalab" and name == CAUSALAB_KEY
     basis = checked_orthonormal(matrix, what) if orthonormal else span_basis(matrix, what)
-    picked = f" columns {list(columns)}" if columns is not None else ""
-    picked += f" rows {list(rows)}" if rows is not None else ""
+    picked = f" columns {_listed(columns)}" if columns is not None else ""
+    picked += f" rows {_listed(rows)}" if rows is not None else ""
     shape = f"{tuple(t.shape)} {t.dtype}"
     note = f"causalab PCA rotation {shape}" if orthonormal else f"{shape}, orthonormalised"
     return ForeignDirection(
