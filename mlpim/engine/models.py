@@ -92,16 +92,23 @@ def load_model(cfg: ModelSpec, device: str = "cpu", vocab: list[str] | None = No
         return _load_model(cfg, device, vocab)
 
 
-def _load_model(cfg: ModelSpec, device: str, vocab: list[str] | None):
+def load_hf(cfg: ModelSpec, vocab: list[str] | None = None):
+    """(Hugging Face model in eval mode, tokenizer) that `load_model` wraps, unwrapped: for
+    another tool (pyvene) to run the same weights; the bridge swaps in its own modules."""
     loaders = {"gguf": _load_gguf, "hf": _load_hf, "tiny": lambda c: _build_tiny(c, vocab)}
     if cfg.source not in loaders:
         raise ConfigError(f"unknown model source {cfg.source!r}; allowed: {', '.join(loaders)}")
     hf_model, tokenizer = loaders[cfg.source](cfg)
-    from transformer_lens.model_bridge import TransformerBridge  # slow import: after the checks
-
     hf_model = hf_model.to(getattr(torch, cfg.dtype)).eval()
     if not getattr(hf_model.config, "architectures", None):
         hf_model.config.architectures = [type(hf_model).__name__]
+    return hf_model, tokenizer
+
+
+def _load_model(cfg: ModelSpec, device: str, vocab: list[str] | None):
+    hf_model, tokenizer = load_hf(cfg, vocab)
+    from transformer_lens.model_bridge import TransformerBridge  # slow import: after the checks
+
     bridge = TransformerBridge.boot_transformers(
         cfg.hf_name or hf_model.config.model_type, hf_model=hf_model, tokenizer=tokenizer,
         device=device,
