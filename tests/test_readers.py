@@ -188,7 +188,10 @@ def _rewrite_component(folder: Path, component: str, unit: str = "pos") -> None:
     cfg = json.loads((folder / "config.json").read_text())
     old = cfg["sorted_keys"][0]
     cfg["representations"][0][1], cfg["representations"][0][2] = component, unit
-    new = f"layer_1_comp_{component}_unit_{unit.replace('.', '_')}_nunit_1#0"
+    where = (
+        f"comp_{component.replace('.', '_')}" if "." in component else f"layer_1_comp_{component}"
+    )
+    new = f"{where}_unit_{unit.replace('.', '_')}_nunit_1#0"  # pyvene's _get_representation_key
     cfg["sorted_keys"] = [new]
     (folder / "config.json").write_text(json.dumps(cfg))
     (folder / f"intkey_{old}.bin").rename(folder / f"intkey_{new}.bin")
@@ -201,6 +204,7 @@ def _rewrite_component(folder: Path, component: str, unit: str = "pos") -> None:
         ("head_query_output", "h.pos", "single heads"),
         ("block_output", "h.pos", "one position"),
         ("mystery_output", "pos", "unknown"),
+        ("transformer.h[1].attn.c_attn.output", "pos", "module path mlpim does not map"),
     ],
 )
 def test_pyvene_refuses_components_without_an_mlpim_site(tmp_path, gpt2, component, unit, words):
