@@ -42,10 +42,14 @@ ONE_D = ("illusion_check",)  # runners whose checks take one direction, not a su
 
 
 def direction_options(cfg: DictConfig) -> dict:
-    """The config's `direction_<option>=` values (key, feature, columns, rows), None if unset."""
+    """The config's `direction_<option>=` values (key, feature, columns, rows) as plain Python
+    values (a list, not a ListConfig), None if unset."""
     from mlpim.engine.subspace import OPTION_NAMES
 
-    return {o: cfg.get(f"direction_{o}") for o in OPTION_NAMES}
+    values = {o: cfg.get(f"direction_{o}") for o in OPTION_NAMES}
+    return {
+        o: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for o, v in values.items()
+    }
 
 
 def check_direction_file(

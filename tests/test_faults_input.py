@@ -79,7 +79,7 @@ DIRECTIONS = {  # probe -> what the one line must say
     "torch_as_npy": ["a torch file named .npy", "rename it to d.pt"],
     "npy_as_pt": ["a numpy .npy file named .pt", "rename it to d.npy"],
     "npz": ["holds 2 tensors", "choose one with direction_key="],
-    "text": ["a text file, not a direction file", "pyvene or SAELens folder"],
+    "text": ["a text file, not a torch (.pt) or numpy (.npy) file", "pyvene or SAELens folder"],
     "empty": ["an empty file"],
     "pickle": ["a Python pickle that mlpim cannot load as tensors", "never runs code"],
     "matrix3d": ["shape (128, 2, 2)"],

@@ -213,7 +213,7 @@ def load_subspace(
     would run code; a tensor that is no direction (non-finite, zero, rank-deficient)."""
     path = Path(path)
     opts = {**(_READ_OPTIONS.get() or {}).get(_where(path), {}), **options}
-    opts = {k: _plain_value(v) for k, v in opts.items() if v is not None}
+    opts = {k: v for k, v in opts.items() if v is not None}
     if not path.exists():
         raise ConfigError(f"{path}: no such file or folder; {READABLE}")
     kind = None if path.is_dir() else file_kind(path)
@@ -223,19 +223,14 @@ def load_subspace(
             if isinstance(loaded, dict) and "basis" in loaded:
                 return _mlpim_subspace(path, loaded, site, layer, opts)
         elif kind is not None and kind != "npz" and not _other_tool_file(path):
-            raise ConfigError(f"{path}: {KINDS[kind]}, not a direction file: {READABLE}")
+            raise ConfigError(
+                f"{path}: {KINDS[kind]}, not a torch (.pt) or numpy (.npy) file; {READABLE}"
+            )
         rec = readers.read_direction(path, **opts)
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     rec = replace(rec, site=rec.site or site, layer=rec.layer if rec.layer is not None else layer)
     return {"basis": rec.basis, "site": rec.site, "layer": rec.layer, "reader": rec}
-
-
-def _plain_value(value):
-    """A config value (OmegaConf list) as plain Python."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _other_tool_file(path: Path) -> bool:
