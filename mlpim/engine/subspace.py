@@ -22,7 +22,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from mlpim.engine import readers
 from mlpim.engine.patching import subspace_patch
-from mlpim.engine.readers.record import basis_problem
+from mlpim.engine.readers.record import basis_problem, pick
 from mlpim.errors import ConfigError, MlpimError
 from mlpim.files import save_torch
 
@@ -254,7 +254,7 @@ def _mlpim_subspace(path: Path, saved: dict, site, layer, opts: dict) -> dict:
     basis = basis[:, None] if basis.dim() == 1 else basis
     note = ", ".join(f"{k}={saved[k]}" for k in ("model", "k", "seed") if k in saved)
     if "columns" in opts:
-        chosen = readers.pick(opts["columns"], basis.shape[1], f"{path}: direction_columns")
+        chosen = pick(opts["columns"], basis.shape[1], f"{path}: direction_columns")
         basis, note = basis[:, chosen], f"{note}; columns {chosen}"
     eye = torch.eye(basis.shape[1], dtype=basis.dtype)
     if not torch.allclose(basis.T @ basis, eye, atol=1e-4):
