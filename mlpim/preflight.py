@@ -97,6 +97,11 @@ def _fits_declared(rec, cfg: DictConfig) -> None:
 
     if rec.site == "z":
         raise MlpimError(f"{rec.path}: {Z_REFUSAL}")
+    if cfg.get("runner") in ONE_D and (rec.site is None or rec.layer is None):
+        raise MlpimError(
+            f"{rec.path} ({rec.describe()}) does not say the site and layer it was found at; "
+            "give them: direction_site=KIND direction_layer=N"
+        )
     sizes = model_sizes(cfg)
     n_layers, width = (
         sizes.get("n_layers"),

@@ -301,6 +301,7 @@ def test_check_npy_and_safetensors_with_a_key(tmp_path, capsys):
         (["direction_site=resid_post", "direction_layer=1"], "width 128, but resid_post"),
         (["direction_site=z", "direction_layer=1"], "per head"),
         (["direction_site=mlp_post", "direction_layer=7"], "layer 7 is outside tiny"),
+        (["direction_site=mlp_post"], "does not say the site and layer it was found at"),
     ],
 )
 def test_options_and_sites_refused_before_the_model(tmp_path, capsys, args, words):
