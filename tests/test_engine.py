@@ -19,6 +19,7 @@ from mlpim.engine import cache, fastpath, patching
 from mlpim.engine.interventions import (
     EngineMismatchError,
     guard,
+    linear_unembed,
     patched_end_logits,
     patched_end_loss,
     prepare,
@@ -292,3 +293,103 @@ def test_smollm2_engines_on_ioi_pairs(smollm2, kind):
         with torch.no_grad():
             fused, plain = (patched_end_loss(model, preps[e], setter).item() for e in preps)
         assert abs(fused - plain) <= TOL
+
+
+# ------------------------------------------------- the preparation's shortcuts vs the plain runs
+@pytest.fixture(params=MODELS + FAMILIES)
+def any_model(request):
+    if request.param in FAMILIES:
+        return family_model(request.param)
+    return request.getfixturevalue(request.param)
+
+
+@pytest.mark.parametrize("mid", (False, True))
+def test_end_only_logits_equal_the_plain_forward(any_model, mid):
+    """`run_cache` asks the model for END logits only (`logits_to_keep=1`): they equal the END
+    column of the plain forward's logits, and the model really computed one column."""
+    pb = pair(any_model, mid=mid)
+    name = hook_name("mlp_post", 1)
+    logits, _ = patching.run_cache(any_model, pb.base, [name])
+    assert max_diff(logits, patching.logits_end(any_model, pb.base)) <= TOL
+    raw, _ = patching.cached_run(any_model, pb.base, [name], logits_to_keep=1)
+    assert raw.shape[1] == 1
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_source_run_stopped_after_the_site_equals_the_full_run(any_model, kind, layer):
+    """`site_acts` stops the forward after the site's block: the activations equal a full run's."""
+    pb = pair(any_model, mid=True)
+    name = hook_name(kind, layer)
+    fast = patching.site_acts(any_model, pb.source, [name])[name]
+    _, full_cache = patching.cached_run(any_model, pb.source, [name])
+    assert max_diff(fast, patching.at(full_cache[name], pb.source.pos)) <= TOL
+    assert fast.abs().max() > 0
+
+
+def test_last_block_of_hook_names():
+    assert patching.last_block(["blocks.2.mlp.hook_post", "blocks.10.hook_resid_post"]) == 10
+    assert patching.last_block(["blocks.0.attn.hook_z", "hook_embed"]) is None
+    assert patching.last_block(["ln_final.hook_normalized"]) is None
+
+
+@pytest.mark.parametrize("mid", (False, True))
+def test_base_run_cache_equals_the_prefix_run(any_model, mid, monkeypatch):
+    """`base_run` crops the KV cache of its one full forward to the prefix: it equals the cache
+    of the prefix run alone (`cache_state`) on every real column, and its END logits the plain
+    forward's. Only where
+    the cache cannot be cropped (tiny Gemma 3: prompts longer than its sliding window of 4)
+    does the prefix run again."""
+    pb = pair(any_model, mid=mid)
+    name = hook_name("resid_post", 1)
+    calls = []
+    prefix = cache.prefix
+    monkeypatch.setattr(cache, "prefix", lambda *a: calls.append(1) or prefix(*a))
+    logits, acts, state = cache.base_run(any_model, pb.base, [name])
+    monkeypatch.undo()
+    ref = cache.cache_state(any_model, pb.base)
+    assert len(calls) == (any_model.cfg.model_name == "tiny-gemma3")
+    assert (state.start, state.past.get_seq_length()) == (ref.start, ref.past.get_seq_length())
+    keep = pb.base.mask[:, : state.start].bool()  # padding columns are never attended to
+
+    def real(x):
+        """[b, heads, cached, dh] -> [real columns, heads, dh] (a sliding layer keeps the last)."""
+        return x.transpose(1, 2)[keep[:, keep.shape[1] - x.shape[2] :]]
+
+    for ours, theirs in zip(state.past.layers, ref.past.layers, strict=True):
+        assert max_diff(real(ours.keys), real(theirs.keys)) <= TOL
+        assert max_diff(real(ours.values), real(theirs.values)) <= TOL
+    assert max_diff(logits, patching.logits_end(any_model, pb.base)) <= TOL
+    assert acts[name].shape[:2] == pb.base.tokens.shape
+
+
+def test_cache_engine_fuses_the_unembedding_where_the_logits_are_linear(any_model):
+    """Every tiny model's logits are its unembedding's input times W_U plus b_U, so the cache
+    engine's DAS loss takes the fused path (whose loss and gradient the tests above check
+    against the full forward); the fused loss equals cross-entropy of the engine's logits."""
+    pb = pair(any_model, mid=True)
+    prep = prepare_sites(any_model, pb, [("mlp_post", 1)], "cache")[("mlp_post", 1)]
+    assert linear_unembed(any_model, prep)
+    rot = RotatedSubspace(any_model.cfg.d_mlp, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused = patched_end_loss(any_model, prep, rot).item()
+        logits = patched_end_logits(any_model, prep, rot)
+    assert abs(fused - torch.nn.functional.cross_entropy(logits, pb.label).item()) <= TOL
+
+
+def test_cache_engine_falls_back_where_the_unembedding_is_not_linear(tiny_llama, monkeypatch):
+    """With W_U scaled (as a soft-capped or otherwise different head would look), the check
+    fails and the loss comes from the model's own logits: it still equals the full forward's."""
+    pb = pair(tiny_llama, mid=True)
+    preps = {e: prepare_sites(tiny_llama, pb, [("mlp_post", 1)], e) for e in ("full", "cache")}
+    preps = {e: p[("mlp_post", 1)] for e, p in preps.items()}
+    w_t, b = fastpath.unembed_weights(tiny_llama)
+    monkeypatch.setitem(tiny_llama.__dict__, "_mlpim_unembed", (2 * w_t, b))
+    monkeypatch.delitem(tiny_llama.__dict__, "_mlpim_linear_unembed", raising=False)
+    assert not linear_unembed(tiny_llama, preps["cache"])
+    rot = RotatedSubspace(tiny_llama.cfg.d_mlp, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        losses = [patched_end_loss(tiny_llama, p, rot).item() for p in preps.values()]
+    assert abs(losses[0] - losses[1]) <= TOL
+    monkeypatch.undo()
+    tiny_llama.__dict__.pop("_mlpim_linear_unembed", None)

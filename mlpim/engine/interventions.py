@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mlpim.engine import cache, fastpath, metrics
+from mlpim.engine.fused_ce import unembed_ce
 from mlpim.engine.models import ConfigError, validate_site
 from mlpim.engine.patching import Setter, at, full, head, patched_logits, run_cache, site_acts
 from mlpim.tasks.batch import PairBatch
@@ -70,14 +71,18 @@ Site = tuple[str, int]  # (kind, layer)
 
 
 def prepare_sites(model, pb: PairBatch, sites: list[Site], engine: str) -> dict[Site, Prepared]:
-    """One base and one source run (no gradients) for several sites of one batch."""
+    """For several sites of one batch: one full base run (its END logits, the site activations,
+    and the kernel's state or the model's own KV cache) and one source run up to the last site's
+    block, both without gradients."""
     names = {s: validate_site(model, *s) for s in sites}
     wanted = set(names.values())
     if engine == "kernel":
         wanted |= set().union(*(fastpath.state_names(model, *s) for s in sites))
-    logits, base = run_cache(model, pb.base, wanted)
+    if engine == "cache":
+        logits, base, shared = cache.base_run(model, pb.base, wanted)
+    else:
+        (logits, base), shared = run_cache(model, pb.base, wanted), None
     source = site_acts(model, pb.source, sorted(set(names.values())))
-    shared = cache.cache_state(model, pb.base) if engine == "cache" else None
     out = {}
     for site, name in names.items():
         state = shared
@@ -182,12 +187,33 @@ def patched_end_logits(model, prep: Prepared, setter: Setter) -> Float[Tensor, "
 
 
 def patched_end_loss(model, prep: Prepared, setter: Setter) -> Tensor:
-    """Mean cross-entropy of the patched END logits against the counterfactual labels."""
+    """Mean cross-entropy of the patched END logits against the counterfactual labels. The
+    kernel, and the cache engine where `linear_unembed` holds, fuse the unembedding with it."""
     if prep.engine == "kernel":
         act = setter(prep.base_act, prep.source_act)
         return fastpath.resume_loss(model, prep.state, act, prep.pairs.label)
+    if prep.engine == "cache" and linear_unembed(model, prep):
+        h = cache.resume_hidden(model, prep.state, prep.name, setter, prep.source_act)
+        return unembed_ce(h, *fastpath.unembed_weights(model), prep.pairs.label)
     logits = patched_end_logits(model, prep, setter)
     return torch.nn.functional.cross_entropy(logits, prep.pairs.label)
+
+
+def linear_unembed(model, prep: Prepared) -> bool:
+    """Whether the model's END logits are its unembedding's input times W_U plus b_U (no logit
+    soft-capping or other head), checked once per model against its own unpatched logits."""
+    key = "_mlpim_linear_unembed"
+    if key not in model.__dict__:
+        ok = cache.UNEMBED_IN in model.hook_dict
+        if ok:
+            keep = lambda base, source: base  # noqa: E731
+            with torch.no_grad():
+                h = cache.resume_hidden(model, prep.state, prep.name, keep, prep.source_act)
+                logits = cache.resume(model, prep.state, prep.name, keep, prep.source_act)
+            w_t, b = fastpath.unembed_weights(model)
+            ok = (h @ w_t.T + b - logits).abs().max().item() <= tolerance(logits)
+        model.__dict__[key] = ok
+    return model.__dict__[key]
 
 
 def evaluate(model, prepared: list[Prepared], setter: Setter) -> dict[str, float]:

