@@ -393,3 +393,36 @@ def test_cache_engine_falls_back_where_the_unembedding_is_not_linear(tiny_llama,
     assert abs(losses[0] - losses[1]) <= TOL
     monkeypatch.undo()
     tiny_llama.__dict__.pop("_mlpim_linear_unembed", None)
+
+
+@pytest.mark.slow
+def test_gemma3_engines_on_ioi_pairs(gemma3):
+    """Gemma 3 270M (sliding windows, QK norm, sandwich norms, 262k vocabulary), one IOI batch
+    at the landmark: the preparation's END-only logits equal the plain forward's, the cache
+    engine equals the full forward for whole and subspace patches, and its fused DAS loss and
+    gradient equal the full forward's."""
+    from mlpim.tasks.ioi import paper_pairs
+
+    cfg = compose(["model=gemma3-270m", "device=cpu"])
+    layer = cfg.model.landmarks.mlp_in_the_middle
+    pb = paper_pairs(gemma3.tokenizer, cfg.dataset, "test", 0)[0]
+    assert fastpath.unsupported(gemma3) is not None
+    site = ("mlp_post", layer)
+    preps = {e: prepare_sites(gemma3, pb, [site], e)[site] for e in ("full", "cache")}
+    assert max_diff(preps["cache"].clean_logits, patching.logits_end(gemma3, pb.base)) <= TOL
+    assert linear_unembed(gemma3, preps["cache"])
+    rot = RotatedSubspace(gemma3.cfg.d_mlp, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for setter in (patching.full, rot):
+            ours, ref = (patched_end_logits(gemma3, preps[e], setter) for e in ("cache", "full"))
+            assert max_diff(ours, ref) <= TOL
+            assert max_diff(ref, preps["full"].clean_logits) > 10 * TOL
+    grads, losses = [], []
+    for prep in preps.values():
+        rot.zero_grad()
+        loss = patched_end_loss(gemma3, prep, rot)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in rot.parameters()]))
+    assert abs(losses[0] - losses[1]) <= TOL
+    assert ((grads[0] - grads[1]).norm() / grads[0].norm()).item() <= TOL
