@@ -398,13 +398,13 @@ def test_cache_engine_falls_back_where_the_unembedding_is_not_linear(tiny_llama,
 @pytest.mark.slow
 def test_gemma3_engines_on_ioi_pairs(gemma3):
     """Gemma 3 270M (sliding windows, QK norm, sandwich norms, 262k vocabulary), one IOI batch
-    at the landmark: the preparation's END-only logits equal the plain forward's, the cache
+    at MLP10: the preparation's END-only logits equal the plain forward's, the cache
     engine equals the full forward for whole and subspace patches, and its fused DAS loss and
     gradient equal the full forward's."""
     from mlpim.tasks.ioi import paper_pairs
 
     cfg = compose(["model=gemma3-270m", "device=cpu"])
-    layer = cfg.model.landmarks.mlp_in_the_middle
+    layer = 10  # no landmark by the rule; the block where the END position signal peaks
     pb = paper_pairs(gemma3.tokenizer, cfg.dataset, "test", 0)[0]
     assert fastpath.unsupported(gemma3) is not None
     site = ("mlp_post", layer)
