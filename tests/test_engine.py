@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mlpim.config import compose
-from mlpim.engine import cache, fastpath, patching
+from mlpim.engine import cache, fastpath, interventions, patching
 from mlpim.engine.interventions import (
     EngineMismatchError,
     guard,
@@ -426,3 +426,34 @@ def test_gemma3_engines_on_ioi_pairs(gemma3):
         grads.append(torch.cat([p.grad.flatten() for p in rot.parameters()]))
     assert abs(losses[0] - losses[1]) <= TOL
     assert ((grads[0] - grads[1]).norm() / grads[0].norm()).item() <= TOL
+
+
+def test_length_groups_split_where_padding_drops():
+    mask = lambda lengths: left_pad([[1] * n for n in lengths], 0)[1]  # noqa: E731
+    groups = patching.length_groups(mask([9, 6, 8]))  # 27 padded columns -> 6 + 2 * 9 = 24
+    assert [g.tolist() for g in groups] == [[1], [2, 0]]
+    assert [g.tolist() for g in patching.length_groups(mask([9, 8, 8, 9]))] == [[0, 1, 2, 3]]
+    assert [g.tolist() for g in patching.length_groups(mask([5]))] == [[0]]
+    sub = patching.select_rows(pair(family_model("qwen2")).base, torch.tensor([1]))
+    assert sub.tokens.shape == (1, 6) and bool(sub.mask.all())  # row 1 alone: no padding
+
+
+@pytest.mark.parametrize("engine", ("kernel", "cache", "full"))
+def test_prepare_in_length_groups_equals_one_group(any_model, engine, monkeypatch):
+    """The base and source runs in two groups of similar length (the test batch's lengths 9, 6,
+    8 split) give the activations, END logits and patched logits of one padded run."""
+    model = any_model
+    if engine == "kernel" and fastpath.unsupported(model):
+        pytest.skip("the kernel does not run this family")
+    pb, site = pair(model, mid=engine == "cache"), ("mlp_post", 1)
+    assert len(patching.length_groups(pb.base.mask)) == 2
+    grouped = prepare_sites(model, pb, [site], engine)[site]
+    monkeypatch.setattr(patching, "length_groups", lambda mask: [torch.arange(len(mask))])
+    monkeypatch.setattr(interventions, "length_groups", patching.length_groups)
+    whole = prepare_sites(model, pb, [site], engine)[site]
+    for field in ("base_act", "source_act", "clean_logits"):
+        assert max_diff(getattr(grouped, field), getattr(whole, field)) <= TOL
+    with torch.no_grad():
+        ours, ref = (patched_end_logits(model, p, patching.full) for p in (grouped, whole))
+    assert max_diff(ours, ref) <= TOL
+    assert max_diff(ref, whole.clean_logits) > 10 * TOL

@@ -106,6 +106,35 @@ def state_from_cache(model, cache, kind: str, layer: int, mask: Tensor) -> EndSt
     )  # fmt: skip
 
 
+def merge_states(parts: list[tuple[Tensor, EndState]], n: int, prefix: int) -> EndState:
+    """One EndState for n rows from the states of row groups `(rows, state)` (one site); each
+    group's prefix keys/values are left-padded to `prefix` columns as padding is: zeros, masked."""
+    first = parts[0][1]
+
+    def stack(get) -> Tensor:
+        """Each group's tensor `get(state)` put at its rows of an n-row tensor."""
+        out = get(first).new_zeros(n, *get(first).shape[1:])
+        for rows, st in parts:
+            out[rows] = get(st)
+        return out
+
+    def left(x: Tensor, dim: int) -> Tensor:
+        """x with zero columns before its own along `dim`, up to `prefix`."""
+        pad = list(x.shape)
+        pad[dim] = prefix - x.shape[dim]
+        return torch.cat([x.new_zeros(pad), x], dim=dim)
+
+    rows_of = lambda st: st.resid_pre.shape[0]  # noqa: E731
+    rot = None
+    if first.rotary is not None:  # [b or 1, dh] per group
+        rot = tuple(stack(lambda st, j=j: st.rotary[j].expand(rows_of(st), -1)) for j in (0, 1))
+    keys = {i: stack(lambda st, i=i: left(st.keys[i], 3)) for i in first.keys}
+    values = {i: stack(lambda st, i=i: left(st.values[i], 2)) for i in first.values}
+    resid = [stack(lambda st, a=a: getattr(st, a)) for a in ("resid_pre", "resid_mid")]
+    key_mask = stack(lambda st: left(st.key_mask, 1))
+    return EndState(first.kind, first.layer, *resid, keys, values, rot, key_mask)
+
+
 def end_state(model, batch: PromptBatch, kind: str, layer: int) -> EndState:
     """Run the base prompts once and keep what `resume` needs for a site (kind, layer)."""
     _, cache = run_cache(model, batch, state_names(model, kind, layer))

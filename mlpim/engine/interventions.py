@@ -22,8 +22,18 @@ from tqdm.auto import tqdm
 from mlpim.engine import cache, fastpath, metrics
 from mlpim.engine.fused_ce import unembed_ce
 from mlpim.engine.models import ConfigError, validate_site
-from mlpim.engine.patching import Setter, at, full, head, patched_logits, run_cache, site_acts
-from mlpim.tasks.batch import PairBatch
+from mlpim.engine.patching import (
+    Setter,
+    at,
+    full,
+    head,
+    length_groups,
+    patched_logits,
+    run_cache,
+    select_rows,
+    site_acts,
+)
+from mlpim.tasks.batch import PairBatch, PromptBatch
 
 log = logging.getLogger(__name__)
 ENGINES = ("auto", "kernel", "cache", "full")
@@ -71,26 +81,51 @@ Site = tuple[str, int]  # (kind, layer)
 
 
 def prepare_sites(model, pb: PairBatch, sites: list[Site], engine: str) -> dict[Site, Prepared]:
-    """For several sites of one batch: one full base run (its END logits, the site activations,
-    and the kernel's state or the model's own KV cache) and one source run up to the last site's
-    block, both without gradients."""
+    """For several sites of one batch: the base runs (END logits, site activations, and the
+    kernel's state or the model's own KV cache) and the source runs up to the last site's block,
+    all without gradients."""
     names = {s: validate_site(model, *s) for s in sites}
-    wanted = set(names.values())
-    if engine == "kernel":
-        wanted |= set().union(*(fastpath.state_names(model, *s) for s in sites))
     if engine == "cache":
-        logits, base, shared = cache.base_run(model, pb.base, wanted)
+        logits, acts, states = cache_base(model, pb.base, names)
     else:
-        (logits, base), shared = run_cache(model, pb.base, wanted), None
+        logits, acts, states = grouped_base(model, pb.base, names, kernel=engine == "kernel")
     source = site_acts(model, pb.source, sorted(set(names.values())))
-    out = {}
-    for site, name in names.items():
-        state = shared
-        if engine == "kernel":
-            state = fastpath.state_from_cache(model, base, *site, pb.base.mask)
-        act = at(base[name], pb.base.pos)
-        out[site] = Prepared(pb, name, engine, act, source[name], logits, state)
-    return out
+    return {
+        site: Prepared(pb, name, engine, acts[site], source[name], logits, states[site])
+        for site, name in names.items()
+    }
+
+
+def cache_base(model, base: PromptBatch, names: dict[Site, str]) -> tuple[Tensor, dict, dict]:
+    """The cache engine's base run: (END logits, site -> activation, site -> the shared
+    CacheState), from one full forward of the whole batch (its KV cache is the model's own)."""
+    logits, acts, state = cache.base_run(model, base, set(names.values()))
+    return logits, {s: at(acts[n], base.pos) for s, n in names.items()}, dict.fromkeys(names, state)
+
+
+def grouped_base(
+    model, base: PromptBatch, names: dict[Site, str], kernel: bool
+) -> tuple[Tensor, dict, dict]:
+    """Base runs of row groups of similar length (`length_groups`): (END logits, site ->
+    activation, site -> the kernel's EndState or None), put back in the batch's row order."""
+    wanted = set(names.values())
+    if kernel:
+        wanted |= set().union(*(fastpath.state_names(model, *s) for s in names))
+    parts = []
+    for rows in length_groups(base.mask):
+        sub = select_rows(base, rows)
+        logits, run = run_cache(model, sub, wanted)
+        acts = {s: at(run[n], sub.pos) for s, n in names.items()}
+        states = {s: fastpath.state_from_cache(model, run, *s, sub.mask) for s in names if kernel}
+        parts.append((rows, logits, acts, states))
+    order = torch.cat([p[0] for p in parts]).argsort()  # row i of the batch
+    logits = torch.cat([p[1] for p in parts])[order]
+    acts = {s: torch.cat([p[2][s] for p in parts])[order] for s in names}
+    states = dict.fromkeys(names)
+    for s in names if kernel else ():
+        parts_s = [(p[0], p[3][s]) for p in parts]
+        states[s] = fastpath.merge_states(parts_s, len(base), base.tokens.shape[1] - 1)
+    return logits, acts, states
 
 
 def prepare(

@@ -89,14 +89,41 @@ def last_block(names) -> int | None:
     return max(int(x) for x in layers)
 
 
+def length_groups(mask: Int[Tensor, "b seq"], saving: float = 0.1) -> list[Int[Tensor, " n"]]:
+    """Row indices in one group, or in two of similar real length where padding each only to its
+    own longest row saves at least `saving` of the batch's padded columns."""
+    lengths = mask.sum(1)
+    order = lengths.argsort(stable=True)
+    ls, n = lengths[order].tolist(), len(lengths)
+    splits = [(k * ls[k - 1] + (n - k) * ls[-1], k) for k in range(1, n)]
+    cost, k = min(splits, default=(n * ls[-1], n))
+    if cost > (1 - saving) * n * ls[-1]:
+        return [torch.arange(n)]
+    return [order[:k], order[k:]]
+
+
+def select_rows(batch: PromptBatch, rows: Int[Tensor, " n"]) -> PromptBatch:
+    """Rows `rows` of a left-padded batch, without the columns that are padding in all of them."""
+    cut = batch.tokens.shape[1] - int(batch.mask[rows].sum(1).max())
+    tokens, mask = batch.tokens[rows, cut:], batch.mask[rows, cut:]
+    return PromptBatch(tokens, mask, batch.pos[rows] - cut, batch.answer[rows], batch.other[rows])
+
+
 def site_acts(model, batch: PromptBatch, names: list[str]) -> dict[str, Float[Tensor, "b ..."]]:
-    """Activations of `names` at each prompt's patch position. The forward stops after the last
-    block they belong to (TransformerLens's `stop_at_layer`), else computes logits at END only."""
+    """Activations of `names` at each prompt's patch position. The rows run in groups of similar
+    length (`length_groups`); each forward stops after the last block the names belong to
+    (TransformerLens's `stop_at_layer`), else computes logits at END only."""
     last = last_block(names)
     early = last is not None and last + 1 < model.cfg.n_layers
     kwargs = {"stop_at_layer": last + 1} if early else {"logits_to_keep": 1}
-    _, cache = cached_run(model, batch, names, **kwargs)
-    return {n: at(cache[n], batch.pos) for n in names}
+    out: dict[str, Tensor] = {}
+    for rows in length_groups(batch.mask):
+        sub = select_rows(batch, rows)
+        _, cache = cached_run(model, sub, names, **kwargs)
+        for n in names:
+            act = at(cache[n], sub.pos)
+            out.setdefault(n, act.new_empty(len(batch), *act.shape[1:]))[rows] = act
+    return out
 
 
 def patch_hook(setter: Setter, source: Tensor, pos: Int[Tensor, " b"]):
