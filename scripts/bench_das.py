@@ -1,5 +1,5 @@
-"""Time one DAS epoch four ways, side by side: the default engine (the END-only kernel), the
-generic KV-cache engine, the plain full forward, and pyvene.
+"""Time one DAS epoch four ways, side by side: the END-only kernel (where it applies), the
+generic KV-cache engine, the plain full forward, and pyvene; and each engine's preparation.
 
 Usage (flags first, then Hydra overrides for `mlpim.config.compose`):
 
@@ -11,17 +11,24 @@ All paths use the same model, the same training pairs
 the model's MLP-in-the-middle landmark, k = `method.dim`), the same initial basis, batch size,
 thread count and optimiser (Adam, lr `method.lr`, CE over the full vocabulary at END):
 
-  (a) fast   `prepare(..., engine="auto")` (the kernel on GPT-2/Llama shapes) + the `train_das`
-             inner loop (END-only resume, unembedding fused with the cross-entropy),
+  (a) kernel `prepare(..., engine="kernel")` (GPT-2/Llama shapes only; `fastpath.unsupported`
+             says why not elsewhere) + the `train_das` inner loop (END-only resume, unembedding
+             fused with the cross-entropy),
   (b) cache  `prepare(..., engine="cache")`: the model's own forward resumed from its own KV
-             cache (any architecture), then `cross_entropy` of the END logits,
+             cache (any architecture); unembedding fused with the cross-entropy where the
+             model's logits are linear in the unembedding's input (`linear_unembed`),
   (c) plain  `prepare(..., engine="full")` + the same loop (full forward with a TransformerLens
              hook, then `cross_entropy` of the END logits),
   (d) pyvene 0.1.8 `IntervenableModel` over the bridge's HF model (`model.original_model`) with a
       `LowRankRotatedSpaceIntervention`; it runs base and source forwards every step, as pyvene does
       (given the attention mask and mask-derived positions of the left-padded batches).
 
-Before timing, the patched END logits of one batch are compared: fast and cache vs plain (<= 1e-4) and
+Preparation (`prep_s`, and `prep_s_per_batch`) is `prepare(...)` over all batches: one base and
+one source run per batch without gradients, and the runtime guard on batch 0. pyvene prepares
+nothing (its row's `prep_s` is building the `IntervenableModel`): it runs both forwards at
+every step, inside its epoch time.
+
+Before timing, the patched END logits of one batch are compared: kernel and cache vs plain (<= 1e-4) and
 pyvene vs ours (<= 1e-3) with the same basis, copied into pyvene's rotate layer. pyvene's
 convention is ours: its rotate-layer weight W is d×k with orthonormal columns (torch's orthogonal
 parametrization) and the patch is base + (source W − base W) Wᵀ, i.e. our basis V = W.
@@ -64,6 +71,7 @@ import pandas as pd
 import torch
 
 from mlpim.config import compose
+from mlpim.engine import fastpath
 from mlpim.engine.fastpath import MLP_SITES, first_block
 from mlpim.engine.interventions import Prepared, patched_end_logits, patched_end_loss, prepare
 from mlpim.engine.subspace import RotatedSubspace
@@ -93,7 +101,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 # --------------------------------------------------------------------------- training steps
-def our_step(model, kind: str, layer: int, rot: RotatedSubspace, opt) -> Callable[[Prepared], None]:
+def our_step(model, rot: RotatedSubspace, opt) -> Callable[[Prepared], None]:
     """One `train_das` step (forward, CE at END, backward, Adam) on a prepared batch."""
 
     def step(p: Prepared) -> None:
@@ -206,35 +214,34 @@ def pyvene_step(ivm, opt) -> Callable:
 
 
 # --------------------------------------------------------------------------- checks
-def check_equivalence(model, fast0: Prepared, cache0: Prepared, plain0: Prepared, k: int,
-                      ivm) -> dict[str, float]:  # fmt: skip
-    """Patched END logits of one batch: fast == cache == plain (1e-4), pyvene == ours (1e-3).
+def check_equivalence(model, first: dict[str, Prepared], k: int, ivm) -> dict[str, float]:
+    """Patched END logits of batch 0: every engine == plain (1e-4), pyvene == ours (1e-3).
 
-    The basis is the normalised mean (source − base) site difference (plus random columns when
-    k > 1), and each disagreement must also be under a tenth of the patch's own effect on the
-    logits, so a patch that misses its site cannot pass.
+    `first`: each engine's prepared batch 0 (`full` is the plain path). The basis is the
+    normalised mean (source − base) site difference (plus random columns when k > 1), and each
+    disagreement must also be under a tenth of the patch's own effect on the logits, so a patch
+    that misses its site cannot pass.
     """
-    diff = (fast0.source_act - fast0.base_act).mean(0)[:, None]
+    plain0 = first["full"]
+    diff = (plain0.source_act - plain0.base_act).mean(0)[:, None]
     extra = torch.randn(diff.shape[0], k - 1, generator=torch.Generator().manual_seed(1))
     basis = torch.linalg.qr(torch.cat([diff, extra], 1))[0]
     rot = RotatedSubspace(basis.shape[0], k)
     with torch.no_grad():
         rot.lin.weight = basis
-        fast = patched_end_logits(model, fast0, rot)
-        cache = patched_end_logits(model, cache0, rot)
-        plain = patched_end_logits(model, plain0, rot)
-    res = {"fast_vs_plain": (fast - plain).abs().max().item(),
-           "cache_vs_plain": (cache - plain).abs().max().item(),
-           "patch_effect": (plain - plain0.clean_logits).abs().max().item()}  # fmt: skip
+        logits = {e: patched_end_logits(model, p, rot) for e, p in first.items()}
+    plain = logits["full"]
+    res = {"patch_effect": (plain - plain0.clean_logits).abs().max().item()}
     effect = res["patch_effect"]  # a disagreement must also be small next to the patch itself
-    for path in ("fast", "cache"):
-        ok = res[f"{path}_vs_plain"] <= min(FAST_TOL, effect / 10)
-        assert ok, f"{path} and plain disagree: {res}"
+    for engine in (e for e in logits if e != "full"):
+        res[f"{engine}_vs_plain"] = (logits[engine] - plain).abs().max().item()
+        ok = res[f"{engine}_vs_plain"] <= min(FAST_TOL, effect / 10)
+        assert ok, f"{engine} and plain disagree: {res}"
     if ivm is not None:
         iv = next(iter(ivm.interventions.values()))
         set_basis(iv, rot.basis.detach())
         with torch.no_grad():
-            pv_logits = pyvene_logits(ivm, fast0.pairs)
+            pv_logits = pyvene_logits(ivm, plain0.pairs)
         res["pyvene_vs_plain"] = (pv_logits - plain).abs().max().item()
         ok = res["pyvene_vs_plain"] <= min(PYVENE_TOL, effect / 10)
         assert ok, f"pyvene disagrees with our patch: {res}"
@@ -321,6 +328,152 @@ def matmul_refs(model, kind: str, layer: int, batch: int, sizes: list[int]) -> d
 
 
 # --------------------------------------------------------------------------- main
+PATHS = {  # engine -> row label
+    "kernel": "kernel (END-only, fused unembedding + CE)",
+    "cache": "cache (the model's own KV cache)",
+    "full": "plain (full forward)",
+}
+
+
+def prepare_all(model, batches, kind: str, layer: int) -> tuple[dict, dict, str | None]:
+    """Each engine's prepared batches and preparation seconds (guard included); the kernel is
+    left out, with the reason, where it does not apply."""
+    why = fastpath.unsupported(model)
+    prepared, seconds = {}, {}
+    for engine in PATHS:
+        if engine == "kernel" and why:
+            continue
+        start = time.perf_counter()
+        prepared[engine] = prepare(model, batches, kind, layer, engine)
+        seconds[engine] = time.perf_counter() - start
+        print(
+            f"prepare {engine}: {seconds[engine]:.2f} s "
+            f"({seconds[engine] / len(batches):.3f} s per batch)"
+        )
+    return prepared, seconds, why
+
+
+def setup_pyvene(model, kind: str, layer: int, d: int, k: int) -> tuple[object, float, str | None]:
+    """(IntervenableModel or None, seconds to build it, why it cannot run)."""
+    try:
+        start = time.perf_counter()
+        ivm, _ = build_pyvene(model, kind, layer, torch.linalg.qr(torch.randn(d, k))[0])
+        return ivm, time.perf_counter() - start, None
+    except Exception as exc:  # report why pyvene cannot run, time the rest
+        print(f"pyvene cannot be set up: {type(exc).__name__}: {exc}")
+        return None, float("nan"), f"{type(exc).__name__}: {exc}"
+
+
+def time_all(model, cfg, args, prepared: dict, ivm, tokens: list[float]) -> dict[str, tuple]:
+    """(s per epoch, what was timed) per path, each from the same initial basis."""
+    d, k = prepared["full"][0].base_act.shape[-1], int(cfg.method.dim)
+    init = RotatedSubspace(d, k, generator=torch.Generator().manual_seed(cfg.seed)).basis.detach()
+    out = {}
+    for engine, items in prepared.items():
+        rot = RotatedSubspace(d, k)
+        with torch.no_grad():
+            rot.lin.weight = init
+        opt = torch.optim.Adam(rot.parameters(), lr=cfg.method.lr)
+        partial = args.plain_batches if engine == "full" else None
+        s, ep, nb = time_path(
+            our_step(model, rot, opt),
+            items,
+            tokens,
+            args.epochs,
+            args.warmup,
+            args.min_seconds,
+            cfg.seed,
+            partial,
+        )
+        out[engine] = (s, f"{ep} epoch(s)" if partial is None else f"{nb} batches, extrapolated")
+        print(f"{engine}: {s:.3f} s/epoch")
+    if ivm is not None:
+        set_basis(next(iter(ivm.interventions.values())), init)
+        opt = torch.optim.Adam(ivm.get_trainable_parameters(), lr=cfg.method.lr)
+        pairs = [p.pairs for p in prepared["full"]]
+        s, ep, _ = time_path(
+            pyvene_step(ivm, opt),
+            pairs,
+            tokens,
+            args.epochs,
+            args.warmup,
+            args.min_seconds,
+            cfg.seed,
+        )
+        out["pyvene"] = (s, f"{ep} epoch(s)")
+        print(f"pyvene: {s:.3f} s/epoch")
+    return out
+
+
+def build_table(timed: dict, prep: dict, n_batches: int, why_kernel, why_pyvene) -> pd.DataFrame:
+    """One row per path: s/epoch, preparation s (in all and per batch), ratios."""
+    rows = []
+    if why_kernel:
+        rows.append({"path": PATHS["kernel"], "timed": f"not applicable: {why_kernel}"})
+    for engine, label in [*PATHS.items(), ("pyvene", "pyvene 0.1.8")]:
+        if engine in timed:
+            s, what = timed[engine]
+            rows.append(
+                {
+                    "path": label,
+                    "s_per_epoch": s,
+                    "prep_s": prep.get(engine, float("nan")),
+                    "timed": what,
+                }
+            )
+    if "pyvene" not in timed:
+        rows.append({"path": "pyvene 0.1.8", "timed": f"not run: {why_pyvene or 'skipped'}"})
+    table = pd.DataFrame(rows)
+    table["prep_s_per_batch"] = table["prep_s"] / n_batches
+    # pyvene prepares nothing (its prep_s is building the IntervenableModel): both forwards run
+    # at every step, inside its epoch time
+    table.loc[table.path == "pyvene 0.1.8", "prep_s_per_batch"] = float("nan")
+    pv = timed.get("pyvene", (float("nan"),))[0]
+    table["pyvene_over_path"] = pv / table["s_per_epoch"]
+    first = table["s_per_epoch"].dropna().iloc[0]
+    table["ratio_vs_first"] = table["s_per_epoch"] / first
+    return table
+
+
+def add_flops(
+    table: pd.DataFrame, model, prepared: dict, kind: str, layer: int, k: int, bs: int, batches
+) -> tuple[dict, dict]:
+    """GFLOP/epoch and GFLOP/s of the kernel row (when the kernel runs) and the matmul refs."""
+    table["gflop_per_epoch"] = float("nan")
+    if "kernel" not in prepared:
+        return {}, {}
+    fast = prepared["kernel"]
+    refs = matmul_refs(model, kind, layer, bs, [len(b) for b in batches])
+    row = table.index[table.path == PATHS["kernel"]][0]
+    table.loc[row, "gflop_per_epoch"] = epoch_flops(model, fast, kind, layer, k) / 1e9
+    counted = counted_flops(model, fast[0], kind, layer, k)
+    checks = {"flops_analytic_over_counted": epoch_flops(model, fast[:1], kind, layer, k) / counted}
+    return refs, checks
+
+
+def print_table(table: pd.DataFrame, refs: dict) -> None:
+    cols = [
+        "path",
+        "s_per_epoch",
+        "prep_s_per_batch",
+        "pyvene_over_path",
+        "ratio_vs_first",
+        "gflop_per_s",
+        "timed",
+    ]
+    with pd.option_context(
+        "display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60
+    ):
+        print()
+        print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if refs:
+        mix, rate = refs[MIX], table["gflop_per_s"].dropna().iloc[0]
+        print(
+            f"\nkernel reaches {rate:.2f} GFLOP/s (2× forward FLOPs, frozen weights); plain "
+            f"matmul of the same shapes {mix:.2f} GFLOP/s ({mix / rate:.2f}× from it)."
+        )
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
@@ -329,109 +482,40 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     seed_everything(cfg.seed)
     model = model_for(cfg)
     kind, layer = site_of(cfg, model)
-    k = int(cfg.method.dim)
+    k, bs = int(cfg.method.dim), cfg.dataset.batch_size
     batches = paper_pairs(model.tokenizer, cfg.dataset, "train", cfg.seed)
-    n_pairs, bs = sum(len(b) for b in batches), cfg.dataset.batch_size
-    print(f"model {cfg.model.name}, site {kind} L{layer}, k={k}, {len(batches)} left-padded "
-          f"batches ({n_pairs} pairs, batch size <= {bs}), threads {torch.get_num_threads()}")  # fmt: skip
-
-    prepared, prep_s = {}, {}
-    for engine in ("auto", "cache", "full"):
-        start = time.perf_counter()
-        prepared[engine] = prepare(model, batches, kind, layer, engine)
-        prep_s[engine] = time.perf_counter() - start
-    fast, cache, plain = prepared["auto"], prepared["cache"], prepared["full"]
-
-    tokens = [float(p.base.mask.sum()) for p in batches]  # cost proxy to extrapolate
-    ivm, pyvene_error, prep_pyvene = None, None, float("nan")
-    if not args.skip_pyvene:
-        try:
-            start = time.perf_counter()
-            ivm, _ = build_pyvene(
-                model, kind, layer, torch.linalg.qr(torch.randn(fast[0].base_act.shape[-1], k))[0]
-            )
-            prep_pyvene = time.perf_counter() - start
-        except Exception as exc:  # report why pyvene cannot run, time the rest
-            pyvene_error = f"{type(exc).__name__}: {exc}"
-            print(f"pyvene cannot be set up: {pyvene_error}")
-    checks = check_equivalence(model, fast[0], cache[0], plain[0], k, ivm)
-    print("equivalence (max |Δ logit| on batch 0): "
-          + ", ".join(f"{n} {v:.2e}" for n, v in checks.items()))  # fmt: skip
-
-    d = fast[0].base_act.shape[-1]
-    init = RotatedSubspace(d, k, generator=torch.Generator().manual_seed(cfg.seed)).basis.detach()
-
-    def ours(prepared: list[Prepared], max_batches=None):
-        rot = RotatedSubspace(d, k)
-        with torch.no_grad():
-            rot.lin.weight = init
-        opt = torch.optim.Adam(rot.parameters(), lr=cfg.method.lr)
-        step = our_step(model, kind, layer, rot, opt)
-        return time_path(step, prepared, tokens, args.epochs, args.warmup, args.min_seconds, cfg.seed,
-                         max_batches)  # fmt: skip
-
-    rows = []
-    s, ep, nb = ours(fast)
-    rows.append({"path": f"default ({fast[0].engine})", "s_per_epoch": s,
-                 "prep_s": prep_s["auto"], "timed": f"{ep} epoch(s)"})  # fmt: skip
-    print(f"default ({fast[0].engine}): {s:.3f} s/epoch")
-    s, ep, nb = ours(cache)
-    rows.append({"path": "cache (model's own KV cache)", "s_per_epoch": s,
-                 "prep_s": prep_s["cache"], "timed": f"{ep} epoch(s)"})  # fmt: skip
-    print(f"cache: {s:.3f} s/epoch")
-    # right after the fast path, so both see the same machine load
-    refs = matmul_refs(model, kind, layer, bs, [len(b) for b in batches])
-    s, ep, nb = ours(plain, args.plain_batches)
-    timed = (
-        f"{ep} epoch(s)" if args.plain_batches is None else f"{nb} batches, extrapolated by tokens"
+    print(
+        f"model {cfg.model.name}, site {kind} L{layer}, k={k}, {len(batches)} left-padded "
+        f"batches ({sum(len(b) for b in batches)} pairs, batch size <= {bs}), "
+        f"threads {torch.get_num_threads()}"
     )
-    rows.append({"path": "plain (full forward)", "s_per_epoch": s, "prep_s": prep_s["full"],
-                 "timed": timed})  # fmt: skip
-    print(f"plain: {s:.3f} s/epoch ({timed})")
-    if ivm is not None:
-        iv = next(iter(ivm.interventions.values()))
-        set_basis(iv, init)
-        opt = torch.optim.Adam(ivm.get_trainable_parameters(), lr=cfg.method.lr)
-        pairs = [p.pairs for p in fast]
-        s, ep, nb = time_path(pyvene_step(ivm, opt), pairs, tokens, args.epochs, args.warmup,
-                              args.min_seconds, cfg.seed)  # fmt: skip
-        rows.append({"path": "pyvene 0.1.8", "s_per_epoch": s, "prep_s": prep_pyvene,
-                     "timed": f"{ep} epoch(s)"})  # fmt: skip
-        print(f"pyvene: {s:.3f} s/epoch")
-    else:
-        rows.append({"path": "pyvene 0.1.8", "s_per_epoch": float("nan"),
-                     "timed": f"not run: {pyvene_error or 'skipped'}"})  # fmt: skip
-
-    table = pd.DataFrame(rows)
-    table["ratio_vs_fast"] = table["s_per_epoch"] / table["s_per_epoch"].iloc[0]
-    flops = epoch_flops(model, fast, kind, layer, k)
-    counted = counted_flops(model, fast[0], kind, layer, k)
-    checks["flops_analytic_over_counted"] = epoch_flops(model, fast[:1], kind, layer, k) / counted
-    table["gflop_per_epoch"] = float("nan")
-    table.loc[0, "gflop_per_epoch"] = flops / 1e9
+    prepared, prep_s, why_kernel = prepare_all(model, batches, kind, layer)
+    d = prepared["full"][0].base_act.shape[-1]
+    ivm, prep_s["pyvene"], why_pyvene = (
+        (None, float("nan"), "skipped")
+        if args.skip_pyvene
+        else setup_pyvene(model, kind, layer, d, k)
+    )
+    checks = check_equivalence(model, {e: p[0] for e, p in prepared.items()}, k, ivm)
+    print(
+        "equivalence (max |Δ logit| on batch 0): "
+        + ", ".join(f"{n} {v:.2e}" for n, v in checks.items())
+    )
+    tokens = [float(p.base.mask.sum()) for p in batches]  # cost proxy to extrapolate
+    timed = time_all(model, cfg, args, prepared, ivm, tokens)
+    table = build_table(timed, prep_s, len(batches), why_kernel, why_pyvene)
+    refs, more = add_flops(table, model, prepared, kind, layer, k, bs, batches)
     table["gflop_per_s"] = table["gflop_per_epoch"] / table["s_per_epoch"]
-    refs_df = pd.DataFrame([{"path": n, "gflop_per_s": r, "timed": "plain torch.matmul"}
-                            for n, r in refs.items()])  # fmt: skip
+    refs_df = pd.DataFrame(
+        [{"path": n, "gflop_per_s": r, "timed": "plain torch.matmul"} for n, r in refs.items()]
+    )
     table = pd.concat([table, refs_df], ignore_index=True)
-    for name, value in checks.items():
+    for name, value in {**checks, **more}.items():
         table[f"check_{name}"] = value
     table["model"], table["site"], table["layer"], table["k"] = cfg.model.name, kind, layer, k
     table["batch_size"], table["threads"] = bs, torch.get_num_threads()
-
-    mix = refs[MIX]
-    rate = table.loc[0, "gflop_per_s"]
-    cols = ["path", "s_per_epoch", "ratio_vs_fast", "prep_s", "gflop_per_epoch", "gflop_per_s",
-            "timed"]  # fmt: skip
-    with pd.option_context("display.width", 200, "display.max_columns", 20,
-                           "display.max_colwidth", 60):  # fmt: skip
-        print()
-        print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    verdict = "within" if rate * 2 >= mix else "NOT within"
-    print(f"\nfast path reaches {rate:.2f} GFLOP/s (2× forward FLOPs, frozen weights); plain "
-          f"matmul of the same shapes {mix:.2f} GFLOP/s: {verdict} 2× ({mix / rate:.2f}×).")  # fmt: skip
-    if args.plain_batches is not None:
-        print(f"plain path: {args.plain_batches} batches timed, extrapolated to all {len(batches)} "
-              "in proportion to their tokens.")  # fmt: skip
+    table["n_batches"] = len(batches)
+    print_table(table, refs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
     print(f"written: {args.out}")

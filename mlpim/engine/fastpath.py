@@ -35,8 +35,8 @@ class EndState:
     layer: int
     resid_pre: Float[Tensor, "b d"]  # at `layer`
     resid_mid: Float[Tensor, "b d"]  # at `layer`
-    keys: dict[int, Float[Tensor, "b prefix kv dh"]]  # per block that runs; rotary applied
-    values: dict[int, Float[Tensor, "b prefix kv dh"]]
+    keys: dict[int, Float[Tensor, "b kv dh prefix"]]  # per block that runs; rotary applied;
+    values: dict[int, Float[Tensor, "b kv prefix dh"]]  # laid out for `q @ keys`, `p @ values`
     rotary: tuple[Tensor, Tensor] | None  # (cos, sin) at END, [b or 1, dh]
     key_mask: Bool[Tensor, "b prefix"]  # False on left padding
 
@@ -90,15 +90,49 @@ def state_from_cache(model, cache, kind: str, layer: int, mask: Tensor) -> EndSt
     if _rotary(model):  # positions are shared by every block
         rot = (cache["blocks.0.attn.hook_cos"][:, -1], cache["blocks.0.attn.hook_sin"][:, -1])
     keep = mask[:, :-1].bool()
-    # padding gets weight 0, but 0 * NaN is NaN: padded rows may hold anything, so zero them
-    prefix = lambda name: cache[name][:, :-1].masked_fill(~keep[:, :, None, None], 0.0)  # noqa: E731
+
+    def prefix(name: str, *order: int) -> Tensor:
+        """[b, seq, kv, dh] prefix columns, permuted to `order`; padding gets weight 0, but
+        0 * NaN is NaN: padded rows may hold anything, so they are zeroed."""
+        x = cache[name][:, :-1].masked_fill(~keep[:, :, None, None], 0.0)
+        return x.permute(*order).contiguous()
+
     return EndState(
         kind, layer,
         cache[hook_name("resid_pre", layer)][:, -1], cache[hook_name("resid_mid", layer)][:, -1],
-        {i: prefix(f"blocks.{i}.attn.{k_hook}") for i in blocks},
-        {i: prefix(f"blocks.{i}.attn.hook_v") for i in blocks},
+        {i: prefix(f"blocks.{i}.attn.{k_hook}", 0, 2, 3, 1) for i in blocks},
+        {i: prefix(f"blocks.{i}.attn.hook_v", 0, 2, 1, 3) for i in blocks},
         rot, keep,
     )  # fmt: skip
+
+
+def merge_states(parts: list[tuple[Tensor, EndState]], n: int, prefix: int) -> EndState:
+    """One EndState for n rows from the states of row groups `(rows, state)` (one site); each
+    group's prefix keys/values are left-padded to `prefix` columns as padding is: zeros, masked."""
+    first = parts[0][1]
+
+    def stack(get) -> Tensor:
+        """Each group's tensor `get(state)` put at its rows of an n-row tensor."""
+        out = get(first).new_zeros(n, *get(first).shape[1:])
+        for rows, st in parts:
+            out[rows] = get(st)
+        return out
+
+    def left(x: Tensor, dim: int) -> Tensor:
+        """x with zero columns before its own along `dim`, up to `prefix`."""
+        pad = list(x.shape)
+        pad[dim] = prefix - x.shape[dim]
+        return torch.cat([x.new_zeros(pad), x], dim=dim)
+
+    rows_of = lambda st: st.resid_pre.shape[0]  # noqa: E731
+    rot = None
+    if first.rotary is not None:  # [b or 1, dh] per group
+        rot = tuple(stack(lambda st, j=j: st.rotary[j].expand(rows_of(st), -1)) for j in (0, 1))
+    keys = {i: stack(lambda st, i=i: left(st.keys[i], 3)) for i in first.keys}
+    values = {i: stack(lambda st, i=i: left(st.values[i], 2)) for i in first.values}
+    resid = [stack(lambda st, a=a: getattr(st, a)) for a in ("resid_pre", "resid_mid")]
+    key_mask = stack(lambda st: left(st.key_mask, 1))
+    return EndState(first.kind, first.layer, *resid, keys, values, rot, key_mask)
 
 
 def end_state(model, batch: PromptBatch, kind: str, layer: int) -> EndState:
@@ -109,7 +143,8 @@ def end_state(model, batch: PromptBatch, kind: str, layer: int) -> EndState:
 
 @dataclass(frozen=True)
 class AttnWeights:
-    """One block's attention weights as flat matrices: [d, heads*dh] in, [heads*dh, d] out."""
+    """One block's attention weights as flat matrices: [d, heads*dh] in, [heads*dh, d] out;
+    `qkv` is q, k and v side by side (one matmul when queries and keys read the same input)."""
 
     q: Tensor
     k: Tensor
@@ -121,6 +156,8 @@ class AttnWeights:
     bo: Tensor
     n_heads: int
     n_kv: int
+    qkv: Tensor
+    bqkv: Tensor
 
 
 def _flat_in(w: Tensor) -> Tensor:  # [h, d, dh] -> [d, h*dh]
@@ -137,17 +174,24 @@ def attn_weights(model, i: int) -> AttnWeights:
     cache = model.__dict__.setdefault("_mlpim_attn_weights", {})
     if i not in cache:
         a = model.blocks[i].attn
-        q, k, v, o = (
-            _flat_in(a.W_Q),
-            _flat_in(a.W_K),
-            _flat_in(a.W_V),
-            a.W_O.reshape(-1, a.W_O.shape[-1]),
-        )
+        q, k, v = _flat_in(a.W_Q), _flat_in(a.W_K), _flat_in(a.W_V)
+        o = a.W_O.reshape(-1, a.W_O.shape[-1]).contiguous()
+        bq, bk = _bias(a, "b_Q", q.shape[1], q), _bias(a, "b_K", k.shape[1], k)
+        bv, bo = _bias(a, "b_V", v.shape[1], v), _bias(a, "b_O", o.shape[1], o)
         cache[i] = AttnWeights(
-            q, k, v, o.contiguous(), _bias(a, "b_Q", q.shape[1], q), _bias(a, "b_K", k.shape[1], k),
-            _bias(a, "b_V", v.shape[1], v), _bias(a, "b_O", o.shape[1], o),
-            a.W_Q.shape[0], a.W_K.shape[0],
-        )  # fmt: skip
+            q=q,
+            k=k,
+            v=v,
+            o=o,
+            bq=bq,
+            bk=bk,
+            bv=bv,
+            bo=bo,
+            n_heads=a.W_Q.shape[0],
+            n_kv=a.W_K.shape[0],
+            qkv=torch.cat([q, k, v], 1),
+            bqkv=torch.cat([bq, bk, bv]),
+        )
     return cache[i]
 
 
@@ -157,26 +201,40 @@ def _rotate(x: Float[Tensor, "b h dh"], cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def _qkv(w: AttnWeights, xq: Tensor, xkv: Tensor | None, state: EndState) -> tuple:
+    """END queries [b, h, dh] and END key, value [b, kv, dh]; rotary applied to q and k."""
+    b, h, g = xq.shape[0], w.n_heads, w.n_kv
+    if xkv is None:  # one matmul for q, k and v
+        qkv = torch.addmm(w.bqkv, xq, w.qkv).view(b, h + 2 * g, -1)
+    else:
+        qkv = torch.cat(
+            [
+                (xq @ w.q + w.bq).view(b, h, -1),
+                torch.addmm(w.bk, xkv, w.k).view(b, g, -1),
+                torch.addmm(w.bv, xkv, w.v).view(b, g, -1),
+            ],
+            dim=1,
+        )
+    qk, v = qkv[:, : h + g], qkv[:, h + g :]
+    if state.rotary is not None:
+        qk = _rotate(qk, *state.rotary)
+    return qk[:, :h], qk[:, h:], v
+
+
 def attn_end(
     model, i: int, xq: Float[Tensor, "b d"], state: EndState, xkv: Tensor | None = None
 ) -> Float[Tensor, "b h dh"]:
     """hook_z at END of block i for the END query from xq and END key/value from xkv (default
-    xq; both already normalised), against the cached prefix."""
+    xq; both already normalised), against the cached prefix. The END column's own score and
+    value are handled apart from the prefix's, so the cached keys/values are never copied."""
     w = attn_weights(model, i)
-    xkv = xq if xkv is None else xkv
-    b = xq.shape[0]
-    q = (xq @ w.q + w.bq).view(b, w.n_heads, -1)
-    k = (xkv @ w.k + w.bk).view(b, w.n_kv, -1)
-    v = (xkv @ w.v + w.bv).view(b, w.n_kv, -1)
-    if state.rotary is not None:
-        q, k = _rotate(q, *state.rotary), _rotate(k, *state.rotary)
-    keys = torch.cat([state.keys[i], k[:, None]], dim=1)  # [b, seq, kv, dh]
-    values = torch.cat([state.values[i], v[:, None]], dim=1)
-    q = q.view(b, w.n_kv, w.n_heads // w.n_kv, -1)  # query heads grouped by their kv head
-    scores = torch.einsum("bkge,bske->bkgs", q, keys) / math.sqrt(q.shape[-1])
+    q, k, v = _qkv(w, xq, xkv, state)
+    b, g = q.shape[0], w.n_kv
+    q = q.view(b, g, w.n_heads // g, -1) / math.sqrt(q.shape[-1])  # grouped by their kv head
+    scores = torch.cat([q @ state.keys[i], (q * k[:, :, None]).sum(-1, keepdim=True)], dim=-1)
     keep = torch.cat([state.key_mask, state.key_mask.new_ones(b, 1)], dim=1)
-    scores = scores.masked_fill(~keep[:, None, None], float("-inf"))
-    z = torch.einsum("bkgs,bske->bkge", scores.softmax(-1), values)
+    p = scores.masked_fill(~keep[:, None, None], float("-inf")).softmax(-1)
+    z = p[..., :-1] @ state.values[i] + p[..., -1:] * v[:, :, None]
     return z.reshape(b, w.n_heads, -1)
 
 

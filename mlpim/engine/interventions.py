@@ -20,9 +20,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mlpim.engine import cache, fastpath, metrics
+from mlpim.engine.fused_ce import unembed_ce
 from mlpim.engine.models import ConfigError, validate_site
-from mlpim.engine.patching import Setter, at, full, head, patched_logits, run_cache, site_acts
-from mlpim.tasks.batch import PairBatch
+from mlpim.engine.patching import (
+    Setter,
+    at,
+    full,
+    head,
+    length_groups,
+    patched_logits,
+    run_cache,
+    select_rows,
+    site_acts,
+)
+from mlpim.tasks.batch import PairBatch, PromptBatch
 
 log = logging.getLogger(__name__)
 ENGINES = ("auto", "kernel", "cache", "full")
@@ -70,22 +81,51 @@ Site = tuple[str, int]  # (kind, layer)
 
 
 def prepare_sites(model, pb: PairBatch, sites: list[Site], engine: str) -> dict[Site, Prepared]:
-    """One base and one source run (no gradients) for several sites of one batch."""
+    """For several sites of one batch: the base runs (END logits, site activations, and the
+    kernel's state or the model's own KV cache) and the source runs up to the last site's block,
+    all without gradients."""
     names = {s: validate_site(model, *s) for s in sites}
-    wanted = set(names.values())
-    if engine == "kernel":
-        wanted |= set().union(*(fastpath.state_names(model, *s) for s in sites))
-    logits, base = run_cache(model, pb.base, wanted)
+    if engine == "cache":
+        logits, acts, states = cache_base(model, pb.base, names)
+    else:
+        logits, acts, states = grouped_base(model, pb.base, names, kernel=engine == "kernel")
     source = site_acts(model, pb.source, sorted(set(names.values())))
-    shared = cache.cache_state(model, pb.base) if engine == "cache" else None
-    out = {}
-    for site, name in names.items():
-        state = shared
-        if engine == "kernel":
-            state = fastpath.state_from_cache(model, base, *site, pb.base.mask)
-        act = at(base[name], pb.base.pos)
-        out[site] = Prepared(pb, name, engine, act, source[name], logits, state)
-    return out
+    return {
+        site: Prepared(pb, name, engine, acts[site], source[name], logits, states[site])
+        for site, name in names.items()
+    }
+
+
+def cache_base(model, base: PromptBatch, names: dict[Site, str]) -> tuple[Tensor, dict, dict]:
+    """The cache engine's base run: (END logits, site -> activation, site -> the shared
+    CacheState), from one full forward of the whole batch (its KV cache is the model's own)."""
+    logits, acts, state = cache.base_run(model, base, set(names.values()))
+    return logits, {s: at(acts[n], base.pos) for s, n in names.items()}, dict.fromkeys(names, state)
+
+
+def grouped_base(
+    model, base: PromptBatch, names: dict[Site, str], kernel: bool
+) -> tuple[Tensor, dict, dict]:
+    """Base runs of row groups of similar length (`length_groups`): (END logits, site ->
+    activation, site -> the kernel's EndState or None), put back in the batch's row order."""
+    wanted = set(names.values())
+    if kernel:
+        wanted |= set().union(*(fastpath.state_names(model, *s) for s in names))
+    parts = []
+    for rows in length_groups(base.mask):
+        sub = select_rows(base, rows)
+        logits, run = run_cache(model, sub, wanted)
+        acts = {s: at(run[n], sub.pos) for s, n in names.items()}
+        states = {s: fastpath.state_from_cache(model, run, *s, sub.mask) for s in names if kernel}
+        parts.append((rows, logits, acts, states))
+    order = torch.cat([p[0] for p in parts]).argsort()  # row i of the batch
+    logits = torch.cat([p[1] for p in parts])[order]
+    acts = {s: torch.cat([p[2][s] for p in parts])[order] for s in names}
+    states = dict.fromkeys(names)
+    for s in names if kernel else ():
+        parts_s = [(p[0], p[3][s]) for p in parts]
+        states[s] = fastpath.merge_states(parts_s, len(base), base.tokens.shape[1] - 1)
+    return logits, acts, states
 
 
 def prepare(
@@ -188,11 +228,32 @@ def patched_end_logits(model, prep: Prepared, setter: Setter) -> Float[Tensor, "
 
 
 def patched_end_loss(model, prep: Prepared, setter: Setter) -> Tensor:
-    """Mean cross-entropy of the patched END logits against the counterfactual labels."""
+    """Mean cross-entropy of the patched END logits against the counterfactual labels. The
+    kernel, and the cache engine where `linear_unembed` holds, fuse the unembedding with it."""
     if prep.engine == "kernel":
         return fastpath.resume_loss(model, prep.state, patched_act(prep, setter), prep.pairs.label)
+    if prep.engine == "cache" and linear_unembed(model, prep):
+        h = cache.resume_hidden(model, prep.state, prep.name, setter, prep.source_act)
+        return unembed_ce(h, *fastpath.unembed_weights(model), prep.pairs.label)
     logits = patched_end_logits(model, prep, setter)
     return torch.nn.functional.cross_entropy(logits, prep.pairs.label)
+
+
+def linear_unembed(model, prep: Prepared) -> bool:
+    """Whether the model's END logits are its unembedding's input times W_U plus b_U (no logit
+    soft-capping or other head), checked once per model against its own unpatched logits."""
+    key = "_mlpim_linear_unembed"
+    if key not in model.__dict__:
+        ok = cache.UNEMBED_IN in model.hook_dict
+        if ok:
+            keep = lambda base, source: base  # noqa: E731
+            with torch.no_grad():
+                h = cache.resume_hidden(model, prep.state, prep.name, keep, prep.source_act)
+                logits = cache.resume(model, prep.state, prep.name, keep, prep.source_act)
+            w_t, b = fastpath.unembed_weights(model)
+            ok = (h @ w_t.T + b - logits).abs().max().item() <= tolerance(logits)
+        model.__dict__[key] = ok
+    return model.__dict__[key]
 
 
 def evaluate(model, prepared: list[Prepared], setter: Setter) -> dict[str, float]:

