@@ -94,8 +94,8 @@ class ExtraConfig:
     n_random: int = 1000
     n_grad_prompts: int = 100
     n_head_pairs: int = 20
-    random_mlp_seeds: int = 1
-    random_mlp_epochs: int | None = None
+    random_mlp_seeds: int = 5  # illusion_check, illusion_benchmark
+    random_mlp_epochs: int | None = None  # null: method.epochs (as long as the direction)
     resid_layer: int | None = "${model.landmarks.handover_layer}"  # type: ignore[assignment]
     n_per_combo: int = 50
     split: str = "test"
@@ -137,13 +137,20 @@ class ExtraConfig:
     iia_tol: float = 0.05
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     extra_dims: int = 0
-    # illusion_check, illusion_benchmark: references and planted cases
-    n_random_directions: int = 32
-    n_natural: int = 8
-    bench_layer_offsets: list[int] = field(default_factory=lambda: [-2, -1, 0, 1, 2])
+    # ---- illusion_check, illusion_benchmark (issue 20): references, planted cases, cache ----
+    n_random_directions: int = 32  # random unit directions: the gate's reference
+    n_natural: int = 8  # top natural directions: placement of the direction checks
+    n_natural_prompts: int = 2000  # IOI prompts (all four patterns) whose END activations are
+    # the site's natural distribution (off_distribution, the planted dormant part)
+    natural_ridge: float = 0.01  # ridge (× mean eigenvalue) on their covariance
+    reference_cache: str | None = "outputs/.cache/references"  # random-MLP references by
+    # content hash, shared by every direction checked at a site (null: no cache)
+    bench_layer_offsets: list[int] = field(default_factory=lambda: [-1, 0, 1])
     bench_angles: list[float] = field(default_factory=lambda: [15.0, 30.0, 45.0, 60.0, 75.0])
-    dormant_dims: int | None = 64  # illusion_benchmark.yaml sets null (the exact map)
+    bench_edits: list[str] = field(default_factory=lambda: ["mean_diff", "top_natural"])
+    edit_strength: float = 1.0  # real edits write strength × the residual's own pattern gap
     bench_toy: bool = True
+    # ---- end of issue 20's block ----
     # ioi_layer_profile (reads `layers` above too); signal_threshold is also ioi_locate's rule
     first_layer: int | None = None
     last_layer: int | None = None
@@ -154,17 +161,20 @@ class ExtraConfig:
 
 @dataclass
 class CheckConfig:
-    """illusion_check's thresholds (`check.*`; `conf/check/default.yaml` documents each)."""
+    """illusion_check's thresholds (`check.*`): declared here, set only in
+    `conf/check/default.yaml` (which documents each; docs/verdict-rule.md gives the reasons)."""
 
-    min_effect: float = 0.2
-    effect_quantile: float = 0.99
-    component_fraction: float = 0.5
-    null_norm_sq: float = 0.1
-    superadditive: float = 1.5
-    dormant_ratio: float = 2.0
-    random_fraction: float = 0.5
-    generalisation: float = 0.5
-    borderline_spreads: float = 1.0
+    min_effect: float = MISSING
+    effect_quantile: float = MISSING
+    component_fraction: float = MISSING
+    null_norm_sq: float = MISSING
+    superadditive: float = MISSING
+    dormant_ratio: float = MISSING
+    off_distribution: float = MISSING
+    random_fraction: float = MISSING
+    generalisation: float = MISSING
+    ci_level: float = MISSING
+    n_boot: int = MISSING
 
 
 @dataclass

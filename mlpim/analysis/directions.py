@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -13,8 +14,10 @@ from mlpim import constants as C
 from mlpim.analysis.controls import loaded_basis
 from mlpim.engine.das import train_das
 from mlpim.engine.interventions import Prepared
-from mlpim.engine.models import ConfigError, site_width
-from mlpim.engine.subspace import direction_meta, save_subspace
+from mlpim.engine.models import ConfigError, site_width, validate_site
+from mlpim.engine.subspace import direction_meta, load_subspace, save_subspace
+
+log = logging.getLogger(__name__)
 
 
 def saved_or_trained(
@@ -69,3 +72,33 @@ def das_basis(
         cfg, model, kind, layer, path, history=run_dir / f"das_{kind}_L{layer}" / C.HISTORY,
         save_as=run_dir / f"v_{kind}_L{layer}.pt", splits=splits,
     )  # fmt: skip
+
+
+def saved_direction(
+    path: str,
+    model,
+    model_name: str,
+    kinds: tuple[str, ...] | None = None,
+    site: tuple[str | None, int | None] = (None, None),
+) -> tuple[str, int, Float[Tensor, " d"]]:
+    """(site, layer, unit v) of a saved 1-D subspace, checked against the model's widths."""
+    saved = load_subspace(path, *site)
+    kind, layer = saved.get("site"), saved.get("layer")
+    if kind is None or layer is None:
+        raise ConfigError(
+            f"{path} does not record the site and layer it was found at; "
+            "give them as direction_site=... direction_layer=..."
+        )
+    if kinds is not None and kind not in kinds:
+        raise ConfigError(f"{path} holds a {kind} subspace; expected one of {', '.join(kinds)}")
+    if saved.get("model", model_name) != model_name:
+        log.warning("%s was found on %s, checked on %s", path, saved["model"], model_name)
+    validate_site(model, kind, int(layer))
+    basis = loaded_basis(path, kind, int(layer), site_width(model, kind), model)
+    if basis.shape[1] != 1:
+        raise ConfigError(
+            f"{path} holds a {basis.shape[1]}-D subspace; illusion_check checks one direction "
+            "(save a single column with mlpim.engine.subspace.save_subspace)"
+        )
+    v = basis[:, 0].to(model.cfg.device)
+    return kind, int(layer), v / v.norm()

@@ -72,3 +72,28 @@ def paper_splits(
     dev = model.cfg.device
     return {s: prepare(model, [b.to(dev) for b in bs], kind, layer, cfg.method.engine)
             for s, bs in batches.items()}  # fmt: skip
+
+
+NATURAL_PATTERNS = ("ABB", "BAB", "ABA", "BAA")
+
+
+def natural_site_acts(cfg: DictConfig, model, kind: str, layers: list[int], splits=None):
+    """{layer: the site's natural END activations}: `extra.n_natural_prompts` IOI train prompts
+    of all four patterns (another task: its train pairs' base and source activations)."""
+    from mlpim.analysis.measure import natural_acts
+    from mlpim.tasks.ioi import make_prompts
+
+    if cfg.dataset.name != "ioi":
+        train = splits["train"]
+        return {layers[0]: torch.cat([p.base_act for p in train] + [p.source_act for p in train])}
+    n, seed = int(cfg.extra.n_natural_prompts), int(cfg.seed) + 7919  # not the pairs' draw
+    prompts = make_prompts(model.tokenizer, cfg.dataset, "train", NATURAL_PATTERNS, n, seed)
+    return natural_acts(model, prompts, kind, layers)
+
+
+def reference_store(cfg: DictConfig):
+    """The file-backed store of measured references (`extra.reference_cache`; None: no cache)."""
+    from mlpim.report.io import JsonStore
+
+    path = cfg.extra.get("reference_cache")
+    return JsonStore(path) if path else None

@@ -7,6 +7,7 @@ Importing this module changes no global state (the CLI chooses matplotlib's back
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -88,3 +89,22 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
         for i, row in zip(df.index, df.values, strict=True)
     ]
     return "\n".join(lines)
+
+
+class JsonStore:
+    """A directory of JSON files keyed by content hash (measured references shared between runs);
+    a missing or unreadable entry reads as None, a new one is written atomically."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+
+    def get(self, key: str) -> dict | None:
+        path = self.dir / f"{key}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def put(self, key: str, value: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.dir / f"{key}.json", lambda p: p.write_text(json.dumps(value)))
