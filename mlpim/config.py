@@ -142,7 +142,7 @@ class ExtraConfig:
     n_natural: int = 8  # top natural directions: placement of the direction checks
     n_natural_prompts: int = 2000  # IOI prompts (all four patterns) whose END activations are
     # the site's natural distribution (off_distribution, the planted dormant part)
-    natural_ridge: float = 0.01  # ridge (× mean eigenvalue) on their covariance
+    natural_ridge: float = 1.0  # ridge (× mean eigenvalue) on their covariance
     reference_cache: str | None = "outputs/.cache/references"  # random-MLP references by
     # content hash, shared by every direction checked at a site (null: no cache)
     bench_layer_offsets: list[int] = field(default_factory=lambda: [-1, 0, 1])

@@ -62,7 +62,7 @@ def test_ioi_only_experiments_refuse_another_task(task, tmp_path, name):
 def test_illusion_check_on_a_jsonl_task(task, tmp_path):
     """A verdict on a user's own task: the direction found on it, checked on its pairs."""
     run(compose(["experiment=ioi_mlp8_das", *overrides(task)]), tmp_path / "das")
-    checks = ["extra.random_mlp_seeds=1", "extra.random_mlp_epochs=1",
+    checks = ["extra.random_mlp_seeds=1", "extra.random_mlp_epochs=1", "extra.reference_cache=null",
               "extra.n_random_directions=4", "extra.n_natural=2", "extra.n_random=50"]  # fmt: skip
     cfg = compose(["experiment=illusion_check", *overrides(task), *checks,
                    f"direction={tmp_path / 'das' / C.DIRECTION}"])  # fmt: skip

@@ -134,8 +134,7 @@ def natural_real_cases(model, site: M.SiteData) -> tuple:
 
 
 def read_direction(site: M.SiteData, which: str) -> Tensor:
-    """A hidden direction that varies with the pattern, centred on the natural mean activation:
-    the ABB−BAB mean difference, or the top natural direction (sign along it)."""
+    """A centred hidden direction that varies with the pattern (mean_diff or top_natural)."""
     dh = planted.pattern_mean_diff(site.splits["train"])
     if which == "mean_diff":
         u = dh
@@ -147,8 +146,7 @@ def read_direction(site: M.SiteData, which: str) -> Tensor:
 
 
 def edited_case(model, site: M.SiteData, which: str, target: Tensor, gap: float, opts, engine):
-    """(rows, case row) of one rank-1 real edit: prepared, referenced and checked in the
-    edited model; the construction's own check: FLDD(full MLP) against FLDD(u)."""
+    """(rows, case row) of one rank-1 real edit, prepared and checked in the edited model."""
     u = read_direction(site, which)
     alpha = planted.edit_alpha(site.splits["train"], u, gap, opts.edit_strength)
     pairs = {k: [p.pairs for p in ps] for k, ps in site.splits.items()}
@@ -172,8 +170,7 @@ def edited_case(model, site: M.SiteData, which: str, target: Tensor, gap: float,
 
 
 def resid_cases(model, resid: M.Splits, layer: int, v_resid: Tensor, th, opts) -> tuple:
-    """(rows, case rows) of the real residual cases at resid_post: v_resid and the mean
-    difference."""
+    """(rows, case rows) of v_resid and the residual mean difference at resid_post."""
     refs = R.Refs(
         random_dirs=R.random_direction_reference(
             model, resid["test"], opts.n_random_directions, opts.seed
@@ -215,9 +212,7 @@ def confusion(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def rates(table: pd.DataFrame) -> dict[str, float]:
-    """The targets' numbers on the language model's cases (toy apart): share of planted illusions
-    above the gate called likely illusory, real ones called so, real MLP directions above the
-    gate, and the AUC of the illusion score (illusions above the gate vs all real; all cases)."""
+    """The targets' numbers on the language model's cases (toy apart) and the score's AUC."""
     lm = table[table.site != "toy"]
     ill = lm[(lm.truth == "illusory") & lm.matters]
     real = lm[lm.truth == "real"]
@@ -279,9 +274,10 @@ def layer_result(
     opts: BenchOptions,
     natural: Tensor,
     method,
+    random_method,
     store=None,
 ) -> LayerResult:
-    """Every planted case at one middle MLP (and its resid_post)."""
+    """Every planted case at one middle MLP and its resid_post (LayerResult)."""
     engine = method.engine
     resid = {k: prepare(model, b, "resid_post", layer, engine) for k, b in batches.items()}
     v_resid, hist = trained_v_resid(model, resid, method, opts.seed)
@@ -297,7 +293,7 @@ def layer_result(
         }
     ]
     mlp = {k: prepare(model, b, "mlp_post", layer, engine) for k, b in batches.items()}
-    site, out.histories = mlp_site(model, mlp, layer, th, opts, natural, method, store)
+    site, out.histories = mlp_site(model, mlp, layer, th, opts, natural, random_method, store)
     gap = planted.residual_gap(resid["train"], v_resid)
     for part in (illusion_cases(model, site, v_resid, opts), natural_real_cases(model, site)):
         out.rows, out.cases = out.rows + part[0], out.cases + part[1]

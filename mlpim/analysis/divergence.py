@@ -35,8 +35,7 @@ def dormant_terms(
 
 
 def dormant_est(base: Tensor, source: Tensor, v: Tensor, row: Tensor, idx: np.ndarray) -> Est:
-    """The dormant ratio mean|pushed| / mean|natural| with its bootstrap (0 without a row part;
-    inf when prompts never differ along r)."""
+    """The dormant ratio mean|pushed| / mean|natural| with its bootstrap (0 without a row part)."""
     if row.norm() < 1e-6:
         return Est(0.0, np.zeros(len(idx)))
     pushed, natural = dormant_terms(base, source, v, row)
@@ -46,8 +45,7 @@ def dormant_est(base: Tensor, source: Tensor, v: Tensor, row: Tensor, idx: np.nd
 
 
 def readout(v: Float[Tensor, " m"], w_out: Float[Tensor, "m d"]) -> Float[Tensor, " m"]:
-    """The hidden functional a = W_out ô, ô = unit(v @ W_out): h·a is h's MLP output read along
-    the direction the patch along v writes (zero when v lies in the nullspace)."""
+    """The hidden functional W_out·unit(v @ W_out): h·a reads h's MLP output along v's write."""
     out = v.double() @ w_out.double()
     if out.norm() < 1e-12:
         return torch.zeros_like(v, dtype=torch.float64)

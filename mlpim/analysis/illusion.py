@@ -161,14 +161,16 @@ def judged(
     detail: str,
     reference: Reference | None = None,
     placed: float | None = None,
+    inclusive: bool = False,
 ) -> Check:
-    """A check warning when sign·(value − threshold) > 0 (and it applies), with its interval."""
+    """A check warning when sign·(value − threshold) > 0 (≥ 0 when `inclusive`) and it applies."""
     margin = combine(lambda v, t: sign * (v - t), value, threshold)
+    over = margin.value >= 0 if inclusive else margin.value > 0
     return Check(
         name,
         value.value,
         threshold.value,
-        applies and margin.value > 0,
+        applies and over,
         rule,
         detail,
         margin.value,
@@ -252,8 +254,7 @@ def nullspace_check(
     refs: Refs,
     th: Thresholds,
 ) -> Check:
-    """‖null‖² ≥ null_norm_sq and FLDD(v) > superadditive · (FLDD(row) + FLDD(null)⁺); the
-    margin is placed among the natural directions' margins."""
+    """Bridging: ‖null‖² ≥ null_norm_sq and FLDD(v) > superadditive·(FLDD(row) + FLDD(null)⁺)."""
     v, r, n = as_est(fldd_v), as_est(fldd_row), as_est(fldd_null)
     t = combine(lambda a, b: th.superadditive * (a + np.maximum(b, 0.0)), r, n)
     rule = f"FLDD(v) > {th.superadditive}·(FLDD(row) + FLDD(null)⁺), ‖null‖² ≥ {th.null_norm_sq}"
@@ -287,6 +288,7 @@ def dormant_check(ratio: Est | float, refs: Refs, th: Thresholds) -> Check:
         f"ratio ≥ {th.dormant_ratio}",
         f"patch vs natural movement along the row-space direction: {r.value:.3g}",
         refs.natural_dormant,
+        inclusive=True,
     )
 
 
@@ -303,6 +305,7 @@ def off_distribution_check(off: Est | float, full_off: float, refs: Refs, th: Th
         f"EMD ≥ {th.off_distribution} natural sd",
         f"EMD(patched, natural) along W_out·v: {o.value:.3g} sd (full-site patch {full_off:.3g})",
         refs.natural_off,
+        inclusive=True,
     )
 
 
@@ -313,8 +316,7 @@ def alignment_check(
     n_random: int,
     seed: int,
 ) -> Check:
-    """|cos(W_out·v, v_ref)| with the 95th percentile of random unit hidden directions' as the
-    threshold; information only (never a warning)."""
+    """Information: |cos(W_out·v, v_ref)| against random hidden directions' 95th percentile."""
     cos = abs(ns.cosine(v @ w_out, v_ref))
     gen = torch.Generator().manual_seed(seed)
     rand = ns.random_output_cosines(w_out, v_ref, n_random, gen).abs()
@@ -334,8 +336,7 @@ def alignment_check(
 def random_mlp_check(
     fldd_random: Est | float, fldd_v: Est | float, refs: Refs, th: Thresholds
 ) -> Check:
-    """Site: mean FLDD of random-MLP DAS ≥ random_fraction · FLDD(v); FLDD(v) is placed among the
-    random MLPs' FLDDs."""
+    """Site: mean FLDD of random-MLP DAS ≥ random_fraction · FLDD(v)."""
     rand, v = as_est(fldd_random), as_est(fldd_v)
     t = combine(lambda x: th.random_fraction * x, v)
     return judged(
@@ -349,14 +350,14 @@ def random_mlp_check(
         f"FLDD(random MLP) {rand.value:.3f} ({refs.random_mlp.name}), FLDD(v) {v.value:.3f}",
         refs.random_mlp,
         v.value,
+        inclusive=True,
     )
 
 
 def generalisation_check(
     fldd_train: Est | float, fldd_held: Est | float | Mapping[str, Est | float], th: Thresholds
 ) -> Check:
-    """Lowest FLDD(held out) / FLDD(train) < th.generalisation; `fldd_held`: one held-out FLDD or
-    one per set (e.g. test, new templates, new names). Train: the opposite-pattern train pairs."""
+    """Lowest FLDD(held-out set) / FLDD(changing train pairs) < th.generalisation."""
     held = fldd_held if isinstance(fldd_held, Mapping) else {"held out": fldd_held}
     held = {k: as_est(v) for k, v in held.items()}
     train = as_est(fldd_train)
@@ -403,8 +404,7 @@ class Verdict:
 
 
 def label_of(gate_ok: bool, warned: set[str]) -> str:
-    """The rule: both halves of the illusion (bridge and dormant) → likely illusory; either half
-    or a failed generalisation → caution; none → no warning signs; below the gate → no effect."""
+    """The rule's label for a gate and a set of warning direction checks (docs/verdict-rule.md)."""
     if not gate_ok:
         return NO_EFFECT
     if "nullspace_bridging" in warned and warned & set(DORMANT):
@@ -413,8 +413,7 @@ def label_of(gate_ok: bool, warned: set[str]) -> str:
 
 
 def verdict(checks: Sequence[Check]) -> Verdict:
-    """The label from the direction checks and the gate; "borderline: <low> or <high>" when
-    borderline checks (or a borderline gate) could move it."""
+    """The verdict from the gate and the direction checks, borderline ends included."""
     gate = gate_of(checks)
     direction = [c for c in checks if c.scope == "direction" and c.warning is not None]
     firm = {c.name for c in direction if c.warning and not c.borderline}
@@ -438,8 +437,7 @@ def _z(c: Check | None) -> float:
 
 
 def illusion_score(checks: Sequence[Check]) -> float:
-    """Continuous score of the rule: min(z of bridging, max(z of dormant, z of off-distribution)),
-    z = margin / bootstrap sd (positive exactly where the rule's halves warn)."""
+    """min(z of bridging, max(z of dormant, z of off-distribution)); z = margin / bootstrap sd."""
     by = {c.name: c for c in checks}
     bridge = _z(by.get("nullspace_bridging"))
     dormant = max(_z(by.get(n)) for n in DORMANT)
@@ -447,8 +445,7 @@ def illusion_score(checks: Sequence[Check]) -> float:
 
 
 def warning_word(check: Check) -> str:
-    """yes / no (", borderline" when the interval holds the threshold); n.a. for a check without
-    a value, info for one that never warns."""
+    """yes / no (", borderline"), n.a. for a check without a value, info for one never warning."""
     if check.warning is None:
         return NA if check.value != check.value else "info"  # NaN: not measured
     word = "yes" if check.warning else "no"
@@ -456,8 +453,7 @@ def warning_word(check: Check) -> str:
 
 
 def verdict_table(checks: Sequence[Check]) -> pd.DataFrame:
-    """One row per check (scope, value, its interval, threshold, margin and its interval,
-    reference, percentile and z in it, warning, meaning) and a verdict row."""
+    """One row per check (scope, value, intervals, threshold, margin, warning) and the verdict."""
     rows = [
         {
             "check": c.name,

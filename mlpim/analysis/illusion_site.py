@@ -57,8 +57,7 @@ def check_site(
     method,
     store: R.Store | None = None,
 ) -> tuple[M.SiteData, dict]:
-    """The site's shared data and references; and the random-MLP runs' histories (none when the
-    reference came from `store`)."""
+    """The site's shared data and references; the random-MLP runs' histories."""
     test = splits["test"]
     refs = R.Refs(
         random_dirs=R.random_direction_reference(model, test, opts.n_random_directions, opts.seed)

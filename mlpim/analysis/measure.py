@@ -44,8 +44,7 @@ class PairLDs:
 
 
 def pair_lds(model, prepared: list[Prepared], setter, changing: bool = False) -> PairLDs:
-    """Per pair, the patched and clean LD; `changing`: only pairs whose patched answer differs
-    from the base answer (IOI: the opposite-pattern pairs)."""
+    """Per pair, patched and clean LD (`changing`: only pairs whose answer the patch changes)."""
     lds, clean = [], []
     with torch.no_grad():
         for p in prepared:
@@ -148,8 +147,7 @@ def generalisation(model, site: SiteData, v: Tensor, fldd_test: Est, keys: dict)
 
 
 def part_fldds(model, site: SiteData, v: Tensor) -> tuple[dict[str, Est], Tensor, Tensor]:
-    """FLDD of v, of its W_out row-space and nullspace parts (parts that vanish are left out),
-    on the test pairs; and the two parts."""
+    """FLDD of v and of its W_out row-space and nullspace parts on the test pairs; the parts."""
     proj, null = ns.split(v, site.w_out)
     bases = {k: b for k, b in controls.intervention_bases(v, proj, null).items() if k != "span2"}
     test, idx = site.splits["test"], site.idx["test"]
@@ -188,8 +186,7 @@ def measure_checks(
     v_ref: Tensor | None = None,
     n_align: int = 1000,
 ) -> tuple[list[dict], list[illusion.Check]]:
-    """Every check on unit v at the site: the metric rows (test pairs) and the checks, in the
-    order of `illusion.CHECKS`. MLP-only checks are n.a. at other sites."""
+    """Every check on unit v at the site (`illusion.CHECKS` order) and its metric rows."""
     level, test_idx = site.th.ci_level, site.idx["test"]
     if site.kind == "mlp_post":
         fl, proj, null = part_fldds(model, site, v)
@@ -225,8 +222,7 @@ def alignment(v: Tensor, w_out: Tensor, v_ref: Tensor | None, n: int, seed: int)
 
 
 def natural_references(model, site: SiteData, k: int) -> R.Refs:
-    """The site's references with the natural directions' dormant ratios, bridging margins and
-    off-distribution distances added (MLP hidden sites; the train pairs' top k directions)."""
+    """The site's references plus the natural directions' dormant, bridging and off values."""
     if site.kind != "mlp_post" or k <= 0:
         return site.refs
     nat = R.natural_directions(*acts(site.splits["train"]), k).to(site.w_out)
@@ -267,8 +263,7 @@ def _reader(out: list, pos: Tensor, stop: bool):
 
 
 def natural_acts(model, batches: list, kind: str, layers: list[int]) -> dict[int, Tensor]:
-    """Site activations at each prompt's patch position (END), per layer, over prompt batches
-    (no gradients; the forward stops after the last layer's site)."""
+    """Per layer, the site's activations at each prompt's END over prompt batches (no grad)."""
     names = {hook_name(kind, L): L for L in layers}
     last = max(layers)
     out: dict[int, list[Tensor]] = {L: [] for L in layers}

@@ -83,8 +83,7 @@ def variance_percentile(
 
 
 def oriented(v: Tensor, along: Tensor) -> Tensor:
-    """v with its sign chosen so that it points along `along` (a DAS direction's sign is
-    arbitrary; the planted recipe needs the one of the ABB−BAB difference)."""
+    """v with its sign chosen to point along `along` (a DAS direction's sign is arbitrary)."""
     return v if float(v @ along) >= 0 else -v
 
 
@@ -111,8 +110,7 @@ def edit_delta(
 
 
 def edit_alpha(train: list[Prepared], u: Tensor, resid_gap: float, strength: float) -> float:
-    """α such that the edit's write along the target differs between the patterns by `strength`
-    × the residual's own gap along it: α = strength · gap / |mean (s − b)·u| over the pairs."""
+    """α so that the edit's write differs between patterns by strength × the residual gap."""
     base = torch.cat([p.base_act for p in train]).double()
     source = torch.cat([p.source_act for p in train]).double()
     moved = float(((source - base) @ u.double()).abs().mean())

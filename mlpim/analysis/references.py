@@ -125,8 +125,7 @@ def random_direction_reference(model, test: list[Prepared], n: int, seed: int) -
 def random_mlp_fldds(
     model, aug: dict[str, list[Prepared]], layer: int, method, seeds: range
 ) -> tuple[list[float], dict[int, pd.DataFrame]]:
-    """Test FLDD of 1-D DAS on one norm-matched random MLP per seed (`method.*`: epochs, lr; no
-    per-epoch test evaluation), and each run's history."""
+    """Per seed, the test FLDD of 1-D DAS on a norm-matched random MLP; the histories."""
     d = model.cfg.d_model
     values, histories = [], {}
     for seed in tqdm(seeds, desc=f"reference: random-MLP DAS L{layer}", leave=False):
@@ -149,8 +148,7 @@ class Store(Protocol):
 
 
 def reference_key(model, splits: dict[str, list[Prepared]], layer: int, method, seeds) -> str:
-    """Content hash of what a random-MLP reference depends on: the weights, the layer, the train
-    and test pairs (tokens, masks, labels), the DAS settings and the seeds."""
+    """Content hash of a random-MLP reference's inputs: weights, layer, pairs, DAS, seeds."""
     h = hashlib.sha256()
     settings = {k: method.get(k) for k in ("lr", "lr_end_factor", "epochs", "engine")}
     h.update(json.dumps([fingerprint(model), layer, settings, list(seeds)]).encode())
@@ -175,8 +173,7 @@ def random_mlp_reference(
     seeds: range,
     store: Store | None = None,
 ) -> tuple[list[float], dict[int, pd.DataFrame]]:
-    """Per seed, the test FLDD of 1-D DAS on a norm-matched random MLP at `layer` (from `store`
-    when it holds this content's reference); and the histories of the runs made here."""
+    """Per seed, the random-MLP DAS test FLDD (from `store` when it holds it); histories."""
     key = reference_key(model, splits, layer, method, seeds)
     hit = store.get(key) if store is not None else None
     if hit is not None:

@@ -34,8 +34,7 @@ def _effects(model, base, source, u: Tensor, w_out: Tensor) -> tuple[dict, Tenso
 
 
 def toy_checks(model, u: Tensor, th: illusion.Thresholds) -> list[illusion.Check]:
-    """The gate and the MLP checks on the toy model over its flip pairs (no random directions:
-    in 3 dimensions a random direction reaches any effect; no random MLP, no held-out split)."""
+    """The gate and the MLP checks of unit u on the toy model's flip pairs."""
     xb, xs = (torch.tensor(x, dtype=u.dtype) for x in zip(*FLIP_PAIRS, strict=True))
     base, source, w_out = model.hidden(xb), model.hidden(xs), model.w_out[:, None]
     natural = torch.cat([base, source])
@@ -67,8 +66,7 @@ def toy_checks(model, u: Tensor, th: illusion.Thresholds) -> list[illusion.Check
 
 
 def toy_cases() -> dict[str, tuple[object, Tensor, str]]:
-    """name -> (toy model, unit direction, planted truth): the post's model and its k-neuron
-    versions (k = 2, 4; the illusory direction is the sum of the k illusory columns)."""
+    """name -> (toy model, unit direction, truth): the post's model and its k = 2, 4 versions."""
     model = toy.post_model()
     cases = {
         "toy e1": (model, toy.unit(1, 0, 0), "real"),

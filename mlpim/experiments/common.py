@@ -78,8 +78,7 @@ NATURAL_PATTERNS = ("ABB", "BAB", "ABA", "BAA")
 
 
 def natural_site_acts(cfg: DictConfig, model, kind: str, layers: list[int], splits=None):
-    """{layer: the site's natural END activations}: `extra.n_natural_prompts` IOI train prompts
-    of all four patterns (another task: its train pairs' base and source activations)."""
+    """{layer: END activations of `extra.n_natural_prompts` IOI prompts (all patterns)}."""
     from mlpim.analysis.measure import natural_acts
     from mlpim.tasks.ioi import make_prompts
 

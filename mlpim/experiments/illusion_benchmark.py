@@ -84,12 +84,15 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
         bench_layers(cfg, model),
     )
     epochs = cfg.extra.random_mlp_epochs or cfg.method.epochs
-    method = OmegaConf.merge(cfg.method, {"dim": 1, "epochs": int(epochs)})
+    method = OmegaConf.merge(cfg.method, {"dim": 1})
+    random_method = OmegaConf.merge(method, {"epochs": int(epochs)})
     batches, store = pair_batches(cfg, model), reference_store(cfg)
     natural = natural_site_acts(cfg, model, "mlp_post", layers)
     rows, cases = [], []
     for layer in tqdm(layers, desc="illusion_benchmark: layers"):
-        res = B.layer_result(model, batches, layer, th, opts, natural[layer], method, store)
+        res = B.layer_result(
+            model, batches, layer, th, opts, natural[layer], method, random_method, store
+        )
         save_layer(cfg, model, layer, res, run_dir)
         rows, cases = rows + res.rows, cases + res.cases
     if cfg.extra.bench_toy:

@@ -4,7 +4,10 @@ Cosines between v_mlp_out = v_MLP @ W_out (what the MLP writes when activated al
 estimates of v_true at the handover residual (resid_post): the DAS direction (`das_resid`) and the
 gradient of the name movers' attention score to IO minus to S1 (`grad_resid`). The baseline is
 r @ W_out for random unit hidden directions r. A DAS direction's sign is arbitrary, so every
-`cosine` and the random baseline are absolute values.
+`cosine` and the random baseline are absolute values. The gradient is signed per prompt (first
+name minus second name): the IO − S1 difference flips its position part between ABB and BAB, so
+an unsigned average over a balanced set would cancel; `grad_abb_vs_bab` reports how well the two
+patterns' signed gradients agree (cos of their means; signed, not absolute).
 """
 
 from __future__ import annotations
@@ -73,12 +76,27 @@ def name_mover_gradients(
     return grad
 
 
-def gradient_direction(
+def signed_gradients(
     model, batches: list[IOIBatch], layer: int, heads: list[Head]
-) -> Float[Tensor, " d"]:
-    """The per-prompt gradients averaged over all prompts, normalised."""
-    g = torch.cat([name_mover_gradients(model, b, layer, heads) for b in batches]).mean(0)
+) -> tuple[Float[Tensor, "n d"], Float[Tensor, " n"]]:
+    """Per prompt, the first-name-minus-second-name score's gradient at END, and its sign."""
+    grads, signs = [], []
+    for b in batches:
+        sign = torch.where(b.io_pos < b.s1_pos, 1.0, -1.0).to(b.tokens.device)
+        grads.append(name_mover_gradients(model, b, layer, heads) * sign[:, None])
+        signs.append(sign)
+    return torch.cat(grads), torch.cat(signs)
+
+
+def gradient_direction(grads: Float[Tensor, "n d"]) -> Float[Tensor, " d"]:
+    """The signed per-prompt gradients averaged over all prompts, normalised."""
+    g = grads.mean(0)
     return g / g.norm()
+
+
+def pattern_agreement(grads: Float[Tensor, "n d"], signs: Float[Tensor, " n"]) -> float:
+    """cos(mean signed gradient over IO-first prompts, over S1-first prompts)."""
+    return ns.cosine(grads[signs > 0].mean(0), grads[signs < 0].mean(0))
 
 
 def head_fldd(model, cfg: DictConfig, layer: int) -> dict[Head, float]:
@@ -125,7 +143,9 @@ def alignment_plot(rows: list[dict], randoms: dict[str, Tensor], run_dir: Path, 
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     for (target, cos), color in zip(randoms.items(), ("tab:blue", "tab:orange"), strict=True):
         ax.hist(cos, bins=40, alpha=0.5, color=color, label=f"random r: |cos(r W_out, {target})|")
-    measured = [r for r in rows if r["metric"] == "cosine"]
+    measured = [
+        r for r in rows if r["metric"] == "cosine" and r["intervention"] != "grad_abb_vs_bab"
+    ]
     for r, color in zip(measured, ("tab:blue", "tab:orange", "k"), strict=True):
         ax.axvline(r["value"], color=color, ls="--", label=f"{r['intervention']}: {r['value']:.3f}")
     ax.set(title=title, xlabel="|cosine|", ylabel="count", xlim=(0, 1))
@@ -144,10 +164,20 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     heads, fldd = name_movers(model, cfg, handover)
     prompts = make_prompts(model.tokenizer, cfg.dataset, "train", ("ABB", "BAB"),
                            cfg.extra.n_grad_prompts, cfg.seed)  # fmt: skip
-    grad = gradient_direction(model, [b.to(model.cfg.device) for b in prompts], handover, heads)
+    grads, signs = signed_gradients(
+        model, [b.to(model.cfg.device) for b in prompts], handover, heads
+    )
+    grad = gradient_direction(grads)
     w_out = ns.mlp_w_out(model, mid)
     dirs = {"v_mlp_out": v_mlp @ w_out, "das_resid": v_resid, "grad_resid": grad}
     rows, randoms = cosine_rows(dirs, w_out, cfg.extra.n_random, cfg.seed)
+    rows.append(
+        {
+            "intervention": "grad_abb_vs_bab",
+            "metric": "cosine",
+            "value": pattern_agreement(grads, signs),
+        }
+    )
     rows += [{"intervention": f"head_L{lh}H{h}", "metric": "head_fldd", "value": v}
              for (lh, h), v in fldd.items() if (lh, h) in heads]  # fmt: skip
     keys = {"site": "mlp_post", "layer": mid, "split": "train", "seed": cfg.seed}
@@ -167,5 +197,6 @@ def summary_markdown(cfg, df: pd.DataFrame, mid: int, handover: int, heads: list
     return (
         f"# {cfg.experiment}\n\nmodel: {cfg.model.name}; v_MLP at mlp_post L{mid}; v_true at "
         f"resid_post L{handover}; name-mover heads (layer, head): {heads}; seed {cfg.seed}\n\n"
-        f"All cosines are absolute values.\n\n{io.markdown_table(summarize(df))}\n"
+        f"All cosines are absolute values except grad_abb_vs_bab (signed: the IO-first and S1-first "
+        f"prompts' signed name-mover gradients, cos of their means).\n\n{io.markdown_table(summarize(df))}\n"
     )

@@ -21,7 +21,7 @@ COLORS = {True: "tab:red", False: "tab:green", None: "tab:gray"}
 def row_detail(c: illusion.Check, level: float) -> str:
     """One line: the numbers, the rule, the interval, the reference placement."""
     out = c.detail
-    if c.rule != illusion.NA:
+    if c.rule != illusion.NA and not c.rule.startswith("never"):
         out += f"; {'warns' if c.warning is not None else 'passes'} when {c.rule}"
     if math.isfinite(c.ci[0]):
         out += f"; margin {c.margin:.3g}, {level:.0%} interval [{c.ci[0]:.3g}, {c.ci[1]:.3g}]"
@@ -55,8 +55,7 @@ def verdict_markdown(header: str, checks: list[illusion.Check], level: float) ->
 
 
 def verdict_plot(checks: list[illusion.Check], run_dir: Path, title: str) -> None:
-    """One check per row: its reference distribution (dots), the value with its interval
-    (red: warns, green: does not, gray: information), the threshold (dashed)."""
+    """One check per row: reference dots, value with interval, threshold (dashed)."""
     shown = [c for c in checks if math.isfinite(c.value)]
     fig, axes = plt.subplots(len(shown), 1, figsize=(8, 0.95 * len(shown) + 0.8), squeeze=False)
     for ax, c in zip(axes[:, 0], shown, strict=True):
