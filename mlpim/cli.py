@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from mlpim import lock
 from mlpim.config import CONF_DIR, register_configs
 from mlpim.errors import MlpimError
 
@@ -45,9 +46,24 @@ def _hydra_main(argv: list[str]) -> None:
 
     sys.argv = ["mlpim", *argv]
     sweep.LAST.update(failed=0)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"mlpim: {interrupted()}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        lock.release_all()
     if sweep.LAST["failed"]:
         sys.exit(1)
+
+
+def interrupted() -> str:
+    """The line printed on Ctrl-C: what the interrupted run left (never a half-written file)."""
+    from mlpim.run import ACTIVE, interrupted_message
+
+    if ACTIVE["dir"] is None:
+        return "interrupted before any run started; nothing was written"
+    return interrupted_message(ACTIVE["dir"], ACTIVE["before"])
 
 
 def _use_agg() -> None:

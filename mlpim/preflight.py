@@ -1,5 +1,8 @@
 """`preflight(cfg, overrides)`: what can be checked from the config and the file system, checked
-before the model loads. Each failure is an `MlpimError` naming the value and what is allowed.
+before the model loads. Each failure is an `MlpimError` naming the value and what is allowed:
+keys the schema does not know (also when added with `+`/`++`), values that cannot train or run
+(epochs, learning rates, batch sizes), the device, the model file, the task file and direction
+files (read and checked: finite, non-zero, full rank).
 
 An experiment config declares `sites:` (the site kinds it can patch; empty = any) and `ignores:`
 (top-level keys it never reads, e.g. `site` for `ioi_alignment`); a command-line override of an
@@ -8,15 +11,14 @@ ignored key is refused rather than silently dropped.
 
 from __future__ import annotations
 
-from dataclasses import fields
+import difflib
+from dataclasses import fields, is_dataclass
 from pathlib import Path
+from typing import get_type_hints
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mlpim.errors import MlpimError
-
-# First bytes of the direction files mlpim reads: torch.save (zip or legacy pickle), numpy .npy
-MAGIC = {b"PK\x03\x04": "torch zip", b"\x80": "pickle", b"\x93NUMPY": "npy"}
 
 
 def override_key(override: str) -> str:
@@ -36,16 +38,18 @@ def ignored_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
     return out
 
 
-def check_direction_file(key: str, path: str | None) -> None:
-    """A direction file exists and starts like a torch or numpy file."""
+def check_direction_file(
+    key: str, path: str | None, site: str | None = None, layer: int | None = None
+) -> None:
+    """A direction file is readable as what it is named, and holds a meaningful direction."""
+    from mlpim.engine.subspace import load_subspace
+
     if not path:
         return
-    p = Path(path)
-    if not p.is_file():
-        raise MlpimError(f"{key}={path}: no such file (a saved subspace.pt or a .pt/.npy tensor)")
-    head = p.open("rb").read(8)
-    if not any(head.startswith(m) for m in MAGIC):
-        raise MlpimError(f"{key}={path}: not a torch (.pt) or numpy (.npy) file")
+    try:
+        load_subspace(path, site, layer)
+    except MlpimError as e:
+        raise MlpimError(f"{key}={e}") from None
 
 
 def model_sizes(cfg: DictConfig) -> dict:
@@ -58,14 +62,117 @@ def site_width(cfg: DictConfig) -> int | None:
     return model_sizes(cfg).get("d_mlp" if cfg.site.kind == "mlp_post" else "d_model")
 
 
-def check_extra_keys(cfg: DictConfig) -> None:
-    """`++extra.typo=1` slips past the typed schema (`++` force-adds); refuse it here."""
-    from mlpim.config import ExtraConfig
+def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[tuple[str, list]]:
+    """(key, the known keys at its level) of every key of `node` its dataclass `schema` lacks."""
+    hints = get_type_hints(schema)
+    known = [f.name for f in fields(schema)]
+    out = []
+    for key in node.keys():
+        if key == "hydra":
+            continue
+        if key not in known:
+            out.append((f"{prefix}{key}", known))
+        elif is_dataclass(hints[key]) and isinstance(node.get(key), DictConfig):
+            out += unknown_keys(node[key], hints[key], f"{prefix}{key}.")
+    return out
 
-    known = {f.name for f in fields(ExtraConfig)}
-    unknown = sorted(set(cfg.get("extra") or {}) - known)
-    if unknown:
-        raise MlpimError(f"unknown option extra.{unknown[0]}; known: {', '.join(sorted(known))}")
+
+def check_unknown_keys(cfg: DictConfig) -> None:
+    """A key added with `+key=` or `++key=` slips past the typed schema: refuse it like a typo."""
+    from mlpim.config import Config
+
+    found = unknown_keys(cfg, Config)
+    if not found:
+        return
+    key, known = found[0]
+    parent, name = key.rpartition(".")[0], key.rpartition(".")[2]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {parent + '.' if parent else ''}{close[0]}? " if close else ""
+    raise MlpimError(
+        f"unknown option {key} (added with + or ++, so Hydra accepted it; mlpim would ignore "
+        f"it): {hint}known {parent or 'top-level'} options: {', '.join(known)}"
+    )
+
+
+def check_positive(cfg: DictConfig) -> None:
+    """Epochs, steps, learning rates and batch sizes that cannot train or run are refused."""
+    ignores = set(cfg.get("ignores") or [])
+    values = {
+        "dataset.batch_size": 1,
+        "extra.batch_size": 1,
+        "extra.das_lr": 0.0,
+        "extra.das_steps": 1,
+        "extra.pair_steps": 1,
+        "extra.random_mlp_epochs": 1,
+    }
+    if "method" not in ignores and cfg.method.name in ("das", "mean_diff"):
+        values |= {"method.epochs": 1, "method.lr": 0.0}  # DAS trains with them
+    for key, low in values.items():
+        if key.split(".")[0] in ignores:
+            continue
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        ok = value >= low if isinstance(low, int) else value > low  # NaN fails both
+        if not ok:
+            need = f"at least {low}" if isinstance(low, int) else "above 0"
+            raise MlpimError(f"{key}={value}: must be {need} (nothing would be learned or run)")
+
+
+def check_device(cfg: DictConfig) -> None:
+    """`device=` names a device torch knows and this machine has."""
+    import torch
+
+    if "device" in (cfg.get("ignores") or []) or cfg.device == "auto":
+        return
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, ValueError):
+        raise MlpimError(f"device={cfg.device}: not a device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MlpimError(
+            f"device={cfg.device}: CUDA is not available on this machine (torch "
+            f"{torch.__version__}); use device=cpu, or device=auto to use a GPU when there is one"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise MlpimError(
+            f"device={cfg.device}: this machine has {torch.cuda.device_count()} GPU(s)"
+        )
+
+
+def check_model_file(cfg: DictConfig) -> None:
+    """A GGUF model file exists and is a GGUF file (a GGUF without its file is refused)."""
+    from mlpim.engine.models import gguf_path
+
+    if "model" in (cfg.get("ignores") or []) or cfg.model.source != "gguf":
+        return
+    if OmegaConf.is_missing(cfg.model, "file"):
+        raise MlpimError("model=gguf needs the file: model.file=/path/to/model.gguf")
+    gguf_path(cfg.model)
+
+
+def check_task_file(cfg: DictConfig) -> None:
+    """`dataset.path` of a task read from a file: given (pairs), and a readable file."""
+    if "dataset" in (cfg.get("ignores") or []) or cfg.dataset.name not in ("pairs", "facts"):
+        return
+    if OmegaConf.is_missing(cfg.dataset, "path") or (
+        cfg.dataset.name == "pairs" and not cfg.dataset.path
+    ):
+        raise MlpimError("dataset=pairs needs the task file: dataset.path=/path/to/task.jsonl")
+    path = cfg.dataset.path
+    if path and not Path(path).is_file():
+        what = "a directory" if Path(path).is_dir() else "no such file"
+        raise MlpimError(f"dataset.path={path}: {what}; give a JSONL file of pairs (README)")
+
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # what `model.dtype` may name
+
+
+def check_dtype(cfg: DictConfig) -> None:
+    """`model.dtype` names a floating-point torch dtype."""
+    dtype = cfg.model.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise MlpimError(f"model.dtype={dtype}: allowed: {', '.join(DTYPES)}")
 
 
 def check_site_and_dim(cfg: DictConfig) -> None:
@@ -103,8 +210,16 @@ def preflight(cfg: DictConfig, overrides: list[str] | None = None) -> None:
             f"{cfg.experiment} ignores {', '.join(ignored)} (it does not read "
             f"{', '.join(cfg.ignores)}); drop the override or pick another experiment"
         )
-    check_extra_keys(cfg)
-    check_direction_file("direction", cfg.get("direction"))
+    check_unknown_keys(cfg)
+    check_positive(cfg)
+    check_device(cfg)
+    check_dtype(cfg)
+    ignores = set(cfg.get("ignores") or [])
+    if "direction" not in ignores:
+        site = (cfg.get("direction_site"), cfg.get("direction_layer"))
+        check_direction_file("direction", cfg.get("direction"), *site)
     extra = cfg.get("extra") or {}
     check_direction_file("extra.resid_direction", extra.get("resid_direction"))
     check_site_and_dim(cfg)
+    check_task_file(cfg)
+    check_model_file(cfg)

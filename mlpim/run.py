@@ -1,7 +1,10 @@
 """`run(cfg, run_dir)`: check, dispatch to the experiment's runner, write the run directory.
 
-A finished run directory holds `DONE`: JSON with the hash of the resolved config, mlpim's version
-and the git commit. The same config aimed at it again is skipped; any other config is refused.
+A finished run directory holds `DONE`: JSON with the hash of the resolved config, the code that
+ran it (mlpim's version, git commit, dirty flag and the hash of mlpim's files, `mlpim.identity`)
+and the SHA-256 of every input file the config names. The same config, code and inputs aimed at
+it again are skipped; a change in any of them is refused with one line saying which changed, so
+that no finished result is overwritten (`scripts/paper.py` re-runs a step whose input changed).
 `run_experiment(cfg)` runs an experiment without leaving files and returns its results.
 """
 
@@ -10,19 +13,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
+import os
 import sys
 import tempfile
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
+from io import StringIO
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from mlpim import __version__
 from mlpim import constants as C
+from mlpim import lock
 from mlpim.errors import MlpimError
+from mlpim.identity import code_change, code_version, input_change, input_hashes
 from mlpim.preflight import preflight
 from mlpim.report import io
 
@@ -32,9 +38,11 @@ NEW_DIR_HINT = "choose a new directory (hydra.run.dir=DIR, or hydra.sweep.dir=DI
 
 
 class RunDirError(MlpimError):
-    """The run directory holds results of another config, or results without DONE."""
+    """The run directory holds results of another config, code or inputs, or results without
+    DONE."""
 
-    diff: str = ""  # the differing keys, `key: old -> new, ...`
+    diff: str = ""  # what differs: the config keys (`key: old -> new, ...`), code or input files
+    changed: str = "config"  # config | code | inputs
 
 
 NOT_IDENTITY = ("hydra", "ignores", "sites")  # Hydra's node; what the experiment declares it reads
@@ -50,18 +58,6 @@ def config_hash(cfg: DictConfig | dict) -> str:
     """SHA-256 (16 hex digits) of the resolved config: what identifies a run."""
     text = json.dumps(config_dict(cfg), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def git_commit() -> str | None:
-    """The commit of the checkout mlpim is imported from, when it is a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-            capture_output=True, text=True, timeout=5,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def read_done(run_dir: Path) -> dict | None:
@@ -100,13 +96,16 @@ def _stored_config(run_dir: Path) -> dict | None:
 
 
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
-    """True when `run_dir` already holds this config's finished run; raise when it holds another."""
+    """True when `run_dir` already holds this config's finished run, made by this code from
+    these inputs; raise `RunDirError` when it holds another config's, or this config's made by
+    other code or from other input files (`changed` says which)."""
     new, done = config_dict(cfg), read_done(run_dir)
     stored = _stored_config(run_dir)
     recorded = done.get("config_hash") if done else None
     if done == {} and stored is not None:
         recorded = config_hash(stored)  # DONE of an older mlpim: compare with its config.yaml
     if done is not None and recorded == config_hash(new):
+        check_identity(cfg, run_dir, done)
         return True
     if done is None and stored is not None and config_hash(stored) == config_hash(new):
         return False  # this config's unfinished run (interrupted): run it again
@@ -123,43 +122,152 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
     raise error
 
 
+def check_identity(cfg: DictConfig, run_dir: Path, done: dict) -> None:
+    """Raise `RunDirError` when this config's finished run in `run_dir` was made by other code
+    (`changed="code"`) or from input files of other content (`changed="inputs"`)."""
+    for changed, diff in (("code", code_change(done)), ("inputs", input_change(done, cfg))):
+        if diff is None:
+            continue
+        error = RunDirError(
+            f"{run_dir} holds a finished {cfg.experiment} run of this config, but {diff}; "
+            f"refusing to overwrite it: {NEW_DIR_HINT}, or delete {run_dir}"
+        )
+        error.diff, error.changed = diff, changed
+        raise error
+
+
 def done_record(cfg: DictConfig, seconds: float) -> dict:
-    """What DONE records about a finished run."""
+    """What DONE records about a finished run: the config hash, the code that ran it
+    (`mlpim.identity.code_version`) and the SHA-256 of each input file."""
     return {
         "config_hash": config_hash(cfg),
         "experiment": cfg.experiment,
-        "mlpim_version": __version__,
-        "git_commit": git_commit(),
+        **code_version(),
+        "inputs": input_hashes(cfg),
         "seconds": round(seconds, 1),
     }
+
+
+ACTIVE: dict = {"dir": None, "before": {}}  # the run this process is writing (for Ctrl-C)
+HOUSEKEEPING = (C.RESOLVED_CONFIG, C.LOG, ".hydra")  # written before any result
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's console
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> pd.DataFrame | None:
     """Run one experiment into `run_dir`; None when this config already finished there.
 
-    `overrides` (the command line's) are checked against what the experiment reads."""
+    `overrides` (the command line's) are checked against what the experiment reads. The directory
+    is locked while the run uses it (`mlpim.lock`); a refused run (another config's results, a
+    run in progress there, a config preflight refuses) writes nothing into it."""
+    run_dir = Path(run_dir)
+    ACTIVE.update(dir=None)
+    created = lock.make_dir(run_dir)
+    lock.acquire(run_dir)
+    try:
+        return run_accepted(cfg, run_dir) if accept(cfg, run_dir, overrides, created) else None
+    finally:
+        lock.release(run_dir)
+
+
+def accept(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, created: bool) -> bool:
+    """True when this config is to run in the locked `run_dir`, False when it already finished
+    there; a refusal raises, and removes `run_dir` again when this run created it."""
+    try:
+        if check_run_dir(cfg, run_dir):
+            log.info("skipping %s: this config already finished there", run_dir)
+            return False
+        preflight(cfg, overrides)
+        check_writable(run_dir)
+    except MlpimError:
+        if created:
+            lock.remove_if_empty(run_dir)
+        raise
+    return True
+
+
+def check_writable(run_dir: Path) -> None:
+    """A one-line error when this process cannot create files in `run_dir`."""
+    if not os.access(run_dir, os.W_OK):
+        raise MlpimError(
+            f"cannot write to {run_dir}: permission denied or a read-only file system; choose a "
+            "directory you can write (hydra.run.dir=DIR, or hydra.sweep.dir=DIR with -m)"
+        )
+
+
+def run_accepted(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    """Run into the locked, checked `run_dir`: config first, results, the log, DONE last."""
     from mlpim.engine.models import resolve_device
     from mlpim.experiments import get_runner
 
-    run_dir = Path(run_dir)
-    if check_run_dir(cfg, run_dir):
-        log.info("skipping %s: this config already finished there", run_dir)
-        return None
-    preflight(cfg, overrides)
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / C.METRICS).unlink(missing_ok=True)
+    ACTIVE.update(dir=run_dir, before=results_in(run_dir))
     runner = get_runner(cfg.runner)
     io.write_config(cfg, run_dir)
-    log.info("experiment %s on %s (%s)", cfg.experiment, cfg.model.name, resolve_device(cfg.device))
-    start = time.time()
-    df = runner(cfg, run_dir)
-    io.write_metrics(df, run_dir)
-    io.write_text(
-        json.dumps(done_record(cfg, time.time() - start), indent=1) + "\n", run_dir, C.DONE
-    )
+    io.write_hydra_files(cfg, run_dir)
+    run_log, saved = RunLog(run_dir / C.LOG), False
+    try:
+        device = resolve_device(cfg.device)
+        log.info("experiment %s on %s (%s)", cfg.experiment, cfg.model.name, device)
+        start = time.time()
+        df = runner(cfg, run_dir)
+        io.write_metrics(df, run_dir)
+        saved = run_log.save()
+        record = json.dumps(done_record(cfg, time.time() - start), indent=1) + "\n"
+        io.write_text(record, run_dir, C.DONE)
+    finally:
+        run_log.close(save=not saved)
+    ACTIVE.update(dir=None)  # left set when interrupted: the CLI reports it
     summarize = getattr(sys.modules[runner.__module__], "summarize", io.summary_table)
     print_summary(cfg, summarize(df), run_dir, time.time() - start)
     return df
+
+
+class RunLog:
+    """The run's log (what the console shows), kept in memory and written to `path` atomically:
+    when the run finishes, before DONE, or when it fails or is interrupted. A full disk cannot
+    leave half a log (Hydra's own job log file is switched off: conf/hydra/job_logging)."""
+
+    def __init__(self, path: Path):
+        self.path, self.stream = Path(path), StringIO()
+        self.handler = logging.StreamHandler(self.stream)
+        self.handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger().addHandler(self.handler)
+
+    def save(self) -> bool:
+        """Write what was logged so far to `path` (atomically); True."""
+        io.atomic_write(self.path, lambda p: p.write_text(self.stream.getvalue()))
+        return True
+
+    def close(self, save: bool) -> None:
+        """Stop logging here; `save` what was logged, never raising over the run's own error."""
+        logging.getLogger().removeHandler(self.handler)
+        if save:
+            with suppress(OSError, MlpimError):
+                self.save()
+
+
+def results_in(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """name -> (mtime in ns, size) of the files in `run_dir` other than the housekeeping ones."""
+    paths = Path(run_dir).iterdir() if Path(run_dir).is_dir() else []
+    return {
+        p.name: (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in paths
+        if p.name not in HOUSEKEEPING
+    }
+
+
+def interrupted_message(run_dir: Path, before: dict[str, tuple[int, int]]) -> str:
+    """What an interrupted run left in `run_dir`: nothing, or the complete files it wrote (new
+    or changed since `before`, `results_in` when it started)."""
+    now = results_in(run_dir)
+    new = sorted(name for name, stat in now.items() if before.get(name) != stat)
+    if not new:
+        return f"interrupted; nothing was written to {run_dir} (no DONE)"
+    shown = ", ".join(new[:4]) + (", ..." if len(new) > 4 else "")
+    return (
+        f"interrupted; {run_dir} holds an unfinished run (no DONE): its complete files {shown}, "
+        "nothing half-written; the same command runs it again"
+    )
 
 
 def print_summary(cfg: DictConfig, table: pd.DataFrame, run_dir: Path, seconds: float) -> None:

@@ -1,6 +1,12 @@
-"""Sweeps that report: each job writes `status.json` in its directory (finished, skipped or
-failed, with a one-line reason), and the `SweepReport` Hydra callback prints a table of this
-sweep's jobs at the end of `mlpim run -m`, in the launching process, whatever the launcher.
+"""Sweeps that report: each job records how it ended (finished, skipped or failed, with a one-line
+reason), and the `SweepReport` Hydra callback prints a table of this sweep's jobs at the end of
+`mlpim run -m`, in the launching process, whatever the launcher.
+
+A job that ran in its directory records `status.json` there. A job that left its directory
+alone (skipped: it holds this config's finished run; refused: it holds another run, or is in
+use) records its status in the sweep directory's `.status/` instead, so that a finished run's
+files never change. The sweep directory is locked while the sweep runs (`mlpim.lock`), and a
+sweep whose jobs would be refused is refused whole, before anything is written (`check_sweep`).
 """
 
 from __future__ import annotations
@@ -10,31 +16,44 @@ import logging
 import sys
 import time
 import traceback
+from contextlib import suppress
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from mlpim import lock
 from mlpim.errors import MlpimError
+from mlpim.lock import RunDirLocked
 from mlpim.report import io
 
 log = logging.getLogger("mlpim")
 
 STATUS = "status.json"
+RECORDS = ".status"  # in the sweep directory: statuses of jobs that left their directory alone
 LAST: dict = {"failed": 0}  # the last sweep's counts in this process (read by the CLI)
 
 
-def write_status(job_dir: Path, status: str, overrides: list[str], reason: str = "") -> None:
+def write_status(
+    job_dir: Path, status: str, overrides: list[str], reason: str = "", own_dir: bool = True
+) -> None:
+    """Record how a job ended: in its directory when it ran there (`own_dir`), else in the
+    sweep directory's `.status/` (a skipped or refused job never writes into its directory)."""
     record = {"status": status, "reason": reason, "overrides": overrides, "time": time.time()}
-    Path(job_dir).mkdir(parents=True, exist_ok=True)
-    io.write_text(json.dumps(record) + "\n", Path(job_dir), STATUS)
+    if own_dir:
+        Path(job_dir).mkdir(parents=True, exist_ok=True)
+        io.write_text(json.dumps(record) + "\n", Path(job_dir), STATUS)
+        return
+    sweep_dir = Path(HydraConfig.get().sweep.dir)
+    job = Path(job_dir).resolve().relative_to(sweep_dir.resolve()).as_posix()
+    (sweep_dir / RECORDS).mkdir(exist_ok=True)
+    name = job.replace("/", "_") + ".json"
+    io.write_text(json.dumps({**record, "job": job}) + "\n", sweep_dir / RECORDS, name)
 
 
 def read_status(job_dir: Path) -> dict | None:
-    try:
-        return json.loads((Path(job_dir) / STATUS).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    return read_status_file(Path(job_dir) / STATUS)
 
 
 def one_line(e: BaseException) -> str:
@@ -48,7 +67,7 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> None:
     """One sweep job: run it and record how it ended; a failure does not stop the sweep.
 
     A user mistake prints one line; any other exception also prints its traceback."""
-    from mlpim.run import run
+    from mlpim.run import ACTIVE, run
 
     try:
         df = run(cfg, job_dir, overrides)
@@ -56,23 +75,52 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> None:
         if not isinstance(e, MlpimError):
             traceback.print_exc()
         print(f"mlpim: error: {one_line(e)}", file=sys.stderr)
-        write_status(job_dir, "failed", overrides, one_line(e))
+        accepted = ACTIVE["dir"] is not None  # else refused: its directory is left as it was
+        if not accepted:
+            with suppress(OSError):
+                Path(job_dir).rmdir()  # only when empty: the one Hydra made for this job
+        write_status(job_dir, "failed", overrides, one_line(e), own_dir=accepted)
         return
-    write_status(job_dir, "skipped" if df is None else "finished", overrides)
+    write_status(
+        job_dir, "skipped" if df is None else "finished", overrides, own_dir=df is not None
+    )
 
 
 def sweep_jobs(sweep_dir: Path, since: float) -> list[tuple[str, dict]]:
     """(job, status) of the jobs under `sweep_dir` started at or after `since`."""
-    rows = []
-    for hydra_dir in sorted(Path(sweep_dir).rglob(".hydra")):
-        job_dir = hydra_dir.parent
-        if (hydra_dir / "hydra.yaml").stat().st_mtime < since - 1:
-            continue
-        status = read_status(job_dir)
-        if status is None or status["time"] < since - 1:
-            status = {"status": "failed", "reason": "no status: the job died (killed?)"}
-        rows.append((job_dir.relative_to(sweep_dir).as_posix(), status))
-    return sorted(rows, key=lambda r: [int(t) if t.isdigit() else t for t in r[0].split("/")])
+    sweep_dir, rows = Path(sweep_dir), {}
+    for path in sorted(sweep_dir.rglob(STATUS)):
+        status = read_status(path.parent)
+        if status is not None and status["time"] >= since - 1:
+            rows[path.parent.relative_to(sweep_dir).as_posix()] = status
+    for job, status in job_records(sweep_dir).items():
+        if status["time"] >= since - 1:
+            rows[job] = status
+    for hydra_dir in sorted(sweep_dir.rglob(".hydra")):
+        job = hydra_dir.parent.relative_to(sweep_dir).as_posix()
+        if job not in rows and (hydra_dir / "hydra.yaml").stat().st_mtime >= since - 1:
+            rows[job] = {"status": "failed", "reason": "no status: the job died (killed?)"}
+    return sorted(
+        rows.items(), key=lambda r: [int(t) if t.isdigit() else t for t in r[0].split("/")]
+    )
+
+
+def job_records(sweep_dir: Path) -> dict[str, dict]:
+    """job -> status of the jobs that recorded it in the sweep directory (`.status/`)."""
+    out = {}
+    for path in sorted((Path(sweep_dir) / RECORDS).glob("*.json")):
+        status = read_status_file(path)
+        if status is not None:
+            out[status.get("job", path.stem)] = status
+    return out
+
+
+def read_status_file(path: Path) -> dict | None:
+    """A status record; None when absent or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def varying(rows: list[tuple[str, dict]]) -> dict[str, str]:
@@ -100,11 +148,80 @@ def report(sweep_dir: Path, since: float) -> str:
 
 
 class SweepReport(Callback):
-    """Hydra callback (`hydra.callbacks.sweep_report` in conf/config.yaml)."""
+    """Hydra callback (`hydra.callbacks.sweep_report` in conf/config.yaml): locks and checks the
+    sweep directory before the sweeper writes anything, prints the table at the end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.start = time.time()
         LAST.update(failed=0)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            lock.make_dir(sweep_dir)
+            lock.acquire(sweep_dir, what="sweep")
+            check_sweep(config, sweep_dir)
+        except MlpimError as e:
+            lock.release(sweep_dir)
+            lock.remove_if_empty(sweep_dir)
+            print(f"mlpim: error: {e}", file=sys.stderr)
+            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         print(report(Path(config.hydra.sweep.dir), getattr(self, "start", 0.0)), flush=True)
+        lock.release(Path(config.hydra.sweep.dir))
+
+
+class RunDirCheck(Callback):
+    """Hydra callback (`hydra.callbacks.run_dir`): creates the run directory before Hydra does,
+    so that one that cannot be created is one line (exit 2), not Hydra's traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        """Create `hydra.run.dir`, or stop with one line (exit 2)."""
+        try:
+            lock.make_dir(Path(config.hydra.run.dir))
+        except MlpimError as e:
+            print(f"mlpim: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+
+def sweep_overrides(config: DictConfig) -> list[list[str]] | None:
+    """Each job's task overrides, in job order, as the basic sweeper makes them; None for
+    another sweeper."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
+        return None
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def check_sweep(config: DictConfig, sweep_dir: Path) -> None:
+    """Refuse the whole sweep, before any file is written, when a job directory it would use
+    holds another config's results or is in use by another run."""
+    from hydra import compose
+
+    from mlpim.run import RunDirError, check_run_dir
+
+    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
+    jobs = sweep_overrides(config) if subdir == "${hydra.job.num}" else None
+    for num, overrides in enumerate(jobs or []):
+        job_dir = sweep_dir / str(num)
+        if not job_dir.is_dir() or not any(job_dir.iterdir()):
+            continue
+        if lock.is_locked(job_dir):
+            raise RunDirLocked(
+                f"job {num} of this sweep: {job_dir} is in use by another mlpim run right now; "
+                "wait until it ends, or choose a new directory (hydra.sweep.dir=DIR)"
+            )
+        try:
+            cfg = compose(config_name="config", overrides=overrides)
+        except Exception:  # a job that cannot compose reports itself when it runs
+            continue
+        try:
+            check_run_dir(cfg, job_dir)
+        except RunDirError as e:
+            raise RunDirError(
+                f"{sweep_dir} holds another sweep: its job {num} ran another config than this "
+                f"sweep's job {num} ({e.diff}); refusing to mix them: choose a new directory "
+                f"(hydra.sweep.dir=DIR), or delete {sweep_dir}"
+            ) from None

@@ -2,12 +2,14 @@
 
 usage: python scripts/paper.py [--only STEP[,STEP]] [--out DIR] model=smollm2-135m [overrides]
 
-Each step writes `outputs/paper/<model>/<experiment>/`; a step finished with the same config
-(DONE records its hash) is not re-run, so an interrupted `make paper` resumes. A step whose
-directory holds a run of another config (e.g. `ARGS=method.epochs=5` after a full run) is
-refused before any work: choose another `--out`. Directions are reused: the residual and MLP DAS directions
-trained by the first steps are passed to every later analysis. The report puts each number of
-the paper (GPT-2 small) next to the measured one.
+Each step writes `outputs/paper/<model>/<experiment>/`; a step finished with the same config,
+code and input files (DONE records them) is not re-run, so an interrupted `make paper` resumes.
+A step whose directory holds a run of another config (e.g. `ARGS=method.epochs=5` after a full
+run) or of other code (mlpim's files changed) is refused before any work: choose another `--out`
+or delete it. Directions are reused: the residual and MLP DAS directions trained by the first
+steps are passed to every later analysis; a finished step whose input direction has changed since
+(its upstream step re-ran) is re-run, its old results moved to `superseded/<step>-<time>/`. The
+report puts each number of the paper (GPT-2 small) next to the measured one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import argparse
 import shutil
 import sys
 import time
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 
 import matplotlib
@@ -25,6 +27,7 @@ import pandas as pd
 from mlpim import constants as C
 from mlpim.config import CONF_DIR, compose
 from mlpim.errors import MlpimError
+from mlpim.identity import input_hashes
 from mlpim.report.io import markdown_table
 from mlpim.run import RunDirError, check_run_dir, read_done, run
 
@@ -206,14 +209,33 @@ def plan(out: Path, only: set[str], overrides: list[str]) -> list[tuple[str, obj
         try:
             check_run_dir(cfg, out / name)
         except RunDirError as e:
-            refused.append(f"{name} ({e.diff})")
+            if e.changed != "inputs":  # changed inputs: re-run at its turn (`supersede`)
+                refused.append(f"{name} ({e.diff})")
         steps.append((name, cfg))
     if refused:
         raise MlpimError(
-            f"{out} holds steps run with another config: {'; '.join(refused)}; "
+            f"{out} holds steps run with another config or other code: {'; '.join(refused)}; "
             f"write this report elsewhere with --out DIR, or delete those step directories"
         )
     return steps
+
+
+def supersede(cfg, run_dir: Path, out: Path) -> Path | None:
+    """Move `run_dir` to `out/superseded/<step>-<time>/` when it holds this config's finished
+    run made from input files that have changed since (an upstream step re-ran), so that the
+    step runs again; says so in one line. Returns where it went (None: nothing moved). A
+    missing input is refused instead (`RunDirError`): nothing to re-run from."""
+    try:
+        check_run_dir(cfg, run_dir)
+        return None
+    except RunDirError as e:
+        if e.changed != "inputs" or None in input_hashes(cfg).values():
+            raise
+        dest = out / "superseded" / f"{run_dir.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.rename(dest)
+        print(f"{run_dir.name}: {e.diff}; re-running it (old results moved to {dest})", flush=True)
+        return dest
 
 
 def main(argv: list[str]) -> None:
@@ -233,7 +255,11 @@ def main(argv: list[str]) -> None:
     for name, cfg in steps:
         start = time.time()
         print(f"\n=== {name}: {cfg.experiment}", flush=True)
-        run(cfg, out / name)
+        try:
+            supersede(cfg, out / name, out)
+            run(cfg, out / name)
+        except RunDirError as e:  # changed while the report ran (e.g. code edited meanwhile)
+            sys.exit(f"paper: error: {e}")
         times[name] = step_seconds(out / name, time.time() - start)
     (out / "REPORT.md").write_text(report(out, model, times))
     collect_figures(out)

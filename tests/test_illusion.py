@@ -164,7 +164,8 @@ def test_gate_below_is_no_effect_and_borderline_is_symmetric():
     _, checks = hand_checks(V_ILLUSORY)
     rest = checks[1:]
     low = [illusion.effect_check(est(0.10, 0.05, 0.15), NO_REFS, TH), *rest]
-    assert illusion.verdict(low).label == illusion.NO_EFFECT
+    assert illusion.verdict(low).label == "no effect to explain (FLDD 0.100 below the gate 0.200)"
+    assert illusion.verdict(low).klass == illusion.NO_EFFECT
     assert by_name(low)["nullspace_bridging"].warning  # still shown: it would warn above the gate
     for value in (0.199, 0.201):
         close = [illusion.effect_check(est(value, 0.15, 0.25), NO_REFS, TH), *rest]

@@ -2,11 +2,14 @@
 
 import importlib.util
 import itertools
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from transformer_lens.utilities import get_tokenizer_with_bos
+from transformers import PreTrainedTokenizerFast
 
 from mlpim.tasks.ioi import (
     PATTERNS,
@@ -154,9 +157,24 @@ def test_word_tokenizer(cfg, tok, tmp_path):
     text = "It was a sunny day. Then, Mary and John went to the store. John gave a ring to"
     assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
     assert tok.bos_token_id == tok.eos_token_id == tok.unk_token_id == 0
-    assert tok.init_kwargs.get("name_or_path")
+    # TransformerLens's bridge takes it as it is (it would reload it from `name_or_path` with
+    # add_bos_token=True otherwise): BOS only when special tokens are asked for
+    assert get_tokenizer_with_bos(tok) is tok
+    assert tok(" Mary").input_ids == [0, *tok(" Mary", add_special_tokens=False).input_ids]
     saved = word_tokenizer(["Mary"], cache_dir=tmp_path)
     assert (tmp_path / "tokenizer.json").exists() and saved(" Mary").input_ids != [0]
+    reloaded = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    assert reloaded(text).input_ids == saved(text).input_ids
+
+
+def test_word_tokenizer_leaves_no_temporary_files(cfg):
+    """Building and using word tokenizers writes nothing to the temporary directory."""
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.iterdir())
+    toks = [word_tokenizer(ioi_vocabulary(cfg)) for _ in range(3)]
+    assert toks[0](" Mary went").input_ids == toks[2](" Mary went").input_ids
+    assert get_tokenizer_with_bos(toks[1]) is toks[1]
+    assert not [p.name for p in set(tmp.iterdir()) - before if p.name.startswith("mlpim_tok_")]
 
 
 def test_one_token_words_filters(cfg, holey_tok):

@@ -30,7 +30,7 @@ def test_split_is_exact(fixture, request):
     torch.testing.assert_close(proj + null, v)
     assert abs(proj @ null) < 1e-5
     assert (null @ w).abs().max() < 1e-5
-    torch.testing.assert_close(q @ (q.T @ proj), proj, atol=1e-5, rtol=0)
+    torch.testing.assert_close(q @ (q.T @ proj.double()), proj.double(), atol=1e-5, rtol=0)
     assert null.norm() > 0.5  # d_mlp = 2 d_model: about half of a random v is in the nullspace
     assert q.shape[1] == (
         model.cfg.d_model - 1 if fixture.endswith("compat") else model.cfg.d_model

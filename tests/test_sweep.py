@@ -75,10 +75,13 @@ def finished_jobs(sweep_dir: Path, n: int) -> dict[Path, int]:
 
 
 def assert_rerun_skips(tmp_path: Path, sweep_dir: Path, before: dict[Path, int], *overrides):
+    jobs = {p: p.stat().st_mtime_ns for m in before for p in m.parent.rglob("*") if p.is_file()}
     proc = sweep(tmp_path, sweep_dir, *overrides)
     after = {p: p.stat().st_mtime_ns for p in before}
     assert after == before, "a finished job was re-run (metrics.csv rewritten)"
     assert f"0 finished, {len(before)} skipped, 0 failed" in proc.stdout
+    # finished jobs are read-only to the re-run: not even status.json or .hydra/ rewritten
+    assert {p: p.stat().st_mtime_ns for p in jobs} == jobs
 
 
 def test_basic_sweep_rerun_and_collect(tmp_path, capsys):
@@ -89,11 +92,14 @@ def test_basic_sweep_rerun_and_collect(tmp_path, capsys):
     assert layers == {0, 1}
 
     assert_rerun_skips(tmp_path, sweep_dir, before, "site.layer=range(0,2)")
-    # another grid into the same directory: each job's config changed, so each is refused
-    proc = sweep(tmp_path, sweep_dir, "site.layer=range(1,3)", rc=1)
-    assert "0 finished, 0 skipped, 2 failed" in proc.stdout, proc.stdout
-    assert "site.layer: 0 -> 1" in proc.stdout and "hydra.sweep.dir=" in proc.stdout
-    assert {p: p.stat().st_mtime_ns for p in before} == before
+    # another grid into the same directory: refused whole, in one line, before anything is
+    # written (no multirun.yaml, .hydra/ or status.json rewritten)
+    files = {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("*") if p.is_file()}
+    proc = sweep(tmp_path, sweep_dir, "site.layer=range(1,3)", rc=2)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mlpim: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert "site.layer: 0 -> 1" in errors[0] and "hydra.sweep.dir=" in errors[0]
+    assert {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("*") if p.is_file()} == files
 
     df = collect(sweep_dir)
     assert sorted(df.job.unique()) == ["0", "1"]
@@ -124,6 +130,7 @@ def test_failed_jobs_are_reported_and_the_sweep_exits_nonzero(tmp_path, capsys):
     failed = [line for line in table.splitlines() if " failed " in line]
     assert len(failed) == 1 and "site.layer=50" in failed[0] and "layers 0..2" in failed[0]
     assert (sweep_dir / "0" / C.DONE).exists() and not (sweep_dir / "1" / C.DONE).exists()
+    assert not (sweep_dir / "1").exists()  # refused before it ran: its directory left as it was
     collect_cli([str(sweep_dir)])
     out = capsys.readouterr().out
     assert "collected 1 job(s)" in out and "1 job(s) not collected" in out

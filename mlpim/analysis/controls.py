@@ -34,7 +34,7 @@ from mlpim.engine.interventions import (
 )
 from mlpim.engine.metrics import fldd, logit_diff
 from mlpim.engine.models import ConfigError, hook_name
-from mlpim.engine.patching import full, site_acts, subspace
+from mlpim.engine.patching import full, site_acts, subspace, work_dtype
 from mlpim.engine.subspace import RotatedSubspace, check_model, load_subspace
 from mlpim.report import io
 
@@ -67,7 +67,7 @@ class RandomMLP:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def hidden(self, x: Float[Tensor, "b d"]) -> Float[Tensor, "b m"]:
-        return ACTIVATIONS[self.act](self.norm(x) @ self.w1 + self.b1)
+        return ACTIVATIONS[self.act](self.norm(x.to(self.w1.dtype)) @ self.w1 + self.b1)
 
     def out(self, h: Float[Tensor, "b m"]) -> Float[Tensor, "b d"]:
         return h @ self.w2 + self.b2
@@ -104,7 +104,8 @@ def matched_random_mlp(
     """A random MLP shaped like the model's, scaled so mean ‖f(mid)‖ equals mean ‖real_out‖."""
     centered = not model.cfg.normalization_type.startswith("RMS")
     mlp = draw_random_mlp(model.cfg.d_model, model.cfg.d_mlp, model.cfg.act_fn, centered, seed)
-    mlp = replace(mlp, **{k: getattr(mlp, k).to(mid) for k in ("w1", "b1", "w2", "b2")})
+    like = mid.to(work_dtype(mid))
+    mlp = replace(mlp, **{k: getattr(mlp, k).to(like) for k in ("w1", "b1", "w2", "b2")})
     with torch.no_grad():
         return mlp.scaled(mean_norm(real_out) / mean_norm(mlp(mid)))
 
@@ -186,7 +187,8 @@ def random_mlp_rows(
     patch, history = train_random_das(
         model, aug["train"], aug["test"], layer, mlp, cfg.method, seed
     )
-    history.to_csv(run_dir / f"history_random_mlp_seed{seed}.csv", index=False)
+    name = f"history_random_mlp_seed{seed}.csv"
+    io.write_csv(history, Path(run_dir), name)
     rows = []
     for split, prepared in aug.items():
         mid, _ = split_acts(prepared, d)
@@ -223,12 +225,13 @@ def mean_diff_direction(prepared: list[Prepared]) -> torch.Tensor:
     """Mean site activation of one class minus the other, normalised (d×1): IOI, ABB base
     prompts minus BAB ones; any other task, base prompts minus source prompts."""
     base = torch.cat([p.base_act for p in prepared])
+    base = base.to(work_dtype(base))
     patterns = [pat for p in prepared for pat in getattr(p.pairs.base, "pattern", ())]
     if patterns:
         sign = torch.tensor([{"ABB": 1, "BAB": -1}.get(pat, 0) for pat in patterns])
         diff = base[sign == 1].mean(0) - base[sign == -1].mean(0)
     else:
-        diff = base.mean(0) - torch.cat([p.source_act for p in prepared]).mean(0)
+        diff = base.mean(0) - torch.cat([p.source_act for p in prepared]).mean(0).to(base)
     return (diff / diff.norm())[:, None]
 
 

@@ -16,6 +16,7 @@ from mlpim.engine.das import train_das
 from mlpim.engine.interventions import Prepared
 from mlpim.engine.models import ConfigError, site_width, validate_site
 from mlpim.engine.subspace import direction_meta, load_subspace, save_subspace
+from mlpim.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def saved_or_trained(
     splits = splits or paper_splits(cfg, model, kind, layer)
     rot, hist = train_das(model, splits["train"], splits["test"], cfg.method, cfg.seed)
     history.parent.mkdir(parents=True, exist_ok=True)
-    hist.to_csv(history, index=False)
+    atomic_write(history, lambda p: hist.to_csv(p, index=False))
     basis = rot.basis.detach()
     save_subspace(save_as, basis, **direction_meta(model, cfg.model, kind, layer),
                   k=basis.shape[1], seed=cfg.seed, method="das")  # fmt: skip

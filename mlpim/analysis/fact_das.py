@@ -20,7 +20,8 @@ from mlpim.analysis import nullspace as ns
 from mlpim.engine import metrics
 from mlpim.engine.interventions import Prepared, patched_end_logits, patched_end_loss
 from mlpim.engine.models import ConfigError
-from mlpim.engine.patching import Setter
+from mlpim.engine.patching import Setter, work_dtype
+from mlpim.files import save_torch
 from mlpim.tasks.pairs import Pair
 
 MIN_PART_NORM = 1e-2  # row/null parts shorter than this (of a unit direction) are skipped
@@ -96,7 +97,8 @@ def train_pair_directions(
     """One direction per pair, all pairs at once; returns unit directions and the summed loss
     per step. Every step accumulates the summed cross-entropy over all batches, then one Adam
     step (LinearLR to lr·lr_end_factor), then renormalises each row (as the paper)."""
-    dirs = PairDirections(init.to(prepared[0].base_act))
+    act = prepared[0].base_act
+    dirs = PairDirections(init.to(act.device, work_dtype(act)))
     opt = torch.optim.Adam([dirs.raw], lr=lr)
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, lr_end_factor, total_iters=steps)
     losses = []
@@ -188,8 +190,9 @@ def save_pair_directions(run_dir, layer: int, v: Tensor, pairs: list[Pair], mode
     from mlpim.engine.models import fingerprint
 
     keys = [(p.base, p.source) for p in pairs]
-    torch.save({"layer": layer, "directions": v.detach().cpu(), "pairs": keys,
-                "fingerprint": fingerprint(model)}, pair_file(run_dir, layer))  # fmt: skip
+    record = {"layer": layer, "directions": v.detach().cpu(), "pairs": keys,
+              "fingerprint": fingerprint(model)}  # fmt: skip
+    save_torch(record, pair_file(run_dir, layer))
 
 
 def load_pair_directions(run_dir, layer: int, pairs: list[Pair], model) -> Tensor:

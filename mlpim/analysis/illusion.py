@@ -195,6 +195,7 @@ class Gate:
     ok: bool
     borderline: bool
     threshold: float
+    value: float = NAN
 
 
 def gate_threshold(refs: Refs, th: Thresholds) -> float:
@@ -227,7 +228,7 @@ def gate_of(checks: Sequence[Check]) -> Gate:
         return Gate(True, False, NAN)
     lo, hi = e.ci
     close = math.isfinite(lo) and lo <= 0.0 <= hi
-    return Gate(e.margin >= 0, close, e.threshold)
+    return Gate(e.margin >= 0, close, e.threshold, e.value)
 
 
 def component_check(fldd_v: Est | float, fldd_full: Est | float, th: Thresholds) -> Check:
@@ -317,7 +318,7 @@ def alignment_check(
     seed: int,
 ) -> Check:
     """Information: |cos(W_out·v, v_ref)| against random hidden directions' 95th percentile."""
-    cos = abs(ns.cosine(v @ w_out, v_ref))
+    cos = abs(ns.cosine(ns.written(v, w_out), v_ref))
     gen = torch.Generator().manual_seed(seed)
     rand = ns.random_output_cosines(w_out, v_ref, n_random, gen).abs()
     q95 = rand.quantile(0.95).item()
@@ -400,7 +401,7 @@ class Verdict:
     @property
     def klass(self) -> str:
         """The label with every borderline verdict pooled as "borderline"."""
-        return BORDERLINE if self.low != self.high else self.label
+        return BORDERLINE if self.low != self.high else self.low
 
 
 def label_of(gate_ok: bool, warned: set[str]) -> str:
@@ -421,6 +422,8 @@ def verdict(checks: Sequence[Check]) -> Verdict:
     low = label_of(gate.ok and not gate.borderline, firm)
     high = label_of(gate.ok or gate.borderline, maybe)
     label = low if low == high else f"{BORDERLINE}: {low} or {high}"
+    if label == NO_EFFECT:
+        label = f"{NO_EFFECT} (FLDD {gate.value:.3f} below the gate {gate.threshold:.3f})"
     warned = tuple(c.name for c in direction if c.warning)
     notes = tuple(c.name for c in checks if c.scope == "site" and c.warning)
     return Verdict(label, low, high, warned, notes, gate)

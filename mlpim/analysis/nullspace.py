@@ -8,9 +8,13 @@ hidden -> residual) is the span of the hidden directions W_out reads, i.e. the c
 
 from __future__ import annotations
 
+import math
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from mlpim.errors import MlpimError
 
 
 def mlp_w_out(model, layer: int) -> Float[Tensor, "m d"]:
@@ -32,24 +36,50 @@ def mlp_output(
     return out if b_out is None else out + b_out
 
 
-def row_space_basis(w_out: Float[Tensor, "m d"], rtol: float | None = None) -> Float[Tensor, "m r"]:
-    """Orthonormal basis of the hidden directions W_out reads (its numerical rank r columns).
+def written(v: Float[Tensor, "... m"], w_out: Float[Tensor, "m d"]) -> Float[Tensor, "... d"]:
+    """v @ W_out in float64 (what the MLP writes for hidden direction(s) v, bias left out)."""
+    return v.double() @ w_out.double().to(v.device)
 
-    For a full-rank W_out this spans the same space as Q of torch.linalg.qr(W_out); the SVD also
-    drops numerically null directions (centred writing weights make W_out rank d_model - 1).
+
+def centred_rows(w_out: Float[Tensor, "m d"]) -> bool:
+    """True when every row of W_out sums to zero up to the rounding of its dtype, as
+    TransformerLens's centred writing weights (`model.compat`) do: ‖W 1‖ ≤ ½·√d·eps·‖W‖_F.
+
+    Rounding the centred weights leaves ‖W 1‖ / ‖W‖_F at about 0.07·√d·eps (measured for d = 64
+    to 768 in float32 and bfloat16); uncentred weights give about 1 (SmolLM2: 0.95 to 1.04)."""
+    w = w_out.double()
+    limit = 0.5 * math.sqrt(w.shape[1]) * torch.finfo(w_out.dtype).eps * w.norm()
+    return bool(w.sum(1).norm() <= limit)
+
+
+def row_space_basis(w_out: Float[Tensor, "m d"]) -> Float[Tensor, "m r"]:
+    """Orthonormal float64 basis of the hidden directions W_out reads (r = its rank).
+
+    Whatever W_out's dtype, the SVD runs in float64 on the weights as stored (a bfloat16 W_out
+    is an exact matrix, of full rank in general), and a singular value counts unless it is below
+    max(m, d)·eps(float64) of the largest. Centred writing weights (`centred_rows`) are centred
+    again in float64 first, so that the output-mean direction, which they write only through
+    rounding, is left out: rank d_model - 1 in every dtype. A rank of 0 is refused.
     """
-    u, s, _ = torch.linalg.svd(w_out.double(), full_matrices=False)
-    if rtol is None:
-        rtol = max(w_out.shape) * torch.finfo(w_out.dtype).eps
-    rank = int((s > rtol * s.max()).sum())
-    return u[:, :rank].to(w_out.dtype)
+    w = w_out.double()
+    if centred_rows(w_out):
+        w = w - w.mean(1, keepdim=True)
+    u, s, _ = torch.linalg.svd(w, full_matrices=False)
+    rank = int((s > max(w.shape) * torch.finfo(torch.float64).eps * s.max()).sum())
+    if rank == 0:
+        raise MlpimError(
+            f"W_out ({tuple(w_out.shape)}, {w_out.dtype}) has rank 0: it writes nothing, so "
+            "there is no row space to split a direction against"
+        )
+    return u[:, :rank]
 
 
 def split(
     v: Float[Tensor, " m"], w_out: Float[Tensor, "m d"]
 ) -> tuple[Float[Tensor, " m"], Float[Tensor, " m"]]:
-    """(proj, null_proj): v's component in the row space of W_out and the rest (v = proj + null)."""
-    q = row_space_basis(w_out).double()
+    """(proj, null_proj): v's component in the row space of W_out and the rest (v = proj + null),
+    computed in float64 and returned in v's dtype."""
+    q = row_space_basis(w_out).to(v.device)
     proj = q @ (q.T @ v.double())
     return proj.to(v.dtype), (v.double() - proj).to(v.dtype)
 
@@ -61,8 +91,10 @@ def unit_basis(*vectors: Float[Tensor, " m"]) -> Float[Tensor, "m k"]:
 
 
 def projections(acts: Float[Tensor, "n m"], vector: Float[Tensor, " m"]) -> Float[Tensor, " n"]:
-    """acts · vector (unnormalised: projections on proj and null_proj add up to those on v)."""
-    return acts @ vector
+    """acts · vector (unnormalised: projections on proj and null_proj add up to those on v), in
+    the wider of the two dtypes (bfloat16 activations, a float32 direction: float32)."""
+    dtype = torch.promote_types(acts.dtype, vector.dtype)
+    return acts.to(dtype) @ vector.to(dtype)
 
 
 def separation(a: Float[Tensor, " n"], b: Float[Tensor, " k"]) -> float:
@@ -79,7 +111,9 @@ def cosine(a: Float[Tensor, " d"], b: Float[Tensor, " d"]) -> float:
 def random_output_cosines(
     w_out: Float[Tensor, "m d"], target: Float[Tensor, " d"], n: int, generator: torch.Generator
 ) -> Float[Tensor, " n"]:
-    """Cosines of r @ W_out with `target` for n random unit hidden directions r (signed)."""
+    """Cosines of r @ W_out with `target` for n random unit hidden directions r (signed;
+    float64 whatever W_out's dtype)."""
     r = torch.randn(n, w_out.shape[0], generator=generator, dtype=torch.float64)
-    r = (r / r.norm(dim=1, keepdim=True)).to(w_out)
-    return torch.nn.functional.cosine_similarity(r @ w_out, target[None].to(w_out), dim=1)
+    r = (r / r.norm(dim=1, keepdim=True)).to(w_out.device)
+    out = r @ w_out.double()
+    return torch.nn.functional.cosine_similarity(out, target[None].to(out), dim=1)

@@ -26,11 +26,13 @@ from torch import Tensor
 
 from mlpim.analysis import nullspace as ns
 from mlpim.engine.interventions import Prepared
+from mlpim.engine.patching import work_dtype
 
 
 def pattern_mean_diff(prepared: list[Prepared], which: str = "base_act") -> Tensor:
     """mean(ABB) − mean(BAB) of the base prompts' site activations (not normalised)."""
     x = torch.cat([getattr(p, which) for p in prepared])
+    x = x.to(work_dtype(x))
     pats = [pat for p in prepared for pat in p.pairs.base.pattern]
     abb = torch.tensor([q == "ABB" for q in pats], device=x.device)
     bab = torch.tensor([q == "BAB" for q in pats], device=x.device)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from mlpim.analysis import controls
 from mlpim.engine.interventions import Prepared, evaluate
 from mlpim.engine.models import fingerprint
-from mlpim.engine.patching import subspace
+from mlpim.engine.patching import subspace, work_dtype
 
 NAN = float("nan")
 
@@ -109,7 +109,8 @@ def direction_fldds(
     model, prepared: list[Prepared], dirs: Float[Tensor, "k m"], desc: str
 ) -> list[float]:
     """FLDD of patching along each direction (one row of `dirs` at a time)."""
-    dirs = dirs.to(prepared[0].base_act)
+    act = prepared[0].base_act
+    dirs = dirs.to(act.device, work_dtype(act))
     bar = tqdm(dirs, desc=desc, leave=False)
     return [evaluate(model, prepared, subspace(u[:, None] / u.norm()))["fldd"] for u in bar]
 

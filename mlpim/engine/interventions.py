@@ -171,10 +171,16 @@ def guard(model, prep: Prepared) -> float:
     return diff
 
 
+def patched_act(prep: Prepared, setter: Setter) -> Float[Tensor, "b d"]:
+    """The patched site activation in the site's dtype (as a hook's `put` writes it): a
+    float32 direction patches a bfloat16 model's activation in float32, then rounds it."""
+    return setter(prep.base_act, prep.source_act).to(prep.base_act.dtype)
+
+
 def patched_end_logits(model, prep: Prepared, setter: Setter) -> Float[Tensor, "b vocab"]:
     """END logits of the base prompts with the site patched by `setter`."""
     if prep.engine == "kernel":
-        return fastpath.resume(model, prep.state, setter(prep.base_act, prep.source_act))
+        return fastpath.resume(model, prep.state, patched_act(prep, setter))
     if prep.engine == "cache":
         return cache.resume(model, prep.state, prep.name, setter, prep.source_act)
     base = prep.pairs.base
@@ -184,8 +190,7 @@ def patched_end_logits(model, prep: Prepared, setter: Setter) -> Float[Tensor, "
 def patched_end_loss(model, prep: Prepared, setter: Setter) -> Tensor:
     """Mean cross-entropy of the patched END logits against the counterfactual labels."""
     if prep.engine == "kernel":
-        act = setter(prep.base_act, prep.source_act)
-        return fastpath.resume_loss(model, prep.state, act, prep.pairs.label)
+        return fastpath.resume_loss(model, prep.state, patched_act(prep, setter), prep.pairs.label)
     logits = patched_end_logits(model, prep, setter)
     return torch.nn.functional.cross_entropy(logits, prep.pairs.label)
 

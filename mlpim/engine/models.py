@@ -66,7 +66,15 @@ def validate_site(model, kind: str, layer: int) -> str:
 
 
 def load_model(cfg: DictConfig, device: str = "cpu", vocab: list[str] | None = None):
-    """Load `cfg` (a `conf/model/*.yaml`) as a TransformerBridge in eval mode with frozen weights."""
+    """Load `cfg` (a `conf/model/*.yaml`) as a TransformerBridge in eval mode with frozen weights.
+
+    The caller's torch RNG is left as it was: TransformerLens draws from it while it builds the
+    bridge (layers it creates and then fills with the model's weights), the tiny model seeds it."""
+    with torch.random.fork_rng(devices=[]):
+        return _load_model(cfg, device, vocab)
+
+
+def _load_model(cfg: DictConfig, device: str, vocab: list[str] | None):
     loaders = {"gguf": _load_gguf, "hf": _load_hf, "tiny": lambda c: _build_tiny(c, vocab)}
     if cfg.source not in loaders:
         raise ConfigError(f"unknown model source {cfg.source!r}; allowed: {', '.join(loaders)}")
@@ -126,6 +134,13 @@ def gguf_path(cfg: DictConfig) -> Path:
         path = Path(cfg.file).expanduser()
         if not path.is_file():
             raise ModelNotFoundError(f"model.file={cfg.file}: no such GGUF file")
+        with path.open("rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ConfigError(
+                f"model.file={cfg.file}: not a GGUF file (it starts with {magic!r}, not the GGUF "
+                "magic b'GGUF'); give a .gguf model file"
+            )
         return path
     spec = importlib.util.find_spec(cfg.gguf_package)
     if spec is None or not spec.submodule_search_locations:
@@ -222,18 +237,25 @@ def _build_tiny(cfg: DictConfig, vocab: list[str] | None):
     if cfg.arch not in ("gpt2", "llama"):
         sizes = {k: t[k] for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp", "seed")}
         return build_tiny(cfg.arch, tok, **sizes), tok
-    torch.manual_seed(t.seed)
     if cfg.arch == "gpt2":
         conf = GPT2Config(
             n_layer=t.n_layers, n_embd=t.d_model, n_head=t.n_heads, n_inner=t.d_mlp,
             vocab_size=len(tok), n_positions=128, bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
         )  # fmt: skip
-        return GPT2LMHeadModel(conf), tok
+        return _seeded(GPT2LMHeadModel, conf, t.seed), tok
     conf = LlamaConfig(
         num_hidden_layers=t.n_layers, hidden_size=t.d_model, num_attention_heads=t.n_heads,
         num_key_value_heads=t.n_kv_heads, intermediate_size=t.d_mlp, vocab_size=len(tok),
         max_position_embeddings=128, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )  # fmt: skip
-    return LlamaForCausalLM(conf), tok
+    return _seeded(LlamaForCausalLM, conf, t.seed), tok
+
+
+def _seeded(model_class, conf, seed: int):
+    """`model_class(conf)` initialised from torch's RNG seeded with `seed`, in a fork of that
+    RNG: the caller's global RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class(conf)

@@ -35,11 +35,22 @@ def head(index: int) -> Setter:
     return set_head
 
 
+def work_dtype(x: Tensor) -> torch.dtype:
+    """The dtype directions are kept and patches computed in next to `x`: x's own, at least
+    float32 (the directions of a bfloat16 or float16 model stay float32)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def subspace_patch(
     base: Float[Tensor, "b d"], source: Float[Tensor, "b d"], basis: Float[Tensor, "d k"]
 ) -> Float[Tensor, "b d"]:
-    """x' = x_base + (x_source - x_base) V Vᵀ for a basis V with orthonormal columns."""
-    return base + ((source - base) @ basis) @ basis.T
+    """x' = x_base + (x_source - x_base) V Vᵀ for a basis V with orthonormal columns; computed
+    in the wider of the two dtypes (a float32 basis in a bfloat16 model), returned in base's."""
+    dtype = torch.promote_types(base.dtype, basis.dtype)
+    if dtype == base.dtype == basis.dtype:
+        return base + ((source - base) @ basis) @ basis.T
+    b, v = base.to(dtype), basis.to(dtype)
+    return (b + ((source.to(dtype) - b) @ v) @ v.T).to(base.dtype)
 
 
 def subspace(basis: Float[Tensor, "d k"]) -> Setter:

@@ -66,7 +66,7 @@ def paper_splits(
     """The task's train and test pairs (IOI: the paper's DAS data), prepared at (kind, layer)
     with `method.engine`. `held_out` adds, for IOI, "new templates" and "new names" (pairs that
     hold out one of the two at a time; `mlpim.tasks.ioi.held_out_pairs`)."""
-    batches = task_splits(model.tokenizer, cfg.dataset, cfg.seed, predictor(model))
+    batches = task_splits(model.tokenizer, cfg.dataset, cfg.seed, predictor(model), model.cfg.n_ctx)
     if held_out and cfg.dataset.name == "ioi":
         batches |= held_out_pairs(model.tokenizer, cfg.dataset, cfg.seed)
     dev = model.cfg.device

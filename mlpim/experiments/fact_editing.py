@@ -80,8 +80,8 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     FD.check_cfg(cfg)
     model, ex = model_for(cfg), cfg.extra
     torch.manual_seed(cfg.seed)
-    task = fact_task(model.tokenizer, cfg.dataset, cfg.seed,
-                        predictor(model) if ex.known_only else None)  # fmt: skip
+    predict = predictor(model) if ex.known_only else None
+    task = fact_task(model.tokenizer, cfg.dataset, cfg.seed, predict, model.cfg.n_ctx)
     layers = FD.layer_grid(ex.layers, ex.layer_step, model.cfg.n_layers)
     tokens = ED.corpus_tokens(model.tokenizer, ex.corpus_path, ex.chunk_len, ex.n_cov_tokens)
     covs, n_tok = ED.second_moments(model, tokens, layers, ex.batch_size)

@@ -95,8 +95,8 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     FD.check_cfg(cfg)
     model = model_for(cfg)
     torch.manual_seed(cfg.seed)
-    task = fact_task(model.tokenizer, cfg.dataset, cfg.seed,
-                        predictor(model) if cfg.extra.known_only else None)  # fmt: skip
+    predict = predictor(model) if cfg.extra.known_only else None
+    task = fact_task(model.tokenizer, cfg.dataset, cfg.seed, predict, model.cfg.n_ctx)
     layers = FD.layer_grid(cfg.extra.layers, cfg.extra.layer_step, model.cfg.n_layers)
     log.info("%d known facts; %d train / %d test pairs; layers %s", len(task.facts),
              len(task.pairs["train"]), len(task.pairs["test"]), layers)  # fmt: skip

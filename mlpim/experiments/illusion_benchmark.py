@@ -72,7 +72,7 @@ def save_layer(cfg, model, layer: int, res: B.LayerResult, run_dir: Path) -> Non
         method="das",
     )
     for seed, hist in res.histories.items():
-        hist.to_csv(run_dir / f"history_random_mlp_L{layer}_seed{seed}.csv", index=False)
+        io.write_csv(hist, run_dir, f"history_random_mlp_L{layer}_seed{seed}.csv")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
@@ -98,7 +98,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     if cfg.extra.bench_toy:
         cases += B.toy_rows(th)
     table = pd.DataFrame(cases)
-    table.to_csv(run_dir / CASES, index=False)
+    io.write_csv(table, run_dir, CASES)
     write_report(cfg, table, run_dir)
     for c in cases:
         rows += io.metric_rows(

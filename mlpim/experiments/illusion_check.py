@@ -76,7 +76,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
         reference_store(cfg),
     )
     for seed, hist in histories.items():
-        hist.to_csv(run_dir / f"history_random_mlp_seed{seed}.csv", index=False)
+        io.write_csv(hist, run_dir, f"history_random_mlp_seed{seed}.csv")
     rows, checks = measure_checks(model, site, v, keys, v_ref, int(cfg.extra.n_random))
     header = (
         f"model: {cfg.model.name}; direction: {cfg.direction} ({kind}, layer {layer}); "

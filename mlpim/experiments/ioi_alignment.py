@@ -169,7 +169,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     )
     grad = gradient_direction(grads)
     w_out = ns.mlp_w_out(model, mid)
-    dirs = {"v_mlp_out": v_mlp @ w_out, "das_resid": v_resid, "grad_resid": grad}
+    dirs = {"v_mlp_out": ns.written(v_mlp, w_out), "das_resid": v_resid, "grad_resid": grad}
     rows, randoms = cosine_rows(dirs, w_out, cfg.extra.n_random, cfg.seed)
     rows.append(
         {

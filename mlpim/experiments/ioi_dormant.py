@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim import constants as C
+from mlpim.analysis import nullspace as ns
 from mlpim.analysis.directions import das_basis
 from mlpim.engine import fastpath
 from mlpim.engine.interventions import Prepared, clean_metrics, evaluate, prepare
@@ -57,7 +58,7 @@ def mlp_out_projection(
     model, layer: int, post: Float[Tensor, "b m"], v_true: Float[Tensor, "d k"]
 ) -> Float[Tensor, b]:
     """The MLP's END output (from its hidden activations) projected on v_true's first column."""
-    return fastpath.mlp_out_from_post(model, layer, post) @ v_true[:, 0]
+    return ns.projections(fastpath.mlp_out_from_post(model, layer, post), v_true[:, 0])
 
 
 def combo_projections(
@@ -183,7 +184,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
         v_true_layer=resid_layer, mlp_after_handover=mlp_layer > resid_layer
     )
     raw = pd.concat(raws, ignore_index=True)
-    raw.to_csv(run_dir / PROJECTIONS, index=False)
+    io.write_csv(raw, run_dir, PROJECTIONS)
     title = f"{cfg.model.name}: MLP{mlp_layer} output on v_true (resid_post L{resid_layer})"
     plot_dormant(raw, run_dir, title)
     io.write_text(summary_markdown(cfg, df, mlp_layer, resid_layer), run_dir, C.SUMMARY)

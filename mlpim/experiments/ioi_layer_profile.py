@@ -103,7 +103,10 @@ def site_rows(
     rows, found = [], {}
     for split, prepared in splits.items():
         rows += io.metric_rows(clean_metrics(prepared), intervention="clean", split=split, **keys)
-        for name, setter in (("full", full), ("das", subspace(basis.to(prepared[0].base_act)))):
+        for name, setter in (
+            ("full", full),
+            ("das", subspace(basis.to(prepared[0].base_act.device))),
+        ):
             found[split, name] = evaluate(model, prepared, setter)
             rows += io.metric_rows(found[split, name], intervention=name, split=split, **keys)
     test = found["test", "das"]
@@ -137,7 +140,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     check_method(cfg, model)
     layers, why = profile_layers(cfg, model.cfg.n_layers, locate)
     log.info("profiling layers %s (%s)", layers, why)
-    batches = task_splits(model.tokenizer, cfg.dataset, cfg.seed, predictor(model))
+    batches = task_splits(model.tokenizer, cfg.dataset, cfg.seed, predictor(model), model.cfg.n_ctx)
     dev = model.cfg.device
     sites = [(kind, layer) for layer in layers for kind in KINDS]
     start = time.time()

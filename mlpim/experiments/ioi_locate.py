@@ -71,7 +71,9 @@ def summarize(df: pd.DataFrame, top: int = 12) -> pd.DataFrame:
 def pairs_to_patch(cfg: DictConfig, model) -> list[PairBatch]:
     """IOI: ABB->BAB and BAB->ABB test pairs; any other task: its test pairs."""
     if cfg.dataset.name != "ioi":
-        return task_splits(model.tokenizer, cfg.dataset, cfg.seed, predictor(model))["test"]
+        return task_splits(
+            model.tokenizer, cfg.dataset, cfg.seed, predictor(model), model.cfg.n_ctx
+        )["test"]
     combos = [("ABB", "BAB"), ("BAB", "ABB")]
     n = cfg.extra.n_pairs_per_direction
     return make_pairs(model.tokenizer, cfg.dataset, "test", combos, n, cfg.seed)

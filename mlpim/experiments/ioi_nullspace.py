@@ -26,7 +26,7 @@ from mlpim.analysis.controls import PARTS, intervention_bases, patching_rows  # 
 from mlpim.analysis.directions import das_direction
 from mlpim.engine.models import ConfigError, hook_name
 from mlpim.engine.patching import run_cache, site_acts
-from mlpim.engine.subspace import save_subspace
+from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.experiments.common import model_for, paper_splits, site_of
 from mlpim.report import io
 from mlpim.report.plots import table1_plot
@@ -38,13 +38,14 @@ HIST_PATTERNS = ("ABB", "ABA")
 
 
 def check_w_out(model, layer: int, batch: PromptBatch) -> float:
-    """Max |hidden @ W_out (+ b_out) - mlp_out| over the prompts; raises if not ~0."""
+    """Max |hidden @ W_out (+ b_out) - mlp_out| over the prompts; raises if not ~0 (within
+    1e-4 of the output's scale, or 4 eps of a 16-bit dtype)."""
     names = [hook_name("mlp_post", layer), hook_name("mlp_out", layer)]
     _, cache = run_cache(model, batch, names)
     w, b = ns.mlp_w_out(model, layer), ns.mlp_b_out(model, layer)
     out = cache[names[1]]
     err = (ns.mlp_output(cache[names[0]], w, b) - out).abs().max().item()
-    if err > 1e-4 * max(out.abs().max().item(), 1.0):
+    if err > max(1e-4, 4 * torch.finfo(out.dtype).eps) * max(out.abs().max().item(), 1.0):
         raise RuntimeError(f"hidden @ W_out + b_out differs from mlp_out by {err:.2e}")
     return err
 
@@ -102,9 +103,9 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     rows += hist_rows(cfg, model, kind, layer, {"das": v, "row_proj": proj, "null_proj": null},
                       run_dir, keys, splits)  # fmt: skip
     df = io.tidy(rows, cfg)
-    meta = {"model": cfg.model.name, "site": kind, "layer": layer, "k": 1, "seed": cfg.seed}
+    meta = direction_meta(model, cfg.model, kind, layer)  # the weights: refused on others
     save_subspace(run_dir / C.DIRECTION, v[:, None], method="das", proj=proj.cpu(),
-                  null_proj=null.cpu(), **meta)  # fmt: skip
+                  null_proj=null.cpu(), k=1, seed=cfg.seed, **meta)  # fmt: skip
     io.write_text(summary_markdown(cfg, df, layer, w_err), run_dir, C.SUMMARY)
     table1_plot(df, run_dir, f"{cfg.experiment}: {cfg.model.name}, {kind} L{layer}")
     return df

@@ -50,7 +50,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     for split, prepared in splits.items():
         rows += io.metric_rows(clean_metrics(prepared), intervention="clean", split=split, **keys)
         setters = {"full": full} | {
-            n: subspace(b.to(prepared[0].base_act)) for n, b in found.items()
+            n: subspace(b.to(prepared[0].base_act.device)) for n, b in found.items()
         }
         for name, setter in setters.items():
             values = evaluate(model, prepared, setter)

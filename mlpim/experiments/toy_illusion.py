@@ -148,7 +148,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
         steps=int(extra.das_steps), lr=float(extra.das_lr),
         tol=float(extra.iia_tol),
     )  # fmt: skip
-    seeds.to_csv(run_dir / "das_seeds.csv", index=False)
+    io.write_csv(seeds, run_dir, "das_seeds.csv")
     sections.append("## DAS on the toy model\n\n" + toy.das_table(toy.das_summary(seeds)))
 
     ks = [int(k) for k in extra.ks]

@@ -65,10 +65,13 @@ def metrics_files(multirun_dir: Path) -> list[Path]:
 
 def incomplete_jobs(multirun_dir: Path) -> dict[str, str]:
     """Jobs under `multirun_dir` without results: job -> why (its failure, or missing files)."""
-    from mlpim.sweep import read_status
+    from mlpim.sweep import job_records, read_status
 
     multirun_dir = Path(multirun_dir)
     out = {}
+    for job, status in job_records(multirun_dir).items():  # jobs refused before they ran
+        if status.get("status") == "failed" and not (multirun_dir / job / C.METRICS).exists():
+            out[job] = f"failed: {status.get('reason', '')}"
     for marker in [*multirun_dir.rglob(".hydra"), *multirun_dir.rglob("status.json")]:
         job_dir = marker.parent
         rel = job_dir.relative_to(multirun_dir)
@@ -231,9 +234,15 @@ def collect(multirun_dir: Path) -> pd.DataFrame:
 
 
 def _collect(multirun_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
+    from mlpim import lock
+
+    if lock.is_locked(multirun_dir):
+        raise CollectError(
+            f"{multirun_dir} is in use by a running mlpim sweep; collect it when the sweep ends"
+        )
     df = gather(multirun_dir)
     path = multirun_dir / C.COLLECTED
-    df.to_csv(path, index=False)
+    io.write_csv(df, multirun_dir, C.COLLECTED)
     return df, [path, *plot(df, multirun_dir)]
 
 

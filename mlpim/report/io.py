@@ -1,15 +1,14 @@
 """Writers: each takes the run directory as an argument and writes atomically.
 
-A file appears complete or not at all: it is written to a hidden temporary file in the same
-directory, then renamed over the target, so an interrupted run leaves no half-written table.
-Importing this module changes no global state (the CLI chooses matplotlib's backend).
+A file appears complete or not at all (`mlpim.files.atomic_write`): it is written to a hidden
+temporary file in the same directory, then renamed over the target, so an interrupted run or a
+full disk leaves no half-written table. Importing this module changes no global state (the CLI
+chooses matplotlib's backend).
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -17,18 +16,9 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from mlpim import constants as C
+from mlpim.files import atomic_write, save_torch, write_bytes
 
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    """`write(tmp)` a temporary file next to `path`, then rename it to `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+__all__ = ["atomic_write", "save_torch", "write_bytes"]  # re-exported for the runners
 
 
 def tidy(rows: list[dict], cfg: DictConfig) -> pd.DataFrame:
@@ -57,10 +47,36 @@ def write_text(text: str, run_dir: Path, name: str) -> Path:
     return atomic_write(run_dir / name, lambda p: p.write_text(text))
 
 
+def write_csv(df: pd.DataFrame, run_dir: Path, name: str) -> Path:
+    """A table (without its index) as `run_dir/name`."""
+    return atomic_write(run_dir / name, lambda p: df.to_csv(p, index=False))
+
+
 def save_figure(fig: plt.Figure, run_dir: Path, name: str) -> Path:
-    path = atomic_write(run_dir / name, lambda p: fig.savefig(p, dpi=130, bbox_inches="tight"))
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(run_dir / name, lambda p: fig.savefig(p, dpi=130, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
+def write_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
+    """Hydra's record of the job in `run_dir/.hydra/` (config, hydra, overrides), when running
+    under Hydra. mlpim writes it itself (`hydra.output_subdir: null`), once the run directory is
+    locked and accepted, so that a refused run leaves it untouched."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    out = Path(run_dir) / ".hydra"
+    out.mkdir(exist_ok=True)
+    files = {
+        "config.yaml": cfg,
+        "hydra.yaml": OmegaConf.create({"hydra": hc}),
+        "overrides.yaml": hc.overrides.task,
+    }
+    for name, node in files.items():
+        atomic_write(out / name, lambda p, node=node: OmegaConf.save(node, p))
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -99,12 +115,13 @@ class JsonStore:
         self.dir = Path(directory)
 
     def get(self, key: str) -> dict | None:
-        path = self.dir / f"{key}.json"
+        """The entry stored under `key`, or None."""
         try:
-            return json.loads(path.read_text())
+            return json.loads((self.dir / f"{key}.json").read_text())
         except (OSError, json.JSONDecodeError):
             return None
 
     def put(self, key: str, value: dict) -> None:
+        """Store `value` under `key` (atomically)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.dir / f"{key}.json", lambda p: p.write_text(json.dumps(value)))

@@ -29,32 +29,41 @@ def pad_id(tokenizer) -> int:
 
 
 def task_splits(
-    tokenizer, dataset, seed: int, predict: Predict | None = None
+    tokenizer, dataset, seed: int, predict: Predict | None = None, n_ctx: int | None = None
 ) -> dict[str, list[PairBatch]]:
-    """Train and test pair batches of the configured task (`predict` keeps known facts)."""
+    """Train and test pair batches of the configured task (`predict` keeps known facts; a pair
+    longer than `n_ctx` tokens, the model's context, is a problem of the task)."""
     if dataset.name == "ioi":
         from mlpim.tasks.ioi import paper_pairs
 
         return {s: paper_pairs(tokenizer, dataset, s, seed) for s in ("train", "test")}
     if dataset.name == "pairs":
-        return _jsonl_splits(tokenizer, dataset, seed)
+        return _jsonl_splits(tokenizer, dataset, seed, n_ctx)
     if dataset.name == "facts":
-        return _fact_splits(tokenizer, dataset, seed, predict)
+        return _fact_splits(tokenizer, dataset, seed, predict, n_ctx)
     from mlpim.engine.models import ConfigError
 
     raise ConfigError(f"unknown dataset {dataset.name!r}; allowed: {', '.join(TASKS)}")
 
 
-def _jsonl_splits(tokenizer, dataset, seed: int) -> dict[str, list[PairBatch]]:
+def _jsonl_splits(tokenizer, dataset, seed: int, n_ctx: int | None) -> dict[str, list[PairBatch]]:
+    """The whole file validated in one pass (every problem, with its line), then split."""
     from mlpim.tasks import pairs as P
 
     rows = P.read_jsonl(dataset.path)
-    train, test = P.split_pairs(rows, _pair_key, dataset.test_fraction, seed)
-    out = {}
-    for split, chosen in (("train", train), ("test", test)):
-        encoded = P.encode(chosen, tokenizer, bos_id(tokenizer), min_pairs=dataset.min_pairs)
-        out[split] = P.batches(encoded, dataset.batch_size, pad_id(tokenizer))
-    return out
+    what = f"task file {dataset.path}"
+    encoded = P.encode(rows, tokenizer, bos_id(tokenizer), min_pairs=0, max_len=n_ctx, what=what)
+    train, test = P.split_pairs(encoded, lambda e: _pair_key(e.pair), dataset.test_fraction, seed)
+    splits = {"train": train, "test": test}
+    grouped = all("group" in e.pair.meta for e in encoded)
+    why = "their keys straddle the train/test split" + (
+        ""
+        if grouped
+        else " (pairs without meta.group are split by their prompts; give each "
+        "pair a meta.group to split by group)"
+    )
+    P.check_splits(what, splits, len(encoded), dataset.min_pairs, why)
+    return {s: P.batches(e, dataset.batch_size, pad_id(tokenizer)) for s, e in splits.items()}
 
 
 def _pair_key(pair) -> tuple[str, ...]:
@@ -63,10 +72,10 @@ def _pair_key(pair) -> tuple[str, ...]:
     return (str(group),) if group is not None else (pair.base, pair.source)
 
 
-def _fact_splits(tokenizer, dataset, seed: int, predict: Predict | None):
+def _fact_splits(tokenizer, dataset, seed: int, predict: Predict | None, n_ctx: int | None):
     from mlpim.tasks.facts import fact_task
 
-    return fact_task(tokenizer, dataset, seed, predict).batches
+    return fact_task(tokenizer, dataset, seed, predict, n_ctx).batches
 
 
 def task_vocabulary(dataset) -> list[str]:

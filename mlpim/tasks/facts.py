@@ -27,6 +27,7 @@ from mlpim.tasks.pairs import (
     answer_tokens,
     encode,
     split_keys,
+    task_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def load_facts(path: str | Path | None = None) -> list[Fact]:
     Bad records are reported together as one ConfigError; repeated (relation, subject,
     template) records are dropped with a warning, keeping the first.
     """
-    path = BUNDLED if path is None else Path(path)
+    path = BUNDLED if path is None else task_file(path)
     problems, facts, seen = TaskProblems(f"fact file {path}"), [], set()
     for where, record in _records(path):
         fact = _fact(record)
@@ -140,8 +141,8 @@ def one_token_facts(facts: Sequence[Fact], tokenizer) -> list[Fact]:
     kept = [f for f in facts if answer_problem(tokenizer, f.attribute) is None]
     if len(kept) < len(facts):
         dropped = sorted({f.attribute for f in facts} - {f.attribute for f in kept})
-        logger.info("dropped %d fact(s) whose attribute is not one token: %s",
-                    len(facts) - len(kept), dropped)  # fmt: skip
+        logger.warning("dropped %d of %d fact(s) whose attribute is not one token: %s",
+                       len(facts) - len(kept), len(facts), dropped)  # fmt: skip
     return kept
 
 
@@ -212,10 +213,15 @@ class FactTask:
 
 
 def fact_task(
-    tokenizer, dataset, seed: int, predict: Callable[[list[str]], Sequence[int]] | None
+    tokenizer,
+    dataset,
+    seed: int,
+    predict: Callable[[list[str]], Sequence[int]] | None,
+    n_ctx: int | None = None,
 ) -> FactTask:
     """The fact pairs of `dataset` (as `task_splits` builds them), keeping each pair's metadata;
-    `predict` keeps only the facts the model knows (None: all one-token facts)."""
+    `predict` keeps only the facts the model knows (None: all one-token facts); pairs longer
+    than `n_ctx` tokens are dropped. Every drop is counted in a WARNING."""
     from mlpim.tasks import bos_id, pad_id
     from mlpim.tasks import pairs as P
 
@@ -223,14 +229,23 @@ def fact_task(
     if dataset.relations:
         facts = [f for f in facts if f.relation in set(dataset.relations)]
     if predict is not None:
+        n = len(facts)
         facts, _ = known_facts(facts, predict, tokenizer)
-    pairs, batches = {}, {}
+        if len(facts) < n:
+            logger.warning(
+                "dropped %d of %d fact(s) the model does not know (known_only)", n - len(facts), n
+            )
+    encoded = {}
     for split, n in (("train", dataset.n_train_pairs), ("test", dataset.n_test_pairs)):
         rows = fact_pairs(facts, tokenizer, bos_id(tokenizer), seed, split,
                             dataset.test_fraction, dataset.pairs_per_fact, n)  # fmt: skip
-        encoded = P.encode(rows, tokenizer, bos_id(tokenizer), drop_invalid=True)
-        if len(encoded) < dataset.min_pairs:
-            raise ConfigError(f"only {len(encoded)} fact pairs in {split}; min {dataset.min_pairs}")
-        pairs[split] = [e.pair for e in encoded]
-        batches[split] = P.batches(encoded, dataset.batch_size, pad_id(tokenizer))
+        encoded[split] = P.encode(
+            rows, tokenizer, bos_id(tokenizer), drop_invalid=True, max_len=n_ctx
+        )
+    n_valid = sum(len(e) for e in encoded.values())
+    P.check_splits(f"fact set {dataset.path or BUNDLED.name}", encoded, n_valid, dataset.min_pairs)
+    pairs = {s: [e.pair for e in enc] for s, enc in encoded.items()}
+    batches = {
+        s: P.batches(enc, dataset.batch_size, pad_id(tokenizer)) for s, enc in encoded.items()
+    }
     return FactTask(facts, pairs, batches)

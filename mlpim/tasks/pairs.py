@@ -33,14 +33,16 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from mlpim.engine.models import ConfigError
+from mlpim.files import atomic_write
 from mlpim.tasks.batch import PairBatch, PromptBatch, left_pad
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ POSITIONS = ("end", "span", "index")
 REQUIRED = ("base", "source", "base_answer", "source_answer")
 OPTIONAL = ("position", "base_span", "source_span", "base_pos", "source_pos", "label", "meta")
 MAX_LINES = 50  # problem lines shown in one error; the rest are counted
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -97,10 +100,16 @@ class TaskProblems:
     """Collects one line per problem and raises them as one `ConfigError`."""
 
     def __init__(self, what: str):
-        self.what, self.lines = what, []
+        self.what, self.lines, self.kinds = what, [], []
 
-    def add(self, where: str, message: str) -> None:
+    def add(self, where: str, message: str, kind: str = "invalid") -> None:
         self.lines.append(f"{where}: {message}")
+        self.kinds.append(kind)
+
+    def extend(self, other: TaskProblems) -> None:
+        """Add the problems of `other`."""
+        self.lines += other.lines
+        self.kinds += other.kinds
 
     def __bool__(self) -> bool:
         return bool(self.lines)
@@ -147,9 +156,21 @@ def _record_problems(record: Any) -> list[str]:
     return out
 
 
+def task_file(path: str | Path | None) -> Path:
+    """`path` as a Path when it is a file; else one ConfigError line (none given, a directory,
+    no such file)."""
+    if path is None or str(path) in ("", "???"):
+        raise ConfigError("no task file given: dataset.path=/path/to/task.jsonl")
+    path = Path(path)
+    if not path.is_file():
+        what = "a directory" if path.is_dir() else "no such file"
+        raise ConfigError(f"dataset.path={path}: {what}; give a JSONL file of pairs")
+    return path
+
+
 def read_jsonl(path: str | Path) -> list[Pair]:
     """The pairs of a JSONL task file; one ConfigError listing every bad line."""
-    path = Path(path)
+    path = task_file(path)
     problems, pairs = TaskProblems(f"task file {path}"), []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -173,7 +194,8 @@ def read_jsonl(path: str | Path) -> list[Pair]:
 def write_jsonl(pairs: Iterable[Pair], path: str | Path) -> None:
     """Write pairs one JSON object per line (readable by `read_jsonl`)."""
     lines = [json.dumps(p.to_json(), ensure_ascii=False) for p in pairs]
-    Path(path).write_text("".join(line + "\n" for line in lines))
+    text = "".join(line + "\n" for line in lines)
+    atomic_write(Path(path), lambda p: p.write_text(text))
 
 
 def encode_prompt(tokenizer, bos_id: int, text: str) -> list[int]:
@@ -225,34 +247,64 @@ def _position(
         span = getattr(pair, f"{side}_span")
         pos = span_position(tokenizer, text, span)
         if pos is None:
-            problems.add(where, f"{side}_span {span!r} not found in {side} prompt {text!r}")
+            problems.add(where, f"{side}_span {span!r} not found in {side} prompt {text!r}", "span")
         return pos
     pos = getattr(pair, f"{side}_pos")
     if not 0 <= pos < len(ids):
         problems.add(where, f"{side}_pos {pos} is outside the {side} prompt "
-                            f"({len(ids)} tokens with BOS, valid 0..{len(ids) - 1})")  # fmt: skip
+                            f"({len(ids)} tokens with BOS, valid 0..{len(ids) - 1})", "position")  # fmt: skip
         return None
     return pos
 
 
-def _encode_one(tokenizer, bos_id: int, pair: Pair, where: str) -> EncodedPair | TaskProblems:
+def _encode_one(
+    tokenizer, bos_id: int, pair: Pair, where: str, max_len: int | None = None
+) -> EncodedPair | TaskProblems:
     """The encoded pair, or the problems that prevent it."""
     problems = TaskProblems(where)
     if pair.position not in POSITIONS:
-        problems.add(where, f"position {pair.position!r} is not one of {POSITIONS}")
+        problems.add(where, f"position {pair.position!r} is not one of {POSITIONS}", "position")
         return problems
     words = dict.fromkeys([pair.base_answer, pair.source_answer, pair.label_word])
     for word in words:
         if (message := answer_problem(tokenizer, word)) is not None:
-            problems.add(where, message)
+            problems.add(where, message, "answer not one token")
     ids = {s: encode_prompt(tokenizer, bos_id, getattr(pair, s)) for s in ("base", "source")}
+    for side in [s for s in ids if max_len is not None and len(ids[s]) > max_len]:
+        problems.add(
+            where,
+            f"{side} prompt is {len(ids[side])} tokens with BOS, longer than the "
+            f"model's context of {max_len}",
+            "longer than the context",
+        )
     pos = {s: _position(tokenizer, pair, s, ids[s], problems, where) for s in ids}
     if problems:
         return problems
     base_a, source_a, label = (answer_tokens(tokenizer, w)[0] for w in
                                (pair.base_answer, pair.source_answer, pair.label_word))  # fmt: skip
+    _meaningless(pair, ids, pos, base_a == source_a, problems, where)
+    if problems:
+        return problems
     return EncodedPair(tuple(ids["base"]), tuple(ids["source"]), pos["base"], pos["source"],
                        base_a, source_a, label, pair)  # fmt: skip
+
+
+def _meaningless(pair: Pair, ids: dict, pos: dict, same_answer: bool, problems, where) -> None:
+    """A pair whose patch cannot change anything, or whose logit difference is always 0."""
+    if ids["base"] == ids["source"] and pos["base"] == pos["source"]:
+        problems.add(
+            where,
+            "base and source prompts are identical: patching changes nothing",
+            "identical prompts",
+        )
+    if same_answer:
+        problems.add(
+            where,
+            f"base_answer {pair.base_answer!r} and source_answer "
+            f"{pair.source_answer!r} are the same token: the logit difference "
+            "between them is 0 on every prompt",
+            "identical answers",
+        )
 
 
 def _key(e: EncodedPair) -> tuple:
@@ -261,34 +313,70 @@ def _key(e: EncodedPair) -> tuple:
 
 
 def encode(
-    pairs: Sequence[Pair], tokenizer, bos_id: int, min_pairs: int = 1, drop_invalid: bool = False
+    pairs: Sequence[Pair],
+    tokenizer,
+    bos_id: int,
+    min_pairs: int = 1,
+    drop_invalid: bool = False,
+    max_len: int | None = None,
+    what: str = "task",
 ) -> list[EncodedPair]:
     """Token ids, patch positions and answer ids of every pair.
 
     Problems (an answer that is not one token, a position outside the prompt, a span not found,
-    a duplicated pair, fewer than `min_pairs` pairs) are collected and raised as ONE ConfigError,
-    one line each. With `drop_invalid`, bad and duplicated pairs are dropped (logged) instead, and
-    only too few surviving pairs is an error.
+    a prompt longer than `max_len` tokens, identical base and source prompts or answers, a
+    duplicated pair, fewer than `min_pairs` pairs) are collected and raised as ONE ConfigError,
+    one line each. With `drop_invalid`, bad and duplicated pairs are dropped (a WARNING counts
+    them by reason) instead, and only too few surviving pairs is an error.
     """
-    problems, out, seen, n_bad = TaskProblems("task"), [], {}, 0
+    problems, out, seen, n_bad = TaskProblems(what), [], {}, 0
     for i, pair in enumerate(pairs):
         where = pair.origin or f"pair {i + 1}"
-        done = _encode_one(tokenizer, bos_id, pair, where)
+        done = _encode_one(tokenizer, bos_id, pair, where, max_len)
         if isinstance(done, TaskProblems):
-            problems.lines, n_bad = problems.lines + done.lines, n_bad + 1
+            problems.extend(done)
+            n_bad += 1
         elif (first := seen.setdefault(_key(done), where)) != where:
-            problems.add(where, f"duplicate of {first}")
+            problems.add(where, f"duplicate of {first}", "duplicate")
         else:
             out.append(done)
     if drop_invalid and problems:
-        logger.warning("dropped %d bad pair(s)\n%s", len(pairs) - len(out), problems.message())
-        problems = TaskProblems("task")
+        counts = ", ".join(f"{n} {k}" for k, n in Counter(problems.kinds).most_common())
+        logger.warning(
+            "dropped %d of %d pair(s) (problems: %s)\n%s",
+            len(pairs) - len(out),
+            len(pairs),
+            counts,
+            problems.message(),
+        )
+        problems = TaskProblems(what)
     # strict: invalid pairs are reported above, so only distinct pairs count; else valid ones
     n, kind = (len(out), "valid") if drop_invalid else (len(out) + n_bad, "distinct")
     if n < min_pairs:
         problems.add("task", f"only {n} {kind} pair(s) of {len(pairs)}, min_pairs={min_pairs}")
     problems.raise_if_any()
     return out
+
+
+def check_splits(
+    what: str, splits: dict[str, Sequence], n_valid: int, min_pairs: int, why_dropped: str = ""
+) -> None:
+    """WARNING for pairs no split got (`why_dropped`); one ConfigError line when a split has
+    fewer than `min_pairs` pairs, naming each split's count."""
+    counts = {s: len(v) for s, v in splits.items()}
+    dropped = n_valid - sum(counts.values())
+    if dropped:
+        logger.warning(
+            "%s: %d of %d valid pair(s) dropped: %s", what, dropped, n_valid, why_dropped
+        )
+    short = [s for s, n in counts.items() if n < min_pairs]
+    if short:
+        got = ", ".join(f"{s} {n}" for s, n in counts.items())
+        lost = f"; {dropped} dropped: {why_dropped}" if dropped else ""
+        raise ConfigError(
+            f"{what}: too few pairs in {' and '.join(short)}: dataset.min_pairs={min_pairs} "
+            f"applies to each split, which got {got} (of {n_valid} valid pair(s){lost})"
+        )
 
 
 def _prompts(ids, pos, answer, other, pad_id: int) -> PromptBatch:
@@ -334,21 +422,20 @@ def _as_keys(value: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def split_pairs(
-    pairs: Sequence[Pair],
-    key: Callable[[Pair], str | Iterable[str]],
+    pairs: Sequence[T],
+    key: Callable[[T], str | Iterable[str]],
     test_fraction: float = 0.5,
     seed: int = 0,
-) -> tuple[list[Pair], list[Pair]]:
-    """(train, test) pairs, split by `key` (e.g. the subjects of a pair): no key on both sides.
+) -> tuple[list[T], list[T]]:
+    """(train, test) pairs (or encoded pairs), split by `key` (e.g. the subjects of a pair): no
+    key on both sides.
 
     `key` gives one key or several; a pair goes to a side only if all its keys are on that side
-    (pairs whose keys straddle the split are dropped). Deterministic given `seed`.
+    (pairs whose keys straddle the split are dropped: the caller counts them). Deterministic
+    given `seed`.
     """
     keys = [_as_keys(key(p)) for p in pairs]
     train_keys, _ = split_keys((k for ks in keys for k in ks), test_fraction, seed)
     train = [p for p, ks in zip(pairs, keys, strict=True) if all(k in train_keys for k in ks)]
     test = [p for p, ks in zip(pairs, keys, strict=True) if not any(k in train_keys for k in ks)]
-    dropped = len(pairs) - len(train) - len(test)
-    if dropped:
-        logger.info("split_pairs dropped %d pair(s) whose keys straddle train/test", dropped)
     return train, test

@@ -1,7 +1,6 @@
 """A tiny word-level tokenizer (GPT-2 style leading-space tokens) for test models."""
 
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,8 +16,9 @@ _PLACEHOLDER = re.compile(r"\{[A-Z]+\}")
 def word_tokenizer(words: Iterable[str], cache_dir: Path | None = None) -> PreTrainedTokenizerFast:
     """WordLevel tokenizer over `words` (each with and without a leading space) and punctuation.
 
-    "<|endoftext|>" is id 0 and serves as bos/eos/pad/unk. The tokenizer is saved to `cache_dir`
-    (default: a fresh temporary directory) and reloaded, so it carries `name_or_path`.
+    "<|endoftext|>" is id 0 and serves as bos/eos/pad/unk. Built in memory (no temporary files)
+    with `add_bos_token=True`, the form TransformerLens's bridge would otherwise reload it in from
+    `name_or_path`, so the bridge takes it as it is; saved to `cache_dir` when one is given.
     """
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
     vocab = {EOT: 0}
@@ -33,11 +33,17 @@ def word_tokenizer(words: Iterable[str], cache_dir: Path | None = None) -> PreTr
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([EOT])
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT
+        tokenizer_object=backend,
+        bos_token=EOT,
+        eos_token=EOT,
+        unk_token=EOT,
+        pad_token=EOT,
+        add_bos_token=True,
+        name_or_path=str(cache_dir) if cache_dir else "mlpim-word-level",
     )
-    path = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="mlpim_tok_"))
-    tok.save_pretrained(str(path))
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    if cache_dir is not None:
+        tok.save_pretrained(str(Path(cache_dir)))
+    return tok
 
 
 def ioi_vocabulary(cfg) -> list[str]:

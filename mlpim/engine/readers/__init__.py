@@ -1,0 +1,36 @@
+"""Directions saved by other tools (pyvene, SAELens, causalab, plain tensor files), read into a
+`ForeignDirection` without running code from the file, and checked against a model.
+
+`read_direction(path, **options)` tells the format from the contents (`sniff`) and reads it;
+`check_fits(record, sizes_of(model), compat)` refuses, in one line, a direction that does not
+fit the model. Each format's reader documents the layout it reads and where it was found.
+"""
+
+from mlpim.engine.readers.pyvene_folder import read_pyvene
+from mlpim.engine.readers.record import (
+    REQUIREMENTS,
+    SITES,
+    ForeignDirection,
+    ModelSizes,
+    check_fits,
+    sizes_of,
+)
+from mlpim.engine.readers.saelens_folder import read_saelens, tl_hook_site
+from mlpim.engine.readers.sniff import FORMATS, read_direction, sniff
+from mlpim.engine.readers.tensor_files import read_tensor_file
+
+__all__ = [
+    "FORMATS",
+    "REQUIREMENTS",
+    "SITES",
+    "ForeignDirection",
+    "ModelSizes",
+    "check_fits",
+    "read_direction",
+    "read_pyvene",
+    "read_saelens",
+    "read_tensor_file",
+    "sizes_of",
+    "sniff",
+    "tl_hook_site",
+]

@@ -1,0 +1,152 @@
+"""Tell a direction file's format from its contents (never its name), and read it.
+
+Formats: `pyvene` (folder: config.json with representations + intkey_*.bin), `saelens` (folder:
+cfg.json + sae_weights.safetensors), `causalab` (rotation.safetensors holding rotation_matrix,
+or its folder), `safetensors`, `npy`, `npz`, `torch` (a torch.save zip or legacy file) and
+`mlpim` (a torch file holding a dict with `basis`). Anything else is refused in one line that
+says what was found. Sniffing reads headers only, except that a torch file is loaded with
+`weights_only=True` to tell mlpim's subspace from a plain tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from mlpim.engine.readers.pyvene_folder import read_pyvene
+from mlpim.engine.readers.record import ForeignDirection
+from mlpim.engine.readers.saelens_folder import CFG, WEIGHTS, read_saelens
+from mlpim.engine.readers.tensor_files import CAUSALAB_KEY, read_tensor_file, torch_object
+from mlpim.errors import MlpimError
+
+FORMATS = ("pyvene", "saelens", "causalab", "safetensors", "npy", "npz", "torch", "mlpim")
+CAUSALAB_FILE = "rotation.safetensors"
+# The options each format takes; any other option given is refused rather than ignored.
+OPTIONS = {
+    "pyvene": {"key", "columns", "site", "layer", "gated_mlp"},
+    "saelens": {"feature", "site", "layer"},
+    "causalab": {"key", "columns", "site", "layer"},
+    "safetensors": {"key", "columns", "rows", "site", "layer"},
+    "npy": {"columns", "rows", "site", "layer"},
+    "npz": {"key", "columns", "rows", "site", "layer"},
+    "torch": {"key", "columns", "rows", "site", "layer"},
+    "mlpim": {"site", "layer"},
+}
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _folder_format(path: Path) -> str:
+    """pyvene, saelens or causalab, from the files a folder holds."""
+    config = _json(path / "config.json") if (path / "config.json").is_file() else None
+    if config is not None and {"representations", "intervention_types"} <= config.keys():
+        return "pyvene"
+    if (path / CFG).is_file() or (path / WEIGHTS).is_file():
+        return "saelens"
+    if (path / CAUSALAB_FILE).is_file():
+        return "causalab"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+    raise MlpimError(
+        f"{path}: a folder mlpim cannot read as a direction: it holds {shown or 'nothing'}; "
+        f"expected pyvene (config.json + intkey_*.bin), SAELens ({CFG} + {WEIGHTS}) "
+        f"or causalab ({CAUSALAB_FILE})"
+    )
+
+
+def _safetensors_keys(head: bytes, size: int) -> list[str] | None:
+    """The tensor names in a safetensors header, or None if `head` does not start one."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return None
+    n = int.from_bytes(head[:8], "little")
+    if not 2 <= n <= size - 8 or n > len(head) - 8:
+        return None
+    try:
+        header = json.loads(head[8 : 8 + n])
+    except ValueError:
+        return None
+    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else None
+
+
+def _zip_format(path: Path) -> str | None:
+    """torch (a torch.save zip holding data.pkl) or npz (a zip of .npy arrays)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except zipfile.BadZipFile:
+        return None
+    if any(n.endswith("data.pkl") for n in names):
+        return "torch"
+    return "npz" if names and all(n.endswith(".npy") for n in names) else None
+
+
+def _describe_bytes(head: bytes) -> str:
+    """What the first bytes of an unknown file look like, for the refusal."""
+    if head[:1] == b"\x80":
+        return "a Python pickle (mlpim does not unpickle files: that can run code)"
+    try:
+        text = head[:4096].decode("utf-8")
+    except UnicodeDecodeError as e:  # a multi-byte character cut at the end still counts
+        text = head[: e.start].decode("utf-8") if e.start > 4090 else None
+    if text and "\x00" not in text:
+        return f"a text file starting {text.strip()[:30]!r}"
+    return f"unknown content starting {head[:8]!r}"
+
+
+def _file_format(path: Path) -> str:
+    """npy, safetensors, causalab, torch, mlpim or npz, from a file's leading bytes."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(1 << 20)
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if (keys := _safetensors_keys(head, size)) is not None:
+        return "causalab" if CAUSALAB_KEY in keys else "safetensors"
+    if head.startswith(b"PK\x03\x04") and (kind := _zip_format(path)) is not None:
+        return "mlpim" if kind == "torch" and _is_mlpim(path) else kind
+    if head.startswith(b"\x80\x02\x8a"):  # torch's legacy format: a pickled magic number first
+        return "mlpim" if _is_mlpim(path) else "torch"
+    raise MlpimError(f"{path}: not a direction file mlpim reads: {_describe_bytes(head)}")
+
+
+def _is_mlpim(path: Path) -> bool:
+    loaded = torch_object(path)
+    return isinstance(loaded, dict) and "basis" in loaded
+
+
+def sniff(path: str | Path) -> str:
+    """The format of a direction file or folder (one of FORMATS), from its contents."""
+    path = Path(path)
+    if path.is_dir():
+        return _folder_format(path)
+    if path.is_file():
+        return _file_format(path)
+    raise MlpimError(f"{path}: no such file or folder")
+
+
+def read_direction(path: str | Path, **options) -> ForeignDirection:
+    """The direction saved at `path` in any format mlpim reads, with the format's options
+    (key, feature, columns, rows, site, layer, gated_mlp); an option it does not take is refused."""
+    path = Path(path)
+    fmt = sniff(path)
+    given = {k: v for k, v in options.items() if v is not None}
+    extra = sorted(set(given) - OPTIONS[fmt])
+    if extra:
+        takes = ", ".join(sorted(OPTIONS[fmt]))
+        raise MlpimError(
+            f"{path} is a {fmt} direction: {', '.join(extra)} not for it (takes {takes})"
+        )
+    if fmt == "pyvene":
+        return read_pyvene(path, **given)
+    if fmt == "saelens":
+        return read_saelens(path, **given)
+    if fmt == "causalab" and path.is_dir():
+        path = path / CAUSALAB_FILE
+    return read_tensor_file(path, fmt, **given)

@@ -1,0 +1,244 @@
+"""Bad input refused before any model work (issue 18): meaningless or mislabelled direction files,
+config values that cannot train or run, unknown `+` keys, missing task files, a file that is not
+GGUF, a device this machine lacks, an unwritable or locked run directory. Each probe asserts the
+exit code (2), one `mlpim: error:` line naming the problem, and that nothing was written: the run
+directory does not even exist afterwards. The command line runs in this process (`cli`)."""
+
+from __future__ import annotations
+
+import fractions
+import pickle
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from faults import FAST, cli, on_disk, one_line
+
+from mlpim import lock
+from mlpim.analysis import illusion
+from mlpim.engine.subspace import basis_problem, file_kind, load_subspace, save_subspace
+from mlpim.errors import MlpimError
+
+CHECK = ["experiment=illusion_check", *FAST, "direction_site=mlp_post", "direction_layer=1"]
+
+
+def unit(d: int = 128) -> np.ndarray:
+    v = np.random.default_rng(0).standard_normal(d).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def make(tmp_path: Path, name: str) -> Path:
+    """A direction file of the kind `name` (each a probe of the issue)."""
+    path = (
+        tmp_path
+        / {
+            "nan": "d.npy",
+            "inf": "d.npy",
+            "zero": "d.npy",
+            "tiny_norm": "d.npy",
+            "object": "d.npy",
+            "strings": "d.npy",
+            "torch_as_npy": "d.npy",
+            "npy_as_pt": "d.pt",
+            "npz": "d.npz",
+            "text": "d.pt",
+            "empty": "d.pt",
+            "pickle": "d.pt",
+            "nan_subspace": "d.pt",
+            "matrix3d": "d.npy",
+        }[name]
+    )
+    v = unit()
+    if name in ("nan", "inf"):
+        v[5] = np.nan if name == "nan" else np.inf
+    arrays = {
+        "zero": np.zeros(128, np.float32),
+        "tiny_norm": v * 1e-9,
+        "strings": np.array(["a", "b"]),
+        "matrix3d": np.ones((128, 2, 2), np.float32),
+    }
+    if name in ("nan", "inf", *arrays):
+        np.save(path, arrays.get(name, v))
+    elif name == "object":
+        np.save(path, np.array([{"a": 1}, 2], dtype=object), allow_pickle=True)
+    elif name == "torch_as_npy":
+        torch.save(torch.from_numpy(v), path)
+    elif name == "npy_as_pt":
+        np.save(tmp_path / "tmp.npy", v)
+        (tmp_path / "tmp.npy").rename(path)
+    elif name == "npz":
+        np.savez(path, v=v)
+    elif name == "text":
+        path.write_text("hello\n")
+    elif name == "empty":
+        path.write_bytes(b"")
+    elif name == "pickle":
+        path.write_bytes(pickle.dumps(fractions.Fraction(1, 3)))
+    elif name == "nan_subspace":
+        basis = torch.full((128, 1), float("nan"))
+        save_subspace(path, basis, model="tiny", site="mlp_post", layer=1, k=1)
+    return path
+
+
+DIRECTIONS = {  # probe -> what the one line must say
+    "nan": ["1 non-finite value(s)", "no direction to check"],
+    "inf": ["1 non-finite value(s)"],
+    "zero": ["norm 0", "points nowhere"],
+    "tiny_norm": ["zero or below 1e-06"],
+    "nan_subspace": ["128 non-finite value(s)"],
+    "object": ["numpy file of Python objects", "never unpickles"],
+    "strings": ["dtype <U1, not real numbers"],
+    "torch_as_npy": ["a torch file named .npy", "rename it to d.pt"],
+    "npy_as_pt": ["a numpy .npy file named .pt", "rename it to d.npy"],
+    "npz": ["a numpy .npz archive, not a torch (.pt) or numpy (.npy) file"],
+    "text": ["a text file, not a torch (.pt) or numpy (.npy) file"],
+    "empty": ["an empty file"],
+    "pickle": ["a Python pickle that mlpim cannot load as tensors", "never runs code"],
+    "matrix3d": ["shape (128, 2, 2)"],
+}
+
+
+@pytest.mark.parametrize("name", DIRECTIONS)
+def test_meaningless_or_mislabelled_direction_is_refused(name, tmp_path, capsys):
+    """No verdict for a direction that means nothing or a file that is not what it says: one
+    line before any model work, and no run directory at all."""
+    path = make(tmp_path, name)
+    code, out = cli(capsys, "run", *CHECK, f"direction={path}", f"hydra.run.dir={tmp_path}/r")
+    line = one_line(code, out, f"direction={path}", *DIRECTIONS[name])
+    assert "likely illusory" not in out and "verdict" not in out, line
+    assert not (tmp_path / "r").exists()
+
+
+def test_rank_deficient_basis_is_refused(tmp_path, capsys):
+    """A 2-D basis whose columns are parallel spans one dimension: QR would invent the other."""
+    path = tmp_path / "b.npy"
+    np.save(path, np.stack([unit(), 2 * unit()], 1))
+    args = [
+        "experiment=ioi_mlp8_das",
+        *FAST,
+        "method.dim=2",
+        f"direction={path}",
+        "direction_site=mlp_post",
+        "direction_layer=1",
+        f"hydra.run.dir={tmp_path}/r",
+    ]
+    code, out = cli(capsys, "run", *args)
+    one_line(code, out, "rank-deficient basis", "span only 1 dimension(s)")
+    assert not (tmp_path / "r").exists()
+
+
+def test_direction_checks_accept_real_directions(tmp_path):
+    """The same loader passes what DAS saves and a plain unit vector, unchanged."""
+    basis = torch.linalg.qr(torch.randn(128, 2))[0]
+    save_subspace(tmp_path / "s.pt", basis, model="tiny", site="mlp_post", layer=1, k=2)
+    assert torch.equal(load_subspace(tmp_path / "s.pt")["basis"], basis)
+    np.save(tmp_path / "v.npy", 3 * unit())
+    v = load_subspace(tmp_path / "v.npy", "mlp_post", 1)["basis"]
+    assert v.shape == (128, 1) and torch.allclose(v.norm(), torch.tensor(1.0))
+    assert basis_problem(basis) is None and basis_problem(torch.ones(4)) is None
+    assert file_kind(tmp_path / "s.pt") == "torch" and file_kind(tmp_path / "v.npy") == "npy"
+
+
+def test_no_effect_gets_no_verdict_on_the_checks():
+    """Below the effect gate the verdict is "no effect to explain" with FLDD(v) and the gate,
+    even when an ungated check warns and another is borderline (once "borderline: caution or
+    likely illusory")."""
+    checks = [
+        illusion.effect_check(0.001),
+        illusion.component_check(0.001, 0.5),
+        illusion.dormant_check(5.0),
+        illusion.Check("random_mlp", 0.0, 0.0, False, "r", spread=1.0),  # borderline
+    ]
+    n, label = illusion.verdict(checks)
+    assert n == 1 and label == "no effect to explain (FLDD 0.001 below the gate 0.200)"
+    assert illusion.verdict_of([(True, False), (False, True)]) == (
+        1,
+        "borderline: caution or likely illusory",
+    )  # the same flags with an effect: unchanged
+    assert illusion.verdict_of([(True, True)], (0.5, 0.2))[1].startswith("borderline")
+
+
+CONFIGS = {  # probe -> (overrides, what the line must say)
+    "lr_0": (["method.lr=0"], ["method.lr=0.0", "above 0"]),
+    "lr_negative": (["method.lr=-1"], ["method.lr=-1.0", "above 0"]),
+    "epochs_0": (["method.epochs=0"], ["method.epochs=0", "at least 1"]),
+    "batch_size_0": (["dataset.batch_size=0"], ["dataset.batch_size=0", "at least 1"]),
+    "plus_typo": (["+method.dimm=2"], ["unknown option method.dimm", "did you mean method.dim?"]),
+    "plusplus_typo": (["++dataset.min_pair=3"], ["unknown option dataset.min_pair"]),
+    "device": (["device=cuda"], ["device=cuda", "CUDA is not available", "device=cpu"]),
+    "device_name": (["device=gpu"], ["device=gpu: not a device"]),
+    "path_missing": (["dataset=pairs", "dataset.path=/no/such.jsonl"], ["no such file"]),
+    "path_dir": (["dataset=pairs", "dataset.path={tmp}"], [": a directory"]),
+    "path_none": (["dataset=pairs"], ["dataset=pairs needs the task file"]),
+    "gguf_magic": (["model=gguf", "model.file={tmp}/x.gguf"], ["not a GGUF file", "b'root'"]),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_mistakes_are_one_line(name, tmp_path, capsys):
+    if name == "device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "x.gguf").write_text("root:x:0:0:root:/root:/bin/bash\n")  # like /etc/passwd
+    overrides, needles = CONFIGS[name]
+    overrides = [o.format(tmp=tmp_path) for o in overrides]
+    args = ["experiment=ioi_mlp8_das", *FAST, *overrides, f"hydra.run.dir={tmp_path}/r"]
+    one_line(*cli(capsys, "run", *args), *needles)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A directory this process cannot write: chmod (non-root), a read-only tmpfs (root)."""
+    import os
+
+    path = tmp_path / "ro"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("root without the right to mount a read-only tmpfs")
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_unwritable_output_dir_is_one_line(readonly_dir, capsys):
+    args = ["experiment=ioi_mlp8_das", *FAST, f"hydra.run.dir={readonly_dir}/run"]
+    one_line(*cli(capsys, "run", *args), f"{readonly_dir}/run", "choose a directory you can")
+    assert on_disk(readonly_dir) == {}
+    args[-1] = f"hydra.sweep.dir={readonly_dir}/sweep"
+    one_line(*cli(capsys, "run", "-m", *args, "seed=0,1"), f"{readonly_dir}/sweep")
+
+
+def test_run_dir_in_use_is_refused_and_left_alone(tmp_path, capsys):
+    """Another holder of the directory's lock (its own open file, as another process would
+    have): refused in one line, nothing written into it. test_faults_runs has a second process."""
+    import fcntl
+    import os
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("experiment: ioi_mlp8_das\n")  # the other run's
+    before = on_disk(run_dir)
+    fd = os.open(run_dir, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        args = ["experiment=ioi_mlp8_das", *FAST, f"hydra.run.dir={run_dir}"]
+        one_line(*cli(capsys, "run", *args), str(run_dir.resolve()), "in use by another mlpim")
+        sweep = ["-m", *args[:-1], "seed=0,1", f"hydra.sweep.dir={run_dir}"]
+        one_line(*cli(capsys, "run", *sweep), "in use by another mlpim sweep")
+    finally:
+        os.close(fd)
+    assert on_disk(run_dir) == before  # no .hydra/, status.json, multirun.yaml, run.log
+    lock.acquire(run_dir)  # free again
+    with pytest.raises(MlpimError, match="already in use by this process"):
+        lock.acquire(run_dir)
+    lock.release(run_dir)
+    assert not lock.is_locked(run_dir)
