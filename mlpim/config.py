@@ -146,9 +146,12 @@ class ExtraConfig:
     reference_cache: str | None = "outputs/.cache/references"  # random-MLP references by
     # content hash, shared by every direction checked at a site (null: no cache)
     bench_layer_offsets: list[int] = field(default_factory=lambda: [-1, 0, 1])
-    bench_angles: list[float] = field(default_factory=lambda: [15.0, 30.0, 45.0, 60.0, 75.0])
+    bench_angles: list[float] = field(
+        default_factory=lambda: [15.0, 25.0, 35.0, 45.0, 55.0, 65.0, 75.0]
+    )
     bench_edits: list[str] = field(default_factory=lambda: ["mean_diff", "top_natural"])
-    edit_strength: float = 1.0  # real edits write strength × the residual's own pattern gap
+    edit_strengths: list[float] = field(default_factory=lambda: [1.0, 2.0])  # a real edit
+    # writes strength × the residual's own pattern gap along v_resid
     bench_toy: bool = True
     # ---- end of issue 20's block ----
     # ioi_layer_profile (reads `layers` above too); signal_threshold is also ioi_locate's rule

@@ -40,6 +40,7 @@ BENCH = [
     "extra.n_random_directions=4",
     "extra.n_natural=2",
     "extra.n_natural_prompts=200",
+    "extra.edit_strengths=[1.0]",
     "extra.reference_cache=null",
     "method.epochs=2",
 ]
@@ -231,8 +232,8 @@ def test_benchmark_end_to_end(tmp_path):
         "illusory 60°",
         "real mean diff",
         "real row part",
-        "real edit (mean_diff)",
-        "real edit (top_natural)",
+        "real edit (mean_diff, ×1)",
+        "real edit (top_natural, ×1)",
         "real resid mean diff",
         "real v_resid (DAS)",
         "toy e1",
@@ -268,5 +269,5 @@ def test_benchmark_smollm2_reduced(smollm2, tmp_path):
     run(compose([*BENCH, *overrides]), tmp_path)
     cases = pd.read_csv(tmp_path / CASES)
     assert len(cases) == 6 and set(cases.layer) == {20}
-    edit = cases[cases.case == "real edit (mean_diff)"].iloc[0]
+    edit = cases[cases.case == "real edit (mean_diff, ×1)"].iloc[0]
     assert edit.construction_ok and edit.label != illusion.LIKELY_ILLUSORY

@@ -42,7 +42,7 @@ class BenchOptions:
 
     angles: tuple[float, ...]
     edits: tuple[str, ...]  # read directions of the real edits: mean_diff, top_natural
-    edit_strength: float
+    edit_strengths: tuple[float, ...]  # each edit writes strength × the residual's pattern gap
     n_random_directions: int
     n_natural: int
     random_mlp_seeds: int
@@ -145,10 +145,12 @@ def read_direction(site: M.SiteData, which: str) -> Tensor:
     return planted.centred(u / u.norm(), site.natural.mean(0))
 
 
-def edited_case(model, site: M.SiteData, which: str, target: Tensor, gap: float, opts, engine):
+def edited_case(
+    model, site: M.SiteData, which: str, strength: float, target: Tensor, gap: float, opts, engine
+):
     """(rows, case row) of one rank-1 real edit, prepared and checked in the edited model."""
     u = read_direction(site, which)
-    alpha = planted.edit_alpha(site.splits["train"], u, gap, opts.edit_strength)
+    alpha = planted.edit_alpha(site.splits["train"], u, gap, strength)
     pairs = {k: [p.pairs for p in ps] for k, ps in site.splits.items()}
     with edited_w_out(model, site.layer, planted.edit_delta(u, target, alpha)):
         splits = {k: prepare(model, b, "mlp_post", site.layer, engine) for k, b in pairs.items()}
@@ -162,7 +164,7 @@ def edited_case(model, site: M.SiteData, which: str, target: Tensor, gap: float,
         edited = M.site_data(
             model, splits, "mlp_post", site.layer, site.th, refs, site.natural, rand, opts.seed
         )
-        name = f"real edit ({which})"
+        name = f"real edit ({which}, ×{strength:g})"
         r, c = measured_case(model, edited, name, u, "real", alpha=alpha)
     full = edited.full.fldd(edited.idx["test"]).value
     c |= {"full_fldd": full, "construction_ok": full >= 0.5 * c["fldd"]}
@@ -298,8 +300,9 @@ def layer_result(
     for part in (illusion_cases(model, site, v_resid, opts), natural_real_cases(model, site)):
         out.rows, out.cases = out.rows + part[0], out.cases + part[1]
     for which in opts.edits:
-        r, c = edited_case(model, site, which, v_resid, gap, opts, engine)
-        out.rows, out.cases = out.rows + r, out.cases + [c]
+        for strength in opts.edit_strengths:
+            r, c = edited_case(model, site, which, strength, v_resid, gap, opts, engine)
+            out.rows, out.cases = out.rows + r, out.cases + [c]
     r, c = resid_cases(model, resid, layer, v_resid, th, opts)
     out.rows, out.cases = out.rows + r, out.cases + c
     return out

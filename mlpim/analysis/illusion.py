@@ -255,10 +255,10 @@ def nullspace_check(
     refs: Refs,
     th: Thresholds,
 ) -> Check:
-    """Bridging: ‖null‖² ≥ null_norm_sq and FLDD(v) > superadditive·(FLDD(row) + FLDD(null)⁺)."""
+    """Bridging: ‖null‖² ≥ null_norm_sq and FLDD(v) > superadditive·(FLDD(row)⁺ + FLDD(null)⁺)."""
     v, r, n = as_est(fldd_v), as_est(fldd_row), as_est(fldd_null)
-    t = combine(lambda a, b: th.superadditive * (a + np.maximum(b, 0.0)), r, n)
-    rule = f"FLDD(v) > {th.superadditive}·(FLDD(row) + FLDD(null)⁺), ‖null‖² ≥ {th.null_norm_sq}"
+    t = combine(lambda a, b: th.superadditive * (np.maximum(a, 0.0) + np.maximum(b, 0.0)), r, n)
+    rule = f"FLDD(v) > {th.superadditive}·(FLDD(row)⁺ + FLDD(null)⁺), ‖null‖² ≥ {th.null_norm_sq}"
     detail = (
         f"‖null‖² {null_norm_sq:.3f}; FLDD v {v.value:.3f}, row {r.value:.3f}, null {n.value:.3f}"
     )

@@ -232,7 +232,7 @@ def natural_references(model, site: SiteData, k: int) -> R.Refs:
     for u in tqdm(nat, desc="reference: natural directions", leave=False):
         fl, proj, null = part_fldds(model, site, u)
         row, nul = fl.get("row_proj"), fl.get("null_proj")
-        row_v = row.value if row is not None else 0.0
+        row_v = max(row.value, 0.0) if row is not None else 0.0
         null_v = max(nul.value, 0.0) if nul is not None else 0.0
         bridging.append(fl["das"].value - th.superadditive * (row_v + null_v))
         dormant.append(divergence.dormant_est(base, source, u, proj, idx).value)

@@ -42,7 +42,7 @@ def toy_checks(model, u: Tensor, th: illusion.Thresholds) -> list[illusion.Check
     margins = []
     for n in natural_directions(base, source, model.d):
         f, _, _ = _effects(model, base, source, n, w_out)
-        row, null = f.get("row_proj", 0.0), max(f.get("null_proj", 0.0), 0.0)
+        row, null = max(f.get("row_proj", 0.0), 0.0), max(f.get("null_proj", 0.0), 0.0)
         margins.append(f["das"] - th.superadditive * (row + null))
     refs = Refs(natural_bridging=Reference("natural", tuple(margins)))
     f, proj, null = _effects(model, base, source, u, w_out)

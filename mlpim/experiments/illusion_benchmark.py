@@ -38,7 +38,7 @@ def options(cfg: DictConfig) -> B.BenchOptions:
     return B.BenchOptions(
         angles=tuple(float(a) for a in e.bench_angles),
         edits=tuple(e.bench_edits),
-        edit_strength=float(e.edit_strength),
+        edit_strengths=tuple(float(s) for s in e.edit_strengths),
         n_random_directions=int(e.n_random_directions),
         n_natural=int(e.n_natural),
         random_mlp_seeds=int(e.random_mlp_seeds),
