@@ -198,11 +198,12 @@ def trained_v_resid(model, resid: M.Splits, method, seed: int) -> tuple[Tensor, 
 
 
 def truth_class(row) -> str:
-    """Planted truth, toy cases and illusions too weak to matter apart."""
-    toy = "toy " if row.site == "toy" else ""
-    if row.truth == "illusory" and not row.matters:
-        return f"{toy}illusory (FLDD below the gate)"
-    return f"{toy}{row.truth}"
+    """Planted truth as a matrix row: illusions by the gate, real by site, toy cases apart."""
+    if row.site == "toy":
+        return f"toy {row.truth}"
+    if row.truth == "illusory":
+        return f"illusory (FLDD {'above' if row.matters else 'below'} the gate)"
+    return f"real ({'MLP' if row.site == 'mlp_post' else 'residual'})"
 
 
 def confusion(table: pd.DataFrame) -> pd.DataFrame:
