@@ -167,7 +167,7 @@ def edited_case(
         name = f"real edit ({which}, ×{strength:g})"
         r, c = measured_case(model, edited, name, u, "real", alpha=alpha)
     full = edited.full.fldd(edited.idx["test"]).value
-    c |= {"full_fldd": full, "construction_ok": full >= 0.5 * c["fldd"]}
+    c |= {"full_fldd": full, "construction_ok": c["fldd"] > 0 and full >= 0.5 * c["fldd"]}
     return r, c
 
 
