@@ -16,6 +16,7 @@ CHECK_PLOT = "illusion_check.png"
 CONFUSION_PLOT = "confusion.png"
 ROC_PLOT = "roc.png"
 COLORS = {True: "tab:red", False: "tab:green", None: "tab:gray"}
+ON_VALUE_SCALE = ("effect", "dormant_row_part", "off_distribution", "alignment", "random_mlp")
 
 
 def row_detail(c: illusion.Check, level: float) -> str:
@@ -67,7 +68,8 @@ def verdict_plot(checks: list[illusion.Check], run_dir: Path, title: str) -> Non
 
 def check_row(ax, c: illusion.Check) -> None:
     """One row of the check figure, on the check's own scale."""
-    ref = c.reference.finite() if c.reference is not None and c.placed is None else np.array([])
+    same = c.reference is not None and c.name in ON_VALUE_SCALE
+    ref = c.reference.finite() if same else np.array([])
     if ref.size:
         jitter = np.random.default_rng(0).uniform(-0.25, 0.25, ref.size)
         ax.scatter(ref, jitter, s=8, color="tab:blue", alpha=0.5)
@@ -75,7 +77,8 @@ def check_row(ax, c: illusion.Check) -> None:
     x = c.value if math.isfinite(c.value) else 0.0
     if math.isfinite(lo):
         ax.errorbar([x], [0], xerr=[[x - lo], [hi - x]], fmt="none", ecolor="k", capsize=3)
-    ax.scatter([x], [0], s=60, color=COLORS[c.warning], zorder=3, marker="D")
+    color = "tab:orange" if c.warning and c.scope == "site" else COLORS[c.warning]
+    ax.scatter([x], [0], s=60, color=color, zorder=3, marker="D")
     if math.isfinite(c.threshold):
         ax.axvline(c.threshold, color="k", ls="--", lw=1)
     ax.set_yticks([])
