@@ -94,8 +94,6 @@ class ExtraConfig:
     n_random: int = 1000
     n_grad_prompts: int = 100
     n_head_pairs: int = 20
-    random_mlp_seeds: int = 5  # illusion_check, illusion_benchmark
-    random_mlp_epochs: int | None = None  # null: method.epochs (as long as the direction)
     resid_layer: int | None = "${model.landmarks.handover_layer}"  # type: ignore[assignment]
     n_per_combo: int = 50
     split: str = "test"
@@ -138,6 +136,8 @@ class ExtraConfig:
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     extra_dims: int = 0
     # ---- illusion_check, illusion_benchmark (issue 20): references, planted cases, cache ----
+    random_mlp_seeds: int = 5  # random MLPs, one 1-D DAS run each (the random_mlp site note)
+    random_mlp_epochs: int | None = None  # null: method.epochs (as long as the direction)
     n_random_directions: int = 32  # random unit directions: the gate's reference
     n_natural: int = 8  # top natural directions: placement of the direction checks
     n_natural_prompts: int = 2000  # IOI prompts (all four patterns) whose END activations are

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -121,8 +120,3 @@ def roc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> tuple[np.ndarray, np.
     fpr = [0.0] + [float((np.asarray(scores_neg) >= c).mean()) for c in cuts]
     tpr = [0.0] + [float((np.asarray(scores_pos) >= c).mean()) for c in cuts]
     return np.array(fpr + [1.0]), np.array(tpr + [1.0])
-
-
-def as_tensor(x: np.ndarray) -> Tensor:
-    """A float64 tensor from numpy."""
-    return torch.from_numpy(np.ascontiguousarray(x))
