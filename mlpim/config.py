@@ -86,17 +86,20 @@ class DatasetConfig:
 
 @dataclass
 class CheckConfig:
-    """illusion_check's thresholds (`check.*`; `conf/check/default.yaml` documents each)."""
+    """illusion_check's thresholds (`check.*`): declared here, set only in
+    `conf/check/default.yaml` (which documents each; docs/verdict-rule.md gives the reasons)."""
 
-    min_effect: float = 0.2
-    effect_quantile: float = 0.99
-    component_fraction: float = 0.5
-    null_norm_sq: float = 0.1
-    superadditive: float = 1.5
-    dormant_ratio: float = 2.0
-    random_fraction: float = 0.5
-    generalisation: float = 0.5
-    borderline_spreads: float = 1.0
+    min_effect: float = MISSING
+    effect_quantile: float = MISSING
+    component_fraction: float = MISSING
+    null_norm_sq: float = MISSING
+    superadditive: float = MISSING
+    dormant_ratio: float = MISSING
+    off_distribution: float = MISSING
+    random_fraction: float = MISSING
+    generalisation: float = MISSING
+    ci_level: float = MISSING
+    n_boot: int = MISSING
 
 
 @dataclass

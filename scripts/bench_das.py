@@ -90,11 +90,19 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: as is)"
     )
-    p.add_argument("--plain-batches", type=int, default=None,
-                   help="time only N batches of the plain path and extrapolate to an epoch")  # fmt: skip
+    p.add_argument(
+        "--plain-batches",
+        type=int,
+        default=None,
+        help="time only N batches of the plain path and extrapolate to an epoch",
+    )
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per path")
-    p.add_argument("--min-seconds", type=float, default=3.0,
-                   help="keep timing whole epochs of a path until this much time has passed")  # fmt: skip
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=3.0,
+        help="keep timing whole epochs of a path until this much time has passed",
+    )
     p.add_argument("--skip-pyvene", action="store_true", help="leave out path (c)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV of the table")
     return p.parse_known_args(argv)
@@ -114,8 +122,16 @@ def our_step(model, rot: RotatedSubspace, opt) -> Callable[[Prepared], None]:
     return step
 
 
-def time_path(step, items: list, cost: list[float], epochs: int, warmup: int, min_s: float,
-              seed: int, max_batches: int | None = None) -> tuple[float, int, int]:  # fmt: skip
+def time_path(
+    step,
+    items: list,
+    cost: list[float],
+    epochs: int,
+    warmup: int,
+    min_s: float,
+    seed: int,
+    max_batches: int | None = None,
+) -> tuple[float, int, int]:
     """Seconds per epoch, epochs and batches timed, over `items` in `train_das`'s shuffled order.
 
     With `max_batches`, only that many batches of one epoch run and the time is extrapolated to
@@ -149,8 +165,12 @@ def pyvene_component(model, kind: str, layer: int) -> str:
     hf = model.original_model
     prefix = "model.layers" if hasattr(hf, "model") else "transformer.h"
     out_proj = "down_proj" if hasattr(hf, "model") else "c_proj"
-    named = {"resid_pre": "block_input", "resid_post": "block_output", "mlp_out": "mlp_output",
-             "attn_out": "attention_output"}  # fmt: skip
+    named = {
+        "resid_pre": "block_input",
+        "resid_post": "block_output",
+        "mlp_out": "mlp_output",
+        "attn_out": "attention_output",
+    }
     if kind == "mlp_post":
         return f"{prefix}[{layer}].mlp.{out_proj}.input"
     if kind in named:
@@ -170,8 +190,13 @@ def build_pyvene(model, kind: str, layer: int, basis: torch.Tensor):
         embed_dim=basis.shape[0], low_rank_dimension=basis.shape[1]
     )
     set_basis(iv, basis)
-    rep = {"layer": layer, "component": pyvene_component(model, kind, layer), "unit": "pos",
-           "max_number_of_units": 1, "intervention": iv}  # fmt: skip
+    rep = {
+        "layer": layer,
+        "component": pyvene_component(model, kind, layer),
+        "unit": "pos",
+        "max_number_of_units": 1,
+        "intervention": iv,
+    }
     ivm = pv.IntervenableModel(pv.IntervenableConfig(representations=[rep]), hf)
     ivm.disable_model_gradients()
     return ivm, iv
@@ -266,8 +291,11 @@ def end_token_flops(model, kind: str, layer: int, seq: int, k: int) -> float:
 
 def epoch_flops(model, prepared: list[Prepared], kind: str, layer: int, k: int) -> float:
     """Training FLOPs of one fast-path epoch: 2 × forward per END token (frozen weights)."""
-    return sum(2 * end_token_flops(model, kind, layer, int(n), k)
-               for p in prepared for n in p.pairs.base.mask.sum(1))  # fmt: skip
+    return sum(
+        2 * end_token_flops(model, kind, layer, int(n), k)
+        for p in prepared
+        for n in p.pairs.base.mask.sum(1)
+    )
 
 
 def counted_flops(model, p: Prepared, kind: str, layer: int, k: int) -> float:
@@ -317,7 +345,7 @@ def matmul_refs(model, kind: str, layer: int, batch: int, sizes: list[int]) -> d
             (b, d, m, gated * blocks),
             (b, m, d, down),
             (b, d, c.d_vocab, 1),
-        ]  # fmt: skip
+        ]
     ]
     return {
         f"matmul unembed [{batch},{d}]x[{d},{c.d_vocab}]": matmul_rate([(batch, d, c.d_vocab, 1)]),

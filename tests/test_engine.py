@@ -60,8 +60,10 @@ def prompts(model, seed: int, lengths=LENGTHS, mid: bool = False) -> PromptBatch
     """Random prompts starting with BOS, left-padded; patched at END or at a mid position."""
     gen = torch.Generator().manual_seed(seed)
     bos = model.tokenizer.bos_token_id
-    rows = [[bos, *torch.randint(1, model.cfg.d_vocab, (n - 1,), generator=gen).tolist()]
-            for n in lengths]  # fmt: skip
+    rows = [
+        [bos, *torch.randint(1, model.cfg.d_vocab, (n - 1,), generator=gen).tolist()]
+        for n in lengths
+    ]
     tokens, mask, offset = left_pad(rows, pad_id=bos)
     end = tokens.shape[1] - 1
     pos = offset + torch.tensor([n - 3 - i % 2 for i, n in enumerate(lengths)]) if mid else None
@@ -154,8 +156,10 @@ def test_padded_forward_equals_each_prompt_alone(model, mid):
 def test_das_loss_and_gradient(model, kind, layer):
     """DAS losses and gradients agree across engines (kernel: with the fused loss)."""
     pb = pair(model)
-    preps = {e: prepare_sites(model, pb, [(kind, layer)], e)[(kind, layer)]
-             for e in ("full", "kernel", "cache")}  # fmt: skip
+    preps = {
+        e: prepare_sites(model, pb, [(kind, layer)], e)[(kind, layer)]
+        for e in ("full", "kernel", "cache")
+    }
     d = preps["full"].base_act.shape[-1]
     rot = RotatedSubspace(d, 2, generator=torch.Generator().manual_seed(0))
     losses, grads = {}, {}
@@ -235,8 +239,13 @@ def test_fork_leaves_the_prefix_cache_alone(tiny_llama):
     pb = pair(tiny_llama, mid=True)
     state = cache.cache_state(tiny_llama, pb.base)
     before = [layer.keys.shape for layer in state.past.layers]
-    cache.resume(tiny_llama, state, hook_name("resid_post", 0), patching.full,
-                 torch.zeros(len(pb), tiny_llama.cfg.d_model))  # fmt: skip
+    cache.resume(
+        tiny_llama,
+        state,
+        hook_name("resid_post", 0),
+        patching.full,
+        torch.zeros(len(pb), tiny_llama.cfg.d_model),
+    )
     assert [layer.keys.shape for layer in state.past.layers] == before
 
 
@@ -253,8 +262,10 @@ def test_cache_engine_on_other_families(family, kind, mid, layer=1):
 
 def test_other_families_das_gradient_and_guard(family):
     pb = pair(family, mid=True)
-    preps = {e: prepare_sites(family, pb, [("mlp_post", 1)], e)[("mlp_post", 1)]
-             for e in ("full", "cache")}  # fmt: skip
+    preps = {
+        e: prepare_sites(family, pb, [("mlp_post", 1)], e)[("mlp_post", 1)]
+        for e in ("full", "cache")
+    }
     rot = RotatedSubspace(family.cfg.d_mlp, 2, generator=torch.Generator().manual_seed(0))
     grads, losses = [], []
     for prep in preps.values():
@@ -287,8 +298,10 @@ def test_smollm2_engines_on_ioi_pairs(smollm2, kind):
         for engine in ("kernel", "cache"):
             for setter in (patching.full, patching.subspace(basis(d, 3, seed=layer))):
                 check(model, pb, kind, layer, engine, setter)
-        preps = {e: prepare_sites(model, pb, [(kind, layer)], e)[(kind, layer)]
-                 for e in ("full", "kernel")}  # fmt: skip
+        preps = {
+            e: prepare_sites(model, pb, [(kind, layer)], e)[(kind, layer)]
+            for e in ("full", "kernel")
+        }
         setter = patching.subspace(basis(d, 3, seed=layer))
         with torch.no_grad():
             fused, plain = (patched_end_loss(model, preps[e], setter).item() for e in preps)

@@ -18,6 +18,7 @@ from faults import FAST, cli, on_disk, one_line
 
 from mlpim import lock
 from mlpim.analysis import illusion
+from mlpim.config import compose
 from mlpim.engine.subspace import basis_problem, file_kind, load_subspace, save_subspace
 from mlpim.errors import MlpimError
 
@@ -129,23 +130,17 @@ def test_direction_checks_accept_real_directions(tmp_path):
 
 def test_no_effect_gets_no_verdict_on_the_checks():
     """Below the effect gate the verdict is "no effect to explain" with FLDD(v) and the gate,
-    even when an ungated check warns and another is borderline (once "borderline: caution or
-    likely illusory")."""
+    never a borderline that mentions "likely illusory", even when checks would warn above it."""
+    th, refs = illusion.Thresholds.from_mapping(compose([]).check), illusion.Refs()
     checks = [
-        illusion.effect_check(0.001),
-        illusion.component_check(0.001, 0.5),
-        illusion.dormant_check(5.0),
-        illusion.Check(
-            name="random_mlp", value=0.0, threshold=0.0, warning=False, rule="r", spread=1.0
-        ),  # borderline
+        illusion.effect_check(0.001, refs, th),
+        illusion.component_check(0.001, -0.5, th),  # a site note that fires
+        illusion.dormant_check(5.0, refs, th),  # a direction check that would warn
     ]
-    n, label = illusion.verdict(checks)
-    assert n == 1 and label == "no effect to explain (FLDD 0.001 below the gate 0.200)"
-    assert illusion.verdict_of([(True, False), (False, True)]) == (
-        1,
-        "borderline: caution or likely illusory",
-    )  # the same flags with an effect: unchanged
-    assert illusion.verdict_of([(True, True)], (0.5, 0.2))[1].startswith("borderline")
+    v = illusion.verdict(checks)
+    assert checks[2].warning and v.klass == illusion.NO_EFFECT
+    assert v.label == "no effect to explain (FLDD 0.001 below the gate 0.200)"
+    assert "illusory" not in v.label
 
 
 CONFIGS = {  # probe -> (overrides, what the line must say)

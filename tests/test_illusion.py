@@ -1,18 +1,22 @@
-"""illusion_check: the checks flag a planted illusory direction in a hand-built model while passing
-a planted real one; the thresholds on the paper's numbers; the runner end to end on `model=tiny`."""
+"""illusion_check: the rule on hand-built MLPs (a planted illusion flagged, a real direction passed
+even where the whole component does nothing), the gate and its symmetric borderline, the
+thresholds on the paper's numbers, and the runner end to end on `model=tiny`."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from mlpim import constants as C
-from mlpim.analysis import illusion
+from mlpim.analysis import divergence, illusion
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis.controls import intervention_bases
+from mlpim.analysis.references import Reference, Refs
+from mlpim.analysis.stats import Est, resample
 from mlpim.config import compose
 from mlpim.engine.models import ConfigError
 from mlpim.engine.patching import full, subspace
@@ -21,8 +25,17 @@ from mlpim.experiments.illusion_check import PLOT
 from mlpim.run import run
 
 torch.set_num_threads(1)
-FAST = ["model=tiny", "device=cpu", "dataset.n_train_pairs=40", "dataset.n_test_pairs=20"]
+FAST = [
+    "model=tiny",
+    "device=cpu",
+    "dataset.n_train_pairs=40",
+    "dataset.n_test_pairs=20",
+    "extra.reference_cache=null",
+    "extra.n_natural_prompts=100",
+]
 DT = torch.float64
+TH = illusion.Thresholds.from_mapping(compose([]).check)
+NO_REFS = Refs()
 
 # Hand-built MLP: inputs x (the feature) and n (nuisance) in {-1, 1}; hidden h = (x, x+n, 0, n):
 # e1 real (read into the answer), e2 irrelevant (varies with x, never read), e3 dormant (read,
@@ -30,33 +43,65 @@ DT = torch.float64
 W_OUT = torch.tensor([[1, 0, 0], [0, 0, 0], [2, 1, 0], [0, 0, 1]], dtype=DT)
 E = torch.eye(4, dtype=DT)
 V_ILLUSORY = (E[1] + E[2]) / math.sqrt(2)
+# A second MLP whose whole patch does nothing: h = (x, x), e1 writes +x to output 0 (the answer),
+# e2 writes −x to output 1, which also counts in the answer (answer = output 0 + output 1).
+W_CANCEL = torch.tensor([[1, 0], [0, -1]], dtype=DT)
 
 
 def hidden(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.stack([x, x + n, torch.zeros_like(x), n], dim=1)
 
 
-def hand_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+def hand_pairs(make=hidden) -> tuple[torch.Tensor, torch.Tensor]:
     """Base and source hidden acts: opposite x, every combination of the two nuisances."""
     signs = (1.0, -1.0)
     combos = torch.tensor([(x, a, b) for x in signs for a in signs for b in signs], dtype=DT)
     x, n_base, n_source = combos.T
-    return hidden(x, n_base), hidden(-x, n_source)
+    return make(x, n_base), make(-x, n_source)
 
 
-def effect(setter) -> float:
-    """FLDD analogue: mean over pairs of (y0_patched − y0_base) / (y0_source − y0_base)."""
-    base, source = hand_pairs()
-    y0 = lambda h: (h @ W_OUT)[:, 0]  # noqa: E731
-    return ((y0(setter(base, source)) - y0(base)) / (y0(source) - y0(base))).mean().item()
+def cancel_hidden(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    return torch.stack([x, x], dim=1)
 
 
-def hand_checks(v: torch.Tensor) -> tuple[dict[str, float], list[illusion.Check]]:
-    """Patch effects along v, its parts (the runner's bases) and the whole layer; checks 1-3."""
-    proj, null = ns.split(v, W_OUT)
+def hand_checks(v: torch.Tensor, w_out=W_OUT, make=hidden, read=None, rest=0.0) -> tuple:
+    """Patch effects along v, its parts and the whole layer; the gate and the MLP checks. The
+    answer is read(MLP output) plus `rest` × x (the rest of the network carrying x too)."""
+    read = read or (lambda y: y[:, 0])
+    base, source = hand_pairs(make)
+    x_b, x_s = base[:, 0], source[:, 0]
+    answer = lambda h, x: read(h @ w_out) + rest * x  # noqa: E731
+
+    def effect(setter) -> float:
+        moved = answer(setter(base, source), x_b) - answer(base, x_b)
+        return (moved / (answer(source, x_s) - answer(base, x_b))).mean().item()
+
+    proj, null = ns.split(v, w_out)
     fldd = {name: effect(subspace(b)) for name, b in intervention_bases(v, proj, null).items()}
     fldd["full"] = effect(full)
-    return fldd, illusion.mlp_checks(fldd, v, W_OUT, *hand_pairs())
+    idx = resample(len(base), 200, 0)
+    off, full_off = divergence.off_distribution(
+        base, source, v, w_out, torch.cat([base, source]), idx
+    )
+    checks = [
+        illusion.effect_check(fldd["das"], NO_REFS, TH),
+        illusion.component_check(fldd["das"], fldd["full"], TH),
+        illusion.nullspace_check(
+            fldd["das"],
+            fldd.get("row_proj", 0.0),
+            fldd.get("null_proj", 0.0),
+            null.norm().item() ** 2,
+            NO_REFS,
+            TH,
+        ),
+        illusion.dormant_check(divergence.dormant_est(base, source, v, proj, idx), NO_REFS, TH),
+        illusion.off_distribution_check(off, full_off, NO_REFS, TH),
+    ]
+    return fldd, checks
+
+
+def by_name(checks) -> dict[str, illusion.Check]:
+    return {c.name: c for c in checks}
 
 
 def test_hand_built_patches():
@@ -73,70 +118,150 @@ def test_hand_built_patches():
 
 def test_flags_planted_illusory_direction():
     _, checks = hand_checks(V_ILLUSORY)
-    warned = {c.name for c in checks if c.warning}
-    assert warned == {"nullspace_bridging", "dormant_row_part"}
-    assert math.isinf(checks[2].value)  # the dormant neuron never moves on real prompts
-    assert illusion.verdict(checks) == (2, "likely illusory")
+    c = by_name(checks)
+    assert c["nullspace_bridging"].warning and c["dormant_row_part"].warning
+    assert math.isinf(c["dormant_row_part"].value)  # the dormant neuron never moves on real prompts
+    v = illusion.verdict(checks)
+    assert v.label == illusion.LIKELY_ILLUSORY
+    assert {"nullspace_bridging", "dormant_row_part"} <= set(v.warned)
+    assert "component_vs_subspace" not in v.warned  # site checks never count as direction ones
+    assert illusion.illusion_score(checks) > 0
 
 
 def test_passes_planted_real_direction():
     fldd, checks = hand_checks(E[0])
     assert fldd["das"] == pytest.approx(1.0) and "null_proj" not in fldd
-    assert [c.warning for c in checks] == [False, False, False]
-    assert checks[2].value == pytest.approx(1.0)  # patch moves e1 exactly as the prompts do
-    assert illusion.verdict(checks) == (0, "no warning signs")
+    c = by_name(checks)
+    assert not any(c[n].warning for n in illusion.DIRECTION if n in c)
+    assert c["dormant_row_part"].value == pytest.approx(1.0)  # moves e1 as far as prompts do
+    assert c["off_distribution"].value < 0.5  # the patched output is a real prompt's output
+    assert illusion.verdict(checks).label == illusion.NO_WARNING
+    assert illusion.illusion_score(checks) < 0
+
+
+def test_real_direction_where_the_whole_component_does_nothing():
+    """The combination rule: a real direction at a site whose whole-component patch does nothing
+    (two real neurons cancel in the answer) gets no "likely illusory": site checks never decide."""
+    read = lambda y: y[:, 0] + y[:, 1]  # noqa: E731
+    e1 = torch.tensor([1.0, 0.0], dtype=DT)
+    fldd, checks = hand_checks(e1, W_CANCEL, cancel_hidden, read, rest=1.0)
+    assert fldd["das"] == pytest.approx(1.0) and fldd["full"] == pytest.approx(0.0, abs=1e-12)
+    c = by_name(checks)
+    assert c["component_vs_subspace"].warning  # the site note fires ...
+    v = illusion.verdict(checks)
+    assert v.site_notes == ("component_vs_subspace",) and v.warned == ()
+    assert v.label == illusion.NO_WARNING  # ... and the verdict stays on the direction's evidence
+
+
+def est(value: float, lo: float, hi: float) -> Est:
+    """An estimate whose replicates spread evenly over [lo, hi]."""
+    return Est(value, np.linspace(lo, hi, 201))
+
+
+def test_gate_below_is_no_effect_and_borderline_is_symmetric():
+    """Below the gate: "no effect to explain", firm when the interval is below it; an interval
+    holding the gate reads borderline on either side of it, with what the checks would say."""
+    _, checks = hand_checks(V_ILLUSORY)
+    rest = checks[1:]
+    low = [illusion.effect_check(est(0.10, 0.05, 0.15), NO_REFS, TH), *rest]
+    assert illusion.verdict(low).label == "no effect to explain (FLDD 0.100 below the gate 0.200)"
+    assert illusion.verdict(low).klass == illusion.NO_EFFECT
+    assert by_name(low)["nullspace_bridging"].warning  # still shown: it would warn above the gate
+    for value in (0.199, 0.201):
+        close = [illusion.effect_check(est(value, 0.15, 0.25), NO_REFS, TH), *rest]
+        v = illusion.verdict(close)
+        assert v.label == "borderline: no effect to explain or likely illusory", value
+        assert v.klass == illusion.BORDERLINE
+
+
+def test_borderline_warning_from_its_interval():
+    """A warning whose interval holds its threshold makes the verdict borderline."""
+    _, checks = hand_checks(V_ILLUSORY)
+    dormant = illusion.dormant_check(est(2.2, 1.8, 2.6), NO_REFS, TH)
+    assert dormant.warning and dormant.borderline
+    assert illusion.warning_word(dormant) == "yes, borderline"
+    c = by_name(checks) | {"dormant_row_part": dormant}
+    c["off_distribution"] = illusion.off_distribution_check(0.2, 0.0, NO_REFS, TH)
+    v = illusion.verdict(list(c.values()))
+    assert v.label == "borderline: caution or likely illusory"
+    firm = illusion.dormant_check(est(3.0, 2.6, 3.4), NO_REFS, TH)
+    assert illusion.verdict(list((c | {"dormant_row_part": firm}).values())).label == (
+        illusion.LIKELY_ILLUSORY
+    )
 
 
 def test_thresholds_on_the_paper_numbers():
     """GPT-2 MLP8 (Table 1): v_MLP 0.467, full −0.08, row part 0.135, null part 0, ‖null‖ 0.657."""
-    assert illusion.component_check(0.467, -0.08).warning
-    assert illusion.nullspace_check(0.467, 0.135, 0.0, 0.657**2).warning
-    assert not illusion.component_check(1.407, 1.236).warning  # v_resid vs full resid_post8
-    assert not illusion.nullspace_check(0.467, 0.40, 0.0, 0.5).warning  # additive: row explains it
-    assert not illusion.component_check(0.1, -0.5).warning  # no effect to explain
-    assert illusion.random_mlp_check(0.5, 0.467).warning
-    assert not illusion.random_mlp_check(0.05, 0.467).warning
-    assert illusion.dormant_check(2.0).warning and not illusion.dormant_check(1.2).warning
+    assert illusion.component_check(0.467, -0.08, TH).warning
+    assert illusion.nullspace_check(0.467, 0.135, 0.0, 0.657**2, NO_REFS, TH).warning
+    assert not illusion.component_check(1.407, 1.236, TH).warning  # v_resid vs full resid_post8
+    assert not illusion.nullspace_check(0.467, 0.40, 0.0, 0.5, NO_REFS, TH).warning  # additive
+    assert not illusion.nullspace_check(0.467, 0.1, 0.0, 0.05, NO_REFS, TH).warning  # no null part
+    assert illusion.random_mlp_check(0.5, 0.467, NO_REFS, TH).warning
+    assert not illusion.random_mlp_check(0.05, 0.467, NO_REFS, TH).warning
+    assert illusion.dormant_check(2.0, NO_REFS, TH).warning
+    assert not illusion.dormant_check(1.2, NO_REFS, TH).warning
+
+
+def test_generalisation_check():
+    assert illusion.generalisation_check(0.6, 0.2, TH).warning
+    assert not illusion.generalisation_check(0.6, 0.5, TH).warning
+    held = {"test": 0.55, "new templates": 0.25, "new names": 0.5}
+    check = illusion.generalisation_check(0.6, held, TH)
+    assert check.warning and check.value == pytest.approx(0.25 / 0.6)
+    assert "lowest: new templates" in check.detail
+    assert not illusion.generalisation_check(0.6, {**held, "new templates": 0.4}, TH).warning
+    alone = [illusion.effect_check(0.6, NO_REFS, TH), check]
+    assert illusion.verdict(alone).label == illusion.CAUTION  # never likely illusory on its own
+
+
+def test_effect_gate_from_random_directions():
+    refs = Refs(random_dirs=Reference("r", tuple(0.3 + 0.01 * i for i in range(10))))
+    e = illusion.effect_check(0.25, refs, TH)
+    assert e.threshold == pytest.approx(refs.random_dirs.quantile(0.99))
+    assert illusion.gate_of([e]).ok is False
+    assert illusion.gate_of([illusion.effect_check(0.25, NO_REFS, TH)]).ok  # min_effect 0.2 alone
 
 
 def test_verdict_table_words():
-    checks = [
-        illusion.component_check(0.467, -0.08),
-        illusion.nullspace_check(0.467, 0.4, 0.0, 0.5),
-        illusion.not_applicable("dormant_row_part", "why"),
-        illusion.Check("alignment", 0.5, 0.1, None, "information only"),
-    ]
+    _, checks = hand_checks(V_ILLUSORY)
+    checks = [*checks, illusion.not_applicable("alignment", "why")]
     table = illusion.verdict_table(checks)
-    assert list(table.warning) == ["yes", "no", "n.a.", "info", "caution"]
-    assert table.loc["verdict", "value"] == 1.0
-    assert list(table.columns) == [
-        "value", "threshold", "margin", "spread", "reference", "percentile", "z", "warning",
-        "meaning",
-    ]  # fmt: skip
-    assert table.loc["component_vs_subspace", "margin"] == pytest.approx(0.3135)
+    assert table.loc["effect", "warning"] == "info"
+    assert table.loc["alignment", "warning"] == "n.a."
+    assert table.loc["nullspace_bridging", "scope"] == "direction"
+    assert table.loc["component_vs_subspace", "scope"] == "site"
+    assert table.loc["verdict", "warning"] == illusion.LIKELY_ILLUSORY
 
 
 @pytest.fixture(scope="module")
 def directions(tmp_path_factory) -> dict[str, str]:
     """A tiny 1-D DAS direction at mlp_post L1 and a mean-difference one at resid_post L1."""
     out = tmp_path_factory.mktemp("directions")
-    run(compose(["experiment=ioi_mlp8_das", *FAST, "method.epochs=2"]), out / "mlp")
-    run(compose(["experiment=ioi_mean_diff", *FAST]), out / "resid")
+    run(compose(["experiment=ioi_mlp8_das", *FAST[:4], "method.epochs=2"]), out / "mlp")
+    run(compose(["experiment=ioi_mean_diff", *FAST[:4]]), out / "resid")
     return {k: str(out / k / C.DIRECTION) for k in ("mlp", "resid")}
 
 
+CHECK_FAST = [
+    "method.epochs=2",
+    "extra.n_random=200",
+    "extra.random_mlp_seeds=2",
+    "extra.n_random_directions=8",
+    "extra.n_natural=3",
+]
+
+
 def test_illusion_check_end_to_end_mlp(directions, tmp_path):
-    overrides = [f"direction={directions['mlp']}", f"extra.resid_direction={directions['resid']}",
-                 "method.epochs=2", "extra.random_mlp_epochs=1", "extra.n_random=200",
-                 "extra.random_mlp_seeds=2", "extra.n_random_directions=8", "extra.n_natural=3"]  # fmt: skip
-    df = run(compose(["experiment=illusion_check", *FAST, *overrides]), tmp_path)
-    assert {"das", "full", "row_proj", "null_proj", "random_mlp", "verdict"} <= set(df.intervention)
-    for name in (C.METRICS, C.VERDICT, C.SUMMARY, PLOT, "history_random_mlp_seed0.csv"):
+    overrides = [f"direction={directions['mlp']}", f"extra.resid_direction={directions['resid']}"]
+    df = run(compose(["experiment=illusion_check", *FAST, *CHECK_FAST, *overrides]), tmp_path)
+    assert {"das", "full", "row_proj", "null_proj", "verdict"} <= set(df.intervention)
+    for name in (C.METRICS, C.VERDICT, C.SUMMARY, PLOT, "history_random_mlp_seed1.csv"):
         assert (tmp_path / name).exists(), name
     saved = pd.read_csv(tmp_path / C.METRICS)
     checks = saved[saved.metric == "check_value"].set_index("intervention").value
     assert set(checks.index) == set(illusion.CHECKS) and checks.notna().all()
-    for metric in ("margin", "percentile", "z", "borderline"):
+    for metric in ("margin_low", "margin_high", "value_low", "percentile", "borderline"):
         assert metric in set(saved.metric), metric
     text = (tmp_path / C.VERDICT).read_text()
     assert all(name in text for name in illusion.CHECKS)
@@ -146,12 +271,7 @@ def test_illusion_check_end_to_end_mlp(directions, tmp_path):
     assert list(table.index) == [*illusion.CHECKS, "verdict"]
     assert table.loc["alignment", "warning"] == "info"
     word = table.loc["verdict", "warning"]
-    if table.loc["effect", "value"] < table.loc["effect", "threshold"]:  # below the gate
-        assert word.startswith(illusion.NO_EFFECT) and "likely illusory" not in word, word
-    else:
-        assert word in (*illusion.VERDICTS.values(), "likely illusory") or word.startswith(
-            "borderline"
-        )
+    assert word.split(" (")[0] in illusion.LABELS or word.startswith("borderline")
 
 
 def test_illusion_check_residual_site(directions, tmp_path):
@@ -161,8 +281,14 @@ def test_illusion_check_residual_site(directions, tmp_path):
     from mlpim.experiments.illusion_check import summarize
 
     table = summarize(df)
-    assert table.loc["component_vs_subspace", "warning"] in ("yes", "no")
-    mlp_only = ["nullspace_bridging", "dormant_row_part", "alignment", "random_mlp"]
+    assert table.loc["component_vs_subspace", "warning"].split(",")[0] in ("yes", "no")
+    mlp_only = [
+        "nullspace_bridging",
+        "dormant_row_part",
+        "off_distribution",
+        "alignment",
+        "random_mlp",
+    ]
     assert (table.loc[mlp_only, "warning"] == "n.a.").all()
     assert table.loc["effect", "warning"] == "info"
     assert table.loc["generalisation", "warning"].split(",")[0] in ("yes", "no")
@@ -180,6 +306,5 @@ def test_illusion_check_refuses_bad_directions(directions, tmp_path):
     with pytest.raises(ConfigError, match="2-D"):
         run(compose(["experiment=illusion_check", *FAST, f"direction={two}"]), tmp_path / "k")
     with pytest.raises(ConfigError, match="resid"):  # an MLP direction as the reference
-        overrides = [f"direction={directions['mlp']}",
-                     f"extra.resid_direction={directions['mlp']}"]  # fmt: skip
+        overrides = [f"direction={directions['mlp']}", f"extra.resid_direction={directions['mlp']}"]
         run(compose(["experiment=illusion_check", *FAST, *overrides]), tmp_path / "r")

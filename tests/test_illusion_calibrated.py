@@ -1,26 +1,50 @@
-"""The calibrated illusion_check: references on the tiny model, borderline verdicts, the planted
-recipe's properties, and illusion_benchmark end to end (tiny model; a reduced run on SmolLM2)."""
+"""The measured instrument: bootstrap intervals, the off-distribution measure, the references and
+their cache, the planted constructions (minimum-variance preimage, rank-1 real edit), and
+illusion_benchmark end to end (tiny model; a reduced run on SmolLM2)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from mlpim.analysis import illusion, planted
+from mlpim.analysis import benchmark as B
+from mlpim.analysis import divergence, illusion, planted
+from mlpim.analysis import illusion_site as S
+from mlpim.analysis import measure as M
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis import references as R
+from mlpim.analysis.editing import edited_w_out
+from mlpim.analysis.stats import auc, emd_1d, fldd_est, mean_est, resample
 from mlpim.config import compose
-from mlpim.experiments.common import paper_splits
-from mlpim.experiments.illusion_benchmark import CASES, PLOT
+from mlpim.engine.interventions import prepare
+from mlpim.engine.models import hook_name
+from mlpim.engine.patching import full, logits_end, subspace
+from mlpim.experiments.common import das_settings, paper_splits
+from mlpim.experiments.illusion_benchmark import CASES, PLOTS
 from mlpim.run import run
+from mlpim.tasks import task_splits
+from mlpim.tasks.batch import PairBatch
 
 torch.set_num_threads(1)
 FAST = ["model=tiny", "device=cpu", "dataset.n_train_pairs=40", "dataset.n_test_pairs=20"]
-BENCH = ["experiment=illusion_benchmark", "extra.bench_angles=[30,60]", "extra.random_mlp_epochs=1",
-         "extra.n_random_directions=4", "extra.n_natural=2", "extra.dormant_dims=16"]  # fmt: skip
+BENCH = [
+    "experiment=illusion_benchmark",
+    "extra.bench_angles=[30,60]",
+    "extra.random_mlp_epochs=1",
+    "extra.random_mlp_seeds=2",
+    "extra.n_random_directions=4",
+    "extra.n_natural=2",
+    "extra.n_natural_prompts=200",
+    "extra.edit_strengths=[1.0]",
+    "extra.reference_cache=null",
+    "method.epochs=2",
+]
+TH = illusion.Thresholds.from_mapping(compose([]).check)
 
 
 def test_reference_statistics():
@@ -31,110 +55,219 @@ def test_reference_statistics():
     assert math.isnan(R.Reference("empty").spread) and math.isnan(R.Reference("e").percentile(1))
 
 
-def test_borderline_verdict():
-    """The same values give a firm verdict without a reference and a borderline one when the
-    margin is below the reference's spread."""
-    firm = [illusion.dormant_check(2.16), illusion.component_check(0.467, -0.08)]
-    assert illusion.verdict(firm) == (2, "likely illusory")
-    wide = R.Reference("natural", (0.5, 1.0, 1.5))  # spread 0.5 > margin 0.16
-    refs = R.Refs(natural_dormant=wide)
-    close = [illusion.dormant_check(2.16, refs), illusion.component_check(0.467, -0.08, refs)]
-    assert close[0].borderline and not close[1].borderline
-    assert illusion.verdict(close) == (2, "borderline: caution or likely illusory")
-    assert illusion.warning_word(close[0]) == "yes, borderline"
-    far = [illusion.dormant_check(5.0, refs), close[1]]
-    assert illusion.verdict(far) == (2, "likely illusory")
+def test_bootstrap_intervals_cover_a_known_mean():
+    """95% intervals of an FLDD (clean LD 1, patched LD ~ N(0.3, 1)) cover the true 0.7 in about
+    95% of 300 simulated pair sets of 60; and of a mean over 5 seeds, with the coverage a
+    percentile bootstrap of 5 values has (it is known to undercover)."""
+    rng = np.random.default_rng(0)
+    idx = resample(60, 1000, 1)
+    hits = 0
+    for _ in range(300):
+        ld = torch.from_numpy(rng.normal(0.3, 1.0, 60))
+        lo, hi = fldd_est(ld, torch.ones(60, dtype=torch.float64), idx).ci(0.95)
+        hits += lo <= 0.7 <= hi
+    assert 0.90 <= hits / 300 <= 0.99
+    few = sum(
+        lo <= 0.0 <= hi
+        for lo, hi in (mean_est(rng.normal(0, 1, 5), 1000, s).ci(0.95) for s in range(200))
+    )
+    assert 0.7 <= few / 200 <= 0.99
 
 
-def test_effect_gate_from_random_directions():
-    refs = R.Refs(random_dirs=R.Reference("r", tuple(0.3 + 0.01 * i for i in range(10))))
-    gate = illusion.effect_gate(0.25, refs)
-    assert not gate.ok and gate.threshold == pytest.approx(refs.random_dirs.quantile(0.99))
-    assert not illusion.component_check(0.25, -0.1, refs).warning  # FLDD(v) ≤ random dirs
-    assert illusion.component_check(0.25, -0.1).warning  # fixed constant 0.2 alone
+def test_off_distribution_in_and_out():
+    """A patch that puts in real prompts' activations is in distribution (≈ 0 sd); one that
+    drives the read-out 5 sd beyond anything natural is out (≈ 5 sd)."""
+    rng = np.random.default_rng(0)
+    natural = torch.from_numpy(rng.normal(0, 1, (2000, 3)))
+    w_out = torch.eye(3, dtype=torch.float64)
+    base = torch.from_numpy(rng.normal(0, 1, (200, 3)))
+    source = torch.from_numpy(rng.normal(0, 1, (200, 3)))
+    idx = resample(200, 300, 0)
+    e0 = torch.tensor([1.0, 0, 0], dtype=torch.float64)
+    inside, full_off = divergence.off_distribution(base, source, e0, w_out, natural, idx)
+    assert inside.value < 0.2 and full_off < 0.2
+    pushed = source + 5.0 * e0  # the source prompts, shifted along e0: 5 sd off
+    out, _ = divergence.off_distribution(base, pushed, e0, w_out, natural, idx)
+    assert out.value == pytest.approx(5.0, abs=0.3) and out.ci(0.95)[0] > 4.0
+    along_null = torch.tensor([1.0, 0, 0], dtype=torch.float64)
+    w_null = torch.tensor([[0.0, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.float64)
+    harmless, _ = divergence.off_distribution(base, pushed, along_null, w_null, natural, idx)
+    assert harmless.value == 0.0  # moved only where W_out never reads: not measured
+    assert emd_1d(np.zeros(10), np.ones(7)) == pytest.approx(1.0)
 
 
-def test_generalisation_check():
-    assert illusion.generalisation_check(0.6, 0.2).warning
-    assert not illusion.generalisation_check(0.6, 0.5).warning
-    assert not illusion.generalisation_check(0.1, 0.0).warning  # no train effect to generalise
-    # held-out sets apart: one set below half the train effect is enough, and it is named
-    held = {"test": 0.55, "new templates": 0.25, "new names": 0.5}
-    check = illusion.generalisation_check(0.6, held)
-    assert check.warning and check.value == pytest.approx(0.25 / 0.6)
-    assert "lowest: new templates" in check.detail
-    assert not illusion.generalisation_check(0.6, {**held, "new templates": 0.4}).warning
+def test_min_variance_preimage():
+    """W_outᵀd = t within 1e-5, and its natural variance is not above the min-norm preimage's."""
+    gen = torch.Generator().manual_seed(0)
+    m, d = 96, 24
+    w_out = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    mix = torch.randn(m, m, generator=gen, dtype=torch.float64) * torch.linspace(0.01, 3, m)
+    natural = torch.randn(400, m, generator=gen, dtype=torch.float64) @ mix
+    target = torch.randn(d, generator=gen, dtype=torch.float64)
+    cov = planted.covariance(natural, 1.0)
+    dmv = planted.min_variance_preimage(w_out, cov, target)
+    dmn = planted.min_norm_preimage(w_out, target)
+    torch.testing.assert_close(dmv @ w_out, target, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dmn @ w_out, target, atol=1e-5, rtol=0)
+    assert dmv @ cov @ dmv <= dmn @ cov @ dmn + 1e-9
+    x = natural - natural.mean(0)
+    assert (x @ dmv).var() < (x @ dmn).var()
+    _, pct = planted.variance_percentile(natural, dmv, w_out, 200, 0)
+    assert pct < 50
+
+
+def test_auc():
+    assert auc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert auc(np.array([0.0]), np.array([0.0])) == 0.5
 
 
 @pytest.fixture(scope="module")
 def tiny_site(tiny_gpt2):
     cfg = compose([*FAST])
-    return tiny_gpt2, paper_splits(cfg, tiny_gpt2, "mlp_post", 1)
+    return tiny_gpt2, paper_splits(cfg, tiny_gpt2, "mlp_post", 1, held_out=True)
 
 
-def test_references_on_tiny_model(tiny_site):
+def test_references_and_their_cache(tiny_site):
+    """The site's references on the tiny model; the random-MLP reference is read back from the
+    store for the same pairs (no training), and a different seed set is a different key."""
     model, splits = tiny_site
-    opts = R.RefOptions(n_random=5, n_natural=3, random_mlp_seeds=0)
-    refs = R.site_references(model, splits, "mlp_post", 1, opts, 1.5)
-    assert len(refs.random_dirs.values) == 5 and len(refs.natural_dormant.values) == 3
-    assert all(abs(f) < 0.5 for f in refs.random_dirs.values)  # random directions do ~nothing
-    # real prompts move along natural directions: a finite, non-zero dormant ratio
-    assert all(0 < r < math.inf for r in refs.natural_dormant.values)
-    assert math.isfinite(refs.fldd_spread) and len(refs.natural_bridging.values) == 3
-    base, source = planted.acts(splits["train"])
-    nat = R.natural_directions(base, source, 3)
-    torch.testing.assert_close(nat @ nat.T, torch.eye(3, dtype=nat.dtype), atol=1e-8, rtol=0)
+    store = _DictStore()
+    opts = S.CheckOptions(n_random_directions=5, n_natural=3, random_mlp_seeds=2, seed=0)
+    method = das_settings(compose([*FAST, "method.epochs=1"]), dim=1)
+    natural = torch.cat(M.acts(splits["train"]))
+    site, hist = S.check_site(model, splits, "mlp_post", 1, TH, opts, natural, method, store)
+    assert len(site.refs.random_dirs.values) == 5 and len(site.refs.natural_dormant.values) == 3
+    assert all(abs(f) < 0.5 for f in site.refs.random_dirs.values)  # random directions: ~nothing
+    assert all(0 < r < math.inf for r in site.refs.natural_dormant.values)
+    assert len(hist) == 2 and len(store.data) == 1 and site.random_mlp is not None
+    again, hist2 = S.check_site(model, splits, "mlp_post", 1, TH, opts, natural, method, store)
+    assert hist2 == {} and again.refs.random_mlp.values == site.refs.random_mlp.values
+    other = R.reference_key(model, splits, 1, method, range(1, 3))
+    assert other not in store.data
 
 
-def test_planted_recipe(tiny_site):
-    model, splits = tiny_site
-    w_out = ns.mlp_w_out(model, 1)
-    dh = planted.pattern_mean_diff(splits["train"])
-    irr = planted.irrelevant_direction(w_out, dh)
-    assert (irr @ w_out).abs().max() < 1e-5 and irr.norm() == pytest.approx(1.0, abs=1e-6)
-    target = torch.randn(w_out.shape[1], generator=torch.Generator().manual_seed(0))
-    hidden = torch.cat(planted.acts(splits["train"]))
-    exact = planted.dormant_direction(w_out, hidden, target)
-    q, e64 = ns.row_space_basis(w_out), exact.double()  # the basis is float64
-    torch.testing.assert_close(q @ (q.T @ e64), e64, atol=1e-5, rtol=0)  # in the row space
-    assert ns.cosine(exact @ w_out, target) == pytest.approx(1.0, abs=1e-5)  # maps onto target
-    low = planted.dormant_direction(w_out, hidden, target, dims=8)
-    torch.testing.assert_close(q @ (q.T @ low.double()), low.double(), atol=1e-5, rtol=0)
-    assert ns.cosine(low @ w_out, target) > 0
-    var = lambda d: (hidden @ d).var().item()  # noqa: E731
-    assert var(low) < var(exact)  # least natural variation
-    torch.testing.assert_close(planted.oriented(-exact, exact), exact)  # a DAS sign is arbitrary
-    assert planted.oriented(exact, exact) is exact
-    v = planted.mix(irr, exact, 30.0)
-    proj, null = ns.split(v, w_out)
-    assert null.norm().item() == pytest.approx(math.cos(math.radians(30)), abs=1e-4)
+class _DictStore:
+    def __init__(self):
+        self.data = {}
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def put(self, key, value):
+        self.data[key] = value
+
+
+def end_token_pairs(model, pb: PairBatch) -> PairBatch:
+    """Pairs whose prompts differ only in the END token (the source ends in the IO name): the
+    variable is present at END even in a random model. Answer: the base prompt's top token;
+    other: its bottom token (a clean LD well above 0)."""
+    b = pb.base
+    with torch.no_grad():
+        logits = logits_end(model, b)
+    ans, other = logits.argmax(-1), logits.argmin(-1)
+    tokens = b.tokens.clone()
+    tokens[:, -1] = b.answer
+    base = dataclasses.replace(b, answer=ans, other=other)
+    return PairBatch(base, dataclasses.replace(base, tokens=tokens), other)
+
+
+def ld_gradient(model, pairs: list[PairBatch], layer: int) -> torch.Tensor:
+    """Mean over the base prompts of ∂LD/∂resid_post[END] at `layer`."""
+    grads = []
+    for pb in pairs:
+        b = pb.base
+        delta = torch.zeros(len(b), model.cfg.d_model, requires_grad=True)
+        hook = (hook_name("resid_post", layer), _adder(delta))
+        with torch.enable_grad():
+            logits = model.run_with_hooks(b.tokens, attention_mask=b.mask, fwd_hooks=[hook])
+            end = logits[:, -1]
+            ld = end.gather(1, b.answer[:, None]) - end.gather(1, b.other[:, None])
+            grads.append(torch.autograd.grad(ld.sum(), delta)[0])
+    return torch.cat(grads).mean(0)
+
+
+def _adder(delta: torch.Tensor):
+    def add(act, hook=None):
+        act = act.clone()
+        act[:, -1] = act[:, -1] + delta
+        return act
+
+    return add
+
+
+def test_planted_real_edit_carries_the_effect(tiny_gpt2):
+    """The rank-1 edit makes the MLP write the variable along a residual direction the answer
+    reads: in the edited model patching u moves the answer, and so does the whole-MLP patch
+    (the construction's own check); before the edit neither does."""
+    model = tiny_gpt2
+    cfg = compose([*FAST, "dataset.n_test_pairs=40"])
+    pairs = [
+        end_token_pairs(model, pb) for pb in task_splits(model.tokenizer, cfg.dataset, 0)["test"]
+    ]
+    prepared = prepare(model, pairs, "mlp_post", 1, "auto")
+    base, source = M.acts(prepared)
+    u = planted.centred((source - base).mean(0), torch.cat([base, source]).mean(0))
+    natural = torch.cat([base, source]).double() @ u.double()
+    assert abs(natural.mean().item()) < 1e-4  # centred: it reads 0 on average
+    moved = ((source - base).double() @ u.double()).mean().item()
+    target = ld_gradient(model, pairs, 1)
+    clean = torch.cat([p.clean_ld for p in prepared]).mean().item()
+    alpha = -clean / (moved * target.norm().item())  # first order: the patch undoes the clean LD
+    w_before, idx = ns.mlp_w_out(model, 1).clone(), resample(40, 200, 0)
+    fldd = lambda prep, setter: M.pair_lds(model, prep, setter).fldd(idx).value  # noqa: E731
+    with edited_w_out(model, 1, planted.edit_delta(u, target, alpha)):
+        edited = prepare(model, pairs, "mlp_post", 1, "auto")
+        f_u, f_full = fldd(edited, subspace(u[:, None])), fldd(edited, full)
+        assert ns.cosine(u @ ns.mlp_w_out(model, 1), -target) > 0.9  # u now writes the target
+    assert f_u > 0.5 and f_full >= 0.5 * f_u  # the whole MLP carries the effect: u is its mechanism
+    assert abs(fldd(prepared, subspace(u[:, None]))) < 0.1  # the unedited MLP: nothing
+    torch.testing.assert_close(ns.mlp_w_out(model, 1), w_before, atol=0, rtol=0)  # restored
 
 
 def test_benchmark_end_to_end(tmp_path):
     df = run(compose([*BENCH, *FAST, "extra.bench_layer_offsets=[0]"]), tmp_path)
     cases = pd.read_csv(tmp_path / CASES)
-    assert {"illusory 30°", "illusory 60°", "real mean diff", "real row part",
-            "real resid mean diff", "real v_resid (DAS)", "toy e1",
-            "toy k=4 illusory"} <= set(cases.case)  # fmt: skip
+    assert {
+        "illusory 30°",
+        "illusory 60°",
+        "real mean diff",
+        "real row part",
+        "real edit (mean_diff, ×1)",
+        "real edit (top_natural, ×1)",
+        "real resid mean diff",
+        "real v_resid (DAS)",
+        "toy e1",
+        "toy k=4 illusory",
+    } <= set(cases.case)
     assert set(cases.truth) == {"illusory", "real"} and cases.verdict.notna().all()
+    assert set(cases.verdict) <= set(B.VERDICT_ORDER)
+    ill = cases[cases.truth == "illusory"].dropna(subset=["dormant_var_pct"])
+    assert (ill.dormant_var_pct < 50).all() and (ill.irrelevant_sep > 0).all()
     text = (tmp_path / "summary.md").read_text()
-    assert "Confusion matrix" in text and "Misses" in text and (tmp_path / PLOT).exists()
-    assert {"n_warnings", "miss"} <= set(df.metric)
-    das = df[(df.intervention == "das") & (df.metric == "fldd")]  # check 6's sets, apart
+    assert "Confusion matrix" in text and "Misses" in text and "AUC" in text
+    assert all((tmp_path / p).exists() for p in PLOTS)
+    assert (tmp_path / "v_resid_post_L1.pt").exists()
+    assert {"score", "miss", "fldd_low"} <= set(df.metric)
+    das = df[(df.intervention == "das") & (df.metric == "fldd")]  # the held-out sets, apart
     assert {"train (changing)", "new templates", "new names"} <= set(das.split)
 
 
 @pytest.mark.slow
 def test_benchmark_smollm2_reduced(smollm2, tmp_path):
-    """One layer, two angles, small references on SmolLM2: runs and writes the matrix."""
+    """One layer, one angle, one edit, small references on SmolLM2: runs and writes the matrix."""
     overrides = [
         "extra.bench_layer_offsets=[0]",
         "extra.bench_toy=false",
         "device=cpu",
         "dataset.n_train_pairs=40",
         "dataset.n_test_pairs=20",
+        "extra.bench_angles=[45]",
+        "extra.bench_edits=[mean_diff]",
         "extra.random_mlp_seeds=1",
+        "method.epochs=5",
     ]
     run(compose([*BENCH, *overrides]), tmp_path)
     cases = pd.read_csv(tmp_path / CASES)
     assert len(cases) == 6 and set(cases.layer) == {20}
+    edit = cases[cases.case == "real edit (mean_diff, ×1)"].iloc[0]
+    assert edit.construction_ok and edit.label != illusion.LIKELY_ILLUSORY

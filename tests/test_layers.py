@@ -24,13 +24,7 @@ BASE = {"mlpim", "mlpim.errors", "mlpim.constants", "mlpim.files", "mlpim.lock"}
 SHARED_BATCH = "mlpim.tasks.batch"  # the batch types engine and tasks both use
 SHARED_EXPERIMENT_MODULES = {"mlpim.experiments", "mlpim.experiments.common"}
 SHARED_EXPERIMENT_MODULES |= {"mlpim.experiments.options"}
-# TEMPORARY (issue 19): imports of files that other helpers own until they merge; the lead
-# converts these files at the merge and then empties this list.
-PENDING = {
-    ("mlpim/analysis/directions.py", "mlpim.experiments.common"),  # shim for 2 runners
-    ("mlpim/analysis/planted.py", "mlpim.report.io"),  # io.metric_rows: analysis.rows
-    ("mlpim/analysis/controls.py", "mlpim.files"),  # random_mlp_rows for references.py
-}
+PENDING: set[tuple[str, str]] = set()  # imports allowed for now: none
 
 
 def layer(module: str) -> str:

@@ -64,6 +64,19 @@ def test_gradient_matches_finite_difference(tiny_gpt2):
     torch.testing.assert_close((grad * u).sum(1).double(), fd, atol=2e-3, rtol=2e-2)
 
 
+def test_gradient_signed_by_name_order(tiny_gpt2):
+    """The reference gradient is first name minus second name: IO − S1 on ABB, S1 − IO on BAB."""
+    from mlpim.experiments.ioi_alignment import signed_gradients
+
+    cfg = compose(["model=tiny"]).dataset
+    batch = make_prompts(tiny_gpt2.tokenizer, cfg, "train", ("ABB", "BAB"), 8, 0)[0]
+    heads = [(2, 0), (2, 3)]
+    grads, signs = signed_gradients(tiny_gpt2, [batch], 1, heads)
+    assert signs.tolist() == [1.0 if p == "ABB" else -1.0 for p in batch.pattern]
+    raw = name_mover_gradients(tiny_gpt2, batch, 1, heads)
+    torch.testing.assert_close(grads, raw * signs[:, None])
+
+
 def test_ioi_nullspace_end_to_end(tmp_path):
     df = run(compose(["experiment=ioi_nullspace", *FAST, "extra.n_hist_prompts=40"]), tmp_path)
     got = df.pivot_table(index=["intervention", "split"], columns="metric", values="value")
@@ -90,6 +103,7 @@ def test_ioi_alignment_end_to_end(tmp_path):
         assert 0 <= wide.loc[pair, "cosine"] <= 1
     assert 0 < wide.loc["random_vs_das_resid", "random_cosine_mean"] < 1
     assert (df.metric == "head_fldd").sum() == 3  # no listed name movers: top heads by |FLDD|
+    assert -1 <= wide.loc["grad_abb_vs_bab", "cosine"] <= 1
     assert (tmp_path / "alignment.png").exists()
     assert isinstance(pd.read_csv(tmp_path / "metrics.csv"), pd.DataFrame)
 
@@ -105,4 +119,4 @@ def test_alignment_reuses_saved_directions(tmp_path):
     overrides = [f"direction={resid}", "extra.n_random=100", "extra.n_grad_prompts=20"]
     df = run(compose(["experiment=ioi_alignment", *FAST, *overrides]), tmp_path / "c")
     assert not (tmp_path / "c" / "das_mlp_post").exists()  # loaded, not trained
-    assert (df.metric == "cosine").sum() == 3
+    assert (df.metric == "cosine").sum() == 4  # three pairs and the ABB-vs-BAB agreement

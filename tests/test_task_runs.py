@@ -79,6 +79,7 @@ def test_illusion_check_on_a_jsonl_task(task, tmp_path):
     checks = [
         "extra.random_mlp_seeds=1",
         "extra.random_mlp_epochs=1",
+        "extra.reference_cache=null",
         "extra.n_random_directions=4",
         "extra.n_natural=2",
         "extra.n_random=50",

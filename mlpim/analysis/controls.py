@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -38,7 +37,6 @@ from mlpim.engine.models import hook_name
 from mlpim.engine.patching import full, site_acts, subspace, work_dtype
 from mlpim.engine.subspace import RotatedSubspace, check_model, load_subspace
 from mlpim.errors import ConfigError, MlpimError
-from mlpim.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -217,17 +215,6 @@ def random_mlp_run(
 def random_mlp_history_name(seed: int) -> str:
     """The file name of one random MLP's DAS history in the run directory."""
     return f"history_random_mlp_seed{seed}.csv"
-
-
-def random_mlp_rows(cfg, model, aug, layer: int, seed: int, run_dir: Path) -> list[dict]:
-    """TEMPORARY (issue 19): `random_mlp_run` that also writes the history into `run_dir`, for
-    `analysis/references.py` until its merge (then its caller writes; this is deleted)."""
-    m = cfg.method
-    method = DasSettings(dim=m.dim, lr=m.lr, lr_end_factor=m.lr_end_factor, epochs=m.epochs)
-    rows, history = random_mlp_run(model, aug, layer, seed, method)
-    path = Path(run_dir) / random_mlp_history_name(seed)
-    atomic_write(path, lambda p: history.to_csv(p, index=False))
-    return rows
 
 
 def intervention_bases(v: Tensor, proj: Tensor, null: Tensor) -> dict[str, Tensor]:

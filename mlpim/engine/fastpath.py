@@ -98,12 +98,15 @@ def state_from_cache(model, cache, kind: str, layer: int, mask: Tensor) -> EndSt
         return x.permute(*order).contiguous()
 
     return EndState(
-        kind, layer,
-        cache[hook_name("resid_pre", layer)][:, -1], cache[hook_name("resid_mid", layer)][:, -1],
+        kind,
+        layer,
+        cache[hook_name("resid_pre", layer)][:, -1],
+        cache[hook_name("resid_mid", layer)][:, -1],
         {i: prefix(f"blocks.{i}.attn.{k_hook}", 0, 2, 3, 1) for i in blocks},
         {i: prefix(f"blocks.{i}.attn.hook_v", 0, 2, 1, 3) for i in blocks},
-        rot, keep,
-    )  # fmt: skip
+        rot,
+        keep,
+    )
 
 
 def merge_states(parts: list[tuple[Tensor, EndState]], n: int, prefix: int) -> EndState:

@@ -18,9 +18,12 @@ CHUNK = 1024
 
 
 def _loss_and_grad(
-    h: Float[Tensor, "b d"], w_t: Float[Tensor, "vocab d"], bias: Float[Tensor, " vocab"],
-    labels: Int[Tensor, " b"], chunk: int,
-) -> tuple[Tensor, Float[Tensor, "b d"]]:  # fmt: skip
+    h: Float[Tensor, "b d"],
+    w_t: Float[Tensor, "vocab d"],
+    bias: Float[Tensor, " vocab"],
+    labels: Int[Tensor, " b"],
+    chunk: int,
+) -> tuple[Tensor, Float[Tensor, "b d"]]:
     b = h.shape[0]
     run_max = h.new_full((b, 1), -torch.inf)
     run_sum = h.new_zeros((b, 1))
@@ -54,9 +57,12 @@ class _UnembedCE(torch.autograd.Function):
 
 
 def unembed_ce(
-    h: Float[Tensor, "b d"], w_t: Float[Tensor, "vocab d"], bias: Float[Tensor, " vocab"],
-    labels: Int[Tensor, " b"], chunk: int = CHUNK,
-) -> Tensor:  # fmt: skip
+    h: Float[Tensor, "b d"],
+    w_t: Float[Tensor, "vocab d"],
+    bias: Float[Tensor, " vocab"],
+    labels: Int[Tensor, " b"],
+    chunk: int = CHUNK,
+) -> Tensor:
     """Mean cross-entropy of `h @ w_tᵀ + bias` against `labels`; differentiable in `h` only."""
     if w_t.requires_grad or bias.requires_grad:
         raise ValueError("unembed_ce treats the unembedding as frozen; detach its weights")

@@ -138,8 +138,9 @@ def prepare(
             "resid_mid cannot be patched: TransformerBridge's hook_resid_mid only feeds the MLP's input; patch resid_post of layer-1 or attn_out instead"
         )
     chosen = choose_engine(model, engine, batches, kind)
-    bar = tqdm(batches, desc=f"prepare {kind} L{layer} ({chosen})", leave=False,
-               disable=len(batches) < 4)  # fmt: skip
+    bar = tqdm(
+        batches, desc=f"prepare {kind} L{layer} ({chosen})", leave=False, disable=len(batches) < 4
+    )
     prepared = [prepare_sites(model, pb, [(kind, layer)], chosen)[(kind, layer)] for pb in bar]
     if prepared:
         guard(model, prepared[0])

@@ -113,9 +113,11 @@ def _load_model(cfg: ModelSpec, device: str, vocab: list[str] | None):
     from transformer_lens.model_bridge import TransformerBridge  # slow import: after the checks
 
     bridge = TransformerBridge.boot_transformers(
-        cfg.hf_name or hf_model.config.model_type, hf_model=hf_model, tokenizer=tokenizer,
+        cfg.hf_name or hf_model.config.model_type,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
         device=device,
-    )  # fmt: skip
+    )
     if cfg.compat:
         bridge.enable_compatibility_mode(
             disable_warnings=True,

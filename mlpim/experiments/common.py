@@ -18,7 +18,7 @@ from mlpim.engine.interventions import Prepared, prepare
 from mlpim.engine.metrics import MIN_CLEAN_LD
 from mlpim.engine.models import ModelSpec, load_model, resolve_device, site_width, validate_site
 from mlpim.engine.patching import logits_end
-from mlpim.engine.subspace import direction_meta, save_subspace
+from mlpim.engine.subspace import direction_meta, load_subspace, save_subspace
 from mlpim.errors import ConfigError
 from mlpim.report import io
 from mlpim.tasks import FILE_TASKS, IOI_ONLY, bos_id, pad_id, task_splits, task_vocabulary
@@ -212,3 +212,59 @@ def das_basis(
         save_as=run_dir / f"v_{kind}_L{layer}.pt",
         splits=splits,
     )
+
+
+NATURAL_PATTERNS = ("ABB", "BAB", "ABA", "BAA")
+
+
+def natural_site_acts(
+    cfg: DictConfig, model, kind: str, layers: list[int], n_prompts: int, splits=None
+) -> dict[int, Tensor]:
+    """{layer: END activations of `n_prompts` IOI prompts of all four patterns}; on another
+    task, the base and source activations of its train pairs."""
+    from mlpim.analysis.measure import natural_acts
+    from mlpim.tasks.ioi import make_prompts
+
+    if cfg.dataset.name != "ioi":
+        train = splits["train"]
+        return {layers[0]: torch.cat([p.base_act for p in train] + [p.source_act for p in train])}
+    seed = int(cfg.seed) + 7919  # not the pairs' draw
+    prompts = make_prompts(model.tokenizer, cfg.dataset, "train", NATURAL_PATTERNS, n_prompts, seed)
+    return natural_acts(model, prompts, kind, layers)
+
+
+def reference_store(path: str | None):
+    """The file-backed store of measured references at `path` (None: no cache)."""
+    from mlpim.report.io import JsonStore
+
+    return JsonStore(path) if path else None
+
+
+def saved_direction(
+    path: str,
+    model,
+    model_name: str,
+    kinds: tuple[str, ...] | None = None,
+    site: tuple[str | None, int | None] = (None, None),
+) -> tuple[str, int, Float[Tensor, " d"]]:
+    """(site, layer, unit v) of a saved 1-D subspace, checked against the model's widths."""
+    saved = load_subspace(path, *site)
+    kind, layer = saved.get("site"), saved.get("layer")
+    if kind is None or layer is None:
+        raise ConfigError(
+            f"{path} does not record the site and layer it was found at; "
+            "give them as direction_site=... direction_layer=..."
+        )
+    if kinds is not None and kind not in kinds:
+        raise ConfigError(f"{path} holds a {kind} subspace; expected one of {', '.join(kinds)}")
+    if saved.get("model", model_name) != model_name:
+        log.warning("%s was found on %s, checked on %s", path, saved["model"], model_name)
+    validate_site(model, kind, int(layer))
+    basis = loaded_basis(path, kind, int(layer), site_width(model, kind), model)
+    if basis.shape[1] != 1:
+        raise ConfigError(
+            f"{path} holds a {basis.shape[1]}-D subspace; illusion_check checks one direction "
+            "(save a single column with mlpim.engine.subspace.save_subspace)"
+        )
+    v = basis[:, 0].to(model.cfg.device)
+    return kind, int(layer), v / v.norm()

@@ -4,7 +4,10 @@ Cosines between v_mlp_out = v_MLP @ W_out (what the MLP writes when activated al
 estimates of v_true at the handover residual (resid_post): the DAS direction (`das_resid`) and the
 gradient of the name movers' attention score to IO minus to S1 (`grad_resid`). The baseline is
 r @ W_out for random unit hidden directions r. A DAS direction's sign is arbitrary, so every
-`cosine` and the random baseline are absolute values.
+`cosine` and the random baseline are absolute values. The gradient is signed per prompt (first
+name minus second name): the IO − S1 difference flips its position part between ABB and BAB, so
+an unsigned average over a balanced set would cancel; `grad_abb_vs_bab` reports how well the two
+patterns' signed gradients agree (cos of their means; signed, not absolute).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim.analysis import nullspace as ns
-from mlpim.analysis.directions import das_direction
 from mlpim.engine import metrics
 from mlpim.engine.interventions import patch_each
-from mlpim.engine.models import ConfigError, hook_name
-from mlpim.experiments.common import model_for, require_ioi
+from mlpim.engine.models import hook_name
+from mlpim.errors import ConfigError
+from mlpim.experiments.common import das_direction, model_for, require_ioi
+from mlpim.experiments.options import IoiAlignmentOptions, options
 from mlpim.report import io
 from mlpim.tasks.ioi import IOIBatch, make_pairs, make_prompts
 
@@ -73,32 +77,49 @@ def name_mover_gradients(
     return grad
 
 
-def gradient_direction(
+def signed_gradients(
     model, batches: list[IOIBatch], layer: int, heads: list[Head]
-) -> Float[Tensor, " d"]:
-    """The per-prompt gradients averaged over all prompts, normalised."""
-    g = torch.cat([name_mover_gradients(model, b, layer, heads) for b in batches]).mean(0)
+) -> tuple[Float[Tensor, "n d"], Float[Tensor, " n"]]:
+    """Per prompt, the first-name-minus-second-name score's gradient at END, and its sign."""
+    grads, signs = [], []
+    for b in batches:
+        sign = torch.where(b.io_pos < b.s1_pos, 1.0, -1.0).to(b.tokens.device)
+        grads.append(name_mover_gradients(model, b, layer, heads) * sign[:, None])
+        signs.append(sign)
+    return torch.cat(grads), torch.cat(signs)
+
+
+def gradient_direction(grads: Float[Tensor, "n d"]) -> Float[Tensor, " d"]:
+    """The signed per-prompt gradients averaged over all prompts, normalised."""
+    g = grads.mean(0)
     return g / g.norm()
 
 
-def head_fldd(model, cfg: DictConfig, layer: int) -> dict[Head, float]:
-    """FLDD of patching each head after `layer` (hook_z at END) on train ABB<->BAB pairs."""
-    n = cfg.extra.n_head_pairs
+def pattern_agreement(grads: Float[Tensor, "n d"], signs: Float[Tensor, " n"]) -> float:
+    """cos(mean signed gradient over IO-first prompts, over S1-first prompts)."""
+    return ns.cosine(grads[signs > 0].mean(0), grads[signs < 0].mean(0))
+
+
+def head_fldd(model, cfg: DictConfig, layer: int, n: int) -> dict[Head, float]:
+    """FLDD of patching each head after `layer` (hook_z at END) on `n` train ABB<->BAB pairs
+    per direction."""
     combos = [("ABB", "BAB"), ("BAB", "ABB")]
     batches = make_pairs(model.tokenizer, cfg.dataset, "train", combos, n, cfg.seed)
-    todo = [("z", lh, h) for lh in range(layer + 1, model.cfg.n_layers)
-            for h in range(model.cfg.n_heads)]  # fmt: skip
+    heads = range(model.cfg.n_heads)
+    todo = [("z", lh, h) for lh in range(layer + 1, model.cfg.n_layers) for h in heads]
     batches = [b.to(model.cfg.device) for b in batches]
     results, clean = patch_each(model, batches, todo, cfg.method.engine)
     return {(lh, h): metrics.fldd(ld, clean) for (_, lh, h), (ld, _) in results.items()}
 
 
-def name_movers(model, cfg: DictConfig, layer: int, top: int = 3) -> tuple[list[Head], dict]:
+def name_movers(
+    model, cfg: DictConfig, layer: int, n_pairs: int, top: int = 3
+) -> tuple[list[Head], dict]:
     """The configured name movers, else the `top` heads after `layer` by |FLDD| (and all FLDDs)."""
     listed = [tuple(int(x) for x in h) for h in cfg.model.landmarks.name_movers]
     if listed:
         return listed, {}
-    fldd = head_fldd(model, cfg, layer)
+    fldd = head_fldd(model, cfg, layer, n_pairs)
     chosen = sorted(fldd, key=lambda h: -abs(fldd[h]))[:top]
     log.info("no name movers in the config; top heads by |FLDD|: %s", chosen)
     return chosen, fldd
@@ -107,16 +128,26 @@ def name_movers(model, cfg: DictConfig, layer: int, top: int = 3) -> tuple[list[
 def cosine_rows(dirs: dict[str, Tensor], w_out: Tensor, n: int, seed: int) -> tuple[list, dict]:
     """|cos| of the three pairs and the random baseline per v_true (rows, random |cos| samples)."""
     pairs = [("v_mlp_out", "das_resid"), ("v_mlp_out", "grad_resid"), ("das_resid", "grad_resid")]
-    rows = [{"intervention": f"{a}_vs_{b}", "metric": "cosine",
-             "value": abs(ns.cosine(dirs[a], dirs[b]))} for a, b in pairs]  # fmt: skip
+    rows = [
+        {
+            "intervention": f"{a}_vs_{b}",
+            "metric": "cosine",
+            "value": abs(ns.cosine(dirs[a], dirs[b])),
+        }
+        for a, b in pairs
+    ]
     randoms = {}
     for target in ("das_resid", "grad_resid"):
         gen = torch.Generator().manual_seed(seed)
         randoms[target] = ns.random_output_cosines(w_out, dirs[target], n, gen).abs().cpu()
-        stats = {"random_cosine_mean": randoms[target].mean().item(),
-                 "random_cosine_q95": randoms[target].quantile(0.95).item()}  # fmt: skip
-        rows += [{"intervention": f"random_vs_{target}", "metric": m, "value": v}
-                 for m, v in stats.items()]  # fmt: skip
+        stats = {
+            "random_cosine_mean": randoms[target].mean().item(),
+            "random_cosine_q95": randoms[target].quantile(0.95).item(),
+        }
+        rows += [
+            {"intervention": f"random_vs_{target}", "metric": m, "value": v}
+            for m, v in stats.items()
+        ]
     return rows, randoms
 
 
@@ -125,7 +156,9 @@ def alignment_plot(rows: list[dict], randoms: dict[str, Tensor], run_dir: Path, 
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     for (target, cos), color in zip(randoms.items(), ("tab:blue", "tab:orange"), strict=True):
         ax.hist(cos, bins=40, alpha=0.5, color=color, label=f"random r: |cos(r W_out, {target})|")
-    measured = [r for r in rows if r["metric"] == "cosine"]
+    measured = [
+        r for r in rows if r["metric"] == "cosine" and r["intervention"] != "grad_abb_vs_bab"
+    ]
     for r, color in zip(measured, ("tab:blue", "tab:orange", "k"), strict=True):
         ax.axvline(r["value"], color=color, ls="--", label=f"{r['intervention']}: {r['value']:.3f}")
     ax.set(title=title, xlabel="|cosine|", ylabel="count", xlim=(0, 1))
@@ -134,26 +167,43 @@ def alignment_plot(rows: list[dict], randoms: dict[str, Tensor], run_dir: Path, 
 
 
 def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+    """The cosines of v_MLP's output, v_resid and the name movers' gradient; the metrics."""
     require_ioi(cfg)
+    opts = options(cfg, IoiAlignmentOptions)
     model = model_for(cfg)
     marks = cfg.model.landmarks
     mid, handover = int(marks.mlp_in_the_middle), int(marks.handover_layer)
     v_mlp = das_direction(cfg, model, "mlp_post", mid, cfg.direction, run_dir / "das_mlp_post")
-    resid_path = cfg.extra.resid_direction
+    resid_path = opts.resid_direction
     v_resid = das_direction(cfg, model, "resid_post", handover, resid_path, run_dir / "das_resid")
-    heads, fldd = name_movers(model, cfg, handover)
-    prompts = make_prompts(model.tokenizer, cfg.dataset, "train", ("ABB", "BAB"),
-                           cfg.extra.n_grad_prompts, cfg.seed)  # fmt: skip
-    grad = gradient_direction(model, [b.to(model.cfg.device) for b in prompts], handover, heads)
+    heads, fldd = name_movers(model, cfg, handover, opts.n_head_pairs)
+    patterns = ("ABB", "BAB")
+    prompts = make_prompts(
+        model.tokenizer, cfg.dataset, "train", patterns, opts.n_grad_prompts, cfg.seed
+    )
+    grads, signs = signed_gradients(
+        model, [b.to(model.cfg.device) for b in prompts], handover, heads
+    )
+    grad = gradient_direction(grads)
     w_out = ns.mlp_w_out(model, mid)
     dirs = {"v_mlp_out": ns.written(v_mlp, w_out), "das_resid": v_resid, "grad_resid": grad}
-    rows, randoms = cosine_rows(dirs, w_out, cfg.extra.n_random, cfg.seed)
-    rows += [{"intervention": f"head_L{lh}H{h}", "metric": "head_fldd", "value": v}
-             for (lh, h), v in fldd.items() if (lh, h) in heads]  # fmt: skip
+    rows, randoms = cosine_rows(dirs, w_out, opts.n_random, cfg.seed)
+    rows.append(
+        {
+            "intervention": "grad_abb_vs_bab",
+            "metric": "cosine",
+            "value": pattern_agreement(grads, signs),
+        }
+    )
+    rows += [
+        {"intervention": f"head_L{lh}H{h}", "metric": "head_fldd", "value": v}
+        for (lh, h), v in fldd.items()
+        if (lh, h) in heads
+    ]
     keys = {"site": "mlp_post", "layer": mid, "split": "train", "seed": cfg.seed}
     df = io.tidy([{**keys, **r} for r in rows], cfg)
-    alignment_plot(rows, randoms, run_dir,
-                   f"{cfg.model.name}: MLP{mid} output vs resid_post{handover}")  # fmt: skip
+    title = f"{cfg.model.name}: MLP{mid} output vs resid_post{handover}"
+    alignment_plot(rows, randoms, run_dir, title)
     io.write_text(summary_markdown(cfg, df, mid, handover, heads), run_dir, "summary.md")
     return df
 
@@ -164,8 +214,10 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_markdown(cfg, df: pd.DataFrame, mid: int, handover: int, heads: list[Head]) -> str:
+    """summary.md: the cosines against the random baseline, and the heads used."""
     return (
         f"# {cfg.experiment}\n\nmodel: {cfg.model.name}; v_MLP at mlp_post L{mid}; v_true at "
         f"resid_post L{handover}; name-mover heads (layer, head): {heads}; seed {cfg.seed}\n\n"
-        f"All cosines are absolute values.\n\n{io.markdown_table(summarize(df))}\n"
+        f"All cosines are absolute values except grad_abb_vs_bab (signed: the IO-first and S1-first "
+        f"prompts' signed name-mover gradients, cos of their means).\n\n{io.markdown_table(summarize(df))}\n"
     )

@@ -160,26 +160,34 @@ class ToyIllusionOptions:
 class IllusionCheckOptions:
     """illusion_check's options (`conf/experiment/illusion_check.yaml`)."""
 
-    resid_direction: str | None = None  # a saved 1-D resid direction for the alignment check
+    resid_direction: str | None = None  # a saved 1-D resid direction for the alignment row
     n_random: int = 1000  # random unit hidden directions for the alignment baseline
-    n_random_directions: int = 32  # random directions patched: the no-mechanism reference
+    n_random_directions: int = 32  # random unit directions patched at the site: the gate
     n_natural: int = 8  # top principal directions of source-minus-base differences
-    random_mlp_seeds: int = 3  # random MLPs, each with its own 1-D DAS run; 0 skips
-    random_mlp_epochs: int | None = 10  # DAS epochs per random MLP; None: method.epochs
+    n_natural_prompts: int = 1000  # IOI prompts: the site's natural END activations
+    random_mlp_seeds: int = 5  # random MLPs, each with its own 1-D DAS run; 0 skips
+    random_mlp_epochs: int | None = None  # DAS epochs per random MLP; None: method.epochs
+    reference_cache: str | None = "outputs/.cache/references"  # random-MLP references by hash
 
 
 @dataclass
 class IllusionBenchmarkOptions:
     """illusion_benchmark's options (`conf/experiment/illusion_benchmark.yaml`)."""
 
-    bench_layer_offsets: list[int] = field(default_factory=lambda: [-2, -1, 0, 1, 2])
-    bench_angles: list[float] = field(default_factory=lambda: [15.0, 30.0, 45.0, 60.0, 75.0])
-    dormant_dims: int | None = None  # None: the whole row space (the exact map)
+    bench_layer_offsets: list[int] = field(default_factory=lambda: [-1, 0, 1])
+    bench_angles: list[float] = field(
+        default_factory=lambda: [15.0, 25.0, 35.0, 45.0, 55.0, 65.0, 75.0]
+    )
+    bench_edits: list[str] = field(default_factory=lambda: ["mean_diff", "top_natural"])
+    edit_strengths: list[float] = field(default_factory=lambda: [1.0, 2.0])  # × the pattern gap
     bench_toy: bool = True  # add the toy model's planted cases
-    n_random_directions: int = 8
+    n_random_directions: int = 16
     n_natural: int = 4
-    random_mlp_seeds: int = 2
-    random_mlp_epochs: int | None = 2
+    n_natural_prompts: int = 2000  # IOI prompts: natural activations (covariance, off-distribution)
+    natural_ridge: float = 1.0  # ridge λ = this × mean eigenvalue on their covariance
+    random_mlp_seeds: int = 5
+    random_mlp_epochs: int | None = None  # None: method.epochs, as long as v_resid trains
+    reference_cache: str | None = "outputs/.cache/references"
 
 
 OPTIONS: dict[str, type] = {  # runner -> its options

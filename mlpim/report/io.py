@@ -8,6 +8,7 @@ chooses matplotlib's backend).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -104,3 +105,23 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
         for i, row in zip(df.index, df.values, strict=True)
     ]
     return "\n".join(lines)
+
+
+class JsonStore:
+    """A directory of JSON files keyed by content hash (measured references shared between runs);
+    a missing or unreadable entry reads as None, a new one is written atomically."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+
+    def get(self, key: str) -> dict | None:
+        """The entry stored under `key`, or None."""
+        try:
+            return json.loads((self.dir / f"{key}.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def put(self, key: str, value: dict) -> None:
+        """Store `value` under `key` (atomically)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.dir / f"{key}.json", lambda p: p.write_text(json.dumps(value)))

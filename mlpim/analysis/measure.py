@@ -1,0 +1,278 @@
+"""Measure every illusion check on one direction at a prepared site.
+
+`SiteData` holds what is measured once per site and shared by every direction checked there: the
+prepared pairs, the whole-site patch, the references, the natural activations and the bootstrap
+resampling of each pair set. `measure_checks` patches v and its parts on the test pairs, runs the
+checks of `mlpim.analysis.illusion` and returns tidy metric rows with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mlpim.analysis import controls, divergence, illusion
+from mlpim.analysis import nullspace as ns
+from mlpim.analysis import references as R
+from mlpim.analysis.rows import metric_rows
+from mlpim.analysis.stats import Est, fldd_est, mean_est, resample
+from mlpim.engine import metrics
+from mlpim.engine.interventions import Prepared, patched_end_logits
+from mlpim.engine.models import hook_name
+from mlpim.engine.patching import at, full, subspace
+
+Splits = dict[str, list[Prepared]]
+HELD_OUT = ("new templates", "new names")  # held-out sets beyond the test pairs (IOI)
+NATURAL_PARTS = 3  # interventions per natural direction for the bridging reference
+
+
+@dataclass(frozen=True)
+class PairLDs:
+    """Patched and clean logit differences, one per pair."""
+
+    ld: Float[Tensor, " n"]
+    clean: Float[Tensor, " n"]
+
+    def fldd(self, idx: np.ndarray) -> Est:
+        """FLDD with its bootstrap over the pairs."""
+        return fldd_est(self.ld, self.clean, idx)
+
+
+def pair_lds(model, prepared: list[Prepared], setter, changing: bool = False) -> PairLDs:
+    """Per pair, patched and clean LD (`changing`: only pairs whose answer the patch changes)."""
+    lds, clean = [], []
+    with torch.no_grad():
+        for p in prepared:
+            keep = p.pairs.label != p.pairs.base.answer if changing else slice(None)
+            b = p.pairs.base
+            logits = patched_end_logits(model, p, setter)[keep]
+            lds.append(metrics.logit_diff(logits, b.answer[keep], b.other[keep]))
+            clean.append(p.clean_ld[keep])
+    return PairLDs(torch.cat(lds), torch.cat(clean))
+
+
+def acts(prepared: list[Prepared]) -> tuple[Tensor, Tensor]:
+    """Base and source site activations over all pairs."""
+    return torch.cat([p.base_act for p in prepared]), torch.cat([p.source_act for p in prepared])
+
+
+@dataclass
+class SiteData:
+    """What one site's checks share: pairs, whole-site patch, references, resampling."""
+
+    kind: str
+    layer: int
+    splits: Splits
+    th: illusion.Thresholds
+    refs: R.Refs
+    idx: dict[str, np.ndarray]  # bootstrap indices per split (and "train (changing)")
+    full: PairLDs  # the whole-site patch on the test pairs
+    w_out: Tensor | None = None  # the MLP's W_out (mlp_post), read when the site is measured
+    natural: Tensor | None = None  # natural site activations over many prompts (mlp_post)
+    random_mlp: Est | None = None  # mean test FLDD of random-MLP DAS over seeds
+
+
+def bootstrap_indices(splits: Splits, n_boot: int, seed: int) -> dict[str, np.ndarray]:
+    """One resampling per pair set (the changing train pairs apart), each seeded differently."""
+    sizes = {k: sum(len(p.pairs) for p in v) for k, v in splits.items()}
+    train = splits.get("train", [])
+    sizes["train (changing)"] = sum(
+        int((p.pairs.label != p.pairs.base.answer).sum()) for p in train
+    )
+    return {k: resample(n, n_boot, seed + i) for i, (k, n) in enumerate(sorted(sizes.items())) if n}
+
+
+def site_data(
+    model,
+    splits: Splits,
+    kind: str,
+    layer: int,
+    th: illusion.Thresholds,
+    refs: R.Refs,
+    natural: Tensor | None = None,
+    random_mlp: list[float] | None = None,
+    seed: int = 0,
+) -> SiteData:
+    """The shared part of a site's checks (the whole-site patch measured here)."""
+    idx = bootstrap_indices(splits, th.n_boot, seed)
+    rand = mean_est(np.asarray(random_mlp), th.n_boot, seed) if random_mlp else None
+    w_out = ns.mlp_w_out(model, layer).clone() if kind == "mlp_post" else None
+    return SiteData(
+        kind=kind,
+        layer=layer,
+        splits=splits,
+        th=th,
+        refs=refs,
+        idx=idx,
+        full=pair_lds(model, splits["test"], full),
+        w_out=w_out,
+        natural=natural,
+        random_mlp=rand,
+    )
+
+
+def fldd_rows(fl: dict[str, Est], split: str, keys: dict, level: float) -> list[dict]:
+    """FLDD and its interval per intervention."""
+    rows = []
+    for name, e in fl.items():
+        lo, hi = e.ci(level)
+        rows += metric_rows(
+            {"fldd": e.value, "fldd_low": lo, "fldd_high": hi},
+            intervention=name,
+            split=split,
+            **keys,
+        )
+    return rows
+
+
+def generalisation(model, site: SiteData, v: Tensor, fldd_test: Est, keys: dict):
+    """Check 'generalisation': v on the changing train pairs vs each held-out set."""
+    setter = subspace(ns.unit_basis(v))
+    train = pair_lds(model, site.splits["train"], setter, changing=True)
+    held = {"test": fldd_test}
+    for k in HELD_OUT:
+        if k in site.splits:
+            held[k] = pair_lds(model, site.splits[k], setter).fldd(site.idx[k])
+    fl = {"train (changing)": train.fldd(site.idx["train (changing)"]), **held}
+    rows = []
+    for k, e in fl.items():
+        if k != "test":
+            rows += fldd_rows({"das": e}, k, keys, site.th.ci_level)
+    return rows, illusion.generalisation_check(fl["train (changing)"], held, site.th)
+
+
+def part_fldds(model, site: SiteData, v: Tensor) -> tuple[dict[str, Est], Tensor, Tensor]:
+    """FLDD of v and of its W_out row-space and nullspace parts on the test pairs; the parts."""
+    proj, null = ns.split(v, site.w_out)
+    bases = {k: b for k, b in controls.intervention_bases(v, proj, null).items() if k != "span2"}
+    test, idx = site.splits["test"], site.idx["test"]
+    fl = {k: pair_lds(model, test, subspace(b)).fldd(idx) for k, b in bases.items()}
+    return fl, proj, null
+
+
+def mlp_direction_checks(site: SiteData, v: Tensor, fl: dict[str, Est], proj, null) -> list:
+    """Nullspace bridging, dormant row part and off-distribution at an MLP hidden site."""
+    base, source = acts(site.splits["test"])
+    idx, th, refs = site.idx["test"], site.th, site.refs
+    zero = Est(0.0, np.zeros(len(idx)))
+    row, nul = fl.get("row_proj", zero), fl.get("null_proj", zero)
+    off, full_off = divergence.off_distribution(base, source, v, site.w_out, site.natural, idx)
+    return [
+        illusion.nullspace_check(fl["das"], row, nul, null.norm().item() ** 2, refs, th),
+        illusion.dormant_check(divergence.dormant_est(base, source, v, proj, idx), refs, th),
+        illusion.off_distribution_check(off, full_off, refs, th),
+    ]
+
+
+def site_checks(site: SiteData, fldd_v: Est) -> list[illusion.Check]:
+    """The site checks: whole-site patch, random-MLP DAS (n.a. when not measured)."""
+    comp = illusion.component_check(fldd_v, site.full.fldd(site.idx["test"]), site.th)
+    if site.random_mlp is None:
+        why = "no random-MLP DAS reference (only at mlp_post; random_mlp_seeds=0 skips it)"
+        return [comp, illusion.not_applicable("random_mlp", why)]
+    return [comp, illusion.random_mlp_check(site.random_mlp, fldd_v, site.refs, site.th)]
+
+
+def measure_checks(
+    model,
+    site: SiteData,
+    v: Float[Tensor, " m"],
+    keys: dict,
+    v_ref: Tensor | None = None,
+    n_align: int = 1000,
+) -> tuple[list[dict], list[illusion.Check]]:
+    """Every check on unit v at the site (`illusion.CHECKS` order) and its metric rows."""
+    level, test_idx = site.th.ci_level, site.idx["test"]
+    if site.kind == "mlp_post":
+        fl, proj, null = part_fldds(model, site, v)
+        direction = mlp_direction_checks(site, v, fl, proj, null)
+        align = alignment(v, site.w_out, v_ref, n_align, keys.get("seed", 0))
+        norms = {"row_proj": proj.norm().item() ** 2, "null_proj": null.norm().item() ** 2}
+    else:
+        fl = {
+            "das": pair_lds(model, site.splits["test"], subspace(ns.unit_basis(v))).fldd(test_idx)
+        }
+        why = f"needs an MLP hidden site (mlp_post), not {site.kind}"
+        names = ("nullspace_bridging", *illusion.DORMANT)
+        direction = [illusion.not_applicable(n, why) for n in names]
+        align, norms = illusion.not_applicable("alignment", why), {}
+    rows = fldd_rows({"full": site.full.fldd(test_idx), **fl}, "test", keys, level)
+    for name, sq in norms.items():
+        rows += metric_rows({"norm_sq": sq}, intervention=name, split="test", **keys)
+    g_rows, gen = generalisation(model, site, v, fl["das"], keys)
+    comp, rand = site_checks(site, fl["das"])
+    effect = illusion.effect_check(fl["das"], site.refs, site.th)
+    checks = [effect, comp, *direction, align, rand, gen]
+    return rows + g_rows, checks
+
+
+def alignment(v: Tensor, w_out: Tensor, v_ref: Tensor | None, n: int, seed: int):
+    """The alignment row against the reference residual direction, if there is one."""
+    if v_ref is None:
+        return illusion.not_applicable("alignment", "no reference residual direction given")
+    return illusion.alignment_check(v, w_out, v_ref, n, seed)
+
+
+# ---------------------------------------------------------------- natural-direction references
+
+
+def natural_references(model, site: SiteData, k: int) -> R.Refs:
+    """The site's references plus the natural directions' dormant, bridging and off values."""
+    if site.kind != "mlp_post" or k <= 0:
+        return site.refs
+    nat = R.natural_directions(*acts(site.splits["train"]), k).to(site.w_out)
+    base, source = acts(site.splits["test"])
+    idx, th = site.idx["test"], site.th
+    dormant, bridging, off = [], [], []
+    for u in tqdm(nat, desc="reference: natural directions", leave=False):
+        fl, proj, null = part_fldds(model, site, u)
+        row, nul = fl.get("row_proj"), fl.get("null_proj")
+        row_v = max(row.value, 0.0) if row is not None else 0.0
+        null_v = max(nul.value, 0.0) if nul is not None else 0.0
+        bridging.append(fl["das"].value - th.superadditive * (row_v + null_v))
+        dormant.append(divergence.dormant_est(base, source, u, proj, idx).value)
+        off.append(
+            divergence.off_distribution(base, source, u, site.w_out, site.natural, idx)[0].value
+        )
+    name = f"natural directions (n={nat.shape[0]})"
+    ref = lambda xs: R.Reference(name, tuple(xs))  # noqa: E731
+    return R.Refs(
+        site.refs.random_dirs, site.refs.random_mlp, ref(dormant), ref(bridging), ref(off)
+    )
+
+
+# ---------------------------------------------------------------- natural activations
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the last needed layer is read."""
+
+
+def _reader(out: list, pos: Tensor, stop: bool):
+    def read(act: Tensor, hook=None) -> None:
+        out.append(at(act, pos).detach())
+        if stop:
+            raise _Stop
+
+    return read
+
+
+def natural_acts(model, batches: list, kind: str, layers: list[int]) -> dict[int, Tensor]:
+    """Per layer, the site's activations at each prompt's END over prompt batches (no grad)."""
+    names = {hook_name(kind, L): L for L in layers}
+    last = max(layers)
+    out: dict[int, list[Tensor]] = {L: [] for L in layers}
+    for b in tqdm(batches, desc=f"natural {kind} activations", leave=False):
+        b = b.to(model.cfg.device)
+        hooks = [(n, _reader(out[L], b.pos, L == last)) for n, L in names.items()]
+        try:
+            with torch.no_grad():
+                model.run_with_hooks(b.tokens, attention_mask=b.mask, fwd_hooks=hooks)
+        except _Stop:
+            pass
+    return {L: torch.cat(v) for L, v in out.items()}

@@ -1,0 +1,122 @@
+"""Estimates with bootstrap confidence intervals over the pairs, and 1-D earth-mover distances.
+
+An `Est` carries a value and its bootstrap replicates. Estimates measured on the same pairs share
+one resampling (`resample`), so a margin between them (e.g. FLDD(v) − 1.5·FLDD(row part)) has a
+paired interval; estimates on different pair sets are resampled independently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from jaxtyping import Float
+from torch import Tensor
+
+NAN = float("nan")
+QUANTILES = 512  # grid of the earth-mover distance between samples of different sizes
+
+
+@dataclass(frozen=True)
+class Est:
+    """A value and its bootstrap replicates (empty: no interval)."""
+
+    value: float
+    boot: np.ndarray
+
+    def ci(self, level: float) -> tuple[float, float]:
+        """The percentile interval at `level` (NaNs without replicates)."""
+        b = self.boot[np.isfinite(self.boot)] if self.boot.size else self.boot
+        if b.size < 2 or not math.isfinite(self.value):
+            return NAN, NAN
+        a = (1.0 - level) / 2
+        return float(np.quantile(b, a)), float(np.quantile(b, 1 - a))
+
+
+def fixed(value: float) -> Est:
+    """An estimate with no sampling noise measured (no interval)."""
+    return Est(float(value), np.array([]))
+
+
+def combine(f: Callable[..., object], *ests: Est) -> Est:
+    """f applied to the values and, replicate by replicate, to the replicates."""
+    value = float(f(*(e.value for e in ests)))
+    sized = [e.boot.size for e in ests if e.boot.size]
+    if not sized:
+        return fixed(value)
+    n = min(sized)
+    reps = [e.boot[:n] if e.boot.size else np.full(n, e.value) for e in ests]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return Est(value, np.asarray(f(*reps), dtype=float))
+
+
+def resample(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """n_boot × n indices drawn with replacement (seeded); shared by every estimate on n pairs."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def fldd_est(ld: Float[Tensor, " n"], clean: Float[Tensor, " n"], idx: np.ndarray) -> Est:
+    """FLDD = 1 − mean(patched LD) / mean(clean LD), resampling the pairs with `idx`."""
+    a, c = ld.double().cpu().numpy(), clean.double().cpu().numpy()
+    return Est(1.0 - a.mean() / c.mean(), 1.0 - a[idx].mean(1) / c[idx].mean(1))
+
+
+def ratio_est(num: np.ndarray, den: np.ndarray, idx: np.ndarray) -> Est:
+    """mean(num) / mean(den) over the pairs, resampled with `idx` (inf when den vanishes)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return Est(_ratio(num.mean(), den.mean()), _ratio(num[idx].mean(1), den[idx].mean(1)))
+
+
+def _ratio(num, den):
+    out = np.where(np.abs(den) > 1e-12, num / np.where(den == 0, 1, den), np.inf)
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def mean_est(values: np.ndarray, n_boot: int, seed: int) -> Est:
+    """The mean of a few values (e.g. one per random-MLP seed) with a bootstrap over them."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return fixed(NAN)
+    if values.size == 1:
+        return fixed(float(values[0]))
+    return Est(float(values.mean()), values[resample(values.size, n_boot, seed)].mean(1))
+
+
+def quantiles(x: np.ndarray, q: int = QUANTILES) -> np.ndarray:
+    """The sample's quantiles at q midpoints (along the last axis)."""
+    return np.quantile(x, (np.arange(q) + 0.5) / q, axis=-1).T
+
+
+def emd_1d(a: np.ndarray, b: np.ndarray) -> float:
+    """Earth-mover (Wasserstein-1) distance between two 1-D samples."""
+    return float(np.abs(quantiles(a) - quantiles(b)).mean())
+
+
+def emd_est(patched: np.ndarray, natural: np.ndarray, idx: np.ndarray, scale: float) -> Est:
+    """EMD(patched, natural) / scale, resampling the patched pairs with `idx`."""
+    qn = quantiles(natural)
+    boot = np.abs(quantiles(patched[idx]) - qn[None, :]).mean(1) / scale
+    return Est(emd_1d(patched, natural) / scale, boot)
+
+
+def tensor_np(x: Tensor) -> np.ndarray:
+    """A float64 numpy copy of a tensor."""
+    return x.detach().double().cpu().numpy()
+
+
+def auc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a positive > a negative), ties counting ½."""
+    p, n = np.asarray(scores_pos, float)[:, None], np.asarray(scores_neg, float)[None, :]
+    if p.size == 0 or n.size == 0:
+        return NAN
+    return float(((p > n).sum() + 0.5 * (p == n).sum()) / (p.size * n.size))
+
+
+def roc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false-positive rate, true-positive rate) at every threshold, from (0, 0) to (1, 1)."""
+    cuts = np.unique(np.concatenate([scores_pos, scores_neg]))[::-1]
+    fpr = [0.0] + [float((np.asarray(scores_neg) >= c).mean()) for c in cuts]
+    tpr = [0.0] + [float((np.asarray(scores_pos) >= c).mean()) for c in cuts]
+    return np.array(fpr + [1.0]), np.array(tpr + [1.0])
