@@ -85,9 +85,12 @@ def split(
 
 
 def unit_basis(*vectors: Float[Tensor, " m"]) -> Float[Tensor, "m k"]:
-    """Orthonormal basis (columns) of the span of `vectors`; one vector is just normalised."""
-    q, r = torch.linalg.qr(torch.stack(vectors, dim=1))
-    return q * torch.sign(torch.diagonal(r))  # keep each column pointing along its vector
+    """Orthonormal basis (columns) of the span of `vectors`, one vector just normalised: QR in
+    float64, returned in the vectors' dtype, at least float32 (16-bit vectors give float32)."""
+    stacked = torch.stack(vectors, dim=1)
+    q, r = torch.linalg.qr(stacked.double())
+    q = q * torch.sign(torch.diagonal(r))  # keep each column pointing along its vector
+    return q.to(torch.promote_types(stacked.dtype, torch.float32))
 
 
 def projections(acts: Float[Tensor, "n m"], vector: Float[Tensor, " m"]) -> Float[Tensor, " n"]:
