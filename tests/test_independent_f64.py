@@ -36,6 +36,8 @@ from mlpim.tasks.batch import PairBatch
 FLDD_TOL = 2e-3  # issue 22: mlpim's FLDD within 2e-3 of the float64 reference
 NUMBERS = ("mlp_out", "mlp_post_1d", "resid_post")  # full MLP, 1-D in the MLP, full residual
 ENGINES = ("auto", "cache")
+# float32 as stored (dequantized), widened to float64 after loading; the plain eager attention
+LOAD = {"dtype": torch.float32, "attn_implementation": "eager"}
 
 
 # ------------------------------------------------------------------ the float64 reference
@@ -57,7 +59,7 @@ def reference_from_gguf(path: Path, bos_token: str | None) -> Reference:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {"gguf_file": path.name, "local_files_only": True}
-    model = AutoModelForCausalLM.from_pretrained(path.parent, attn_implementation="eager", **kw)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, **LOAD, **kw)
     return _reference(model, AutoTokenizer.from_pretrained(path.parent, **kw), bos_token)
 
 
@@ -65,9 +67,8 @@ def reference_from_dir(path: Path, bos_token: str | None) -> Reference:
     """A model directory saved with `save_pretrained` (config, weights, tokenizer), in float64."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kw = {"local_files_only": True}
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **kw)
-    return _reference(model, AutoTokenizer.from_pretrained(path, **kw), bos_token)
+    model = AutoModelForCausalLM.from_pretrained(path, **LOAD, local_files_only=True)
+    return _reference(model, AutoTokenizer.from_pretrained(path, local_files_only=True), bos_token)
 
 
 def _reference(model, tokenizer, bos_token: str | None) -> Reference:
