@@ -269,7 +269,11 @@ def fits_model(rec, model) -> None:
 def loaded_basis(path: str, kind: str, layer: int, d: int, model=None) -> torch.Tensor:
     """A saved basis, checked against the site it is used at (and the model's weights); a plain
     tensor file is taken to be of this site."""
-    saved = load_subspace(path, kind, layer)
+    return fitting_basis(load_subspace(path, kind, layer), path, kind, layer, d, model)
+
+
+def fitting_basis(saved: dict, path: str, kind: str, layer: int, d: int, model=None) -> Tensor:
+    """The basis of an already loaded subspace (`load_subspace`), checked as `loaded_basis` does."""
     if model is not None:
         check_model(saved, model, path)
         fits_model(saved["reader"], model)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from mlpim import constants as C
-from mlpim.analysis.controls import loaded_basis
+from mlpim.analysis.controls import fitting_basis, loaded_basis
 from mlpim.engine.das import DasSettings, train_das
 from mlpim.engine.interventions import Prepared, prepare
 from mlpim.engine.metrics import MIN_CLEAN_LD
@@ -260,7 +260,7 @@ def saved_direction(
     if saved.get("model", model_name) != model_name:
         log.warning("%s was found on %s, checked on %s", path, saved["model"], model_name)
     validate_site(model, kind, int(layer))
-    basis = loaded_basis(path, kind, int(layer), site_width(model, kind), model)
+    basis = fitting_basis(saved, path, kind, int(layer), site_width(model, kind), model)
     if basis.shape[1] != 1:
         raise ConfigError(
             f"{path} holds a {basis.shape[1]}-D subspace; illusion_check checks one direction "
