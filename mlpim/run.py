@@ -26,7 +26,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from mlpim import constants as C
-from mlpim import lock
+from mlpim import lock, reuse
 from mlpim.errors import MlpimError
 from mlpim.identity import code_change, code_version, input_change, input_hashes
 from mlpim.preflight import preflight
@@ -164,7 +164,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> p
     created = lock.make_dir(run_dir)
     lock.acquire(run_dir)
     try:
-        return run_accepted(cfg, run_dir) if accept(cfg, run_dir, overrides, created) else None
+        if not accept(cfg, run_dir, overrides, created):
+            return None
+        with reuse.session():  # within this run; `make paper` opens one around all its steps
+            return run_accepted(cfg, run_dir)
     finally:
         lock.release(run_dir)
 

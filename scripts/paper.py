@@ -1,6 +1,7 @@
 """`make paper`: run every experiment of the paper in order and write REPORT.md.
 
-usage: python scripts/paper.py [--only STEP[,STEP]] [--out DIR] model=smollm2-135m [overrides]
+usage: python scripts/paper.py [--only STEP[,STEP]] [--out DIR] [--beside DIR[,DIR]] [--report-only]
+                              model=smollm2-135m [overrides]
 
 Each step writes `outputs/paper/<model>/<experiment>/`; a step finished with the same config,
 code and input files (DONE records them) is not re-run, so an interrupted `make paper` resumes.
@@ -9,8 +10,12 @@ run) or of other code (mlpim's files changed) is refused before any work: choose
 or delete it. Directions are reused: the residual and MLP DAS directions trained by the first
 steps are passed to every later analysis; a finished step whose input direction has changed since
 (its upstream step re-ran) is re-run, its old results moved to `superseded/<step>-<time>/`. The
-report puts each number of the paper (GPT-2 small) next to the measured one. An `extra.*`
-override goes to the steps whose experiment has that option (one no step has is refused).
+report puts each number of the paper (GPT-2 small) next to the measured one, and next to the
+other models' (`--beside DIRS`; by default every other model's directory under outputs/paper/),
+with each step's wall time per model; `--report-only` rewrites REPORT.md from the finished steps.
+Steps share work by content hash in one process (`mlpim.reuse`: the model, prepared pairs, DAS
+and random-MLP runs); MLPIM_REUSE=0 turns that off. An `extra.*` override goes to the steps whose
+experiment has that option (one no step has is refused).
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ import argparse
 import shutil
 import sys
 import time
-from datetime import date, datetime
+from datetime import datetime
 from pathlib import Path
 
 import matplotlib
 import pandas as pd
 
 from mlpim import constants as C
+from mlpim import reuse
 from mlpim.config import CONF_DIR, compose, experiment_runners
 from mlpim.errors import MlpimError
 from mlpim.experiments.options import OPTIONS, option_names
@@ -34,6 +40,7 @@ from mlpim.preflight import override_key
 from mlpim.report.io import markdown_table
 from mlpim.run import RunDirError, check_run_dir, read_done, run
 
+NAN = float("nan")
 RESID = "{out}/ioi_resid8_das/" + C.DIRECTION
 MLP = "{out}/ioi_mlp8_das/" + C.DIRECTION
 WITH_BOTH = [f"direction={MLP}", f"extra.resid_direction={RESID}"]
@@ -166,18 +173,20 @@ def lookup(out: Path, experiment: str, filters: dict) -> str:
     return "n/a" if df.empty else f"{df.value.mean():.3f}"
 
 
-def report(out: Path, model: str, times: dict[str, float]) -> str:
-    """The markdown report: the paper's numbers next to ours, and the steps' times."""
-    rows = [(q, p, lookup(out, e, f), e) for q, p, e, f in COMPARE]
-    table = pd.DataFrame(rows, columns=["quantity", "paper (GPT-2 small)", model, "experiment"])
-    steps = pd.DataFrame([(e, f"{t:.0f}") for e, t in times.items()], columns=["step", "s"])
+def report(out: Path, model: str, times: dict[str, float], beside: dict[str, Path]) -> str:
+    """The markdown report: the paper's numbers next to ours (and next to the other models'
+    `beside`), and the steps' times."""
+    dirs = {model: out} | beside
+    rows = [(q, p, *(lookup(d, e, f) for d in dirs.values()), e) for q, p, e, f in COMPARE]
+    table = pd.DataFrame(rows, columns=["quantity", "paper (GPT-2 small)", *dirs, "experiment"])
     parts = [
-        f"# Paper numbers vs {model}\n",
-        f"Measured on {date.today().isoformat()}; wall time of the steps (each run once, "
-        f"model loads included): {sum(times.values()) / 60:.1f} min. Test pairs unless noted.\n",
+        f"# Paper numbers vs {', '.join(dirs)}\n",
+        "Wall time of each step run once, model loads included; test pairs unless noted. "
+        "Each column: its directory, steps finished, the day the last one finished, total.\n",
+        *(f"- {m}: {provenance(d)}\n" for m, d in dirs.items()),
         markdown_table(table.set_index("quantity")),
         "\n## Steps\n",
-        markdown_table(steps.set_index("step")),
+        markdown_table(step_table({model: times} | {m: finished(d) for m, d in beside.items()})),
         "\n## Per-experiment summaries\n",
     ]
     for e in times:
@@ -185,6 +194,30 @@ def report(out: Path, model: str, times: dict[str, float]) -> str:
         if summary.exists():
             parts.append(f"### {e}\n\n{summary.read_text()}\n")
     return "\n".join(parts)
+
+
+def finished(out: Path) -> dict[str, float]:
+    """{step: its recorded wall time} of the steps finished in `out`."""
+    return {n: step_seconds(out / n, NAN) for n, _, _ in STEPS if (out / n / C.DONE).exists()}
+
+
+def provenance(out: Path) -> str:
+    """Where a column beside this report's comes from, when its steps finished, how long they took."""
+    times = finished(out)
+    stamps = [(out / n / C.DONE).stat().st_mtime for n in times]
+    when = datetime.fromtimestamp(max(stamps)).date().isoformat() if stamps else "never"
+    return f"{out}, {len(times)} of {len(STEPS)} steps, last finished {when}; {sum(times.values()) / 60:.1f} min"
+
+
+def step_table(times: dict[str, dict[str, float]]) -> pd.DataFrame:
+    """Seconds per step (rows) and model (columns), with the total in minutes."""
+    table = pd.DataFrame(times).reindex(
+        [n for n, _, _ in STEPS if any(n in t for t in times.values())]
+    )
+    total = table.sum() / 60
+    table = table.map(lambda s: "—" if pd.isna(s) else f"{s:.0f}")
+    table.loc["total (min)"] = total.map(lambda m: f"{m:.1f}")
+    return table.rename_axis("step (s)")
 
 
 def step_seconds(run_dir: Path, elapsed: float) -> float:
@@ -265,31 +298,61 @@ def supersede(cfg, run_dir: Path, out: Path) -> Path | None:
         return dest
 
 
+def run_step(name: str, cfg, out: Path) -> float:
+    """Run one step into `out/name` (superseding stale results); its wall time in seconds."""
+    start = time.time()
+    print(f"\n=== {name}: {cfg.experiment}", flush=True)
+    try:
+        supersede(cfg, out / name, out)
+        run(cfg, out / name)
+    except RunDirError as e:  # changed while the report ran (e.g. code edited meanwhile)
+        sys.exit(f"paper: error: {e}")
+    return step_seconds(out / name, time.time() - start)
+
+
+def beside_dirs(out: Path, default_out: bool, given: str) -> dict[str, Path]:
+    """{model: its `make paper` directory} to put beside this report's: `--beside` (comma-separated
+    directories), else, for the default `outputs/paper/<model>`, every other model's there."""
+    if given:
+        dirs = [Path(d) for d in given.split(",") if d]
+    elif default_out:
+        dirs = [d for d in sorted(out.parent.iterdir()) if d.is_dir() and d != out]
+    else:
+        dirs = []
+    return {d.name: d for d in dirs if finished(d) and d.resolve() != out.resolve()}
+
+
 def main(argv: list[str]) -> None:
     """Run the steps (`--only`) into `--out` and write the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated steps (default: all)")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--beside", default="", help="other models' report directories, comma-separated"
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="write REPORT.md from finished steps"
+    )
     args, overrides = parser.parse_known_args(argv)
     matplotlib.use("Agg")
     try:
         model = compose([o for o in overrides if option_of(o) is None]).model.name
         out = Path(args.out or f"outputs/paper/{model}")
-        steps = plan(out, set(filter(None, args.only.split(","))), overrides)
+        steps = (
+            []
+            if args.report_only
+            else plan(out, set(filter(None, args.only.split(","))), overrides)
+        )
     except MlpimError as e:
         sys.exit(f"paper: error: {e}")
     out.mkdir(parents=True, exist_ok=True)
-    times: dict[str, float] = {}
-    for name, cfg in steps:
-        start = time.time()
-        print(f"\n=== {name}: {cfg.experiment}", flush=True)
-        try:
-            supersede(cfg, out / name, out)
-            run(cfg, out / name)
-        except RunDirError as e:  # changed while the report ran (e.g. code edited meanwhile)
-            sys.exit(f"paper: error: {e}")
-        times[name] = step_seconds(out / name, time.time() - start)
-    (out / "REPORT.md").write_text(report(out, model, times))
+    times: dict[str, float] = finished(out) if args.report_only else {}
+    with reuse.session():  # models, prepared pairs and DAS runs shared by content hash
+        for name, cfg in steps:
+            times[name] = run_step(name, cfg, out)
+        print(f"reused across steps: {reuse.hits() or 'nothing'}", flush=True)
+    beside = beside_dirs(out, args.out is None, args.beside)
+    (out / "REPORT.md").write_text(report(out, model, times, beside))
     collect_figures(out)
     print(f"\nreport: {out / 'REPORT.md'}; figures: {out / 'figures'}")
 

@@ -20,7 +20,7 @@ import mlpim
 
 PACKAGE = Path(mlpim.__file__).resolve().parent
 LAYERS = ("base", "engine", "tasks", "analysis", "report", "experiments", "top")
-BASE = {"mlpim", "mlpim.errors", "mlpim.constants", "mlpim.files", "mlpim.lock"}
+BASE = {"mlpim", "mlpim.errors", "mlpim.constants", "mlpim.files", "mlpim.lock", "mlpim.reuse"}
 SHARED_BATCH = "mlpim.tasks.batch"  # the batch types engine and tasks both use
 SHARED_EXPERIMENT_MODULES = {"mlpim.experiments", "mlpim.experiments.common"}
 SHARED_EXPERIMENT_MODULES |= {"mlpim.experiments.options"}

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from mlpim import reuse
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis.rows import metric_rows
 from mlpim.engine.das import DasSettings, fit
@@ -31,6 +32,7 @@ from mlpim.engine.interventions import (
     evaluate,
     patched_end_logits,
     prepare,
+    prepared_key,
 )
 from mlpim.engine.metrics import fldd, logit_diff
 from mlpim.engine.models import hook_name
@@ -159,6 +161,11 @@ def augmented_splits(
     model, splits: dict[str, list[Prepared]], layer: int
 ) -> dict[str, list[Prepared]]:
     """The same pairs prepared at `mlp_out` of `layer`, with resid_mid appended (`with_resid_mid`)."""
+    key = (tuple((s, prepared_key(model, p)) for s, p in splits.items()), layer)
+    return dict(reuse.memo("augmented", key, lambda: _augmented(model, splits, layer)))
+
+
+def _augmented(model, splits: dict[str, list[Prepared]], layer: int) -> dict[str, list[Prepared]]:
     return {
         s: with_resid_mid(
             model,
@@ -179,14 +186,39 @@ def split_acts(prepared: list[Prepared], d: int) -> tuple[Tensor, Tensor]:
 def train_random_das(
     model,
     train: list[Prepared],
-    test: list[Prepared],
+    test: list[Prepared] | None,
     layer: int,
     mlp: RandomMLP,
     method: DasSettings,
     seed: int,
     progress: bool = True,
 ) -> tuple[RandomMLPPatch, pd.DataFrame]:
-    """DAS on the random MLP's hidden acts: the loss, optimiser and schedule of `mlpim.engine.das`."""
+    """DAS on the random MLP's hidden acts: the loss, optimiser and schedule of `mlpim.engine.das`.
+    The test pairs only add test IIA to the history: a run kept with them serves a run without."""
+    test_key = prepared_key(model, test or None)
+    key = (prepared_key(model, train), layer, reuse.digest(mlp), method, seed)
+
+    def compute():
+        return *_train_random_das(model, train, test, layer, mlp, method, seed, progress), test_key
+
+    patch, history, _ = reuse.replay(
+        "random_das", key, compute, valid=lambda kept: test_key in (None, kept[2])
+    )
+    if test_key is None and "test_iia" in history:
+        history = history.drop(columns="test_iia")
+    return patch, history
+
+
+def _train_random_das(
+    model,
+    train: list[Prepared],
+    test: list[Prepared] | None,
+    layer: int,
+    mlp: RandomMLP,
+    method: DasSettings,
+    seed: int,
+    progress: bool,
+) -> tuple[RandomMLPPatch, pd.DataFrame]:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     patch = RandomMLPPatch(mlp, method.dim, gen).to(train[0].base_act.device)

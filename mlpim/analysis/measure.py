@@ -16,6 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mlpim import reuse
 from mlpim.analysis import controls, divergence, illusion
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis import references as R
@@ -264,6 +265,12 @@ def _reader(out: list, pos: Tensor, stop: bool):
 
 def natural_acts(model, batches: list, kind: str, layers: list[int]) -> dict[int, Tensor]:
     """Per layer, the site's activations at each prompt's END over prompt batches (no grad)."""
+    key = (reuse.weights_hash(model), reuse.digest(batches), kind, tuple(layers))
+    kept = reuse.memo("natural", key, lambda: _natural_acts(model, batches, kind, layers))
+    return {L: t.clone() for L, t in kept.items()}
+
+
+def _natural_acts(model, batches: list, kind: str, layers: list[int]) -> dict[int, Tensor]:
     names = {hook_name(kind, L): L for L in layers}
     last = max(layers)
     out: dict[int, list[Tensor]] = {L: [] for L in layers}

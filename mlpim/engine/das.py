@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mlpim.engine.interventions import Prepared, evaluate, patched_end_loss
+from mlpim import reuse
+from mlpim.engine.interventions import Prepared, evaluate, patched_end_loss, prepared_key
 from mlpim.engine.subspace import RotatedSubspace
 
 
@@ -70,6 +71,18 @@ def train_das(
     progress: bool = True,
 ) -> tuple[RotatedSubspace, pd.DataFrame]:
     """DAS from a seeded random orthonormal basis; returns the trained basis and its history."""
+    key = (prepared_key(model, train), prepared_key(model, test or None), method, seed)
+    return reuse.replay("das", key, lambda: _train_das(model, train, test, method, seed, progress))
+
+
+def _train_das(
+    model,
+    train: list[Prepared],
+    test: list[Prepared] | None,
+    method: DasSettings,
+    seed: int,
+    progress: bool,
+) -> tuple[RotatedSubspace, pd.DataFrame]:
     torch.manual_seed(seed)  # the orthogonal parametrization draws from the global generator
     gen = torch.Generator().manual_seed(seed)
     d = train[0].base_act.shape[-1]

@@ -19,6 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mlpim import reuse
 from mlpim.engine import cache, fastpath, metrics
 from mlpim.engine.fused_ce import unembed_ce
 from mlpim.engine.models import ConfigError, validate_site
@@ -138,13 +139,27 @@ def prepare(
             "resid_mid cannot be patched: TransformerBridge's hook_resid_mid only feeds the MLP's input; patch resid_post of layer-1 or attn_out instead"
         )
     chosen = choose_engine(model, engine, batches, kind)
+    key = (reuse.weights_hash(model), reuse.digest(batches), kind, layer, chosen)
+    return list(reuse.memo("prepare", key, lambda: _prepare(model, batches, kind, layer, chosen)))
+
+
+def _prepare(model, batches: list[PairBatch], kind: str, layer: int, engine: str) -> list[Prepared]:
     bar = tqdm(
-        batches, desc=f"prepare {kind} L{layer} ({chosen})", leave=False, disable=len(batches) < 4
+        batches, desc=f"prepare {kind} L{layer} ({engine})", leave=False, disable=len(batches) < 4
     )
-    prepared = [prepare_sites(model, pb, [(kind, layer)], chosen)[(kind, layer)] for pb in bar]
+    prepared = [prepare_sites(model, pb, [(kind, layer)], engine)[(kind, layer)] for pb in bar]
     if prepared:
         guard(model, prepared[0])
     return prepared
+
+
+def prepared_key(model, prepared: list[Prepared] | None) -> str | None:
+    """A content hash of prepared batches (weights, pairs, site, engine, activations); None for
+    None."""
+    if prepared is None:
+        return None
+    parts = [(p.name, p.engine, p.pairs, p.base_act, p.source_act) for p in prepared]
+    return reuse.digest(reuse.weights_hash(model), parts)
 
 
 def patch_batch(

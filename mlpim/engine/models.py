@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from mlpim import reuse
 from mlpim.errors import ConfigError, ModelNotFoundError
 
 __all__ = ["ConfigError", "ModelNotFoundError"]  # importable from here too
@@ -90,9 +91,21 @@ def load_model(cfg: ModelSpec, device: str = "cpu", vocab: list[str] | None = No
     """Load the model `cfg` describes as a TransformerBridge in eval mode with frozen weights.
 
     The caller's torch RNG is left as it was: TransformerLens draws from it while it builds the
-    bridge (layers it creates and then fills with the model's weights), the tiny model seeds it."""
-    with torch.random.fork_rng(devices=[]):
-        return _load_model(cfg, device, vocab)
+    bridge (layers it creates and then fills with the model's weights), the tiny model seeds it.
+    In a `mlpim.reuse` session the model is loaded once, and handed out again only while its
+    weights are as loaded, with no hooks left on it."""
+
+    def load():
+        with torch.random.fork_rng(devices=[]):
+            model = _load_model(cfg, device, vocab)
+        return model, reuse.weights_hash(model) if reuse.enabled() else ""
+
+    key = (repr(cfg), device, tuple(vocab or ()))
+    model, _ = reuse.memo(
+        "model", key, load, valid=lambda kept: reuse.weights_hash(kept[0]) == kept[1]
+    )
+    model.reset_hooks()
+    return model
 
 
 def load_hf(cfg: ModelSpec, vocab: list[str] | None = None):
