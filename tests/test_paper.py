@@ -87,3 +87,23 @@ def test_extra_overrides_go_to_the_steps_that_take_them(tmp_path):
         paper.plan(tmp_path, {"ioi_baseline", "ioi_locate"}, ["extra.n_randm=5"])
     with pytest.raises(MlpimError, match="takes extra.chunk_len=32"):  # not in these steps
         paper.plan(tmp_path, {"ioi_baseline"}, ["extra.chunk_len=32"])
+
+
+def test_report_puts_other_models_beside_and_rewrites_from_finished_steps(tmp_path):
+    paper = _paper()
+    first, other = tmp_path / "tiny", tmp_path / "other-model"
+    args = ["--only", "ioi_baseline", "model=tiny", "method.epochs=1"]
+    paper.main([*args, "--out", str(first)])
+    paper.main([*args, "--out", str(other), "dataset.n_test_pairs=20"])
+    paper.main(["--report-only", "--out", str(first), "--beside", str(other), "model=tiny"])
+    report = (first / "REPORT.md").read_text()
+    assert "# Paper numbers vs tiny, other-model" in report
+    assert "| quantity | paper (GPT-2 small) | tiny | other-model | experiment |" in report
+    row = next(r for r in report.splitlines() if r.startswith("| clean logit difference |"))
+    ours, theirs = row.split(" | ")[2:4]
+    assert ours == paper.lookup(first, "ioi_baseline", paper.COMPARE[1][3])
+    assert theirs == paper.lookup(other, "ioi_baseline", paper.COMPARE[1][3]) != "n/a"
+    assert "| step (s) | tiny | other-model |" in report
+    assert f"- other-model: {other}, 1 of {len(paper.STEPS)} steps" in report
+    # --report-only ran nothing: the finished step's metrics are untouched
+    assert (first / "ioi_baseline" / C.DONE).exists() and not (first / "ioi_mlp8_das").exists()

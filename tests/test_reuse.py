@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlpim import constants as C
 from mlpim import reuse
 from mlpim.engine.models import ModelSpec, load_model
 

@@ -199,7 +199,11 @@ def train_random_das(
     key = (prepared_key(model, train), layer, reuse.digest(mlp), method, seed)
 
     def compute():
-        return *_train_random_das(model, train, test, layer, mlp, method, seed, progress), test_key
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        patch = RandomMLPPatch(mlp, method.dim, gen).to(train[0].base_act.device)
+        desc = f"DAS random MLP L{layer} seed {seed}"
+        return patch, fit(model, train, test, patch, method, gen, desc, progress), test_key
 
     patch, history, _ = reuse.replay(
         "random_das", key, compute, valid=lambda kept: test_key in (None, kept[2])
@@ -207,23 +211,6 @@ def train_random_das(
     if test_key is None and "test_iia" in history:
         history = history.drop(columns="test_iia")
     return patch, history
-
-
-def _train_random_das(
-    model,
-    train: list[Prepared],
-    test: list[Prepared] | None,
-    layer: int,
-    mlp: RandomMLP,
-    method: DasSettings,
-    seed: int,
-    progress: bool,
-) -> tuple[RandomMLPPatch, pd.DataFrame]:
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    patch = RandomMLPPatch(mlp, method.dim, gen).to(train[0].base_act.device)
-    desc = f"DAS random MLP L{layer} seed {seed}"
-    return patch, fit(model, train, test, patch, method, gen, desc, progress)
 
 
 def random_mlp_run(

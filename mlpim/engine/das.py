@@ -72,20 +72,13 @@ def train_das(
 ) -> tuple[RotatedSubspace, pd.DataFrame]:
     """DAS from a seeded random orthonormal basis; returns the trained basis and its history."""
     key = (prepared_key(model, train), prepared_key(model, test or None), method, seed)
-    return reuse.replay("das", key, lambda: _train_das(model, train, test, method, seed, progress))
 
+    def compute() -> tuple[RotatedSubspace, pd.DataFrame]:
+        torch.manual_seed(seed)  # the orthogonal parametrization draws from the global generator
+        gen = torch.Generator().manual_seed(seed)
+        d = train[0].base_act.shape[-1]
+        rot = RotatedSubspace(d, method.dim, generator=gen).to(train[0].base_act.device)
+        desc = f"DAS {train[0].name} k={method.dim}"
+        return rot, fit(model, train, test, rot, method, gen, desc, progress)
 
-def _train_das(
-    model,
-    train: list[Prepared],
-    test: list[Prepared] | None,
-    method: DasSettings,
-    seed: int,
-    progress: bool,
-) -> tuple[RotatedSubspace, pd.DataFrame]:
-    torch.manual_seed(seed)  # the orthogonal parametrization draws from the global generator
-    gen = torch.Generator().manual_seed(seed)
-    d = train[0].base_act.shape[-1]
-    rot = RotatedSubspace(d, method.dim, generator=gen).to(train[0].base_act.device)
-    desc = f"DAS {train[0].name} k={method.dim}"
-    return rot, fit(model, train, test, rot, method, gen, desc, progress)
+    return reuse.replay("das", key, compute)
