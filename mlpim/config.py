@@ -35,6 +35,8 @@ class ModelConfig:
     sizes: dict[str, int] = field(default_factory=dict)  # d_model, d_mlp, n_layers of a fixed
     # model, so that preflight refuses a bad site.layer or method.dim before loading it
     landmarks: Landmarks = field(default_factory=Landmarks)
+    signal_peak: int | None = None  # a model without landmarks: the block whose resid_post
+    # carries the END position signal most (ioi_locate), where `make paper` studies it
 
 
 @dataclass

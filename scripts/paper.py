@@ -322,6 +322,27 @@ def beside_dirs(out: Path, default_out: bool, given: str) -> dict[str, Path]:
     return {d.name: d for d in dirs if finished(d) and d.resolve() != out.resolve()}
 
 
+def landmark_overrides(overrides: list[str]) -> list[str]:
+    """For a model without landmarks, overrides that put both at its `model.signal_peak` (said
+    in one line); none where it has them; refused, before any work, where it has neither."""
+    model = compose(overrides).model
+    if model.landmarks.mlp_in_the_middle is not None:
+        return []
+    if model.signal_peak is None:
+        raise MlpimError(
+            f"model {model.name!r} has no landmarks (experiment=ioi_locate suggests them); give the "
+            "layer to study: ARGS='model.landmarks.mlp_in_the_middle=L model.landmarks.handover_layer=L'"
+        )
+    layer = int(model.signal_peak)
+    print(
+        f"{model.name} has no landmarks by the rule; this report studies layer {layer}, where the "
+        f"END position signal peaks (model.signal_peak)",
+        flush=True,
+    )
+    keys = ("mlp_in_the_middle", "handover_layer")
+    return [f"model.landmarks.{k}={layer}" for k in keys]
+
+
 def main(argv: list[str]) -> None:
     """Run the steps (`--only`) into `--out` and write the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -336,6 +357,7 @@ def main(argv: list[str]) -> None:
     args, overrides = parser.parse_known_args(argv)
     matplotlib.use("Agg")
     try:
+        overrides += landmark_overrides([o for o in overrides if option_of(o) is None])
         model = compose([o for o in overrides if option_of(o) is None]).model.name
         out = Path(args.out or f"outputs/paper/{model}")
         steps = (

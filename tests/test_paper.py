@@ -107,3 +107,18 @@ def test_report_puts_other_models_beside_and_rewrites_from_finished_steps(tmp_pa
     assert f"- other-model: {other}, 1 of {len(paper.STEPS)} steps" in report
     # --report-only ran nothing: the finished step's metrics are untouched
     assert (first / "ioi_baseline" / C.DONE).exists() and not (first / "ioi_mlp8_das").exists()
+
+
+def test_a_model_without_landmarks_is_studied_at_its_signal_peak_or_refused(capsys):
+    from mlpim.errors import MlpimError
+
+    paper = _paper()
+    assert paper.landmark_overrides(["model=tiny"]) == []
+    gemma = paper.landmark_overrides(["model=gemma3-270m"])
+    assert gemma == [
+        "model.landmarks.mlp_in_the_middle=10",
+        "model.landmarks.handover_layer=10",
+    ]
+    assert "studies layer 10" in capsys.readouterr().out
+    with pytest.raises(MlpimError, match="has no landmarks"):
+        paper.landmark_overrides(["model=tiny", "model.landmarks.mlp_in_the_middle=null"])
