@@ -15,6 +15,7 @@ Nothing here writes files: the runner saves what `LayerResult` returns.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,8 @@ from mlpim.engine.interventions import prepare
 
 NAN = float("nan")
 VERDICT_ORDER = (*illusion.LABELS, illusion.BORDERLINE)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ def illusion_cases(model, site: M.SiteData, target: Tensor, opts: BenchOptions) 
     w_out, natural = site.w_out, site.natural
     irr = planted.irrelevant_direction(w_out, planted.pattern_mean_diff(site.splits["train"]))
     cov = planted.covariance(natural, opts.natural_ridge)
-    dor = planted.min_variance_preimage(w_out, cov, target).to(w_out)
+    dor = planted.min_variance_preimage(site.w_resid, cov, target).to(w_out)  # writes the target
     var, pct = planted.variance_percentile(natural, dor, w_out, 1000, opts.seed)
     props = {
         "dormant_var": var,
@@ -133,23 +136,31 @@ def natural_real_cases(model, site: M.SiteData) -> tuple:
     return rows, cases
 
 
-def read_direction(site: M.SiteData, which: str) -> Tensor:
-    """A centred hidden direction that varies with the pattern (mean_diff or top_natural)."""
+def read_direction(site: M.SiteData, which: str) -> Tensor | None:
+    """A centred hidden direction that varies with the pattern (mean_diff or top_natural); None
+    where the site's activations do not vary between base and source prompts."""
     dh = planted.pattern_mean_diff(site.splits["train"])
     if which == "mean_diff":
         u = dh
     elif which == "top_natural":
-        u = planted.oriented(R.natural_directions(*M.acts(site.splits["train"]), 1)[0].to(dh), dh)
+        top = R.natural_directions(*M.acts(site.splits["train"]), 1)
+        u = planted.oriented(top[0].to(dh), dh) if len(top) else dh.new_zeros(dh.shape)
     else:
         raise ValueError(f"unknown read direction {which!r} (mean_diff, top_natural)")
+    if u.norm() == 0:
+        log.warning("MLP%d's hidden activations do not vary: no %s edit", site.layer, which)
+        return None
     return planted.centred(u / u.norm(), site.natural.mean(0))
 
 
 def edited_case(
     model, site: M.SiteData, which: str, strength: float, target: Tensor, gap: float, opts, engine
 ):
-    """(rows, case row) of one rank-1 real edit, prepared and checked in the edited model."""
+    """(rows, case row) of one rank-1 real edit, prepared and checked in the edited model; no
+    case (None) where there is nothing to read."""
     u = read_direction(site, which)
+    if u is None:
+        return [], None
     alpha = planted.edit_alpha(site.splits["train"], u, gap, strength)
     pairs = {k: [p.pairs for p in ps] for k, ps in site.splits.items()}
     with edited_w_out(model, site.layer, planted.edit_delta(u, target, alpha)):
@@ -313,7 +324,7 @@ def layer_result(
     for which in opts.edits:
         for strength in opts.edit_strengths:
             r, c = edited_case(model, site, which, strength, v_resid, gap, opts, engine)
-            out.rows, out.cases = out.rows + r, out.cases + [c]
+            out.rows, out.cases = out.rows + r, out.cases + ([c] if c else [])
     r, c = resid_cases(model, resid, layer, v_resid, th, opts)
     out.rows, out.cases = out.rows + r, out.cases + c
     return out

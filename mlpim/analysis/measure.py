@@ -20,6 +20,7 @@ from mlpim import reuse
 from mlpim.analysis import controls, divergence, illusion
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis import references as R
+from mlpim.analysis.mlp_write import residual_w_out
 from mlpim.analysis.rows import metric_rows
 from mlpim.analysis.stats import Est, fldd_est, mean_est, resample
 from mlpim.engine import metrics
@@ -74,6 +75,7 @@ class SiteData:
     idx: dict[str, np.ndarray]  # bootstrap indices per split (and "train (changing)")
     full: PairLDs  # the whole-site patch on the test pairs
     w_out: Tensor | None = None  # the MLP's W_out (mlp_post), read when the site is measured
+    w_resid: Tensor | None = None  # W_out as the residual sees it (`mlp_write.residual_w_out`)
     natural: Tensor | None = None  # natural site activations over many prompts (mlp_post)
     random_mlp: Est | None = None  # mean test FLDD of random-MLP DAS over seeds
 
@@ -103,6 +105,8 @@ def site_data(
     idx = bootstrap_indices(splits, th.n_boot, seed)
     rand = mean_est(np.asarray(random_mlp), th.n_boot, seed) if random_mlp else None
     w_out = ns.mlp_w_out(model, layer).clone() if kind == "mlp_post" else None
+    bases = [p.pairs.base for p in splits["train"][:2]]  # enough to check and average the write
+    w_resid = residual_w_out(model, layer, bases).clone() if kind == "mlp_post" else None
     return SiteData(
         kind=kind,
         layer=layer,
@@ -112,6 +116,7 @@ def site_data(
         idx=idx,
         full=pair_lds(model, splits["test"], full),
         w_out=w_out,
+        w_resid=w_resid,
         natural=natural,
         random_mlp=rand,
     )
@@ -192,7 +197,7 @@ def measure_checks(
     if site.kind == "mlp_post":
         fl, proj, null = part_fldds(model, site, v)
         direction = mlp_direction_checks(site, v, fl, proj, null)
-        align = alignment(v, site.w_out, v_ref, n_align, keys.get("seed", 0))
+        align = alignment(v, site.w_resid, v_ref, n_align, keys.get("seed", 0))
         norms = {"row_proj": proj.norm().item() ** 2, "null_proj": null.norm().item() ** 2}
     else:
         fl = {

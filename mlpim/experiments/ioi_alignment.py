@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim.analysis import nullspace as ns
+from mlpim.analysis.mlp_write import residual_w_out
 from mlpim.engine import metrics
 from mlpim.engine.interventions import patch_each
 from mlpim.engine.models import hook_name
@@ -185,7 +186,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
         model, [b.to(model.cfg.device) for b in prompts], handover, heads
     )
     grad = gradient_direction(grads)
-    w_out = ns.mlp_w_out(model, mid)
+    w_out = residual_w_out(model, mid, prompts)  # W_out, or through Gemma's post-norm
     dirs = {"v_mlp_out": ns.written(v_mlp, w_out), "das_resid": v_resid, "grad_resid": grad}
     rows, randoms = cosine_rows(dirs, w_out, opts.n_random, cfg.seed)
     rows.append(

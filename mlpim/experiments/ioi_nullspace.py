@@ -23,6 +23,7 @@ from torch import Tensor
 from mlpim import constants as C
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis.controls import PARTS, intervention_bases, patching_rows
+from mlpim.analysis.mlp_write import MODULE_OUT
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import run_cache, site_acts
 from mlpim.engine.subspace import direction_meta, save_subspace
@@ -40,15 +41,16 @@ HIST_PATTERNS = ("ABB", "ABA")
 
 
 def check_w_out(model, layer: int, batch: PromptBatch) -> float:
-    """Max |hidden @ W_out (+ b_out) - mlp_out| over the prompts; raises if not ~0 (within
-    1e-4 of the output's scale, or 4 eps of a 16-bit dtype)."""
-    names = [hook_name("mlp_post", layer), hook_name("mlp_out", layer)]
+    """Max |hidden @ W_out (+ b_out) - the MLP module's output| over the prompts; raises if not
+    ~0 (within 1e-4 of the output's scale, or 4 eps of a 16-bit dtype). The module's output, not
+    what the block adds to the residual: Gemma 2/3 normalise it first (`mlpim.analysis.mlp_write`)."""
+    names = [hook_name("mlp_post", layer), MODULE_OUT.format(layer=layer)]
     _, cache = run_cache(model, batch, names)
     w, b = ns.mlp_w_out(model, layer), ns.mlp_b_out(model, layer)
     out = cache[names[1]]
     err = (ns.mlp_output(cache[names[0]], w, b) - out).abs().max().item()
     if err > max(1e-4, 4 * torch.finfo(out.dtype).eps) * max(out.abs().max().item(), 1.0):
-        raise RuntimeError(f"hidden @ W_out + b_out differs from mlp_out by {err:.2e}")
+        raise RuntimeError(f"hidden @ W_out + b_out differs from the MLP's output by {err:.2e}")
     return err
 
 
@@ -158,7 +160,7 @@ def summary_markdown(cfg: DictConfig, df: pd.DataFrame, layer: int, w_err: float
     """summary.md: the W_out check and the table of interventions."""
     return (
         f"# {cfg.experiment}\n\nmodel: {cfg.model.name}; site: mlp_post, layer {layer}; seed "
-        f"{cfg.seed}\n\nmax |hidden @ W_out + b_out - mlp_out| = {w_err:.2e}\n\n"
+        f"{cfg.seed}\n\nmax |hidden @ W_out + b_out - MLP output| = {w_err:.2e}\n\n"
         f"1-D patches use unit vectors; norm_sq is that of the parts of the unit v.\n\n"
         f"{io.markdown_table(summarize(df))}\n"
     )

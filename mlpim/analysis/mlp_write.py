@@ -1,0 +1,62 @@
+"""What an MLP writes into the residual stream, read off the model.
+
+Most blocks add the MLP's output h @ W_out (+ b_out) to the residual as it is. Some normalise it
+first: Gemma 2 and 3 apply a post-feedforward RMSNorm, whose gain reaches ~3·10³ at Gemma 3
+270M's layer 10. There, moving the hidden activation along v moves the residual along M (v @ W_out),
+M the Jacobian of that norm at the MLP's output, not along v @ W_out. `residual_w_out` gives W_out
+as the residual sees it: W_out itself, or W_out Mᵀ with M the norm's Jacobian averaged over the
+MLP's outputs on real prompts, after checking on those prompts that what the block adds is the
+MLP module's output, or the block's own norm of it (anything else is refused in one line).
+The W_out-nullspace is the same either way: a hidden change W_out does not read changes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mlpim.analysis.nullspace import mlp_w_out
+from mlpim.engine.patching import at, run_cache
+from mlpim.errors import MlpimError
+
+MODULE_OUT = "blocks.{layer}.mlp.hook_out"  # the MLP module's own output: h @ W_out (+ b_out)
+BLOCK_OUT = "blocks.{layer}.hook_mlp_out"  # what the block adds to the residual
+
+
+def end_outputs(
+    model, layer: int, batches: list
+) -> tuple[Float[Tensor, "n d"], Float[Tensor, "n d"]]:
+    """(the MLP module's output, what the block adds to the residual) at each prompt's END."""
+    names = [MODULE_OUT.format(layer=layer), BLOCK_OUT.format(layer=layer)]
+    pre, post = [], []
+    for b in batches:
+        _, cache = run_cache(model, b, names)
+        pre.append(at(cache[names[0]], b.pos))
+        post.append(at(cache[names[1]], b.pos))
+    return torch.cat(pre), torch.cat(post)
+
+
+def post_norm(model, layer: int):
+    """The block's norm on the MLP's output before the residual (Gemma 2/3), or None."""
+    return getattr(model.blocks[layer], "ln2_post", None)
+
+
+def residual_w_out(model, layer: int, batches: list) -> Float[Tensor, "m d"]:
+    """W_out as the residual stream sees it, measured on `batches` (see the module docstring)."""
+    w = mlp_w_out(model, layer)
+    pre, post = end_outputs(model, layer, batches)
+    tol = 1e-4 * max(post.abs().max().item(), 1.0)
+    if (pre - post).abs().max().item() <= tol:
+        return w
+    norm = post_norm(model, layer)
+    with torch.no_grad():
+        normed = norm(pre) if norm is not None else None
+    if normed is None or (normed - post).abs().max().item() > tol:
+        raise MlpimError(
+            f"block {layer} adds to the residual something other than its MLP's output or its own "
+            "norm of it; mlpim cannot say what a hidden direction writes there"
+        )
+    mean_norm = lambda e: norm(pre + e).mean(0)  # noqa: E731
+    jac = torch.autograd.functional.jacobian(mean_norm, torch.zeros_like(pre[0]), vectorize=True)
+    return (w.double() @ jac.double().T).to(w.dtype)
