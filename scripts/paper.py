@@ -183,7 +183,7 @@ def report(out: Path, model: str, times: dict[str, float], beside: dict[str, Pat
         f"# Paper numbers vs {', '.join(dirs)}\n",
         "Wall time of each step run once, model loads included; test pairs unless noted. "
         "Each column: its directory, steps finished, the day the last one finished, total.\n",
-        *(f"- {m}: {provenance(d)}\n" for m, d in dirs.items()),
+        "".join(f"- {m}: {provenance(d)}\n" for m, d in dirs.items()),
         markdown_table(table.set_index("quantity")),
         "\n## Steps\n",
         markdown_table(step_table({model: times} | {m: finished(d) for m, d in beside.items()})),
