@@ -176,7 +176,8 @@ def lookup(out: Path, experiment: str, filters: dict) -> str:
 def report(out: Path, model: str, times: dict[str, float], beside: dict[str, Path]) -> str:
     """The markdown report: the paper's numbers next to ours (and next to the other models'
     `beside`), and the steps' times."""
-    dirs = {model: out} | beside
+    first = compose([]).model.name  # the default model's column first, then by name
+    dirs = dict(sorted(({model: out} | beside).items(), key=lambda md: (md[0] != first, md[0])))
     rows = [(q, p, *(lookup(d, e, f) for d in dirs.values()), e) for q, p, e, f in COMPARE]
     table = pd.DataFrame(rows, columns=["quantity", "paper (GPT-2 small)", *dirs, "experiment"])
     parts = [

@@ -97,13 +97,13 @@ def test_report_puts_other_models_beside_and_rewrites_from_finished_steps(tmp_pa
     paper.main([*args, "--out", str(other), "dataset.n_test_pairs=20"])
     paper.main(["--report-only", "--out", str(first), "--beside", str(other), "model=tiny"])
     report = (first / "REPORT.md").read_text()
-    assert "# Paper numbers vs tiny, other-model" in report
-    assert "| quantity | paper (GPT-2 small) | tiny | other-model | experiment |" in report
+    assert "# Paper numbers vs other-model, tiny" in report  # columns by name after the default's
+    assert "| quantity | paper (GPT-2 small) | other-model | tiny | experiment |" in report
     row = next(r for r in report.splitlines() if r.startswith("| clean logit difference |"))
-    ours, theirs = row.split(" | ")[2:4]
+    theirs, ours = row.split(" | ")[2:4]
     assert ours == paper.lookup(first, "ioi_baseline", paper.COMPARE[1][3])
     assert theirs == paper.lookup(other, "ioi_baseline", paper.COMPARE[1][3]) != "n/a"
-    assert "| step (s) | tiny | other-model |" in report
+    assert "| step (s) | other-model | tiny |" in report
     assert f"- other-model: {other}, 1 of {len(paper.STEPS)} steps" in report
     # --report-only ran nothing: the finished step's metrics are untouched
     assert (first / "ioi_baseline" / C.DONE).exists() and not (first / "ioi_mlp8_das").exists()
