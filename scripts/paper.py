@@ -187,7 +187,9 @@ def report(out: Path, model: str, times: dict[str, float], beside: dict[str, Pat
         "".join(f"- {m}: {provenance(d)}\n" for m, d in dirs.items()),
         markdown_table(table.set_index("quantity")),
         "\n## Steps\n",
-        markdown_table(step_table({model: times} | {m: finished(d) for m, d in beside.items()})),
+        markdown_table(
+            step_table({m: times if m == model else finished(d) for m, d in dirs.items()})
+        ),
         "\n## Per-experiment summaries\n",
     ]
     for e in times:
