@@ -75,6 +75,7 @@ from mlpim.engine import fastpath
 from mlpim.engine.fastpath import MLP_SITES, first_block
 from mlpim.engine.interventions import Prepared, patched_end_logits, patched_end_loss, prepare
 from mlpim.engine.subspace import RotatedSubspace
+from mlpim.errors import MlpimError
 from mlpim.experiments.common import model_for, seed_everything, site_of
 from mlpim.tasks.ioi import paper_pairs
 
@@ -507,9 +508,17 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = compose(["device=cpu", *overrides])
+    if cfg.site.layer is None and cfg.model.signal_peak is not None:  # no landmarks (Gemma 3)
+        print(
+            f"{cfg.model.name} has no landmarks; timing layer {cfg.model.signal_peak} (signal_peak)"
+        )
+        cfg = compose(["device=cpu", *overrides, f"site.layer={cfg.model.signal_peak}"])
     seed_everything(cfg.seed)
     model = model_for(cfg)
-    kind, layer = site_of(cfg, model)
+    try:
+        kind, layer = site_of(cfg, model)
+    except MlpimError as e:
+        sys.exit(f"bench: error: {e}")
     k, bs = int(cfg.method.dim), cfg.dataset.batch_size
     batches = paper_pairs(model.tokenizer, cfg.dataset, "train", cfg.seed)
     print(
