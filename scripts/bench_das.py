@@ -24,9 +24,10 @@ thread count and optimiser (Adam, lr `method.lr`, CE over the full vocabulary at
       (given the attention mask and mask-derived positions of the left-padded batches).
 
 Preparation (`prep_s`, and `prep_s_per_batch`) is `prepare(...)` over all batches: one base and
-one source run per batch without gradients, and the runtime guard on batch 0. pyvene prepares
-nothing (its row's `prep_s` is building the `IntervenableModel`): it runs both forwards at
-every step, inside its epoch time.
+one source run per batch without gradients (the sources that are their base prompt, half of
+the paper's train pairs, take the base run's activations), and the runtime guard on batch 0.
+pyvene prepares nothing (its row's `prep_s` is building the `IntervenableModel`): it runs both
+forwards at every step, inside its epoch time.
 
 Before timing, the patched END logits of one batch are compared: kernel and cache vs plain (<= 1e-4) and
 pyvene vs ours (<= 1e-3) with the same basis, copied into pyvene's rotate layer. pyvene's

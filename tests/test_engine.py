@@ -470,3 +470,41 @@ def test_prepare_in_length_groups_equals_one_group(any_model, engine, monkeypatc
         ours, ref = (patched_end_logits(model, p, patching.full) for p in (grouped, whole))
     assert max_diff(ours, ref) <= TOL
     assert max_diff(ref, whole.clean_logits) > 10 * TOL
+
+
+def test_same_prompts_compares_real_tokens_and_the_column_from_end():
+    a = left_pad([[1, 2, 3], [4, 5]], 0)
+    b = left_pad([[1, 2, 3], [6, 6, 6, 6]], 0)  # wider: row 0 is padded differently
+    batch = lambda t, pos: PromptBatch(t[0], t[1], pos, t[2], t[2])  # noqa: E731
+    base, source = batch(a, torch.tensor([2, 2])), batch(b, torch.tensor([3, 3]))
+    assert patching.same_prompts(base, source).tolist() == [True, False]
+    moved = batch(b, torch.tensor([2, 3]))  # row 0 patched one column earlier
+    assert patching.same_prompts(base, moved).tolist() == [False, False]
+
+
+@pytest.mark.parametrize("engine", ("kernel", "cache", "full"))
+@pytest.mark.parametrize("kind", ("resid_post", "mlp_post", "z"))
+def test_a_source_that_is_its_base_prompt_takes_the_base_run(tiny_llama, engine, kind, monkeypatch):
+    """Rows whose source is the base prompt itself (IOI's same-pattern train pairs) take the
+    base run's activations without a source run; they equal a plain run of the whole source
+    batch, the other rows run alone, and the full patch of those rows is the clean run."""
+    model, site = tiny_llama, (kind, 1)
+    base, other = prompts(model, 1), prompts(model, 2, LENGTHS)
+    same = torch.tensor([True, False, True])
+    pick = lambda a, b: torch.where(same[:, None] if a.dim() == 2 else same, a, b)  # noqa: E731
+    fields = ("tokens", "mask", "pos", "answer", "other")
+    source = PromptBatch(*(pick(getattr(base, f), getattr(other, f)) for f in fields))
+    pb = PairBatch(base, source, torch.arange(3) + 5)
+    assert patching.same_prompts(pb.base, pb.source).tolist() == same.tolist()
+    ran = []
+    plain = patching.site_acts
+    monkeypatch.setattr(patching, "site_acts", lambda m, b, n: ran.append(len(b)) or plain(m, b, n))
+    prep = prepare_sites(model, pb, [site], engine)[site]
+    assert ran == [1]  # only the one source that is not its base prompt ran
+    name = prep.name
+    assert torch.equal(prep.source_act[same], prep.base_act[same])
+    assert max_diff(prep.source_act, plain(model, pb.source, [name])[name]) <= TOL
+    with torch.no_grad():
+        patched = patched_end_logits(model, prep, patching.full)
+    assert max_diff(patched[same], prep.clean_logits[same]) <= TOL
+    assert max_diff(patched[~same], prep.clean_logits[~same]) > 10 * TOL

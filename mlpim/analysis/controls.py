@@ -36,7 +36,14 @@ from mlpim.engine.interventions import (
 )
 from mlpim.engine.metrics import fldd, logit_diff
 from mlpim.engine.models import hook_name
-from mlpim.engine.patching import full, site_acts, subspace, work_dtype
+from mlpim.engine.patching import (
+    full,
+    same_prompts,
+    site_acts,
+    source_acts,
+    subspace,
+    work_dtype,
+)
 from mlpim.engine.subspace import RotatedSubspace, check_model, load_subspace
 from mlpim.errors import ConfigError, MlpimError
 
@@ -152,7 +159,8 @@ def with_resid_mid(model, prepared: list[Prepared], layer: int) -> list[Prepared
     out = []
     for p in prepared:
         base_mid = site_acts(model, p.pairs.base, [name])[name]
-        src_mid = site_acts(model, p.pairs.source, [name])[name]
+        same = same_prompts(p.pairs.base, p.pairs.source)  # a source that is its base: no run
+        src_mid = source_acts(model, p.pairs.source, [name], same, {name: base_mid})[name]
         out.append(replace(p, source_act=torch.cat([p.source_act, src_mid, base_mid], -1)))
     return out
 

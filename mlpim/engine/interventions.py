@@ -31,8 +31,9 @@ from mlpim.engine.patching import (
     length_groups,
     patched_logits,
     run_cache,
+    same_prompts,
     select_rows,
-    site_acts,
+    source_acts,
 )
 from mlpim.tasks.batch import PairBatch, PromptBatch
 
@@ -83,14 +84,17 @@ Site = tuple[str, int]  # (kind, layer)
 
 def prepare_sites(model, pb: PairBatch, sites: list[Site], engine: str) -> dict[Site, Prepared]:
     """For several sites of one batch: the base runs (END logits, site activations, and the
-    kernel's state or the model's own KV cache) and the source runs up to the last site's block,
-    all without gradients."""
+    kernel's state or the model's own KV cache) and the source runs up to the last site's block
+    (a source that is its own base prompt, as IOI's same-pattern pairs, takes the base run's
+    activations), all without gradients."""
     names = {s: validate_site(model, *s) for s in sites}
     if engine == "cache":
         logits, acts, states = cache_base(model, pb.base, names)
     else:
         logits, acts, states = grouped_base(model, pb.base, names, kernel=engine == "kernel")
-    source = site_acts(model, pb.source, sorted(set(names.values())))
+    own = {n: acts[s] for s, n in names.items()}  # a source that is its base prompt: no run
+    same = same_prompts(pb.base, pb.source)
+    source = source_acts(model, pb.source, sorted(own), same, own)
     return {
         site: Prepared(pb, name, engine, acts[site], source[name], logits, states[site])
         for site, name in names.items()

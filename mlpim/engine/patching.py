@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mlpim.tasks.batch import PromptBatch
@@ -134,6 +134,34 @@ def site_acts(model, batch: PromptBatch, names: list[str]) -> dict[str, Float[Te
         for n in names:
             act = at(cache[n], sub.pos)
             out.setdefault(n, act.new_empty(len(batch), *act.shape[1:]))[rows] = act
+    return out
+
+
+def same_prompts(a: PromptBatch, b: PromptBatch) -> Bool[Tensor, " b"]:
+    """Rows where `a` and `b` hold the same prompt patched at the same column from its END."""
+    real = lambda x, i: x.tokens[i][x.mask[i].bool()]  # noqa: E731
+    return torch.tensor(
+        [
+            a.end - int(a.pos[i]) == b.end - int(b.pos[i]) and torch.equal(real(a, i), real(b, i))
+            for i in range(len(a))
+        ],
+        dtype=torch.bool,
+    )
+
+
+def source_acts(
+    model, source: PromptBatch, names: list[str], same: Bool[Tensor, " b"], own: dict[str, Tensor]
+) -> dict[str, Float[Tensor, "b ..."]]:
+    """`site_acts` of the source prompts, where rows `same` are the base prompt itself and take
+    the base run's own activations `own` (name -> [b, ...]) instead of running again."""
+    rest = (~same).nonzero().squeeze(1)
+    if len(rest) == len(source):
+        return site_acts(model, source, names)
+    out = {n: own[n].clone() for n in names}
+    if len(rest):
+        ran = site_acts(model, select_rows(source, rest), names)
+        for n in names:
+            out[n][rest] = ran[n]
     return out
 
 
