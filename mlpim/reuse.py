@@ -64,11 +64,16 @@ def hits() -> dict[str, int]:
 
 
 def memo(
-    kind: str, key: tuple, compute: Callable[[], T], valid: Callable[[T], bool] | None = None
+    kind: str,
+    key: tuple | Callable[[], tuple],
+    compute: Callable[[], T],
+    valid: Callable[[T], bool] | None = None,
 ) -> T:
-    """`compute()`, or the value kept under (kind, key) in the open session (if `valid` says so)."""
+    """`compute()`, or the value kept under (kind, key) in the open session (if `valid` says so).
+    A callable `key` is only computed inside a session (hashing weights costs time)."""
     if _current is None:
         return compute()
+    key = key() if callable(key) else key
     store = _current.values.setdefault(kind, OrderedDict())
     if key in store and (valid is None or valid(store[key])):
         store.move_to_end(key)
@@ -82,7 +87,10 @@ def memo(
 
 
 def replay(
-    kind: str, key: tuple, compute: Callable[[], T], valid: Callable[[T], bool] | None = None
+    kind: str,
+    key: tuple | Callable[[], tuple],
+    compute: Callable[[], T],
+    valid: Callable[[T], bool] | None = None,
 ) -> T:
     """Like `memo` for a computation that draws from torch's global RNG: a hit returns a deep
     copy of the kept value and sets the RNG to the state the computation left it in."""

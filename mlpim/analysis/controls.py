@@ -169,7 +169,7 @@ def augmented_splits(
     model, splits: dict[str, list[Prepared]], layer: int
 ) -> dict[str, list[Prepared]]:
     """The same pairs prepared at `mlp_out` of `layer`, with resid_mid appended (`with_resid_mid`)."""
-    key = (tuple((s, prepared_key(model, p)) for s, p in splits.items()), layer)
+    key = lambda: (tuple((s, prepared_key(model, p)) for s, p in splits.items()), layer)  # noqa: E731
     return dict(reuse.memo("augmented", key, lambda: _augmented(model, splits, layer)))
 
 
@@ -203,8 +203,8 @@ def train_random_das(
 ) -> tuple[RandomMLPPatch, pd.DataFrame]:
     """DAS on the random MLP's hidden acts: the loss, optimiser and schedule of `mlpim.engine.das`.
     The test pairs only add test IIA to the history: a run kept with them serves a run without."""
-    test_key = prepared_key(model, test or None)
-    key = (prepared_key(model, train), layer, reuse.digest(mlp), method, seed)
+    test_key = prepared_key(model, test or None) if reuse.enabled() else None
+    key = lambda: (prepared_key(model, train), layer, reuse.digest(mlp), method, seed)  # noqa: E731
 
     def compute():
         torch.manual_seed(seed)
@@ -216,7 +216,7 @@ def train_random_das(
     patch, history, _ = reuse.replay(
         "random_das", key, compute, valid=lambda kept: test_key in (None, kept[2])
     )
-    if test_key is None and "test_iia" in history:
+    if not test and "test_iia" in history:
         history = history.drop(columns="test_iia")
     return patch, history
 

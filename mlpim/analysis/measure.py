@@ -270,7 +270,7 @@ def _reader(out: list, pos: Tensor, stop: bool):
 
 def natural_acts(model, batches: list, kind: str, layers: list[int]) -> dict[int, Tensor]:
     """Per layer, the site's activations at each prompt's END over prompt batches (no grad)."""
-    key = (reuse.weights_hash(model), reuse.digest(batches), kind, tuple(layers))
+    key = lambda: (reuse.weights_hash(model), reuse.digest(batches), kind, tuple(layers))  # noqa: E731
     kept = reuse.memo("natural", key, lambda: _natural_acts(model, batches, kind, layers))
     return {L: t.clone() for L, t in kept.items()}
 

@@ -71,7 +71,7 @@ def train_das(
     progress: bool = True,
 ) -> tuple[RotatedSubspace, pd.DataFrame]:
     """DAS from a seeded random orthonormal basis; returns the trained basis and its history."""
-    key = (prepared_key(model, train), prepared_key(model, test or None), method, seed)
+    key = lambda: (prepared_key(model, train), prepared_key(model, test or None), method, seed)  # noqa: E731
 
     def compute() -> tuple[RotatedSubspace, pd.DataFrame]:
         torch.manual_seed(seed)  # the orthogonal parametrization draws from the global generator

@@ -143,7 +143,7 @@ def prepare(
             "resid_mid cannot be patched: TransformerBridge's hook_resid_mid only feeds the MLP's input; patch resid_post of layer-1 or attn_out instead"
         )
     chosen = choose_engine(model, engine, batches, kind)
-    key = (reuse.weights_hash(model), reuse.digest(batches), kind, layer, chosen)
+    key = lambda: (reuse.weights_hash(model), reuse.digest(batches), kind, layer, chosen)  # noqa: E731
     return list(reuse.memo("prepare", key, lambda: _prepare(model, batches, kind, layer, chosen)))
 
 
