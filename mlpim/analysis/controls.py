@@ -38,7 +38,6 @@ from mlpim.engine.metrics import fldd, logit_diff
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import (
     full,
-    same_prompts,
     site_acts,
     source_acts,
     subspace,
@@ -159,8 +158,8 @@ def with_resid_mid(model, prepared: list[Prepared], layer: int) -> list[Prepared
     out = []
     for p in prepared:
         base_mid = site_acts(model, p.pairs.base, [name])[name]
-        same = same_prompts(p.pairs.base, p.pairs.source)  # a source that is its base: no run
-        src_mid = source_acts(model, p.pairs.source, [name], same, {name: base_mid})[name]
+        own = {name: base_mid}  # a source that is its base prompt: no run
+        src_mid = source_acts(model, p.pairs.base, p.pairs.source, [name], own)[name]
         out.append(replace(p, source_act=torch.cat([p.source_act, src_mid, base_mid], -1)))
     return out
 

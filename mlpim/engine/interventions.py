@@ -31,7 +31,6 @@ from mlpim.engine.patching import (
     length_groups,
     patched_logits,
     run_cache,
-    same_prompts,
     select_rows,
     source_acts,
 )
@@ -93,8 +92,7 @@ def prepare_sites(model, pb: PairBatch, sites: list[Site], engine: str) -> dict[
     else:
         logits, acts, states = grouped_base(model, pb.base, names, kernel=engine == "kernel")
     own = {n: acts[s] for s, n in names.items()}  # a source that is its base prompt: no run
-    same = same_prompts(pb.base, pb.source)
-    source = source_acts(model, pb.source, sorted(own), same, own)
+    source = source_acts(model, pb.base, pb.source, sorted(own), own)
     return {
         site: Prepared(pb, name, engine, acts[site], source[name], logits, states[site])
         for site, name in names.items()

@@ -150,11 +150,11 @@ def same_prompts(a: PromptBatch, b: PromptBatch) -> Bool[Tensor, " b"]:
 
 
 def source_acts(
-    model, source: PromptBatch, names: list[str], same: Bool[Tensor, " b"], own: dict[str, Tensor]
+    model, base: PromptBatch, source: PromptBatch, names: list[str], own: dict[str, Tensor]
 ) -> dict[str, Float[Tensor, "b ..."]]:
-    """`site_acts` of the source prompts, where rows `same` are the base prompt itself and take
-    the base run's own activations `own` (name -> [b, ...]) instead of running again."""
-    rest = (~same).nonzero().squeeze(1)
+    """`site_acts` of the source prompts, where a row that is its base prompt (`same_prompts`)
+    takes the base run's own activations `own` (name -> [b, ...]) instead of running again."""
+    rest = (~same_prompts(base, source)).nonzero().squeeze(1)
     if len(rest) == len(source):
         return site_acts(model, source, names)
     out = {n: own[n].clone() for n in names}
