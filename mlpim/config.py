@@ -140,9 +140,9 @@ def experiment_runners() -> dict[str, str]:
 
 def register_configs() -> None:
     """Register the schemas: `mlpim/conf/config.yaml` extends `config_schema`, and selects the
-    chosen experiment's options (`extra/<experiment>`: its `mlpim.experiments.options` class,
+    chosen experiment's options (`extra/<experiment>`: its `mlpim.options` class,
     not in struct mode, so that an unknown key reaches `preflight` and its one-line error)."""
-    from mlpim.experiments.options import OPTIONS
+    from mlpim.options import OPTIONS
 
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)

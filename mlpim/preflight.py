@@ -178,8 +178,8 @@ def check_unknown_keys(cfg: DictConfig) -> None:
 
 
 def check_options(cfg: DictConfig) -> None:
-    """Every `extra.*` key is an option of the experiment (`mlpim.experiments.options`)."""
-    from mlpim.experiments.options import OPTIONS, check_keys
+    """Every `extra.*` key is an option of the experiment (`mlpim.options`)."""
+    from mlpim.options import OPTIONS, check_keys
 
     options = OPTIONS.get(cfg.get("runner"))
     if options is not None:  # an unknown runner is refused when the run starts

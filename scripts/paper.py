@@ -34,8 +34,8 @@ from mlpim import constants as C
 from mlpim import reuse
 from mlpim.config import CONF_DIR, compose, experiment_runners
 from mlpim.errors import MlpimError
-from mlpim.experiments.options import OPTIONS, option_names
 from mlpim.identity import input_hashes
+from mlpim.options import OPTIONS, option_names
 from mlpim.preflight import override_key
 from mlpim.report.io import markdown_table
 from mlpim.run import RunDirError, check_run_dir, read_done, run

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from mlpim.config import CONF_DIR, compose, experiment_runners
 from mlpim.errors import MlpimError
 from mlpim.experiments import runner_names
-from mlpim.experiments.options import OPTIONS, option_names
+from mlpim.options import OPTIONS, option_names
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -183,7 +183,7 @@ def test_experiment_yaml_agrees_with_its_options(name):
 
 
 def test_options_are_typed_dataclasses_for_the_runner():
-    from mlpim.experiments.options import IoiDormantOptions, options
+    from mlpim.options import IoiDormantOptions, options
 
     cfg = compose(["experiment=ioi_dormant", "model=smollm2-135m", "extra.n_per_combo=7"])
     opts = options(cfg, IoiDormantOptions)

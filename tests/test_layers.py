@@ -1,12 +1,12 @@
 """Layers only point down: a short AST scan of every `import` in mlpim (lazy ones included).
 
-Order, low to high: base (errors, constants, files, lock, the shared batch types
+Order, low to high: base (errors, constants, files, lock, reuse, options, the shared batch types
 `mlpim.tasks.batch`) < engine < tasks < analysis < report < experiments < top (config, preflight,
 identity, run, sweep, cli). A module may import its own layer and those below. Besides: engine/
 never imports omegaconf or hydra (it takes plain arguments); engine/ and tasks/ share only the
 batch types (neither imports the other otherwise); analysis/ imports neither report/
 nor `mlpim.files` (it computes and returns, and writes no files); no experiment module imports
-another (`common` and `options` are shared, not experiments).
+another (`common` is shared, not an experiment).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import mlpim
 PACKAGE = Path(mlpim.__file__).resolve().parent
 LAYERS = ("base", "engine", "tasks", "analysis", "report", "experiments", "top")
 BASE = {"mlpim", "mlpim.errors", "mlpim.constants", "mlpim.files", "mlpim.lock", "mlpim.reuse"}
+BASE |= {"mlpim.options"}  # each experiment's typed options (its `extra` config group)
 SHARED_BATCH = "mlpim.tasks.batch"  # the batch types engine and tasks both use
 SHARED_EXPERIMENT_MODULES = {"mlpim.experiments", "mlpim.experiments.common"}
-SHARED_EXPERIMENT_MODULES |= {"mlpim.experiments.options"}
 PENDING: set[tuple[str, str]] = set()  # imports allowed for now: none
 
 

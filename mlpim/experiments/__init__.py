@@ -1,7 +1,7 @@
 """Experiments: one module per runner named in `conf/experiment/*.yaml` (`runner:`).
 
 Each module has `run(cfg, run_dir) -> metrics DataFrame` (and optionally `summarize`); its options
-(`extra.*`) are its dataclass in `mlpim.experiments.options`. `common` holds the steps runners
+(`extra.*`) are its dataclass in `mlpim.options`. `common` holds the steps runners
 share; no experiment module imports another.
 """
 

@@ -26,8 +26,8 @@ from mlpim.analysis import nullspace as ns
 from mlpim.engine import metrics
 from mlpim.engine.interventions import prepare
 from mlpim.experiments.common import das_settings, model_for, predictor
-from mlpim.experiments.options import FactEditingOptions as Options
-from mlpim.experiments.options import options
+from mlpim.options import FactEditingOptions as Options
+from mlpim.options import options
 from mlpim.report import io
 from mlpim.tasks.facts import fact_task
 

@@ -27,8 +27,8 @@ from mlpim.engine.interventions import Prepared, prepare
 from mlpim.engine.patching import full, subspace
 from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.experiments.common import das_settings, model_for, model_spec, predictor
-from mlpim.experiments.options import FactPatchingOptions as Options
-from mlpim.experiments.options import options
+from mlpim.options import FactPatchingOptions as Options
+from mlpim.options import options
 from mlpim.report import io
 from mlpim.tasks.facts import FactTask, fact_task
 

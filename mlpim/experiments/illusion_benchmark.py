@@ -30,7 +30,7 @@ from mlpim.experiments.common import (
     reference_store,
     require_ioi,
 )
-from mlpim.experiments.options import IllusionBenchmarkOptions, options
+from mlpim.options import IllusionBenchmarkOptions, options
 from mlpim.report import illusion as report
 from mlpim.report import io
 from mlpim.tasks import task_splits

@@ -31,7 +31,7 @@ from mlpim.experiments.common import (
     reference_store,
     saved_direction,
 )
-from mlpim.experiments.options import IllusionCheckOptions, options
+from mlpim.options import IllusionCheckOptions, options
 from mlpim.report import illusion as report
 from mlpim.report import io
 

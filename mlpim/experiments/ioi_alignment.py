@@ -29,7 +29,7 @@ from mlpim.engine.interventions import patch_each
 from mlpim.engine.models import hook_name
 from mlpim.errors import ConfigError
 from mlpim.experiments.common import das_direction, model_for, require_ioi
-from mlpim.experiments.options import IoiAlignmentOptions, options
+from mlpim.options import IoiAlignmentOptions, options
 from mlpim.report import io
 from mlpim.tasks.ioi import IOIBatch, make_pairs, make_prompts
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from mlpim.engine import metrics
 from mlpim.engine.patching import logits_end
 from mlpim.experiments.common import model_for, require_ioi
-from mlpim.experiments.options import NoOptions, options
+from mlpim.options import NoOptions, options
 from mlpim.report import io
 from mlpim.tasks.ioi import IOIBatch, make_prompts
 

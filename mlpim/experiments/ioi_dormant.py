@@ -29,8 +29,8 @@ from mlpim.engine.interventions import clean_metrics, evaluate, prepare
 from mlpim.engine.patching import subspace
 from mlpim.errors import ConfigError
 from mlpim.experiments.common import das_basis, model_for, require_ioi, site_of
-from mlpim.experiments.options import IoiDormantOptions as Options
-from mlpim.experiments.options import options
+from mlpim.options import IoiDormantOptions as Options
+from mlpim.options import options
 from mlpim.report import io
 from mlpim.report.dormant import plot_dormant, summarize, summary_markdown
 from mlpim.tasks.ioi import make_pairs

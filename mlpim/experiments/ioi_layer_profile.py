@@ -29,8 +29,8 @@ from mlpim.engine.models import site_width
 from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.errors import ConfigError
 from mlpim.experiments.common import das_settings, model_for, model_spec, predictor
-from mlpim.experiments.options import IoiLayerProfileOptions as Options
-from mlpim.experiments.options import options
+from mlpim.options import IoiLayerProfileOptions as Options
+from mlpim.options import options
 from mlpim.report import io
 from mlpim.report.layer_profile import profile_plot, summarize, summary_markdown
 from mlpim.tasks import task_splits

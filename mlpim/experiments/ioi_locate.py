@@ -13,8 +13,8 @@ from mlpim.analysis import landmarks as lmk
 from mlpim.engine import metrics
 from mlpim.engine.interventions import patch_each
 from mlpim.experiments.common import model_for, predictor
-from mlpim.experiments.options import IoiLocateOptions as Options
-from mlpim.experiments.options import options
+from mlpim.options import IoiLocateOptions as Options
+from mlpim.options import options
 from mlpim.report import io
 from mlpim.tasks import task_splits
 from mlpim.tasks.ioi import PairBatch, make_pairs

@@ -22,8 +22,8 @@ from mlpim.engine.interventions import clean_metrics, evaluate
 from mlpim.engine.patching import full
 from mlpim.errors import ConfigError
 from mlpim.experiments.common import das_settings, model_for, paper_splits, site_of
-from mlpim.experiments.options import IoiNeuronBudgetOptions as Options
-from mlpim.experiments.options import options
+from mlpim.options import IoiNeuronBudgetOptions as Options
+from mlpim.options import options
 from mlpim.report import io
 from mlpim.report.neuron_budget import budget_plot, summarize, summary_markdown
 

@@ -29,8 +29,8 @@ from mlpim.engine.patching import run_cache, site_acts
 from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.errors import ConfigError
 from mlpim.experiments.common import das_direction, model_for, model_spec, paper_splits, site_of
-from mlpim.experiments.options import IoiNullspaceOptions as Options
-from mlpim.experiments.options import options
+from mlpim.options import IoiNullspaceOptions as Options
+from mlpim.options import options
 from mlpim.report import io
 from mlpim.report.plots import table1_plot
 from mlpim.tasks.batch import PromptBatch

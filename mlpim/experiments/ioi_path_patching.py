@@ -22,8 +22,8 @@ from mlpim.analysis import paths
 from mlpim.engine.models import validate_site
 from mlpim.engine.patching import full, subspace
 from mlpim.experiments.common import model_for, require_ioi, saved_or_trained
-from mlpim.experiments.options import IoiPathPatchingOptions as Options
-from mlpim.experiments.options import options
+from mlpim.options import IoiPathPatchingOptions as Options
+from mlpim.options import options
 from mlpim.report import io
 from mlpim.report.path_patching import heatmaps, summarize, summary_markdown
 from mlpim.tasks.ioi import paper_pairs

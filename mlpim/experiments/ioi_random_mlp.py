@@ -29,8 +29,8 @@ from mlpim.engine.interventions import Prepared, clean_metrics, evaluate
 from mlpim.engine.patching import full, subspace
 from mlpim.errors import ConfigError
 from mlpim.experiments.common import das_basis, das_settings, model_for, paper_splits, site_of
-from mlpim.experiments.options import IoiRandomMlpOptions as Options
-from mlpim.experiments.options import options
+from mlpim.options import IoiRandomMlpOptions as Options
+from mlpim.options import options
 from mlpim.report import io
 
 log = logging.getLogger(__name__)

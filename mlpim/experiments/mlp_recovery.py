@@ -20,8 +20,8 @@ from omegaconf import DictConfig
 from mlpim.analysis import recovery as R
 from mlpim.errors import ConfigError
 from mlpim.experiments.common import model_for, seed_everything
-from mlpim.experiments.options import MlpRecoveryOptions as Options
-from mlpim.experiments.options import options
+from mlpim.options import MlpRecoveryOptions as Options
+from mlpim.options import options
 from mlpim.report import io
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from mlpim.engine.patching import full, subspace
 from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.errors import ConfigError
 from mlpim.experiments.common import model_for, model_spec, paper_splits, saved_or_trained, site_of
-from mlpim.experiments.options import NoOptions, options
+from mlpim.options import NoOptions, options
 from mlpim.report import io
 from mlpim.report.plots import table1_plot
 

@@ -15,8 +15,8 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from mlpim.analysis import toy
-from mlpim.experiments.options import ToyIllusionOptions as Options
-from mlpim.experiments.options import options
+from mlpim.options import ToyIllusionOptions as Options
+from mlpim.options import options
 from mlpim.report import io
 from mlpim.report.toy import classification_section, patch_sections, plot
 
