@@ -11,7 +11,7 @@ All paths use the same model, the same training pairs
 the model's MLP-in-the-middle landmark, k = `method.dim`), the same initial basis, batch size,
 thread count and optimiser (Adam, lr `method.lr`, CE over the full vocabulary at END):
 
-  (a) kernel `prepare(..., engine="kernel")` (GPT-2/Llama shapes only; `fastpath.unsupported`
+  (a) kernel `prepare(..., engine="kernel")` (GPT-2/Llama/Gemma 3 shapes only; `fastpath.unsupported`
              says why not elsewhere) + the `train_das` inner loop (END-only resume, unembedding
              fused with the cross-entropy),
   (b) cache  `prepare(..., engine="cache")`: the model's own forward resumed from its own KV

@@ -36,6 +36,22 @@ def tiny_llama():
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3():
+    """Random 3-layer Gemma 3 (QK norms, sandwich norms, sliding window 4 on layers 0 and 2),
+    with every RMSNorm weight random: Gemma's norms start at weight 0 (a scale of 1), where a
+    norm applied twice to a normalised vector, or left out there, would not show."""
+    import torch
+
+    model = _model(["model=tiny", "model.arch=gemma3"])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, w in model.original_model.named_parameters():
+            if "norm" in name:
+                w.copy_(0.5 * torch.randn(w.shape, generator=gen))
+    return model
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2_compat():
     """Tiny GPT-2 with `model.compat=true`: the processing used for GPT-2 small (folded LN ...)."""
     return _model(["model=tiny", "model.compat=true"])

@@ -14,6 +14,11 @@ Effects on the logit difference LD = logit(IO) - logit(S) of the base prompts:
   through the final norm with its scale frozen at the run's own value.
 With `frozen=True` the first two use the clean run's frozen final-norm scale too, which makes
 them linear in the head outputs (they add up to the change of the final residual's DLA).
+Where a block normalises its attention output before the residual (Gemma 3's ln1_post), a head's
+output is what it adds before that norm, and the norm is recomputed (`head_deltas`); so per-head
+effects are not additive there, and `dla` freezes that norm's scale at the run's own.
+
+`run_trace` stops with one line unless the clean END trace gives the model's own END logits.
 
 `path_patch` measures all of them for a list of `Intervention`s (and the whole source prompt,
 `source_run`) over pair batches, as the tidy table ioi_path_patching writes.
@@ -31,6 +36,7 @@ from tqdm.auto import tqdm
 
 from mlpim.analysis.rows import metric_rows
 from mlpim.engine import fastpath, metrics
+from mlpim.engine.interventions import EngineMismatchError, tolerance
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import Setter, run_cache
 from mlpim.tasks.batch import PairBatch, PromptBatch
@@ -71,12 +77,6 @@ def norm(module, x: Float[Tensor, "b ... d"]) -> Float[Tensor, "b ... d"]:
     return module(flat).reshape(x.shape)
 
 
-def mlp_out(model, i: int, mid: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
-    """Block i's MLP output for END residual `mid`."""
-    blk = model.blocks[i]
-    return blk.mlp(blk.ln2(mid[:, None]))[:, 0]
-
-
 def trace(model, state: fastpath.EndState, h: Float[Tensor, "b d"], start: int) -> EndTrace:
     """Run the END token from residual `h` before block `start` to the final residual."""
     pre, zs, outs = {}, {}, {}
@@ -84,7 +84,7 @@ def trace(model, state: fastpath.EndState, h: Float[Tensor, "b d"], start: int) 
         pre[i] = h
         zs[i] = fastpath.attn_end(model, i, norm(model.blocks[i].ln1, h), state)
         mid = h + fastpath.attn_out_from_z(model, i, zs[i])
-        outs[i] = mlp_out(model, i, mid)
+        outs[i] = fastpath.mlp_out(model, i, mid)
         h = mid + outs[i]
     return EndTrace(start=start, resid_pre=pre, z=zs, mlp_out=outs, final=h)
 
@@ -107,10 +107,49 @@ def patched_trace(
     return trace(model, state, site_resid(model, clean, kind, layer, act), layer + 1)
 
 
-def head_outputs(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b h d"]:
-    """Each head's contribution to block i's attention output (b_O left out)."""
+def _head_writes(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b h d"]:
+    """Each head's z times its W_O slice: what it adds before any post-attention norm."""
     w = fastpath.attn_weights(model, i)
     return torch.einsum("bhe,hed->bhd", z, w.o.view(w.n_heads, -1, w.o.shape[-1]))
+
+
+def _post_attn(model, i: int):
+    """Block i's norm between the attention and the residual (Gemma 3's ln1_post), or None."""
+    return getattr(model.blocks[i], "ln1_post", None)
+
+
+def head_outputs(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b h d"]:
+    """Each head's contribution to block i's attention output (b_O left out). Through a
+    post-attention norm (an RMSNorm), its scale frozen at this z's own: they add up to the
+    block's hook_attn_out less b_O's share."""
+    writes, post = _head_writes(model, i, z), _post_attn(model, i)
+    if post is None:
+        return writes
+    w = fastpath.attn_weights(model, i)
+    pre = z.reshape(z.shape[0], -1) @ w.o + w.bo
+    return writes * rms_gain(post, pre)[:, None]
+
+
+def rms_gain(ln, x: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
+    """The elementwise factor by which the RMSNorm `ln` scales x: weight / rms(x)."""
+    if not ln.uses_rms_norm:
+        raise ValueError("a frozen post-attention norm must be an RMSNorm")
+    weight = (1.0 + ln.weight) if ln.uses_weight_offset else ln.weight
+    return weight / (x.pow(2).mean(-1, keepdim=True) + getattr(ln.config, "eps", 1e-6)).sqrt()
+
+
+def head_deltas(
+    model, i: int, z_new: Float[Tensor, "b h dh"], z_clean: Float[Tensor, "b h dh"]
+) -> Float[Tensor, "b h d"]:
+    """Per head: the change of block i's attention output (hook_attn_out) when that head's z
+    alone is z_new's and the others stay clean; a post-attention norm is recomputed."""
+    new, old = _head_writes(model, i, z_new), _head_writes(model, i, z_clean)
+    post = _post_attn(model, i)
+    if post is None:
+        return new - old
+    w = fastpath.attn_weights(model, i)
+    pre = z_clean.reshape(z_clean.shape[0], -1) @ w.o + w.bo
+    return norm(post, pre[:, None] + (new - old)) - norm(post, pre)[:, None]
 
 
 def readout(model, io: Int[Tensor, " b"], s: Int[Tensor, " b"]) -> Readout:
@@ -164,7 +203,7 @@ def output_effects(
             model,
             r,
             clean,
-            head_outputs(model, i, patched.z[i]) - head_outputs(model, i, clean.z[i]),
+            head_deltas(model, i, patched.z[i], clean.z[i]),
             frozen,
         )
         for i in patched.z
@@ -202,7 +241,7 @@ def query_effects(
     out = {}
     for i in patched.z:
         z = query_z(model, state, clean, patched, i)
-        delta = head_outputs(model, i, z) - head_outputs(model, i, clean.z[i])
+        delta = head_deltas(model, i, z, clean.z[i])
         out[i] = direct_effect(model, r, clean, delta, frozen)
     return out
 
@@ -218,14 +257,27 @@ def trace_names(model, sites: list[tuple[str, int]]) -> set[str]:
     return fastpath.state_names(model, "resid_pre", 0) | {hook_name(k, layer) for k, layer in sites}
 
 
+def check_trace(model, run: EndTrace, logits: Float[Tensor, "b vocab"]) -> None:
+    """Stop with one line unless the END trace's logits equal the model's own."""
+    ours = model.unembed(model.ln_final(run.final[:, None]))[:, 0]
+    diff, tol = (ours - logits).abs().max().item(), tolerance(logits)
+    if not diff <= tol:
+        raise EngineMismatchError(
+            f"path patching's END trace on {model.cfg.model_name!r} differs from the model's own "
+            f"logits by max |Δ| = {diff:.3g} (tolerance {tol:.3g}): "
+            f"{fastpath.unsupported(model) or 'its blocks are not ones the trace reproduces'}"
+        )
+
+
 def run_trace(
     model, batch: PromptBatch, sites: list[tuple[str, int]]
 ) -> tuple[fastpath.EndState, EndTrace, dict[str, Tensor]]:
     """One forward of `batch`: the prefix state, the full END trace, the END site activations."""
-    _, cache = run_cache(model, batch, trace_names(model, sites))
+    logits, cache = run_cache(model, batch, trace_names(model, sites))
     state = fastpath.state_from_cache(model, cache, "resid_pre", 0, batch.mask)
     with torch.no_grad():
         run = trace(model, state, state.resid_pre, 0)
+        check_trace(model, run, logits)
     acts = {hook_name(k, layer): cache[hook_name(k, layer)][:, -1] for k, layer in sites}
     return state, run, acts
 

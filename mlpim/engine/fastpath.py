@@ -1,11 +1,13 @@
-"""The hand-written END-only kernel for GPT-2- and Llama-shaped blocks (an optimisation).
+"""The hand-written END-only kernel for GPT-2-, Llama- and Gemma-3-shaped blocks (an optimisation).
 
 Attention is causal, so a patch at END leaves every earlier position unchanged. `end_state` runs
 the base prompts once (no gradients) and keeps the prefix keys/values of every later block; then
 `resume` runs a single token per prompt through the remaining blocks against that cache.
-It re-implements attention (1/sqrt(d_head) scale, rotate-half rotary, attention then MLP), so it
-only runs where `unsupported` finds nothing and the runtime guard (`engine.prepare`) has checked
-its unpatched logits against the model's own; everything else uses `engine.cache`.
+It re-implements attention (rotate-half rotary with each block's own cos/sin, the model's query
+scale, QK norms, sliding windows, attention then MLP, with the blocks' post-norms where they
+have them), so it only runs where `unsupported` finds nothing and the runtime guard
+(`engine.prepare`) has checked its unpatched logits against the model's own; everything else
+uses `engine.cache`.
 """
 
 from __future__ import annotations
@@ -37,17 +39,20 @@ class EndState:
     resid_mid: Float[Tensor, "b d"]  # at `layer`
     keys: dict[int, Float[Tensor, "b kv dh prefix"]]  # per block that runs; rotary applied;
     values: dict[int, Float[Tensor, "b kv prefix dh"]]  # laid out for `q @ keys`, `p @ values`
-    rotary: tuple[Tensor, Tensor] | None  # (cos, sin) at END, [b or 1, dh]
+    rotary: dict[int, tuple[Tensor, Tensor]] | None  # per block: (cos, sin) at END, [b or 1, dh]
     key_mask: Bool[Tensor, "b prefix"]  # False on left padding
 
 
-KERNEL_TYPES = ("gpt2", "llama")  # Hugging Face model_type the kernel was written for
+KERNEL_TYPES = ("gpt2", "llama", "gemma3_text")  # Hugging Face model_type it was written for
+
+
+def _conf(model):
+    return getattr(getattr(model, "original_model", None), "config", None)
 
 
 def unsupported(model) -> str | None:
     """Why the kernel cannot run this model (None: it may, subject to the runtime guard)."""
-    hf = getattr(model, "original_model", None)
-    conf = getattr(hf, "config", None)
+    conf = _conf(model)
     kind = getattr(conf, "model_type", None)
     if kind not in KERNEL_TYPES:
         return f"model_type {kind!r} is not one of {KERNEL_TYPES}"
@@ -56,7 +61,25 @@ def unsupported(model) -> str | None:
         return f"rotary scaling {scaling.get('rope_type')!r}"
     if getattr(conf, "scale_attn_by_inverse_layer_idx", False):
         return "attention scaled by the inverse layer index"
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(conf, cap, None):
+            return f"{cap} {getattr(conf, cap)}"
     return None
+
+
+def query_divisor(model, d_head: int) -> float:
+    """q·k is divided by this: sqrt(query_pre_attn_scalar) on Gemma, else sqrt(d_head)."""
+    scalar = getattr(_conf(model), "query_pre_attn_scalar", None)
+    return math.sqrt(scalar or d_head)
+
+
+def window(model, i: int) -> int | None:
+    """Block i's sliding window (None: global attention)."""
+    conf = _conf(model)
+    types = getattr(conf, "layer_types", None)
+    if types is None or types[i] != "sliding_attention":
+        return None
+    return getattr(conf, "sliding_window", None)
 
 
 def first_block(kind: str, layer: int) -> int:
@@ -73,11 +96,10 @@ def state_names(model, kind: str, layer: int) -> set[str]:
     blocks = range(first_block(kind, layer), model.cfg.n_layers)
     k_hook = "hook_rot_k" if _rotary(model) else "hook_k"
     names = {hook_name("resid_pre", layer), hook_name("resid_mid", layer)}
-    names |= {f"blocks.{i}.attn.{k_hook}" for i in blocks} | {
-        f"blocks.{i}.attn.hook_v" for i in blocks
-    }
-    if _rotary(model):
-        names |= {"blocks.0.attn.hook_cos", "blocks.0.attn.hook_sin"}
+    for i in blocks:
+        names |= {f"blocks.{i}.attn.{k_hook}", f"blocks.{i}.attn.hook_v"}
+        if _rotary(model):  # each block's own (Gemma 3: local and global rotary bases)
+            names |= {f"blocks.{i}.attn.hook_cos", f"blocks.{i}.attn.hook_sin"}
     return names
 
 
@@ -87,8 +109,9 @@ def state_from_cache(model, cache, kind: str, layer: int, mask: Tensor) -> EndSt
     blocks = range(first_block(kind, layer), model.cfg.n_layers)
     k_hook = "hook_rot_k" if _rotary(model) else "hook_k"
     rot = None
-    if _rotary(model):  # positions are shared by every block
-        rot = (cache["blocks.0.attn.hook_cos"][:, -1], cache["blocks.0.attn.hook_sin"][:, -1])
+    if _rotary(model):
+        end = lambda i, x: cache[f"blocks.{i}.attn.hook_{x}"][:, -1]  # noqa: E731
+        rot = {i: (end(i, "cos"), end(i, "sin")) for i in blocks}
     keep = mask[:, :-1].bool()
 
     def prefix(name: str, *order: int) -> Tensor:
@@ -129,8 +152,12 @@ def merge_states(parts: list[tuple[Tensor, EndState]], n: int, prefix: int) -> E
 
     rows_of = lambda st: st.resid_pre.shape[0]  # noqa: E731
     rot = None
-    if first.rotary is not None:  # [b or 1, dh] per group
-        rot = tuple(stack(lambda st, j=j: st.rotary[j].expand(rows_of(st), -1)) for j in (0, 1))
+    if first.rotary is not None:  # per block, [b or 1, dh] per group
+
+        def rows(i: int, j: int) -> Tensor:
+            return stack(lambda st: st.rotary[i][j].expand(rows_of(st), -1))
+
+        rot = {i: (rows(i, 0), rows(i, 1)) for i in first.rotary}
     keys = {i: stack(lambda st, i=i: left(st.keys[i], 3)) for i in first.keys}
     values = {i: stack(lambda st, i=i: left(st.values[i], 2)) for i in first.values}
     resid = [stack(lambda st, a=a: getattr(st, a)) for a in ("resid_pre", "resid_mid")]
@@ -204,8 +231,15 @@ def _rotate(x: Float[Tensor, "b h dh"], cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def _qkv(w: AttnWeights, xq: Tensor, xkv: Tensor | None, state: EndState) -> tuple:
-    """END queries [b, h, dh] and END key, value [b, kv, dh]; rotary applied to q and k."""
+def _qk_norm(attn, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """The block's own per-head norms of queries and keys."""
+    return attn.q_norm(q), attn.k_norm(k)
+
+
+def _qkv(model, i: int, xq: Tensor, xkv: Tensor | None, state: EndState) -> tuple:
+    """END queries [b, h, dh] and END key, value [b, kv, dh] of block i; QK norms and rotary
+    applied to q and k."""
+    w = attn_weights(model, i)
     b, h, g = xq.shape[0], w.n_heads, w.n_kv
     if xkv is None:  # one matmul for q, k and v
         qkv = torch.addmm(w.bqkv, xq, w.qkv).view(b, h + 2 * g, -1)
@@ -219,9 +253,20 @@ def _qkv(w: AttnWeights, xq: Tensor, xkv: Tensor | None, state: EndState) -> tup
             dim=1,
         )
     qk, v = qkv[:, : h + g], qkv[:, h + g :]
+    if getattr(model.blocks[i].attn, "q_norm", None) is not None:  # Gemma 3's QK norms
+        qk = torch.cat(_qk_norm(model.blocks[i].attn, qk[:, :h], qk[:, h:]), dim=1)
     if state.rotary is not None:
-        qk = _rotate(qk, *state.rotary)
+        qk = _rotate(qk, *state.rotary[i])
     return qk[:, :h], qk[:, h:], v
+
+
+def key_mask(model, i: int, state: EndState) -> Bool[Tensor, "b prefix"]:
+    """Prefix keys END sees in block i: not padding, and within a sliding window's reach (keys
+    less than `window` columns before END, as the model's mask counts columns)."""
+    w, keep = window(model, i), state.key_mask
+    if w is None or keep.shape[1] < w:
+        return keep
+    return keep & (torch.arange(keep.shape[1]) > keep.shape[1] - w)
 
 
 def attn_end(
@@ -231,35 +276,46 @@ def attn_end(
     xq; both already normalised), against the cached prefix. The END column's own score and
     value are handled apart from the prefix's, so the cached keys/values are never copied."""
     w = attn_weights(model, i)
-    q, k, v = _qkv(w, xq, xkv, state)
+    q, k, v = _qkv(model, i, xq, xkv, state)
     b, g = q.shape[0], w.n_kv
-    q = q.view(b, g, w.n_heads // g, -1) / math.sqrt(q.shape[-1])  # grouped by their kv head
+    q = q.view(b, g, w.n_heads // g, -1) / query_divisor(model, q.shape[-1])  # grouped by kv head
     scores = torch.cat([q @ state.keys[i], (q * k[:, :, None]).sum(-1, keepdim=True)], dim=-1)
-    keep = torch.cat([state.key_mask, state.key_mask.new_ones(b, 1)], dim=1)
+    keep = torch.cat([key_mask(model, i, state), state.key_mask.new_ones(b, 1)], dim=1)
     p = scores.masked_fill(~keep[:, None, None], float("-inf")).softmax(-1)
     z = p[..., :-1] @ state.values[i] + p[..., -1:] * v[:, :, None]
     return z.reshape(b, w.n_heads, -1)
-
-
-def attn_out_from_z(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b d"]:
-    """Attention output of block i from its per-head z."""
-    w = attn_weights(model, i)
-    return z.reshape(z.shape[0], -1) @ w.o + w.bo
-
-
-def mlp_out_from_post(model, i: int, post: Float[Tensor, "b m"]) -> Float[Tensor, "b d"]:
-    """MLP output of block i from its hidden activations (the input to W_out)."""
-    return model.blocks[i].mlp.out(post)
 
 
 def _norm(module, x: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
     return module(x[:, None])[:, 0]
 
 
+def _post_norm(model, i: int, name: str, x: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
+    """x through block i's norm `name` (ln1_post / ln2_post) where it has one (Gemma 3)."""
+    module = getattr(model.blocks[i], name, None)
+    return x if module is None else _norm(module, x)
+
+
+def attn_out_from_z(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b d"]:
+    """Attention output of block i (hook_attn_out) from its per-head z."""
+    w = attn_weights(model, i)
+    return _post_norm(model, i, "ln1_post", z.reshape(z.shape[0], -1) @ w.o + w.bo)
+
+
+def mlp_out_from_post(model, i: int, post: Float[Tensor, "b m"]) -> Float[Tensor, "b d"]:
+    """MLP output of block i (hook_mlp_out) from its hidden activations (the input to W_out)."""
+    return _post_norm(model, i, "ln2_post", model.blocks[i].mlp.out(post))
+
+
+def mlp_out(model, i: int, mid: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
+    """Block i's MLP output (hook_mlp_out) for END residual `mid`."""
+    blk = model.blocks[i]
+    return _post_norm(model, i, "ln2_post", blk.mlp(blk.ln2(mid[:, None]))[:, 0])
+
+
 def mlp_end(model, i: int, mid: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
     """Residual after block i's MLP, from its resid_mid."""
-    blk = model.blocks[i]
-    return mid + blk.mlp(blk.ln2(mid[:, None]))[:, 0]
+    return mid + mlp_out(model, i, mid)
 
 
 def block_end(model, i: int, h: Float[Tensor, "b d"], state: EndState) -> Float[Tensor, "b d"]:

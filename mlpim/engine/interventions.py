@@ -2,7 +2,7 @@
 
 Three engines compute the same patched END logits:
 - `cache`: the model's own forward resumed from its own KV cache (any architecture);
-- `kernel`: the hand-written END-only kernel (`fastpath`, GPT-2/Llama shapes, patch at END);
+- `kernel`: the hand-written END-only kernel (`fastpath`, GPT-2/Llama/Gemma 3 shapes, patch at END);
 - `full`: the whole forward with a hook (the reference).
 `auto` takes the kernel where it applies and the cache engine elsewhere. Whichever runs, the
 guard compares its unpatched logits on the first batch with the model's own and stops the run

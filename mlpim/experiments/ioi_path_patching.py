@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim.analysis import paths
-from mlpim.engine.models import validate_site
+from mlpim.engine import fastpath
+from mlpim.engine.models import ConfigError, validate_site
 from mlpim.engine.patching import full, subspace
 from mlpim.experiments.common import model_for, require_ioi, saved_or_trained
 from mlpim.options import IoiPathPatchingOptions as Options
@@ -58,6 +59,8 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     opts = options(cfg, Options)
     require_ioi(cfg)
     model = model_for(cfg)
+    if why := fastpath.unsupported(model):
+        raise ConfigError(f"ioi_path_patching traces END with the kernel, which cannot: {why}")
     todo = interventions(cfg, opts, model, run_dir)
     pairs = paper_pairs(model.tokenizer, cfg.dataset, "test", cfg.seed)
     batches = [b.to(model.cfg.device) for b in pairs]
