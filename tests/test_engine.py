@@ -511,3 +511,16 @@ def test_a_source_that_is_its_base_prompt_takes_the_base_run(tiny_llama, engine,
         patched = patched_end_logits(model, prep, patching.full)
     assert max_diff(patched[same], prep.clean_logits[same]) <= TOL
     assert max_diff(patched[~same], prep.clean_logits[~same]) > 10 * TOL
+
+
+def test_kernel_block_outputs_are_the_models_hooks(model):
+    """`mlp_out_from_post` and `attn_out_from_z` give the model's own hook_mlp_out and
+    hook_attn_out at END (through Gemma 3's post-norms), as ioi_dormant and path patching read
+    them."""
+    pb = pair(model)
+    names = [hook_name(k, 1) for k in ("mlp_post", "mlp_out", "z", "attn_out")]
+    _, acts = patching.run_cache(model, pb.base, names)
+    post, mlp_out, z, attn_out = (acts[n][:, -1] for n in names)
+    with torch.no_grad():
+        assert max_diff(fastpath.mlp_out_from_post(model, 1, post), mlp_out) <= TOL
+        assert max_diff(fastpath.attn_out_from_z(model, 1, z), attn_out) <= TOL
