@@ -283,3 +283,13 @@ def test_runs_end_to_end(tmp_path):
     v_resid = z[(z.intervention == "v_resid") & (z.metric == "ld_via_query")]
     assert set(v_resid.layer) == {2} and len(v_resid) == 4  # heads after the handover layer
     assert df.value.notna().all()
+
+
+def test_refuses_a_model_the_kernel_cannot_run_before_training(tmp_path):
+    """GPT-NeoX's parallel blocks are not the kernel's: one line, and no direction trained."""
+    from mlpim.errors import ConfigError
+
+    overrides = ["experiment=ioi_path_patching", "model=tiny", "model.arch=neox", "device=cpu"]
+    with pytest.raises(ConfigError, match="traces END with the kernel, which cannot: model_type"):
+        run(compose(overrides), tmp_path)
+    assert not list(tmp_path.glob("subspace_*.pt"))
