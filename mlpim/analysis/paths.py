@@ -125,17 +125,18 @@ def head_outputs(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b 
     writes, post = _head_writes(model, i, z), _post_attn(model, i)
     if post is None:
         return writes
-    w = fastpath.attn_weights(model, i)
-    pre = z.reshape(z.shape[0], -1) @ w.o + w.bo
-    return writes * rms_gain(post, pre)[:, None]
-
-
-def rms_gain(ln, x: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
-    """The elementwise factor by which the RMSNorm `ln` scales x: weight / rms(x)."""
-    if not ln.uses_rms_norm:
+    if not post.uses_rms_norm:
         raise ValueError("a frozen post-attention norm must be an RMSNorm")
+    weight, scale = norm_scale(post, fastpath.attn_pre_norm(model, i, z))
+    return writes * (weight / scale)[:, None]
+
+
+def norm_scale(ln, x: Float[Tensor, "b d"]) -> tuple[Float[Tensor, " d"], Float[Tensor, "b 1"]]:
+    """(weight, scale) of the bridge norm `ln` at input x: it computes weight * x' / scale, x'
+    being x centred unless `ln` is an RMSNorm."""
     weight = (1.0 + ln.weight) if ln.uses_weight_offset else ln.weight
-    return weight / (x.pow(2).mean(-1, keepdim=True) + getattr(ln.config, "eps", 1e-6)).sqrt()
+    x = x if ln.uses_rms_norm else x - x.mean(-1, keepdim=True)
+    return weight, (x.pow(2).mean(-1, keepdim=True) + getattr(ln.config, "eps", 1e-5)).sqrt()
 
 
 def head_deltas(
@@ -147,8 +148,7 @@ def head_deltas(
     post = _post_attn(model, i)
     if post is None:
         return new - old
-    w = fastpath.attn_weights(model, i)
-    pre = z_clean.reshape(z_clean.shape[0], -1) @ w.o + w.bo
+    pre = fastpath.attn_pre_norm(model, i, z_clean)
     return norm(post, pre[:, None] + (new - old)) - norm(post, pre)[:, None]
 
 
@@ -170,12 +170,9 @@ def frozen_readout(model, r: Readout, final: Float[Tensor, "b d"]) -> Float[Tens
     """Vector g with DLA(v) = v · g: the final norm's centering, weight and the scale of the run
     whose final residual is `final`, folded into the unembedding difference."""
     ln = model.ln_final
-    weight = (1.0 + ln.weight) if ln.uses_weight_offset else ln.weight
-    centered = not ln.uses_rms_norm
-    x = final - final.mean(-1, keepdim=True) if centered else final
-    scale = (x.pow(2).mean(-1, keepdim=True) + getattr(ln.config, "eps", 1e-5)).sqrt()
+    weight, scale = norm_scale(ln, final)
     g = r.u * weight / scale
-    return g - g.mean(-1, keepdim=True) if centered else g
+    return g if ln.uses_rms_norm else g - g.mean(-1, keepdim=True)
 
 
 def dla(out: Float[Tensor, "b ... d"], g: Float[Tensor, "b d"]) -> Float[Tensor, "b ..."]:
@@ -257,10 +254,14 @@ def trace_names(model, sites: list[tuple[str, int]]) -> set[str]:
     return fastpath.state_names(model, "resid_pre", 0) | {hook_name(k, layer) for k, layer in sites}
 
 
+def trace_logits(model, run: EndTrace) -> Float[Tensor, "b vocab"]:
+    """END logits of a trace: its final residual through the model's final norm and unembedding."""
+    return model.unembed(model.ln_final(run.final[:, None]))[:, 0]
+
+
 def check_trace(model, run: EndTrace, logits: Float[Tensor, "b vocab"]) -> None:
     """Stop with one line unless the END trace's logits equal the model's own."""
-    ours = model.unembed(model.ln_final(run.final[:, None]))[:, 0]
-    diff, tol = (ours - logits).abs().max().item(), tolerance(logits)
+    diff, tol = (trace_logits(model, run) - logits).abs().max().item(), tolerance(logits)
     if not diff <= tol:
         raise EngineMismatchError(
             f"path patching's END trace on {model.cfg.model_name!r} differs from the model's own "
@@ -304,8 +305,7 @@ def effects(model, state, r: Readout, clean: EndTrace, run: EndTrace, frozen: bo
 
 def outcome(model, pb: PairBatch, r: Readout, run: EndTrace) -> dict[str, Tensor]:
     """Per-prompt LD and whether the argmax is the patched answer."""
-    logits = model.unembed(model.ln_final(run.final[:, None]))[:, 0]
-    hit = (logits.argmax(-1) == pb.label).float()
+    hit = (trace_logits(model, run).argmax(-1) == pb.label).float()
     return {"logit_diff": logit_diff(model, r, run.final), "hit": hit}
 
 

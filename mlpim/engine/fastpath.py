@@ -231,11 +231,6 @@ def _rotate(x: Float[Tensor, "b h dh"], cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def _qk_norm(attn, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-    """The block's own per-head norms of queries and keys."""
-    return attn.q_norm(q), attn.k_norm(k)
-
-
 def _qkv(model, i: int, xq: Tensor, xkv: Tensor | None, state: EndState) -> tuple:
     """END queries [b, h, dh] and END key, value [b, kv, dh] of block i; QK norms and rotary
     applied to q and k."""
@@ -253,8 +248,9 @@ def _qkv(model, i: int, xq: Tensor, xkv: Tensor | None, state: EndState) -> tupl
             dim=1,
         )
     qk, v = qkv[:, : h + g], qkv[:, h + g :]
-    if getattr(model.blocks[i].attn, "q_norm", None) is not None:  # Gemma 3's QK norms
-        qk = torch.cat(_qk_norm(model.blocks[i].attn, qk[:, :h], qk[:, h:]), dim=1)
+    attn = model.blocks[i].attn
+    if getattr(attn, "q_norm", None) is not None:  # Gemma 3's own per-head QK norms
+        qk = torch.cat([attn.q_norm(qk[:, :h]), attn.k_norm(qk[:, h:])], dim=1)
     if state.rotary is not None:
         qk = _rotate(qk, *state.rotary[i])
     return qk[:, :h], qk[:, h:], v
@@ -296,10 +292,15 @@ def _post_norm(model, i: int, name: str, x: Float[Tensor, "b d"]) -> Float[Tenso
     return x if module is None else _norm(module, x)
 
 
+def attn_pre_norm(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b d"]:
+    """z @ W_O + b_O of block i: its attention output before any post-attention norm."""
+    w = attn_weights(model, i)
+    return z.reshape(z.shape[0], -1) @ w.o + w.bo
+
+
 def attn_out_from_z(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b d"]:
     """Attention output of block i (hook_attn_out) from its per-head z."""
-    w = attn_weights(model, i)
-    return _post_norm(model, i, "ln1_post", z.reshape(z.shape[0], -1) @ w.o + w.bo)
+    return _post_norm(model, i, "ln1_post", attn_pre_norm(model, i, z))
 
 
 def mlp_out_from_post(model, i: int, post: Float[Tensor, "b m"]) -> Float[Tensor, "b d"]:
