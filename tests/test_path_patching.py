@@ -18,6 +18,7 @@ from mlpim import constants as C
 from mlpim.analysis import paths
 from mlpim.config import compose
 from mlpim.engine import fastpath, metrics
+from mlpim.engine.family import post_attn_norm
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import full, logits_end, subspace
 from mlpim.run import run
@@ -99,7 +100,7 @@ def _close_rel(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-2) -> bool:
 
 def _additive(model) -> None:
     """Skip where a post-attention norm (Gemma 3) makes per-head effects non-additive."""
-    if paths._post_attn(model, 0) is not None:
+    if post_attn_norm(model, 0) is not None:
         pytest.skip("the post-attention norm is recomputed: per-head effects do not add up")
 
 
@@ -224,7 +225,7 @@ def test_head_outputs_add_up_to_the_attention_output(model, pair):
         model, 1, clean.z[1]
     ).sum(1)
     assert _close(paths.head_outputs(model, 1, clean.z[1]).sum(1) + bias, own, 1e-5)
-    if paths._post_attn(model, 1) is None:
+    if post_attn_norm(model, 1) is None:
         assert _close(bias, w.bo.expand_as(bias), 1e-5)
         assert _close(b_o, torch.zeros_like(b_o))
 

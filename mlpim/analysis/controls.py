@@ -26,6 +26,7 @@ from mlpim import reuse
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis.rows import metric_rows
 from mlpim.engine.das import DasSettings, fit
+from mlpim.engine.family import family_of
 from mlpim.engine.interventions import (
     Prepared,
     clean_metrics,
@@ -116,8 +117,9 @@ def matched_random_mlp(
     model, mid: Float[Tensor, "n d"], real_out: Float[Tensor, "n d"], seed: int
 ) -> RandomMLP:
     """A random MLP shaped like the model's, scaled so mean ‖f(mid)‖ equals mean ‖real_out‖."""
-    centered = not model.cfg.normalization_type.startswith("RMS")
-    mlp = draw_random_mlp(model.cfg.d_model, model.cfg.d_mlp, model.cfg.act_fn, centered, seed)
+    family = family_of(model)
+    d, m = model.cfg.d_model, model.cfg.d_mlp
+    mlp = draw_random_mlp(d, m, family.act_fn, not family.rms_norm, seed)
     like = mid.to(work_dtype(mid))
     mlp = replace(mlp, **{k: getattr(mlp, k).to(like) for k in ("w1", "b1", "w2", "b2")})
     with torch.no_grad():

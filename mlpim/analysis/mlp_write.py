@@ -17,6 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mlpim.analysis.nullspace import mlp_w_out
+from mlpim.engine.family import post_mlp_norm
 from mlpim.engine.patching import at, run_cache
 from mlpim.errors import MlpimError
 
@@ -37,11 +38,6 @@ def end_outputs(
     return torch.cat(pre), torch.cat(post)
 
 
-def post_norm(model, layer: int):
-    """The block's norm on the MLP's output before the residual (Gemma 2/3), or None."""
-    return getattr(model.blocks[layer], "ln2_post", None)
-
-
 def residual_w_out(model, layer: int, batches: list) -> Float[Tensor, "m d"]:
     """W_out as the residual stream sees it, measured on `batches` (see the module docstring)."""
     w = mlp_w_out(model, layer)
@@ -49,7 +45,7 @@ def residual_w_out(model, layer: int, batches: list) -> Float[Tensor, "m d"]:
     tol = 1e-4 * max(post.abs().max().item(), 1.0)
     if (pre - post).abs().max().item() <= tol:
         return w
-    norm = post_norm(model, layer)
+    norm = post_mlp_norm(model, layer)
     with torch.no_grad():
         normed = norm(pre) if norm is not None else None
     if normed is None or (normed - post).abs().max().item() > tol:

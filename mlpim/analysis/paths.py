@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from mlpim.analysis.rows import metric_rows
 from mlpim.engine import fastpath, metrics
+from mlpim.engine.family import family_of, is_rms, norm_gain, post_attn_norm
 from mlpim.engine.interventions import EngineMismatchError, tolerance
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import Setter, run_cache
@@ -113,19 +114,14 @@ def _head_writes(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b 
     return torch.einsum("bhe,hed->bhd", z, w.o.view(w.n_heads, -1, w.o.shape[-1]))
 
 
-def _post_attn(model, i: int):
-    """Block i's norm between the attention and the residual (Gemma 3's ln1_post), or None."""
-    return getattr(model.blocks[i], "ln1_post", None)
-
-
 def head_outputs(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b h d"]:
     """Each head's contribution to block i's attention output (b_O left out). Through a
     post-attention norm (an RMSNorm), its scale frozen at this z's own: they add up to the
     block's hook_attn_out less b_O's share."""
-    writes, post = _head_writes(model, i, z), _post_attn(model, i)
+    writes, post = _head_writes(model, i, z), post_attn_norm(model, i)
     if post is None:
         return writes
-    if not post.uses_rms_norm:
+    if not is_rms(post):
         raise ValueError("a frozen post-attention norm must be an RMSNorm")
     weight, scale = norm_scale(post, fastpath.attn_pre_norm(model, i, z))
     return writes * (weight / scale)[:, None]
@@ -134,8 +130,8 @@ def head_outputs(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b 
 def norm_scale(ln, x: Float[Tensor, "b d"]) -> tuple[Float[Tensor, " d"], Float[Tensor, "b 1"]]:
     """(weight, scale) of the bridge norm `ln` at input x: it computes weight * x' / scale, x'
     being x centred unless `ln` is an RMSNorm."""
-    weight = (1.0 + ln.weight) if ln.uses_weight_offset else ln.weight
-    x = x if ln.uses_rms_norm else x - x.mean(-1, keepdim=True)
+    weight = norm_gain(ln)
+    x = x if is_rms(ln) else x - x.mean(-1, keepdim=True)
     return weight, (x.pow(2).mean(-1, keepdim=True) + getattr(ln.config, "eps", 1e-5)).sqrt()
 
 
@@ -145,7 +141,7 @@ def head_deltas(
     """Per head: the change of block i's attention output (hook_attn_out) when that head's z
     alone is z_new's and the others stay clean; a post-attention norm is recomputed."""
     new, old = _head_writes(model, i, z_new), _head_writes(model, i, z_clean)
-    post = _post_attn(model, i)
+    post = post_attn_norm(model, i)
     if post is None:
         return new - old
     pre = fastpath.attn_pre_norm(model, i, z_clean)
@@ -172,7 +168,7 @@ def frozen_readout(model, r: Readout, final: Float[Tensor, "b d"]) -> Float[Tens
     ln = model.ln_final
     weight, scale = norm_scale(ln, final)
     g = r.u * weight / scale
-    return g if ln.uses_rms_norm else g - g.mean(-1, keepdim=True)
+    return g if is_rms(ln) else g - g.mean(-1, keepdim=True)
 
 
 def dla(out: Float[Tensor, "b ... d"], g: Float[Tensor, "b d"]) -> Float[Tensor, "b ..."]:
@@ -266,7 +262,7 @@ def check_trace(model, run: EndTrace, logits: Float[Tensor, "b vocab"]) -> None:
         raise EngineMismatchError(
             f"path patching's END trace on {model.cfg.model_name!r} differs from the model's own "
             f"logits by max |Δ| = {diff:.3g} (tolerance {tol:.3g}): "
-            f"{fastpath.unsupported(model) or 'its blocks are not ones the trace reproduces'}"
+            f"{family_of(model).kernel_refusal or 'its blocks are not ones the trace reproduces'}"
         )
 
 

@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mlpim.engine.family import family_of, post_attn_norm, post_mlp_norm
 from mlpim.engine.fused_ce import unembed_ce
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import run_cache
@@ -43,43 +44,14 @@ class EndState:
     key_mask: Bool[Tensor, "b prefix"]  # False on left padding
 
 
-KERNEL_TYPES = ("gpt2", "llama", "gemma3_text")  # Hugging Face model_type it was written for
-
-
-def _conf(model):
-    return getattr(getattr(model, "original_model", None), "config", None)
-
-
 def unsupported(model) -> str | None:
     """Why the kernel cannot run this model (None: it may, subject to the runtime guard)."""
-    conf = _conf(model)
-    kind = getattr(conf, "model_type", None)
-    if kind not in KERNEL_TYPES:
-        return f"model_type {kind!r} is not one of {KERNEL_TYPES}"
-    scaling = getattr(conf, "rope_scaling", None) or {}
-    if scaling.get("rope_type", "default") != "default":
-        return f"rotary scaling {scaling.get('rope_type')!r}"
-    if getattr(conf, "scale_attn_by_inverse_layer_idx", False):
-        return "attention scaled by the inverse layer index"
-    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(conf, cap, None):
-            return f"{cap} {getattr(conf, cap)}"
-    return None
+    return family_of(model).kernel_refusal
 
 
 def query_divisor(model, d_head: int) -> float:
     """q·k is divided by this: sqrt(query_pre_attn_scalar) on Gemma, else sqrt(d_head)."""
-    scalar = getattr(_conf(model), "query_pre_attn_scalar", None)
-    return math.sqrt(scalar or d_head)
-
-
-def window(model, i: int) -> int | None:
-    """Block i's sliding window (None: global attention)."""
-    conf = _conf(model)
-    types = getattr(conf, "layer_types", None)
-    if types is None or types[i] != "sliding_attention":
-        return None
-    return getattr(conf, "sliding_window", None)
+    return math.sqrt(family_of(model).query_scalar or d_head)
 
 
 def first_block(kind: str, layer: int) -> int:
@@ -87,18 +59,14 @@ def first_block(kind: str, layer: int) -> int:
     return layer if kind == "resid_pre" else layer + 1
 
 
-def _rotary(model) -> bool:
-    return model.cfg.positional_embedding_type == "rotary"
-
-
 def state_names(model, kind: str, layer: int) -> set[str]:
     """Hooks `state_from_cache` reads for a site (kind, layer)."""
-    blocks = range(first_block(kind, layer), model.cfg.n_layers)
-    k_hook = "hook_rot_k" if _rotary(model) else "hook_k"
+    blocks, rotary = range(first_block(kind, layer), model.cfg.n_layers), family_of(model).rotary
+    k_hook = "hook_rot_k" if rotary else "hook_k"
     names = {hook_name("resid_pre", layer), hook_name("resid_mid", layer)}
     for i in blocks:
         names |= {f"blocks.{i}.attn.{k_hook}", f"blocks.{i}.attn.hook_v"}
-        if _rotary(model):  # each block's own (Gemma 3: local and global rotary bases)
+        if rotary:  # each block's own (Gemma 3: local and global rotary bases)
             names |= {f"blocks.{i}.attn.hook_cos", f"blocks.{i}.attn.hook_sin"}
     return names
 
@@ -106,10 +74,10 @@ def state_names(model, kind: str, layer: int) -> set[str]:
 def state_from_cache(model, cache, kind: str, layer: int, mask: Tensor) -> EndState:
     """EndState for a site from an activation cache of the base prompts holding `state_names`;
     `mask` is their attention mask (left padding)."""
-    blocks = range(first_block(kind, layer), model.cfg.n_layers)
-    k_hook = "hook_rot_k" if _rotary(model) else "hook_k"
+    blocks, rotary = range(first_block(kind, layer), model.cfg.n_layers), family_of(model).rotary
+    k_hook = "hook_rot_k" if rotary else "hook_k"
     rot = None
-    if _rotary(model):
+    if rotary:
         end = lambda i, x: cache[f"blocks.{i}.attn.hook_{x}"][:, -1]  # noqa: E731
         rot = {i: (end(i, "cos"), end(i, "sin")) for i in blocks}
     keep = mask[:, :-1].bool()
@@ -249,7 +217,7 @@ def _qkv(model, i: int, xq: Tensor, xkv: Tensor | None, state: EndState) -> tupl
         )
     qk, v = qkv[:, : h + g], qkv[:, h + g :]
     attn = model.blocks[i].attn
-    if getattr(attn, "q_norm", None) is not None:  # Gemma 3's own per-head QK norms
+    if family_of(model).qk_norm:  # Gemma 3's own per-head QK norms
         qk = torch.cat([attn.q_norm(qk[:, :h]), attn.k_norm(qk[:, h:])], dim=1)
     if state.rotary is not None:
         qk = _rotate(qk, *state.rotary[i])
@@ -258,8 +226,8 @@ def _qkv(model, i: int, xq: Tensor, xkv: Tensor | None, state: EndState) -> tupl
 
 def key_mask(model, i: int, state: EndState) -> Bool[Tensor, "b prefix"]:
     """Prefix keys END sees in block i: not padding, and within a sliding window's reach (keys
-    less than `window` columns before END, as the model's mask counts columns)."""
-    w, keep = window(model, i), state.key_mask
+    less than the block's window columns before END, as the model's mask counts columns)."""
+    w, keep = family_of(model).windows[i], state.key_mask
     if w is None or keep.shape[1] < w:
         return keep
     return keep & (torch.arange(keep.shape[1]) > keep.shape[1] - w)
@@ -286,9 +254,8 @@ def _norm(module, x: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
     return module(x[:, None])[:, 0]
 
 
-def _post_norm(model, i: int, name: str, x: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
-    """x through block i's norm `name` (ln1_post / ln2_post) where it has one (Gemma 3)."""
-    module = getattr(model.blocks[i], name, None)
+def _post_norm(module, x: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
+    """x through a block's post-attention or post-feedforward norm where it has one (Gemma 3)."""
     return x if module is None else _norm(module, x)
 
 
@@ -300,18 +267,18 @@ def attn_pre_norm(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b
 
 def attn_out_from_z(model, i: int, z: Float[Tensor, "b h dh"]) -> Float[Tensor, "b d"]:
     """Attention output of block i (hook_attn_out) from its per-head z."""
-    return _post_norm(model, i, "ln1_post", attn_pre_norm(model, i, z))
+    return _post_norm(post_attn_norm(model, i), attn_pre_norm(model, i, z))
 
 
 def mlp_out_from_post(model, i: int, post: Float[Tensor, "b m"]) -> Float[Tensor, "b d"]:
     """MLP output of block i (hook_mlp_out) from its hidden activations (the input to W_out)."""
-    return _post_norm(model, i, "ln2_post", model.blocks[i].mlp.out(post))
+    return _post_norm(post_mlp_norm(model, i), model.blocks[i].mlp.out(post))
 
 
 def mlp_out(model, i: int, mid: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
     """Block i's MLP output (hook_mlp_out) for END residual `mid`."""
     blk = model.blocks[i]
-    return _post_norm(model, i, "ln2_post", blk.mlp(blk.ln2(mid[:, None]))[:, 0])
+    return _post_norm(post_mlp_norm(model, i), blk.mlp(blk.ln2(mid[:, None]))[:, 0])
 
 
 def mlp_end(model, i: int, mid: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:

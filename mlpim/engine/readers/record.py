@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mlpim.engine.family import family_of
 from mlpim.engine.models import SITE_HOOKS
 from mlpim.errors import MlpimError
 
@@ -108,17 +109,16 @@ class ModelSizes:
 
 
 def sizes_of(model) -> ModelSizes:
-    """ModelSizes of a TransformerLens model or bridge (post-norm read from block 0's parts)."""
-    cfg = model.cfg
-    parts = {name for name, _ in model.blocks[0].named_children()}
+    """ModelSizes of a TransformerLens model or bridge (MLP gating and post-norms: its family)."""
+    cfg, family = model.cfg, family_of(model)
     return ModelSizes(
         n_layers=cfg.n_layers,
         d_model=cfg.d_model,
         d_mlp=cfg.d_mlp,
         n_heads=cfg.n_heads,
         d_head=cfg.d_head,
-        gated_mlp=bool(getattr(cfg, "gated_mlp", False)),
-        post_norm=bool(parts & {"ln1_post", "ln2_post"}),
+        gated_mlp=family.gated_mlp,
+        post_norm=family.post_attn or family.post_mlp,
         name=str(cfg.model_name),
     )
 
