@@ -152,7 +152,8 @@ def composition_error(e: BaseException) -> str | None:
     if marked is not None and marked.problem_mark is not None:
         mark = marked.problem_mark
         where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}"
-        return f"YAML syntax error in {where}: {marked.problem} ({marked.context})"
+        context = f" ({marked.context})" if marked.context else ""
+        return f"YAML syntax error in {where}: {marked.problem}{context}"
     if not isinstance(e, HydraException | OmegaConfBaseException):
         return None
     if isinstance(e, MissingConfigException):
