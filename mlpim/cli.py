@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlpim import lock
@@ -14,7 +17,7 @@ from mlpim.errors import MlpimError
 USAGE = """usage: mlpim run [-m] [hydra overrides ...]   run an experiment (sweep with -m)
        mlpim check [-m] DIRECTION [overrides ...] is this direction an illusion? (--help: formats)
        mlpim list                                list experiments, models, sites, methods
-       mlpim collect MULTIRUN_DIR                gather a sweep's metrics into one table + plots
+       mlpim collect DIR [--out OUT]             gather a sweep's metrics into one table + plots
 Examples:
   mlpim run experiment=ioi_mlp8_das
   mlpim run experiment=ioi_baseline model=gpt2-small model.path=/models/gpt2
@@ -49,7 +52,7 @@ SAFE_VALUE = re.compile(r"[\w./~+@-]+")  # a path Hydra's override grammar takes
 def check_command(argv: list[str]) -> None:
     """`mlpim check [-m] DIRECTION [overrides]`: `mlpim run experiment=illusion_check
     direction=DIRECTION [overrides]`, nothing more."""
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(CHECK_USAGE)
         return
     sweep = [a for a in argv if a in ("-m", "--multirun")]
@@ -84,11 +87,13 @@ def _hydra_main(argv: list[str]) -> None:
     from mlpim.run import run
 
     register_configs()
+    started = []  # set once a job runs: an error before it is Hydra's composition's
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def main(cfg: DictConfig) -> None:
         """One job: run it (a sweep's job records its outcome; a single run's error exits 2)."""
         _use_agg()  # also in the worker processes of a sweep launcher
+        started.append(True)
         hc = HydraConfig.get()
         run_dir, overrides = Path(hc.runtime.output_dir), list(hc.overrides.task)
         if hc.mode == RunMode.MULTIRUN:
@@ -103,14 +108,60 @@ def _hydra_main(argv: list[str]) -> None:
     sys.argv = ["mlpim", *argv]
     sweep.LAST.update(failed=0)
     try:
-        main()
+        with hydra_errors_raised():
+            main()
     except KeyboardInterrupt:
         print(f"mlpim: {interrupted()}", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if started or composition_error(e) is None:
+            traceback.print_exc()  # a bug: its traceback, exit 1 (as Hydra reports it)
+            sys.exit(1)
+        _usage_error(composition_error(e))
     finally:
         lock.release_all()
     if sweep.LAST["failed"]:
         sys.exit(1)
+
+
+@contextmanager
+def hydra_errors_raised():
+    """Hydra raises its errors here (HYDRA_FULL_ERROR) instead of printing them and exiting 1."""
+    old = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = old
+
+
+def composition_error(e: BaseException) -> str | None:
+    """One line for an error of Hydra's config composition (an unknown config, a value of the
+    wrong type, a YAML syntax error with its file and position); None for any other error."""
+    import yaml
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    chain = [e]
+    while chain[-1].__cause__ or chain[-1].__context__:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    marked = next((c for c in chain if isinstance(c, yaml.MarkedYAMLError)), None)
+    if marked is not None and marked.problem_mark is not None:
+        mark = marked.problem_mark
+        where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}"
+        context = f" ({marked.context})" if marked.context else ""
+        return f"YAML syntax error in {where}: {marked.problem}{context}"
+    if not isinstance(e, HydraException | OmegaConfBaseException):
+        return None
+    if isinstance(e, MissingConfigException):
+        group = (e.missing_cfg_file or "").rpartition("/")[0]
+        options = f"; Available options in '{group}': {', '.join(e.options)}" if e.options else ""
+        return f"{str(e).splitlines()[0]}{options}"
+    lines = [str(c).strip().splitlines()[0] for c in (e, e.__cause__) if str(c or "").strip()]
+    return ": ".join(dict.fromkeys(lines))
 
 
 def interrupted() -> str:

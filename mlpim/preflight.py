@@ -226,6 +226,13 @@ def check_device(cfg: DictConfig) -> None:
             f"device={cfg.device}: CUDA is not available on this machine (torch "
             f"{torch.__version__}); use device=cpu, or device=auto to use a GPU when there is one"
         )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MlpimError(
+            f"device={cfg.device}: Apple's MPS is not available on this machine (torch "
+            f"{torch.__version__}); use device=cpu, or device=auto to use a GPU when there is one"
+        )
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise MlpimError(f"device={cfg.device}: mlpim runs on cpu, cuda or mps; use one of them")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise MlpimError(
             f"device={cfg.device}: this machine has {torch.cuda.device_count()} GPU(s)"
@@ -261,9 +268,21 @@ def check_task_file(cfg: DictConfig) -> None:
         raise MlpimError(f"dataset={name} needs the {what}: dataset.path=/path/to/task.jsonl")
     path = cfg.dataset.path
     if not path or Path(path).is_file() or (name == "mib" and Path(path).is_dir()):
-        return
+        return read_task(cfg.dataset)
     what = "a directory" if Path(path).is_dir() else "no such file"
     raise MlpimError(f"dataset.path={path}: {what}; give a JSONL file of pairs (docs/tasks.md)")
+
+
+def read_task(dataset: DictConfig) -> None:
+    """A user's task file read whole by the task's own reader: not UTF-8 (the line), empty, a
+    JSON array, no pair at all, a MIB counterfactual type the rows lack."""
+    from mlpim.tasks.mib import check_mib_task
+    from mlpim.tasks.pairs import check_pairs_file
+
+    if dataset.name == "pairs":
+        check_pairs_file(dataset.path)
+    elif dataset.name == "mib":
+        check_mib_task(dataset.path, dataset.get("counterfactual"), dataset.get("split"))
 
 
 def check_task_choices(dataset: DictConfig) -> None:
@@ -280,6 +299,21 @@ def check_task_choices(dataset: DictConfig) -> None:
                 f"dataset.{key}={value} applies to the pairs of a user's file (dataset=pairs or "
                 f"dataset=mib), not dataset={dataset.name}"
             )
+
+
+def check_values(cfg: DictConfig) -> None:
+    """The seed (numpy's generators take none below 0), `dataset.test_fraction` (a share) and
+    `method.engine` (a name `mlpim.engine.interventions` knows), where the experiment reads them."""
+    from mlpim.engine.interventions import ENGINES
+
+    ignores = set(cfg.get("ignores") or [])
+    if cfg.seed < 0:
+        raise MlpimError(f"seed={cfg.seed}: seeds are 0 or more (one policy for every experiment)")
+    fraction = cfg.dataset.get("test_fraction", 0.5)
+    if "dataset" not in ignores and not 0 <= fraction <= 1:  # NaN fails too
+        raise MlpimError(f"dataset.test_fraction={fraction}: a share of the groups, 0 to 1")
+    if "method" not in ignores and cfg.method.engine not in ENGINES:
+        raise MlpimError(f"method.engine={cfg.method.engine}: allowed: {', '.join(ENGINES)}")
 
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # what `model.dtype` may name
@@ -331,6 +365,7 @@ def preflight(cfg: DictConfig, overrides: list[str] | None = None) -> None:
     check_positive(cfg)
     check_device(cfg)
     check_dtype(cfg)
+    check_values(cfg)
     ignores = set(cfg.get("ignores") or [])
     if "direction" not in ignores:
         check_direction_options(cfg)

@@ -122,6 +122,49 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> bool:
     raise error
 
 
+def check_run_place(path: Path, sweep: bool = False) -> None:
+    """Refuse, before anything is created, a run (or `sweep`) directory that the file system
+    cannot hold (a folder name or path too long), that is a sweep folder (a sweep may go on in
+    its own), or that is inside a finished run or a sweep folder: no command writes there."""
+    from mlpim.report.collect import enclosing
+
+    path, key = Path(path), "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    name_max, path_max = _path_limits(path)
+    long = next((part for part in path.parts if len(os.fsencode(part)) > name_max), None)
+    if long is not None or len(os.fsencode(str(path.absolute()))) >= path_max:
+        what = f"a folder name of {len(long)} characters" if long else "the path is too long"
+        raise MlpimError(
+            f"{key}={str(path)[:60]}...: {what} (this file system allows {name_max} per folder "
+            f"name, {path_max} in all): {NEW_DIR_HINT}"
+        )
+    owner = enclosing(path)
+    if owner is None or owner == (path.absolute(), "sweep folder" if sweep else "finished run"):
+        return  # a new directory; this run's own (skipped or refused by check_run_dir); a sweep's
+    folder, what = owner
+    where = "is" if folder == path.absolute() else f"is inside the {what}"
+    raise MlpimError(
+        f"{key}={path} {where} {folder if where != 'is' else 'a ' + what}; a finished run, a "
+        f"sweep folder and anything inside them are never written by another command: "
+        f"{NEW_DIR_HINT}"
+    )
+
+
+def _path_limits(path: Path) -> tuple[int, int]:
+    """The longest folder name and path the file system holding `path` allows."""
+    existing = next(p for p in [path.absolute(), *path.absolute().parents] if _exists(p))
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 255, 4096
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long to look up
+        return False
+
+
 def check_identity(cfg: DictConfig, run_dir: Path, done: dict) -> None:
     """Raise `RunDirError` when this config's finished run in `run_dir` was made by other code
     (`changed="code"`) or from input files of other content (`changed="inputs"`)."""

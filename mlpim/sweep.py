@@ -28,6 +28,7 @@ from mlpim.errors import MlpimError
 from mlpim.lock import RunDirLocked
 from mlpim.report import io
 from mlpim.report.status import RECORDS, STATUS, job_records, read_status
+from mlpim.run import check_run_place
 
 log = logging.getLogger("mlpim")
 
@@ -135,6 +136,8 @@ class SweepReport(Callback):
         LAST.update(failed=0)
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
+            check_jobs(config)
+            check_run_place(sweep_dir, sweep=True)
             lock.make_dir(sweep_dir)
             lock.acquire(sweep_dir, what="sweep")
             check_sweep(config, sweep_dir)
@@ -157,6 +160,7 @@ class RunDirCheck(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         """Create `hydra.run.dir`, or stop with one line (exit 2)."""
         try:
+            check_run_place(Path(config.hydra.run.dir))
             lock.make_dir(Path(config.hydra.run.dir))
         except MlpimError as e:
             print(f"mlpim: error: {e}", file=sys.stderr)
@@ -173,6 +177,23 @@ def sweep_overrides(config: DictConfig) -> list[list[str]] | None:
         return None
     parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def check_jobs(config: DictConfig) -> None:
+    """Refuse a sweep without jobs: an override that sweeps over no value (`range(5,2)`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    empty = [
+        o.input_line
+        for o in parsed
+        if o.is_sweep_override() and not list(o.sweep_string_iterator())
+    ]
+    if empty:
+        raise MlpimError(
+            f"{', '.join(empty)} sweeps over no value: this sweep has no jobs to run; give at "
+            "least one value (a range's start below its stop)"
+        )
 
 
 def check_sweep(config: DictConfig, sweep_dir: Path) -> None:

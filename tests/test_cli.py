@@ -95,7 +95,10 @@ def runs(tmp_path_factory):
 )
 def test_unknown_group_option_lists_the_options(runs, group, option):
     proc, tmp = runs[group]
-    _assert_clean_error(proc, f"Available options in '{group}'", f"no_such_{group}", option)
+    out = _assert_clean_error(
+        proc, f"Available options in '{group}'", f"no_such_{group}", option, code=2
+    )
+    assert [line.startswith("mlpim: error: ") for line in out.splitlines()] == [True], out
     assert not (tmp / "outputs").exists()
 
 

@@ -7,6 +7,7 @@ directory does not even exist afterwards. The command line runs in this process 
 from __future__ import annotations
 
 import fractions
+import json
 import pickle
 import subprocess
 from pathlib import Path
@@ -227,3 +228,140 @@ def test_run_dir_in_use_is_refused_and_left_alone(tmp_path, capsys):
         lock.acquire(run_dir)
     lock.release(run_dir)
     assert not lock.is_locked(run_dir)
+
+
+LATE = {  # probe (issue 32) -> (overrides, what the line must say): refused before the model loads
+    "seed_negative": (["seed=-1"], ["seed=-1", "0 or more"]),
+    "test_fraction": (["dataset.test_fraction=1.5"], ["dataset.test_fraction=1.5", "0 to 1"]),
+    "engine": (["method.engine=bogus"], ["method.engine=bogus", "allowed: auto, kernel"]),
+    "device_mps": (["device=mps"], ["device=mps", "MPS is not available", "device=cpu"]),
+    "device_meta": (["device=meta"], ["device=meta", "cpu, cuda or mps"]),
+}
+
+
+@pytest.mark.parametrize("experiment", ["ioi_mlp8_das", "illusion_check"])
+@pytest.mark.parametrize("name", LATE)
+def test_values_are_checked_before_the_model_loads(name, experiment, tmp_path, capsys):
+    """One seed policy (0 or more) for every experiment; a share, an engine, a device."""
+    if name == "device_mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    np.save(tmp_path / "v.npy", unit())
+    base = [*CHECK, f"direction={tmp_path}/v.npy"] if experiment == "illusion_check" else FAST
+    overrides, needles = LATE[name]
+    args = [f"experiment={experiment}", *base, *overrides, f"hydra.run.dir={tmp_path}/r"]
+    one_line(*cli(capsys, "run", *args), *needles)
+    assert not (tmp_path / "r").exists()
+
+
+MIB_ROW = {
+    "prompt": "When Mary and John went to the store, John gave a drink to",
+    "choices": ["Mary", "John"],
+    "answerKey": 0,
+    "s2_io_flip_counterfactual": {"prompt": "When Mary and John went, Mary gave to", "label": "J"},
+}
+TASK_FILES = {  # probe -> (the file's bytes, dataset, what the line must say)
+    "latin1": (b'{"base": "caf\xe9"}\n', "pairs", ["not UTF-8, line 1", "byte 0xe9"]),
+    "latin1_line3": (b"\n\n\xff\n", "pairs", ["not UTF-8, line 3"]),
+    "empty": (b"", "pairs", ["is empty (no pairs)", "one JSON object per line"]),
+    "blank_lines": (b"\n  \n\n", "pairs", ["is empty (no pairs)"]),
+    "comments": (b"# my task\n# more\n", "pairs", ["holds only # lines", "JSON has no comments"]),
+    "array": (
+        json.dumps([{"base": "a"}, {"base": "b"}], indent=2).encode(),
+        "pairs",
+        ["is a JSON array", "one JSON object per line (JSON Lines"],
+    ),
+    "no_pair": (b'{"base": "a"}\n', "pairs", ["3 problem(s)"]),
+    "mib_empty": (b"\n", "mib", ["is empty: no MIB rows"]),
+    "mib_latin1": (b"\xe9\n", "mib", ["not UTF-8, line 1"]),
+    "mib_counterfactual": (
+        (json.dumps(MIB_ROW) + "\n").encode(),
+        "mib",
+        ["counterfactual 'bogus' is not in the rows", "available: s2_io_flip"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", TASK_FILES)
+def test_task_file_is_read_whole_before_the_model_loads(name, tmp_path, capsys):
+    """A task file that can give no pair is refused in preflight, by the task's own reader:
+    one line (then the problem lines, indented), exit 2, no run directory."""
+    data, dataset, needles = TASK_FILES[name]
+    task = tmp_path / "task.jsonl"
+    task.write_bytes(data)
+    args = ["experiment=ioi_mlp8_das", *FAST, f"dataset={dataset}", f"dataset.path={task}"]
+    args += ["dataset.counterfactual=bogus"] if dataset == "mib" else []
+    one_line(*cli(capsys, "run", *args, f"hydra.run.dir={tmp_path}/r"), str(task), *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_task_file_with_a_bom_is_read(tmp_path):
+    """A UTF-8 byte order mark (Windows editors write one) is tolerated."""
+    from faults import pair_rows
+
+    from mlpim.tasks.pairs import read_jsonl
+
+    text = "".join(json.dumps(r) + "\n" for r in pair_rows())
+    (tmp_path / "t.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert len(read_jsonl(tmp_path / "t.jsonl")) == 24
+
+
+def test_hydra_composition_errors_are_one_line(tmp_path, capsys):
+    """An unknown config, a value of the wrong type, a YAML syntax error (its file, line and
+    column): one line, exit 2, nothing written."""
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text("runner: [a\nb: c\n")
+    run_dir = f"hydra.run.dir={tmp_path}/r"
+    one_line(
+        *cli(capsys, "run", "experiment=nonexistent", *FAST, run_dir),
+        "Could not find 'experiment/nonexistent'",
+        "Available options in 'experiment': fact_editing",
+    )
+    one_line(
+        *cli(capsys, "run", "seed=abc", *FAST, run_dir),
+        "seed=abc",
+        "'abc' of type 'str' could not be converted to Integer",
+    )
+    one_line(
+        *cli(capsys, "run", "--config-dir", f"{tmp_path}/conf", "experiment=mine", *FAST, run_dir),
+        f"YAML syntax error in {tmp_path}/conf/experiment/mine.yaml, line 2, column 2",
+        "expected ',' or ']'",
+    )
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("kind", ["folder_name", "path"])
+def test_run_dir_too_long_is_one_line(kind, tmp_path, capsys):
+    run_dir = (
+        tmp_path / ("x" * 300) if kind == "folder_name" else tmp_path / "/".join(["y" * 200] * 25)
+    )
+    args = ["experiment=ioi_mlp8_das", *FAST, f"hydra.run.dir={run_dir}"]
+    needle = "a folder name of 300 characters" if kind == "folder_name" else "path is too long"
+    one_line(*cli(capsys, "run", *args), needle, "hydra.run.dir=")
+    assert on_disk(tmp_path) == {}
+
+
+def test_check_needs_a_direction(tmp_path, capsys, monkeypatch):
+    """`mlpim check` alone: one line, exit 2 (not the help and exit 0)."""
+    monkeypatch.chdir(tmp_path)
+    one_line(*cli(capsys, "check"), "mlpim check needs the direction first")
+    assert on_disk(tmp_path) == {}
+    code, out = cli(capsys, "check", "--help")
+    assert code == 0 and "usage: mlpim check" in out
+
+
+def test_empty_sweep_is_refused(tmp_path, capsys):
+    """A sweep over no value has no jobs: one line, exit 2, no multirun.yaml left behind."""
+    np.save(tmp_path / "v.npy", unit())
+    args = ["-m", str(tmp_path / "v.npy"), *CHECK[1:], "direction_columns=range(5,2)"]
+    line = one_line(*cli(capsys, "check", *args, f"hydra.sweep.dir={tmp_path}/s"))
+    assert "direction_columns=range(5,2) sweeps over no value" in line
+    assert not (tmp_path / "s").exists()
+
+
+def test_no_landmark_names_the_signal_block():
+    """A model without landmarks whose config names its signal block says so (gemma3-270m)."""
+    from mlpim.experiments.common import site_of
+
+    cfg = compose(["model=gemma3-270m"])
+    with pytest.raises(MlpimError, match=r"signal block 10 \(signal_peak\): set site.layer=10"):
+        site_of(cfg, None)

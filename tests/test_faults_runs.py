@@ -233,3 +233,36 @@ def test_second_run_refused_then_sigkill_during_training_and_rerun(tmp_path, cap
     code, out = cli(capsys, "run", *args)
     assert code == 0 and (run_dir / C.DONE).exists(), out
     assert {"das", "full"} <= set(pd.read_csv(run_dir / C.METRICS).intervention)
+
+
+def test_finished_runs_and_sweep_folders_are_never_written(tmp_path, capsys):
+    """A finished run, a sweep folder and anything inside them: no run or sweep goes there (one
+    line, exit 2, not one file touched); `collect` of a run writes next to it, or to --out."""
+    run_dir, sweep_dir = tmp_path / "r", tmp_path / "s"
+    args = ["experiment=ioi_mlp8_das", *FAST]
+    assert cli(capsys, "run", *args, f"hydra.run.dir={run_dir}")[0] == 0
+    (sweep_dir / "0").mkdir(parents=True)  # a sweep folder as Hydra leaves one
+    (sweep_dir / "multirun.yaml").write_text("hydra: {}\n")
+    (sweep_dir / "0" / C.METRICS).write_text((run_dir / C.METRICS).read_text())
+    before = on_disk(tmp_path)
+    refusals = {
+        f"hydra.run.dir={run_dir}/nested": f"is inside the finished run {run_dir}",
+        f"hydra.run.dir={sweep_dir}": "is a sweep folder",
+        f"hydra.run.dir={sweep_dir}/0": f"is inside the sweep folder {sweep_dir}",
+        f"hydra.sweep.dir={run_dir}": "is a finished run",
+        f"hydra.sweep.dir={run_dir}/sweep": f"is inside the finished run {run_dir}",
+        f"hydra.sweep.dir={sweep_dir}/0": f"is inside the sweep folder {sweep_dir}",
+    }
+    for where, says in refusals.items():
+        sweep = ["-m", "seed=0,1"] if where.startswith("hydra.sweep") else []
+        one_line(*cli(capsys, "run", *sweep, *args, where), says, "never written by another")
+        assert on_disk(tmp_path) == before, where
+    code, out = cli(capsys, "collect", str(run_dir))
+    assert code == 0 and f"{tmp_path}/r_collected/{C.COLLECTED}" in out, out
+    one_line(*cli(capsys, "collect", str(run_dir), "--out", f"{run_dir}/c"), "--out", "inside")
+    assert cli(capsys, "collect", str(run_dir), "--out", f"{tmp_path}/c")[0] == 0
+    assert cli(capsys, "collect", str(sweep_dir))[0] == 0  # a sweep's table: in its folder
+    assert on_disk(run_dir) == {k[2:]: v for k, v in before.items() if k.startswith("r/")}
+    assert {f"c/{C.COLLECTED}", f"r_collected/{C.COLLECTED}", f"s/{C.COLLECTED}"} == set(
+        on_disk(tmp_path)
+    ) - set(before)

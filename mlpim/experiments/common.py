@@ -75,10 +75,13 @@ def predictor(model, batch_size: int = 32):
 def site_of(cfg: DictConfig, model) -> tuple[str, int]:
     """(kind, layer) of the configured site, checked against the model."""
     if cfg.site.layer is None:
-        raise ConfigError(
-            f"model {cfg.model.name!r} has no landmark for {cfg.site.kind}; set site.layer=... "
-            "(experiment=ioi_locate suggests one)"
+        peak = cfg.model.get("signal_peak")
+        hint = (
+            f"its config names the signal block {peak} (signal_peak): set site.layer={peak}"
+            if peak is not None
+            else "set site.layer=... (experiment=ioi_locate suggests one)"
         )
+        raise ConfigError(f"model {cfg.model.name!r} has no landmark for {cfg.site.kind}; {hint}")
     validate_site(model, cfg.site.kind, cfg.site.layer)
     return cfg.site.kind, int(cfg.site.layer)
 

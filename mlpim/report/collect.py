@@ -6,7 +6,10 @@ Hydra overrides that vary across jobs and have no column of their own (`method.l
 `method=das,mean_diff`) become columns named by their key, so that jobs stay distinguishable.
 A missing `seed` column is filled from the job's resolved config.
 
-Outputs, in DIR: `collected.csv`, and per site kind `by_layer_<site>.png` (FLDD and IIA on the
+Outputs, in DIR when it is a sweep folder (or any folder that is neither a finished run nor
+inside one or a sweep folder), else next to the outermost finished run or sweep folder holding
+it, in `<its name>_<path below it>_collected/` (a finished run and a sweep's jobs are never
+written by another command), or in `--out OUT`: `collected.csv`, and per site kind `by_layer_<site>.png` (FLDD and IIA on the
 test pairs vs layer, one line per intervention) and `by_dim_<site>.png` (the same vs the
 subspace dimension), each line the mean over seeds with a ±1 std band. A plot whose x-axis would
 hold a single value is skipped.
@@ -36,10 +39,40 @@ NOT_PLOTTED = {"clean"}
 # Override keys already represented by a metrics column.
 OVERRIDE_COLUMNS = {"seed": "seed", "site.layer": "layer", "method.dim": "dim"}
 NOT_GROUPED = {"job", "seed", "value"}
+MULTIRUN = "multirun.yaml"  # Hydra's record of a sweep, written in its folder
 
 
 class CollectError(MlpimError):
     """The directory does not exist or holds no metrics."""
+
+
+def enclosing(path: Path) -> tuple[Path, str] | None:
+    """(folder, what) of the outermost finished run (holding DONE) or sweep folder (holding
+    multirun.yaml) that is or holds `path`; None when there is none."""
+    path, found = Path(path).absolute(), None
+    for folder in [path, *path.parents]:
+        if (folder / C.DONE).is_file():
+            found = (folder, "finished run")
+        elif (folder / MULTIRUN).is_file():
+            found = (folder, "sweep folder")
+    return found
+
+
+def out_dir(multirun_dir: Path, out: Path | None = None) -> Path:
+    """Where collect writes: `out` (refused inside a finished run or a sweep folder), else
+    `multirun_dir` when it is a sweep folder or outside both, else next to the one holding it."""
+    path = Path(out if out is not None else multirun_dir)
+    owner = enclosing(path)
+    if owner is None or owner == (path.absolute(), "sweep folder"):
+        return path
+    folder, what = owner
+    if out is not None:
+        raise CollectError(
+            f"--out {out} is inside the {what} {folder}, which no other command writes: "
+            "choose a folder outside it"
+        )
+    name = "_".join(path.absolute().relative_to(folder.parent).parts)
+    return folder.parent / f"{name}_collected"
 
 
 def _natural_key(path: Path) -> list:
@@ -233,23 +266,25 @@ def plot(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     return paths
 
 
-def collect(multirun_dir: Path) -> pd.DataFrame:
-    """Gather every job's metrics under `multirun_dir`, write collected.csv and the plots there."""
-    df, _ = _collect(Path(multirun_dir))
+def collect(multirun_dir: Path, out: Path | None = None) -> pd.DataFrame:
+    """Gather every job's metrics under `multirun_dir`, write collected.csv and the plots where
+    `out_dir` says."""
+    df, _ = _collect(Path(multirun_dir), out)
     return df
 
 
-def _collect(multirun_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
+def _collect(multirun_dir: Path, out: Path | None) -> tuple[pd.DataFrame, list[Path]]:
     from mlpim import lock
 
     if lock.is_locked(multirun_dir):
         raise CollectError(
             f"{multirun_dir} is in use by a running mlpim sweep; collect it when the sweep ends"
         )
+    target = out_dir(multirun_dir, out)
     df = gather(multirun_dir)
-    path = multirun_dir / C.COLLECTED
-    io.write_csv(df, multirun_dir, C.COLLECTED)
-    return df, [path, *plot(df, multirun_dir)]
+    target.mkdir(parents=True, exist_ok=True)
+    path = io.write_csv(df, target, C.COLLECTED)
+    return df, [path, *plot(df, target)]
 
 
 def collect_cli(argv: list[str]) -> None:
@@ -258,9 +293,12 @@ def collect_cli(argv: list[str]) -> None:
         prog="mlpim collect", description="Gather a sweep's metrics.csv files into one table."
     )
     parser.add_argument("multirun_dir", type=Path, help="a sweep directory (searched recursively)")
+    parser.add_argument(
+        "--out", type=Path, help="where to write (default: the sweep folder, or next to a run)"
+    )
     args = parser.parse_args(argv)
     try:
-        df, paths = _collect(args.multirun_dir)
+        df, paths = _collect(args.multirun_dir, args.out)
     except CollectError as e:
         print(f"mlpim: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -202,7 +202,11 @@ def mib_pairs(
 
 def _jsonl_rows(path: Path) -> list[dict]:
     """Rows of a JSONL file (or of a file holding one JSON list of objects)."""
-    text = path.read_text()
+    from mlpim.tasks.pairs import read_text
+
+    text = read_text(path)
+    if not text.strip():
+        raise MlpimError(f"{path} is empty: no MIB rows")
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -296,6 +300,15 @@ def write_mib_jsonl(rows: Iterable[dict], path: str | Path) -> None:
     """Write MIB rows one JSON object per line (readable by `read_mib_rows`)."""
     lines = [json.dumps(row, ensure_ascii=False) for row in rows]
     Path(path).write_text("".join(line + "\n" for line in lines))
+
+
+def check_mib_task(path: str | Path, counterfactual: str | None, split: str | None) -> None:
+    """The MIB rows are readable and hold the counterfactual type (one `MlpimError` line)."""
+    rows = read_mib_rows(path, split)
+    try:
+        _column(_only_type(rows) if counterfactual is None else counterfactual, rows)
+    except MlpimError as e:
+        raise MlpimError(f"{path}: {e}") from None
 
 
 def mib_task(path: str | Path, counterfactual: str | None, split: str | None, problems) -> list:

@@ -191,15 +191,41 @@ def task_file(path: str | Path | None) -> Path:
     return path
 
 
+def read_text(path: Path) -> str:
+    """A task file's text (a UTF-8 BOM is dropped); one ConfigError naming the first line that
+    is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8, line {line} (byte 0x{data[e.start]:02x}); save it as UTF-8"
+        ) from None
+
+
+def task_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of the task file's non-blank lines; one ConfigError for a file
+    that holds none, only `#` lines, or one JSON array (the format is JSON Lines)."""
+    text = read_text(path)
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    jsonl = "write one JSON object per line (JSON Lines, docs/tasks.md)"
+    if not lines:
+        raise ConfigError(f"task file {path} is empty (no pairs): {jsonl}")
+    if all(line.lstrip().startswith("#") for _, line in lines):
+        raise ConfigError(f"task file {path} holds only # lines (no pairs; JSON has no comments)")
+    if text.lstrip().startswith("["):
+        raise ConfigError(f"task file {path} is a JSON array; {jsonl}")
+    return lines
+
+
 def read_jsonl(path: str | Path, problems: TaskProblems | None = None) -> list[Pair]:
     """The pairs of a JSONL task file; one ConfigError listing every bad line, or, given a
     `problems` collector, the good lines' pairs with the bad lines' problems added to it."""
     path = task_file(path)
     collect = problems is not None
     problems, pairs = problems if collect else TaskProblems(f"task file {path}"), []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, line in task_lines(path):
         where = f"line {n}"
         try:
             record = json.loads(line)
@@ -215,6 +241,13 @@ def read_jsonl(path: str | Path, problems: TaskProblems | None = None) -> list[P
     if not collect:
         problems.raise_if_any()
     return pairs
+
+
+def check_pairs_file(path: str | Path) -> None:
+    """The task file read whole, as a run reads it: refused when it gives no pair at all."""
+    problems = TaskProblems(f"task file {path}")
+    if not read_jsonl(path, problems):
+        problems.raise_if_any()
 
 
 def write_jsonl(pairs: Iterable[Pair], path: str | Path) -> None:
