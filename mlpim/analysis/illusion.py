@@ -105,8 +105,8 @@ class Verdict:
     warned: tuple[str, ...]  # direction checks that warn (firm or borderline)
     site_notes: tuple[str, ...]  # site checks that warn
     gate: Gate
-    checks: tuple[Check, ...] = ()
-    score: float = NAN  # `illusion_score` of the checks
+    checks: tuple[Check, ...]
+    score: float  # `illusion_score` of the checks
 
     @property
     def n_warnings(self) -> int:

@@ -247,7 +247,7 @@ def natural_references(model, site: SiteData, k: int) -> R.Refs:
     dormant, bridging, off = [], [], []
     for u in tqdm(nat, desc="reference: natural directions", leave=False):
         fl, proj, null = part_fldds(model, site, u)
-        row, nul = (fl[k].value if k in fl else 0.0 for k in ("row_proj", "null_proj"))
+        row, nul = (fl[p].value if p in fl else 0.0 for p in ("row_proj", "null_proj"))
         bridging.append(bridging_margin(fl["das"].value, row, nul, th.superadditive))
         dormant.append(divergence.dormant_est(base, source, u, proj, idx).value)
         off.append(
