@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,22 +86,18 @@ class DatasetConfig:
     places: list[str] = field(default_factory=list)
 
 
-@dataclass
-class CheckConfig:
-    """illusion_check's thresholds (`check.*`): declared here, set only in
-    `conf/check/default.yaml` (which documents each; docs/verdict-rule.md gives the reasons)."""
+def check_config() -> type:
+    """illusion_check's thresholds (`check.*`): one field per key of `conf/check/default.yaml`,
+    where each is set and documented (docs/verdict-rule.md gives the reasons); the checks that
+    use them are registered in `mlpim.analysis.checks` (tests/test_checks.py: the two agree)."""
+    values = OmegaConf.load(CONF_DIR / "check" / "default.yaml")
+    fields = [(k, type(v), field(default=MISSING)) for k, v in values.items()]
+    cls = make_dataclass("CheckConfig", fields)
+    cls.__module__ = __name__
+    return cls
 
-    min_effect: float = MISSING
-    effect_quantile: float = MISSING
-    component_fraction: float = MISSING
-    null_norm_sq: float = MISSING
-    superadditive: float = MISSING
-    dormant_ratio: float = MISSING
-    off_distribution: float = MISSING
-    random_fraction: float = MISSING
-    generalisation: float = MISSING
-    ci_level: float = MISSING
-    n_boot: int = MISSING
+
+CheckConfig = check_config()
 
 
 @dataclass

@@ -27,6 +27,7 @@ from mlpim.analysis import illusion, planted
 from mlpim.analysis import measure as M
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis import references as R
+from mlpim.analysis.checks import Thresholds
 from mlpim.analysis.editing import edited_w_out
 from mlpim.analysis.stats import auc, roc
 from mlpim.analysis.toy_cases import toy_cases, toy_checks
@@ -87,7 +88,7 @@ def case_row(name: str, truth: str, layer: int, site: str, checks, **extra) -> d
         "matters": v.gate.ok,
         "verdict": v.klass,
         "label": v.label,
-        "score": illusion.illusion_score(checks),
+        "score": v.score,
         "n_warnings": v.n_warnings,
         "warned": ", ".join(v.warned),
         "site_notes": ", ".join(v.site_notes),
@@ -254,7 +255,7 @@ def roc_curve(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return roc(pos, lm[lm.truth == "real"].score.to_numpy())
 
 
-def toy_rows(th: illusion.Thresholds) -> list[dict]:
+def toy_rows(th: Thresholds) -> list[dict]:
     """The toy model's planted cases."""
     return [
         case_row(name, truth, -1, "toy", toy_checks(model, u, th))

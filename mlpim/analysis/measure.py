@@ -3,12 +3,12 @@
 `SiteData` holds what is measured once per site and shared by every direction checked there: the
 prepared pairs, the whole-site patch, the references, the natural activations and the bootstrap
 resampling of each pair set. `measure_checks` patches v and its parts on the test pairs, runs the
-checks of `mlpim.analysis.illusion` and returns tidy metric rows with them.
+checks (`mlpim.analysis.checks`, one module each) and returns tidy metric rows with them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -17,9 +17,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mlpim import reuse
-from mlpim.analysis import controls, divergence, illusion
+from mlpim.analysis import controls, divergence
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis import references as R
+from mlpim.analysis.checks import BRIDGING, DORMANT, Thresholds
+from mlpim.analysis.checks.alignment import alignment_check
+from mlpim.analysis.checks.base import Check, not_applicable
+from mlpim.analysis.checks.component_vs_subspace import component_check
+from mlpim.analysis.checks.dormant_row_part import dormant_check
+from mlpim.analysis.checks.effect import effect_check
+from mlpim.analysis.checks.generalisation import generalisation_check
+from mlpim.analysis.checks.nullspace_bridging import bridging_margin, nullspace_check
+from mlpim.analysis.checks.off_distribution import off_distribution_check
+from mlpim.analysis.checks.random_mlp import random_mlp_check
 from mlpim.analysis.mlp_write import residual_w_out
 from mlpim.analysis.rows import metric_rows
 from mlpim.analysis.stats import Est, fldd_est, mean_est, resample
@@ -70,7 +80,7 @@ class SiteData:
     kind: str
     layer: int
     splits: Splits
-    th: illusion.Thresholds
+    th: Thresholds
     refs: R.Refs
     idx: dict[str, np.ndarray]  # bootstrap indices per split (and "train (changing)")
     full: PairLDs  # the whole-site patch on the test pairs
@@ -95,7 +105,7 @@ def site_data(
     splits: Splits,
     kind: str,
     layer: int,
-    th: illusion.Thresholds,
+    th: Thresholds,
     refs: R.Refs,
     natural: Tensor | None = None,
     random_mlp: list[float] | None = None,
@@ -149,7 +159,7 @@ def generalisation(model, site: SiteData, v: Tensor, fldd_test: Est, keys: dict)
     for k, e in fl.items():
         if k != "test":
             rows += fldd_rows({"das": e}, k, keys, site.th.ci_level)
-    return rows, illusion.generalisation_check(fl["train (changing)"], held, site.th)
+    return rows, generalisation_check(fl["train (changing)"], held, site.th)
 
 
 def part_fldds(model, site: SiteData, v: Tensor) -> tuple[dict[str, Est], Tensor, Tensor]:
@@ -169,19 +179,19 @@ def mlp_direction_checks(site: SiteData, v: Tensor, fl: dict[str, Est], proj, nu
     row, nul = fl.get("row_proj", zero), fl.get("null_proj", zero)
     off, full_off = divergence.off_distribution(base, source, v, site.w_out, site.natural, idx)
     return [
-        illusion.nullspace_check(fl["das"], row, nul, null.norm().item() ** 2, refs, th),
-        illusion.dormant_check(divergence.dormant_est(base, source, v, proj, idx), refs, th),
-        illusion.off_distribution_check(off, full_off, refs, th),
+        nullspace_check(fl["das"], row, nul, null.norm().item() ** 2, refs, th),
+        dormant_check(divergence.dormant_est(base, source, v, proj, idx), refs, th),
+        off_distribution_check(off, full_off, refs, th),
     ]
 
 
-def site_checks(site: SiteData, fldd_v: Est) -> list[illusion.Check]:
+def site_checks(site: SiteData, fldd_v: Est) -> list[Check]:
     """The site checks: whole-site patch, random-MLP DAS (n.a. when not measured)."""
-    comp = illusion.component_check(fldd_v, site.full.fldd(site.idx["test"]), site.th)
+    comp = component_check(fldd_v, site.full.fldd(site.idx["test"]), site.th)
     if site.random_mlp is None:
         why = "no random-MLP DAS reference (only at mlp_post; random_mlp_seeds=0 skips it)"
-        return [comp, illusion.not_applicable("random_mlp", why)]
-    return [comp, illusion.random_mlp_check(site.random_mlp, fldd_v, site.refs, site.th)]
+        return [comp, not_applicable("random_mlp", why)]
+    return [comp, random_mlp_check(site.random_mlp, fldd_v, site.refs, site.th)]
 
 
 def measure_checks(
@@ -191,8 +201,8 @@ def measure_checks(
     keys: dict,
     v_ref: Tensor | None = None,
     n_align: int = 1000,
-) -> tuple[list[dict], list[illusion.Check]]:
-    """Every check on unit v at the site (`illusion.CHECKS` order) and its metric rows."""
+) -> tuple[list[dict], list[Check]]:
+    """Every check on unit v at the site (`checks.CHECKS` order) and its metric rows."""
     level, test_idx = site.th.ci_level, site.idx["test"]
     if site.kind == "mlp_post":
         fl, proj, null = part_fldds(model, site, v)
@@ -204,15 +214,15 @@ def measure_checks(
             "das": pair_lds(model, site.splits["test"], subspace(ns.unit_basis(v))).fldd(test_idx)
         }
         why = f"needs an MLP hidden site (mlp_post), not {site.kind}"
-        names = ("nullspace_bridging", *illusion.DORMANT)
-        direction = [illusion.not_applicable(n, why) for n in names]
-        align, norms = illusion.not_applicable("alignment", why), {}
+        names = (*BRIDGING, *DORMANT)
+        direction = [not_applicable(n, why) for n in names]
+        align, norms = not_applicable("alignment", why), {}
     rows = fldd_rows({"full": site.full.fldd(test_idx), **fl}, "test", keys, level)
     for name, sq in norms.items():
         rows += metric_rows({"norm_sq": sq}, intervention=name, split="test", **keys)
     g_rows, gen = generalisation(model, site, v, fl["das"], keys)
     comp, rand = site_checks(site, fl["das"])
-    effect = illusion.effect_check(fl["das"], site.refs, site.th)
+    effect = effect_check(fl["das"], site.refs, site.th)
     checks = [effect, comp, *direction, align, rand, gen]
     return rows + g_rows, checks
 
@@ -220,8 +230,8 @@ def measure_checks(
 def alignment(v: Tensor, w_out: Tensor, v_ref: Tensor | None, n: int, seed: int):
     """The alignment row against the reference residual direction, if there is one."""
     if v_ref is None:
-        return illusion.not_applicable("alignment", "no reference residual direction given")
-    return illusion.alignment_check(v, w_out, v_ref, n, seed)
+        return not_applicable("alignment", "no reference residual direction given")
+    return alignment_check(v, w_out, v_ref, n, seed)
 
 
 # ---------------------------------------------------------------- natural-direction references
@@ -237,18 +247,19 @@ def natural_references(model, site: SiteData, k: int) -> R.Refs:
     dormant, bridging, off = [], [], []
     for u in tqdm(nat, desc="reference: natural directions", leave=False):
         fl, proj, null = part_fldds(model, site, u)
-        row, nul = fl.get("row_proj"), fl.get("null_proj")
-        row_v = max(row.value, 0.0) if row is not None else 0.0
-        null_v = max(nul.value, 0.0) if nul is not None else 0.0
-        bridging.append(fl["das"].value - th.superadditive * (row_v + null_v))
+        row, nul = (fl[p].value if p in fl else 0.0 for p in ("row_proj", "null_proj"))
+        bridging.append(bridging_margin(fl["das"].value, row, nul, th.superadditive))
         dormant.append(divergence.dormant_est(base, source, u, proj, idx).value)
         off.append(
             divergence.off_distribution(base, source, u, site.w_out, site.natural, idx)[0].value
         )
     name = f"natural directions (n={nat.shape[0]})"
     ref = lambda xs: R.Reference(name, tuple(xs))  # noqa: E731
-    return R.Refs(
-        site.refs.random_dirs, site.refs.random_mlp, ref(dormant), ref(bridging), ref(off)
+    return replace(
+        site.refs,
+        natural_dormant=ref(dormant),
+        natural_bridging=ref(bridging),
+        natural_off=ref(off),
     )
 
 

@@ -79,9 +79,9 @@ def _ref(name: str):
     return field(default_factory=lambda: Reference(name))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Refs:
-    """The references of one site; a missing one leaves its checks without a placement."""
+    """The references of one site (by keyword); a missing one leaves its checks unplaced."""
 
     random_dirs: Reference = _ref("random directions")
     random_mlp: Reference = _ref("random-MLP DAS")

@@ -12,8 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mlpim.analysis import controls, divergence, illusion, toy
+from mlpim.analysis import controls, divergence, toy
 from mlpim.analysis import nullspace as ns
+from mlpim.analysis.checks import Thresholds
+from mlpim.analysis.checks.base import Check
+from mlpim.analysis.checks.component_vs_subspace import component_check
+from mlpim.analysis.checks.dormant_row_part import dormant_check
+from mlpim.analysis.checks.effect import effect_check
+from mlpim.analysis.checks.nullspace_bridging import bridging_margin, nullspace_check
+from mlpim.analysis.checks.off_distribution import off_distribution_check
 from mlpim.analysis.references import Reference, Refs, natural_directions
 from mlpim.analysis.stats import fixed, resample
 from mlpim.analysis.toy import FLIP_PAIRS
@@ -33,7 +40,7 @@ def _effects(model, base, source, u: Tensor, w_out: Tensor) -> tuple[dict, Tenso
     return {k: toy_effect(model, base, source, b) for k, b in bases.items()}, proj, null
 
 
-def toy_checks(model, u: Tensor, th: illusion.Thresholds) -> list[illusion.Check]:
+def toy_checks(model, u: Tensor, th: Thresholds) -> list[Check]:
     """The gate and the MLP checks of unit u on the toy model's flip pairs."""
     xb, xs = (torch.tensor(x, dtype=u.dtype) for x in zip(*FLIP_PAIRS, strict=True))
     base, source, w_out = model.hidden(xb), model.hidden(xs), model.w_out[:, None]
@@ -42,17 +49,17 @@ def toy_checks(model, u: Tensor, th: illusion.Thresholds) -> list[illusion.Check
     margins = []
     for n in natural_directions(base, source, model.d):
         f, _, _ = _effects(model, base, source, n, w_out)
-        row, null = max(f.get("row_proj", 0.0), 0.0), max(f.get("null_proj", 0.0), 0.0)
-        margins.append(f["das"] - th.superadditive * (row + null))
+        row, null = f.get("row_proj", 0.0), f.get("null_proj", 0.0)
+        margins.append(bridging_margin(f["das"], row, null, th.superadditive))
     refs = Refs(natural_bridging=Reference("natural", tuple(margins)))
     f, proj, null = _effects(model, base, source, u, w_out)
     full = toy_effect(model, base, source, torch.eye(model.d, dtype=u.dtype))
     off, full_off = divergence.off_distribution(base, source, u, w_out, natural, idx)
     dormant = divergence.dormant_est(base, source, u, proj, idx)
     return [
-        illusion.effect_check(f["das"], refs, th),
-        illusion.component_check(f["das"], full, th),
-        illusion.nullspace_check(
+        effect_check(f["das"], refs, th),
+        component_check(f["das"], full, th),
+        nullspace_check(
             f["das"],
             f.get("row_proj", 0.0),
             f.get("null_proj", 0.0),
@@ -60,8 +67,8 @@ def toy_checks(model, u: Tensor, th: illusion.Thresholds) -> list[illusion.Check
             refs,
             th,
         ),
-        illusion.dormant_check(fixed(dormant.value), refs, th),
-        illusion.off_distribution_check(fixed(off.value), full_off, refs, th),
+        dormant_check(fixed(dormant.value), refs, th),
+        off_distribution_check(fixed(off.value), full_off, refs, th),
     ]
 
 

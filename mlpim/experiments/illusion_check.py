@@ -1,7 +1,7 @@
 """illusion_check: is a saved 1-D direction an MLP-in-the-middle illusion?
 
 The direction (`direction=path/to/subspace.pt`, required) must be 1-D; its site and layer are read
-from the file. The checks (`mlpim.analysis.illusion`, measured by `mlpim.analysis.measure`) run on
+from the file. The checks (`mlpim.analysis.checks`, measured by `mlpim.analysis.measure`) run on
 the task's test pairs, each with a bootstrap interval over the pairs and placed in a reference
 measured on the same model, site and task (`mlpim.analysis.illusion_site`). The direction checks
 decide the verdict; the site checks describe the site (docs/verdict-rule.md). The random-MLP
@@ -88,17 +88,18 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     for seed, hist in histories.items():
         io.write_csv(hist, run_dir, f"history_random_mlp_seed{seed}.csv")
     rows, checks = measure_checks(model, site, v, keys, v_ref, opts.n_random)
+    verdict = illusion.verdict(checks)
     header = (
         f"model: {cfg.model.name}; direction: {cfg.direction} ({kind}, layer {layer}); "
         f"seed {cfg.seed}; FLDDs on the test pairs, {th.ci_level:.0%} bootstrap intervals"
     )
     for name in (C.VERDICT, C.SUMMARY):
-        io.write_text(report.verdict_markdown(header, checks, th.ci_level), run_dir, name)
-    title = f"{cfg.model.name}, {kind} L{layer}: {illusion.verdict(checks).label}"
-    report.verdict_plot(checks, run_dir, f"illusion_check {Path(cfg.direction).name} ({title})")
-    return io.tidy(rows + S.check_rows(checks, keys), cfg)
+        io.write_text(report.verdict_markdown(header, verdict, th.ci_level), run_dir, name)
+    title = f"{cfg.model.name}, {kind} L{layer}: {verdict.label}"
+    report.verdict_plot(verdict, run_dir, f"illusion_check {Path(cfg.direction).name} ({title})")
+    return io.tidy(rows + verdict.to_rows(keys), cfg)
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """The verdict table from a metrics table: one row per check and the verdict."""
-    return S.summary_table(S.checks_from_rows(df))
+    """The verdict table from a metrics table alone: one row per check and the verdict."""
+    return S.summary_table(illusion.Verdict.from_rows(df))

@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 
 from mlpim.analysis import illusion
+from mlpim.analysis.checks import ON_VALUE_SCALE
 from mlpim.report import io
 
 CHECK_PLOT = "illusion_check.png"
 CONFUSION_PLOT = "confusion.png"
 ROC_PLOT = "roc.png"
 COLORS = {True: "tab:red", False: "tab:green", None: "tab:gray"}
-ON_VALUE_SCALE = ("effect", "dormant_row_part", "off_distribution", "alignment", "random_mlp")
 
 
 def row_detail(c: illusion.Check, level: float) -> str:
@@ -32,11 +32,10 @@ def row_detail(c: illusion.Check, level: float) -> str:
     return out
 
 
-def verdict_markdown(header: str, checks: list[illusion.Check], level: float) -> str:
+def verdict_markdown(header: str, v: illusion.Verdict, level: float) -> str:
     """The one page to read: the verdict and why, the table, each row's numbers."""
-    v = illusion.verdict(checks)
-    table = illusion.verdict_table(checks).drop(columns=["meaning", "reference", "z"])
-    details = "\n".join(f"- **{c.name}** ({c.scope}): {row_detail(c, level)}" for c in checks)
+    table = illusion.verdict_table(v).drop(columns=["meaning", "reference", "z"])
+    details = "\n".join(f"- **{c.name}** ({c.scope}): {row_detail(c, level)}" for c in v.checks)
     gate = (
         f"FLDD(v) is below the effect gate {v.gate.threshold:.3g}: no effect to explain. "
         if not v.gate.ok
@@ -47,17 +46,14 @@ def verdict_markdown(header: str, checks: list[illusion.Check], level: float) ->
     return (
         f"# illusion_check: {v.label}\n\n{header}\n\n{gate}Direction checks that warn: {fired}. "
         f"Site notes (describe the site, never decide): {notes}.\n\n"
-        "Rule (docs/verdict-rule.md): likely illusory when the effect needs v's nullspace part "
-        "(nullspace_bridging) AND the patch drives the read part where real prompts never go "
-        "(dormant_row_part or off_distribution); caution when one of these or generalisation "
-        "warns; a warning whose interval holds its threshold is borderline.\n\n"
+        f"Rule (docs/verdict-rule.md): {illusion.rule_sentence()}\n\n"
         f"{io.markdown_table(table)}\n\n{details}\n"
     )
 
 
-def verdict_plot(checks: list[illusion.Check], run_dir: Path, title: str) -> None:
-    """One check per row: reference dots, value with interval, threshold (dashed)."""
-    shown = [c for c in checks if math.isfinite(c.value)]
+def verdict_plot(v: illusion.Verdict, run_dir: Path, title: str) -> None:
+    """One measured check per row: reference dots, value with interval, threshold (dashed)."""
+    shown = [c for c in v.checks if math.isfinite(c.value)]
     fig, axes = plt.subplots(len(shown), 1, figsize=(8, 0.95 * len(shown) + 0.8), squeeze=False)
     for ax, c in zip(axes[:, 0], shown, strict=True):
         check_row(ax, c)
