@@ -18,6 +18,7 @@ from mlpim.config import CONF_DIR, compose, experiment_runners
 from mlpim.errors import MlpimError
 from mlpim.experiments import Experiment, get_experiment, runner_names
 from mlpim.options import OPTIONS, option_names
+from mlpim.preflight import preflight
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -187,6 +188,21 @@ def test_every_runner_declares_one_consistent_experiment(runner):
     named = {n for n in names if n.endswith(FILE_SUFFIXES) and str in get_args(hints[n])}
     assert named == {k.removeprefix("extra.") for k in exp.inputs}
     assert set(exp.positive) <= set(names) and isinstance(exp.one_d, bool)
+
+
+@pytest.mark.parametrize(
+    "name, override, says",
+    [
+        ("toy_illusion", "extra.das_lr=0", "extra.das_lr=0.0: must be above 0"),
+        ("toy_illusion", "extra.das_steps=0", "extra.das_steps=0: must be at least 1"),
+        ("fact_editing", "extra.batch_size=0", "extra.batch_size=0: must be at least 1"),
+        ("illusion_check", "extra.random_mlp_epochs=0", "random_mlp_epochs=0: must be at least 1"),
+    ],
+)
+def test_an_experiments_positive_options_are_refused_below_their_bound(name, override, says):
+    cfg = compose([f"experiment={name}", "model=tiny", "device=cpu", override])
+    with pytest.raises(MlpimError, match=re.escape(says)):
+        preflight(cfg)
 
 
 def test_composing_and_preflight_import_only_the_chosen_experiment():

@@ -201,7 +201,8 @@ def test_a_bug_keeps_its_traceback(tmp_path):
     code = (
         "import sys, mlpim.experiments as E\n"
         "def runner(cfg, d):\n    raise ValueError('internal bug in pandas')\n"
-        "E.get_experiment = lambda name: E.Experiment(runner, None)\n"
+        "from mlpim.options import NoOptions\n"
+        "E.get_experiment = lambda name: E.Experiment(runner, NoOptions)\n"
         "from mlpim.cli import main\nmain(sys.argv[1:])\n"
     )
     proc = cli(["run", *FAST, f"hydra.run.dir={tmp_path}/r"], tmp_path, code=code)
