@@ -17,18 +17,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mlpim import __version__
+from mlpim.experiments import get_experiment, runner_names
 
 PACKAGE = Path(__file__).resolve().parent
 CODE_SUFFIXES = (".py", ".yaml", ".jsonl")  # what mlpim runs and reads from its own tree
-FILE_OPTIONS = (
-    "direction",
-    "extra.resid_direction",
-    "dataset.path",
-    "extra.corpus_path",
-    "model.file",
-)
-PAIR_FILES = "pair_directions_L*.pt"  # what fact_editing reads from `extra.pair_run`
-LOCATE_FILE = "metrics.csv"  # what ioi_layer_profile reads from `extra.locate_run`
+FILE_OPTIONS = ("direction", "dataset.path", "model.file")  # any run may read; and `Experiment.inputs`
 
 
 def _git(*args: str) -> str | None:
@@ -90,18 +83,30 @@ def _get(cfg: DictConfig | dict, dotted: str):
 
 def input_files(cfg: DictConfig | dict) -> dict[str, Path]:
     """Every file the config names for the run to read, by the option that names it: the path
-    options, the `extra.pair_run` directions (`extra.pair_run/<file>`) and the metrics of
-    `extra.locate_run`. A named file that does not exist is listed too (its hash is None)."""
-    files = {key: Path(str(p)).expanduser() for key in FILE_OPTIONS if (p := _get(cfg, key))}
-    pair_run = _get(cfg, "extra.pair_run")
-    if pair_run:
-        for p in sorted(Path(str(pair_run)).expanduser().glob(PAIR_FILES)):
-            files[f"extra.pair_run/{p.name}"] = p
-    locate = _get(cfg, "extra.locate_run")
-    if locate:
-        p = Path(str(locate)).expanduser()
-        files["extra.locate_run"] = p / LOCATE_FILE if p.is_dir() else p
+    options every experiment has, then the experiment's own (`Experiment.inputs`; a file read in
+    a run folder is `option/<file>` for a glob). A named file that does not exist is listed too
+    (its hash is None)."""
+    files = {}
+    for key, inside in {**dict.fromkeys(FILE_OPTIONS), **_experiment_inputs(cfg)}.items():
+        if p := _get(cfg, key):
+            files |= _named_files(key, Path(str(p)).expanduser(), inside)
     return files
+
+
+def _experiment_inputs(cfg: DictConfig | dict) -> dict[str, str | None]:
+    """The experiment's own input options (none for a runner mlpim does not have)."""
+    runner = _get(cfg, "runner")
+    return dict(get_experiment(runner).inputs) if runner in runner_names() else {}
+
+
+def _named_files(key: str, path: Path, inside: str | None) -> dict[str, Path]:
+    """The files option `key` names by `path`: itself; the glob `inside` of a folder, each by its
+    name; or the file `inside` of a folder."""
+    if inside is None:
+        return {key: path}
+    if "*" in inside:
+        return {f"{key}/{p.name}": p for p in sorted(path.glob(inside))}
+    return {key: path / inside if path.is_dir() else path}
 
 
 def file_sha256(path: Path) -> str | None:

@@ -190,7 +190,7 @@ class IllusionBenchmarkOptions:
     reference_cache: str | None = "outputs/.cache/references"
 
 
-OPTIONS: dict[str, type] = {  # runner -> its options
+OPTIONS: dict[str, type] = {  # runner -> its options (its `EXPERIMENT.options`; a test checks)
     "subspace": NoOptions,
     "ioi_baseline": NoOptions,
     "ioi_locate": IoiLocateOptions,

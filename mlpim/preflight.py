@@ -14,11 +14,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import get_type_hints
+from typing import get_args, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
 from mlpim.errors import ConfigError, MlpimError
+from mlpim.experiments import Experiment, get_experiment, runner_names
 
 
 def override_key(override: str) -> str:
@@ -38,7 +39,17 @@ def ignored_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
     return out
 
 
-ONE_D = ("illusion_check",)  # runners whose checks take one direction, not a subspace
+def experiment_of(cfg: DictConfig) -> Experiment | None:
+    """The `Experiment` of the config's runner (its module imported), None for an unknown runner
+    (refused when the run starts)."""
+    runner = cfg.get("runner")
+    return get_experiment(runner) if runner in runner_names() else None
+
+
+def one_d(cfg: DictConfig) -> bool:
+    """Whether the experiment checks one direction, not a subspace (`Experiment.one_d`)."""
+    experiment = experiment_of(cfg)
+    return experiment is not None and experiment.one_d
 
 
 def direction_options(cfg: DictConfig) -> dict:
@@ -62,7 +73,7 @@ def check_direction_file(
 ) -> None:
     """A direction file or folder is readable as what it is and holds a meaningful direction;
     the site and layer it states agree with `site`/`layer` given for it; with `cfg`, it fits
-    the model's declared sizes and, for a 1-D check (`ONE_D`), is one direction."""
+    the model's declared sizes and, for a 1-D check (`one_d`), is one direction."""
     if not path:
         return
     from mlpim.engine.subspace import load_subspace
@@ -97,7 +108,7 @@ def _fits_declared(rec, cfg: DictConfig) -> None:
 
     if rec.site == "z":
         raise MlpimError(f"{rec.path}: {Z_REFUSAL}")
-    if cfg.get("runner") in ONE_D and (rec.site is None or rec.layer is None):
+    if one_d(cfg) and (rec.site is None or rec.layer is None):
         raise MlpimError(
             f"{rec.path} ({rec.describe()}) does not say the site and layer it was found at; "
             "give them: direction_site=KIND direction_layer=N"
@@ -117,7 +128,7 @@ def _fits_declared(rec, cfg: DictConfig) -> None:
             f"{rec.path} ({rec.describe()}): width {rec.width}, but {rec.site} of "
             f"{cfg.model.name} is {width}"
         )
-    if cfg.get("runner") in ONE_D and rec.k > 1:
+    if one_d(cfg) and rec.k > 1:
         raise MlpimError(
             f"{rec.path} holds a {rec.k}-D subspace ({rec.describe()}); "
             f"{cfg.experiment}'s checks are 1-D: check one column with direction_columns=N "
@@ -187,16 +198,10 @@ def check_options(cfg: DictConfig) -> None:
 
 
 def check_positive(cfg: DictConfig) -> None:
-    """Epochs, steps, learning rates and batch sizes that cannot train or run are refused."""
+    """Epochs, steps, learning rates and batch sizes that cannot train or run are refused: the
+    dataset's batch size, the experiment's `Experiment.positive` options, DAS's settings."""
     ignores = set(cfg.get("ignores") or [])
-    values = {
-        "dataset.batch_size": 1,
-        "extra.batch_size": 1,
-        "extra.das_lr": 0.0,
-        "extra.das_steps": 1,
-        "extra.pair_steps": 1,
-        "extra.random_mlp_epochs": 1,
-    }
+    values = {"dataset.batch_size": 1, **positive_options(experiment_of(cfg))}
     if "method" not in ignores and cfg.method.name in ("das", "mean_diff"):
         values |= {"method.epochs": 1, "method.lr": 0.0}  # DAS trains with them
     for key, low in values.items():
@@ -209,6 +214,17 @@ def check_positive(cfg: DictConfig) -> None:
         if not ok:
             need = f"at least {low}" if isinstance(low, int) else "above 0"
             raise MlpimError(f"{key}={value}: must be {need} (nothing would be learned or run)")
+
+
+def positive_options(experiment: Experiment | None) -> dict[str, int | float]:
+    """`extra.<option>` -> its lowest allowed value: above 0.0 for a float option, else 1."""
+    if experiment is None:
+        return {}
+    hints = get_type_hints(experiment.options)
+    return {
+        f"extra.{name}": 0.0 if float in (hints[name], *get_args(hints[name])) else 1
+        for name in experiment.positive
+    }
 
 
 def check_device(cfg: DictConfig) -> None:

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from contextlib import suppress
@@ -243,11 +242,11 @@ def check_writable(run_dir: Path) -> None:
 def run_accepted(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     """Run into the locked, checked `run_dir`: config first, results, the log, DONE last."""
     from mlpim.engine.models import resolve_device
-    from mlpim.experiments import get_runner
+    from mlpim.experiments import get_experiment
 
     (run_dir / C.METRICS).unlink(missing_ok=True)
     ACTIVE.update(dir=run_dir, before=results_in(run_dir))
-    runner = get_runner(cfg.runner)
+    experiment = get_experiment(cfg.runner)
     io.write_config(cfg, run_dir)
     io.write_hydra_files(cfg, run_dir)
     run_log, saved = RunLog(run_dir / C.LOG), False
@@ -256,7 +255,7 @@ def run_accepted(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
         log.info("experiment %s on %s (%s)", cfg.experiment, cfg.model.name, device)
         start = time.time()
         with reading_direction(cfg):
-            df = runner(cfg, run_dir)
+            df = experiment.run(cfg, run_dir)
         io.write_metrics(df, run_dir)
         saved = run_log.save()
         record = json.dumps(done_record(cfg, time.time() - start), indent=1) + "\n"
@@ -264,7 +263,7 @@ def run_accepted(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     finally:
         run_log.close(save=not saved)
     ACTIVE.update(dir=None)  # left set when interrupted: the CLI reports it
-    summarize = getattr(sys.modules[runner.__module__], "summarize", io.summary_table)
+    summarize = experiment.summarize or io.summary_table
     print_summary(cfg, summarize(df), run_dir, time.time() - start)
     return df
 
@@ -348,11 +347,11 @@ class Result:
 
 def run_experiment(cfg: DictConfig) -> Result:
     """Run the experiment of `cfg` and return its results; no files are left behind."""
-    from mlpim.experiments import get_runner
+    from mlpim.experiments import get_experiment
 
     preflight(cfg)
     with tempfile.TemporaryDirectory(prefix="mlpim_") as tmp, reading_direction(cfg):
-        metrics = get_runner(cfg.runner)(cfg, Path(tmp))
+        metrics = get_experiment(cfg.runner).run(cfg, Path(tmp))
         result = Result(metrics=metrics)
         for path in sorted(Path(tmp).rglob("*")):
             name = path.relative_to(tmp).as_posix()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
 import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -12,8 +16,9 @@ from omegaconf import OmegaConf
 
 from mlpim.config import CONF_DIR, compose, experiment_runners
 from mlpim.errors import MlpimError
-from mlpim.experiments import runner_names
+from mlpim.experiments import Experiment, get_experiment, runner_names
 from mlpim.options import OPTIONS, option_names
+from mlpim.preflight import preflight
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -163,6 +168,51 @@ def test_a_close_option_name_is_suggested():
 def test_every_runner_declares_its_options():
     assert set(OPTIONS) == set(runner_names())
     assert set(experiment_runners()) == set(EXPERIMENTS)
+
+
+FILE_SUFFIXES = ("_path", "_direction", "_run")  # a `str | None` option naming a file to read
+
+
+@pytest.mark.parametrize("runner", sorted(set(experiment_runners().values())))
+def test_every_runner_declares_one_consistent_experiment(runner):
+    """The module's `EXPERIMENT`: its own run and summarize, its options class (`OPTIONS`); its
+    inputs and positive options are options it has, and every file-naming option is an input."""
+    module = importlib.import_module(f"mlpim.experiments.{runner}")
+    exp = get_experiment(runner)
+    assert isinstance(exp, Experiment) and exp.run is module.run
+    assert exp.summarize is getattr(module, "summarize", None)
+    assert exp.options is OPTIONS[runner]
+    names = option_names(exp.options)
+    assert all(k.startswith("extra.") and k.removeprefix("extra.") in names for k in exp.inputs)
+    hints = get_type_hints(exp.options)
+    named = {n for n in names if n.endswith(FILE_SUFFIXES) and str in get_args(hints[n])}
+    assert named == {k.removeprefix("extra.") for k in exp.inputs}
+    assert set(exp.positive) <= set(names) and isinstance(exp.one_d, bool)
+
+
+@pytest.mark.parametrize(
+    "name, override, says",
+    [
+        ("toy_illusion", "extra.das_lr=0", "extra.das_lr=0.0: must be above 0"),
+        ("toy_illusion", "extra.das_steps=0", "extra.das_steps=0: must be at least 1"),
+        ("fact_editing", "extra.batch_size=0", "extra.batch_size=0: must be at least 1"),
+        ("illusion_check", "extra.random_mlp_epochs=0", "random_mlp_epochs=0: must be at least 1"),
+    ],
+)
+def test_an_experiments_positive_options_are_refused_below_their_bound(name, override, says):
+    cfg = compose([f"experiment={name}", "model=tiny", "device=cpu", override])
+    with pytest.raises(MlpimError, match=re.escape(says)):
+        preflight(cfg)
+
+
+def test_composing_and_preflight_import_only_the_chosen_experiment():
+    code = (
+        "import sys\nfrom mlpim.config import compose\nfrom mlpim.preflight import preflight\n"
+        "preflight(compose(['experiment=ioi_baseline', 'model=tiny', 'device=cpu']))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mlpim.experiments.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['mlpim.experiments.common', 'mlpim.experiments.ioi_baseline']"
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -22,6 +22,8 @@ from faults import FAST, cli, on_disk, one_line, pair_rows
 import mlpim.experiments
 from mlpim import constants as C
 from mlpim import lock
+from mlpim.experiments import Experiment
+from mlpim.options import NoOptions
 from mlpim.report import io
 
 PAIRS = ["experiment=ioi_mlp8_das", *FAST, "dataset=pairs", "dataset.min_pairs=5"]
@@ -112,15 +114,15 @@ def interrupting(writes: bool):
             io.write_text("a complete table\n", Path(run_dir), C.SUMMARY)
         raise KeyboardInterrupt
 
-    return lambda name: runner
+    return lambda name: Experiment(runner, NoOptions)
 
 
 @pytest.mark.parametrize("writes", [False, True])
 def test_ctrl_c_is_one_line_and_the_same_command_reruns(writes, tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "r"
     args = ["experiment=ioi_mlp8_das", *FAST, f"hydra.run.dir={run_dir}"]
-    real = mlpim.experiments.get_runner
-    monkeypatch.setattr(mlpim.experiments, "get_runner", interrupting(writes))
+    real = mlpim.experiments.get_experiment
+    monkeypatch.setattr(mlpim.experiments, "get_experiment", interrupting(writes))
     line = one_line(*cli(capsys, "run", *args), str(run_dir), "(no DONE)", exit=130)
     if writes:
         assert "holds an unfinished run" in line and C.SUMMARY in line
@@ -128,7 +130,7 @@ def test_ctrl_c_is_one_line_and_the_same_command_reruns(writes, tmp_path, capsys
         assert line == f"mlpim: interrupted; nothing was written to {run_dir} (no DONE)"
     assert C.DONE not in on_disk(run_dir) and not temporary_files(run_dir)
     assert not lock.is_locked(run_dir) and not lock.HELD
-    monkeypatch.setattr(mlpim.experiments, "get_runner", real)
+    monkeypatch.setattr(mlpim.experiments, "get_experiment", real)
     assert cli(capsys, "run", *args)[0] == 0 and (run_dir / C.DONE).exists()
 
 

@@ -18,6 +18,8 @@ from mlpim import identity
 from mlpim.config import compose
 from mlpim.engine.subspace import check_model, load_subspace
 from mlpim.errors import ConfigError
+from mlpim.experiments import Experiment
+from mlpim.options import NoOptions
 from mlpim.run import RunDirError, read_done, run
 
 FAST = [
@@ -60,7 +62,9 @@ def fake_runner(monkeypatch):
             ]
         )
 
-    monkeypatch.setattr(mlpim.experiments, "get_runner", lambda name: runner)
+    monkeypatch.setattr(
+        mlpim.experiments, "get_experiment", lambda name: Experiment(runner, NoOptions)
+    )
     return calls
 
 

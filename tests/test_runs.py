@@ -16,6 +16,8 @@ import mlpim.experiments
 from mlpim import constants as C
 from mlpim.config import compose
 from mlpim.errors import MlpimError
+from mlpim.experiments import Experiment
+from mlpim.options import NoOptions
 from mlpim.preflight import preflight
 from mlpim.run import RunDirError, read_done, run, run_experiment
 
@@ -71,7 +73,9 @@ def fake_runner(monkeypatch):
             ]
         )
 
-    monkeypatch.setattr(mlpim.experiments, "get_runner", lambda name: runner)
+    monkeypatch.setattr(
+        mlpim.experiments, "get_experiment", lambda name: Experiment(runner, NoOptions)
+    )
     return calls
 
 
@@ -93,22 +97,22 @@ def test_done_records_the_config_hash_version_and_commit(tmp_path, fake_runner):
 
 def test_interrupted_run_leaves_no_done_and_reruns(tmp_path, monkeypatch):
     """Ctrl-C in the middle of a runner: no DONE, no metrics.csv; the same command then runs."""
-    real = mlpim.experiments.get_runner
+    real = mlpim.experiments.get_experiment
 
     def interrupted(name):
         def runner(cfg, run_dir):
             (Path(run_dir) / C.SUMMARY).write_text("half of a summ")
             raise KeyboardInterrupt
 
-        return runner
+        return Experiment(runner, NoOptions)
 
     cfg = compose(["experiment=ioi_mlp8_das", *FAST])
-    monkeypatch.setattr(mlpim.experiments, "get_runner", interrupted)
+    monkeypatch.setattr(mlpim.experiments, "get_experiment", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path / "r")
     assert not (tmp_path / "r" / C.DONE).exists() and not (tmp_path / "r" / C.METRICS).exists()
     assert not list((tmp_path / "r").glob(".*tmp*"))  # no temporary files left
-    monkeypatch.setattr(mlpim.experiments, "get_runner", real)
+    monkeypatch.setattr(mlpim.experiments, "get_experiment", real)
     df = run(cfg, tmp_path / "r")
     assert df is not None and (tmp_path / "r" / C.DONE).exists()
     assert pd.read_csv(tmp_path / "r" / C.METRICS).shape == df.shape
@@ -197,7 +201,8 @@ def test_a_bug_keeps_its_traceback(tmp_path):
     code = (
         "import sys, mlpim.experiments as E\n"
         "def runner(cfg, d):\n    raise ValueError('internal bug in pandas')\n"
-        "E.get_runner = lambda name: runner\n"
+        "from mlpim.options import NoOptions\n"
+        "E.get_experiment = lambda name: E.Experiment(runner, NoOptions)\n"
         "from mlpim.cli import main\nmain(sys.argv[1:])\n"
     )
     proc = cli(["run", *FAST, f"hydra.run.dir={tmp_path}/r"], tmp_path, code=code)

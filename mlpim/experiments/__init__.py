@@ -1,15 +1,19 @@
 """Experiments: one module per runner named in `conf/experiment/*.yaml` (`runner:`).
 
-Each module has `run(cfg, run_dir) -> metrics DataFrame` (and optionally `summarize`); its options
-(`extra.*`) are its dataclass in `mlpim.options`. `common` holds the steps runners
-share; no experiment module imports another.
+Each module declares its one `EXPERIMENT = Experiment(run=..., options=..., ...)`: `run(cfg,
+run_dir) -> metrics DataFrame`, its options dataclass (`extra.*`, in `mlpim.options` and its
+`OPTIONS`), its `summarize` (None: the generic summary table), the config keys of the files it
+reads (`identity.input_files`), whether it checks one direction rather than a subspace and its
+options that must be positive (`mlpim.preflight`). `get_experiment(name)` imports that one
+module only. `common` holds the steps runners share; no experiment module imports another.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,13 +25,28 @@ Runner = Callable[["DictConfig", Path], "pd.DataFrame"]
 SHARED = ("common", "options")  # modules of this package that are not experiments
 
 
+@dataclass(frozen=True)
+class Experiment:
+    """What an experiment module declares: how it runs, and what preflight and a run's identity
+    need to know of it without running it."""
+
+    run: Runner
+    options: type  # its options dataclass (`extra.*`): `mlpim.options.OPTIONS[runner]`
+    summarize: Callable[[pd.DataFrame], pd.DataFrame] | None = None  # None: io.summary_table
+    # config key -> the files it names: None, the file (or folder) itself; else the file name or
+    # glob of what is read in the run folder it names
+    inputs: Mapping[str, str | None] = field(default_factory=dict)
+    one_d: bool = False  # checks one direction (`direction=`), not a subspace
+    positive: tuple[str, ...] = ()  # options that must be positive (at least 1 if not float)
+
+
 def runner_names() -> list[str]:
     """Modules of this package that define an experiment runner."""
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in SHARED)
 
 
-def get_runner(name: str) -> Runner:
-    """The `run` function of the experiment module `name`."""
+def get_experiment(name: str) -> Experiment:
+    """The `EXPERIMENT` of the experiment module `name` (only that module is imported)."""
     if name not in runner_names():
         raise KeyError(f"unknown runner {name!r}; available: {', '.join(runner_names())}")
-    return importlib.import_module(f"{__name__}.{name}").run
+    return importlib.import_module(f"{__name__}.{name}").EXPERIMENT

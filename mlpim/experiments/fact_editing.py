@@ -25,6 +25,7 @@ from mlpim.analysis import fact_das as FD
 from mlpim.analysis import nullspace as ns
 from mlpim.engine import metrics
 from mlpim.engine.interventions import prepare
+from mlpim.experiments import Experiment
 from mlpim.experiments.common import das_settings, model_for, predictor
 from mlpim.options import FactEditingOptions as Options
 from mlpim.options import options
@@ -160,3 +161,12 @@ def summary_markdown(cfg: DictConfig, opts: Options, df: pd.DataFrame, n_tok: in
         f"{opts.corpus_path or 'pydoc_data'}; {note}.\n\n"
         f"{io.markdown_table(summarize(df))}\n"
     )
+
+
+EXPERIMENT = Experiment(
+    run=run,
+    options=Options,
+    summarize=summarize,
+    inputs={"extra.corpus_path": None, "extra.pair_run": "pair_directions_L*.pt"},
+    positive=("batch_size", "pair_steps"),
+)

@@ -26,6 +26,7 @@ from mlpim.engine.das import train_das
 from mlpim.engine.interventions import Prepared, prepare
 from mlpim.engine.patching import full, subspace
 from mlpim.engine.subspace import direction_meta, save_subspace
+from mlpim.experiments import Experiment
 from mlpim.experiments.common import das_settings, model_for, model_spec, predictor
 from mlpim.options import FactPatchingOptions as Options
 from mlpim.options import options
@@ -184,3 +185,6 @@ def summary_markdown(cfg: DictConfig, opts: Options, df: pd.DataFrame, n_facts: 
         f"pairs (Wu et al. 2024).\n\n{io.markdown_table(summarize(df))}\n\n"
         f"Fact flip gap, per-pair minus shared, by layer: {gap}\n"
     )
+
+
+EXPERIMENT = Experiment(run=run, options=Options, summarize=summarize, positive=("pair_steps",))

@@ -22,6 +22,7 @@ from mlpim import constants as C
 from mlpim.analysis import benchmark as B
 from mlpim.analysis import illusion
 from mlpim.engine.subspace import direction_meta, save_subspace
+from mlpim.experiments import Experiment
 from mlpim.experiments.common import (
     das_settings,
     model_for,
@@ -136,3 +137,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Score and miss per case (from the metrics table)."""
     sub = df[df.metric.isin(["score", "miss"])]
     return sub.pivot_table(index=["site", "layer", "case"], columns="metric", values="value")
+
+
+EXPERIMENT = Experiment(
+    run=run, options=IllusionBenchmarkOptions, summarize=summarize, positive=("random_mlp_epochs",)
+)

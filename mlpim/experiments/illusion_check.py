@@ -23,6 +23,7 @@ from mlpim.analysis import illusion_site as S
 from mlpim.analysis.measure import measure_checks
 from mlpim.engine.das import DasSettings
 from mlpim.errors import ConfigError
+from mlpim.experiments import Experiment
 from mlpim.experiments.common import (
     das_settings,
     model_for,
@@ -103,3 +104,13 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """The verdict table from a metrics table alone: one row per check and the verdict."""
     return S.summary_table(illusion.Verdict.from_rows(df))
+
+
+EXPERIMENT = Experiment(
+    run=run,
+    options=IllusionCheckOptions,
+    summarize=summarize,
+    inputs={"extra.resid_direction": None},
+    one_d=True,
+    positive=("random_mlp_epochs",),
+)

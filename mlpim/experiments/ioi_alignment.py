@@ -28,6 +28,7 @@ from mlpim.engine import metrics
 from mlpim.engine.interventions import patch_each
 from mlpim.engine.models import hook_name
 from mlpim.errors import ConfigError
+from mlpim.experiments import Experiment
 from mlpim.experiments.common import das_direction, model_for, require_ioi
 from mlpim.options import IoiAlignmentOptions, options
 from mlpim.report import io
@@ -222,3 +223,11 @@ def summary_markdown(cfg, df: pd.DataFrame, mid: int, handover: int, heads: list
         f"All cosines are absolute values except grad_abb_vs_bab (signed: the IO-first and S1-first "
         f"prompts' signed name-mover gradients, cos of their means).\n\n{io.markdown_table(summarize(df))}\n"
     )
+
+
+EXPERIMENT = Experiment(
+    run=run,
+    options=IoiAlignmentOptions,
+    summarize=summarize,
+    inputs={"extra.resid_direction": None},
+)

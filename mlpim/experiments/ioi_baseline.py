@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from mlpim.engine import metrics
 from mlpim.engine.patching import logits_end
+from mlpim.experiments import Experiment
 from mlpim.experiments.common import model_for, require_ioi
 from mlpim.options import NoOptions, options
 from mlpim.report import io
@@ -71,3 +72,6 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     df = io.tidy(rows, cfg)
     plot(df, run_dir, cfg.model.name)
     return df
+
+
+EXPERIMENT = Experiment(run=run, options=NoOptions)

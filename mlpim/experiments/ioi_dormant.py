@@ -28,14 +28,13 @@ from mlpim.analysis.dormant import (
 from mlpim.engine.interventions import clean_metrics, evaluate, prepare
 from mlpim.engine.patching import subspace
 from mlpim.errors import ConfigError
+from mlpim.experiments import Experiment
 from mlpim.experiments.common import das_basis, model_for, require_ioi, site_of
 from mlpim.options import IoiDormantOptions as Options
 from mlpim.options import options
 from mlpim.report import io
 from mlpim.report.dormant import plot_dormant, summarize, summary_markdown
 from mlpim.tasks.ioi import make_pairs
-
-__all__ = ["run", "summarize"]  # summarize: the table printed at the end of a run
 
 log = logging.getLogger(__name__)
 PROJECTIONS = "projections.csv"
@@ -103,3 +102,8 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     plot_dormant(raw, run_dir, title)
     io.write_text(summary_markdown(cfg, df, mlp_layer, resid_layer), run_dir, C.SUMMARY)
     return df
+
+
+EXPERIMENT = Experiment(
+    run=run, options=Options, summarize=summarize, inputs={"extra.resid_direction": None}
+)

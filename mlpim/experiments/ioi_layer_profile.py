@@ -28,14 +28,13 @@ from mlpim.analysis.profile import prepare_many, profile_site
 from mlpim.engine.models import site_width
 from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.errors import ConfigError
+from mlpim.experiments import Experiment
 from mlpim.experiments.common import das_settings, model_for, model_spec, predictor
 from mlpim.options import IoiLayerProfileOptions as Options
 from mlpim.options import options
 from mlpim.report import io
 from mlpim.report.layer_profile import profile_plot, summarize, summary_markdown
 from mlpim.tasks import task_splits
-
-__all__ = ["run", "summarize"]  # summarize: the table printed at the end of a run
 
 log = logging.getLogger(__name__)
 KINDS = ("mlp_post", "resid_post")
@@ -156,3 +155,8 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     title = f"{cfg.model.name}: layer profile (k = {cfg.method.dim})"
     profile_plot(df, run_dir, title, cfg.model.landmarks.mlp_in_the_middle)
     return df
+
+
+EXPERIMENT = Experiment(
+    run=run, options=Options, summarize=summarize, inputs={"extra.locate_run": C.METRICS}
+)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from mlpim.analysis import landmarks as lmk
 from mlpim.engine import metrics
 from mlpim.engine.interventions import patch_each
+from mlpim.experiments import Experiment
 from mlpim.experiments.common import model_for, predictor
 from mlpim.options import IoiLocateOptions as Options
 from mlpim.options import options
@@ -107,3 +108,6 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     if cfg.dataset.name == "ioi":  # the landmark rule reads the IOI position signal
         log.info(write_landmarks(df, run_dir, cfg.model.name, opts.signal_threshold))
     return df
+
+
+EXPERIMENT = Experiment(run=run, options=Options, summarize=summarize)

@@ -21,13 +21,12 @@ from mlpim.analysis.budget import budget_rows, fit_rows, grid, neuron_order
 from mlpim.engine.interventions import clean_metrics, evaluate
 from mlpim.engine.patching import full
 from mlpim.errors import ConfigError
+from mlpim.experiments import Experiment
 from mlpim.experiments.common import das_settings, model_for, paper_splits, site_of
 from mlpim.options import IoiNeuronBudgetOptions as Options
 from mlpim.options import options
 from mlpim.report import io
 from mlpim.report.neuron_budget import budget_plot, summarize, summary_markdown
-
-__all__ = ["run", "summarize"]  # summarize: the table printed at the end of a run
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +57,6 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     budget_plot(df, run_dir, f"{cfg.model.name}, {kind} L{layer}, subset {opts.subset}")
     io.write_text(summary_markdown(cfg, opts.subset, df, kind, layer), run_dir, "summary.md")
     return df
+
+
+EXPERIMENT = Experiment(run=run, options=Options, summarize=summarize)

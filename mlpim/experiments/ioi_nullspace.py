@@ -28,6 +28,7 @@ from mlpim.engine.models import hook_name
 from mlpim.engine.patching import run_cache, site_acts
 from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.errors import ConfigError
+from mlpim.experiments import Experiment
 from mlpim.experiments.common import das_direction, model_for, model_spec, paper_splits, site_of
 from mlpim.options import IoiNullspaceOptions as Options
 from mlpim.options import options
@@ -164,3 +165,6 @@ def summary_markdown(cfg: DictConfig, df: pd.DataFrame, layer: int, w_err: float
         f"1-D patches use unit vectors; norm_sq is that of the parts of the unit v.\n\n"
         f"{io.markdown_table(summarize(df))}\n"
     )
+
+
+EXPERIMENT = Experiment(run=run, options=Options, summarize=summarize)

@@ -22,14 +22,13 @@ from mlpim.analysis import paths
 from mlpim.engine import fastpath
 from mlpim.engine.models import ConfigError, validate_site
 from mlpim.engine.patching import full, subspace
+from mlpim.experiments import Experiment
 from mlpim.experiments.common import model_for, require_ioi, saved_or_trained
 from mlpim.options import IoiPathPatchingOptions as Options
 from mlpim.options import options
 from mlpim.report import io
 from mlpim.report.path_patching import heatmaps, summarize, summary_markdown
 from mlpim.tasks.ioi import paper_pairs
-
-__all__ = ["run", "summarize"]  # summarize: the table printed at the end of a run
 
 
 def direction(
@@ -70,3 +69,8 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     heatmaps(df, run_dir, f"{cfg.experiment}: {cfg.model.name}, ABB<->BAB", first)
     io.write_text(summary_markdown(cfg, df), run_dir, "summary.md")
     return df
+
+
+EXPERIMENT = Experiment(
+    run=run, options=Options, summarize=summarize, inputs={"extra.resid_direction": None}
+)

@@ -28,6 +28,7 @@ from mlpim.analysis.controls import (
 from mlpim.engine.interventions import Prepared, clean_metrics, evaluate
 from mlpim.engine.patching import full, subspace
 from mlpim.errors import ConfigError
+from mlpim.experiments import Experiment
 from mlpim.experiments.common import das_basis, das_settings, model_for, paper_splits, site_of
 from mlpim.options import IoiRandomMlpOptions as Options
 from mlpim.options import options
@@ -127,3 +128,6 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     plot_bars(df, run_dir, f"{cfg.model.name}: random MLP vs v_MLP (layer {layer})")
     io.write_text(summary_markdown(cfg, df, layer, n_seeds), run_dir, C.SUMMARY)
     return df
+
+
+EXPERIMENT = Experiment(run=run, options=Options, summarize=summarize)

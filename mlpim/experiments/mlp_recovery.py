@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from mlpim.analysis import recovery as R
 from mlpim.errors import ConfigError
+from mlpim.experiments import Experiment
 from mlpim.experiments.common import model_for, seed_everything
 from mlpim.options import MlpRecoveryOptions as Options
 from mlpim.options import options
@@ -191,3 +192,12 @@ def logistic_plot(df: pd.DataFrame, run_dir: Path, model_name: str) -> None:
     )
     ax.legend(fontsize=7, ncol=2)
     io.save_figure(fig, run_dir, "recovery_logistic.png")
+
+
+EXPERIMENT = Experiment(
+    run=run,
+    options=Options,
+    summarize=summarize,
+    inputs={"extra.corpus_path": None},
+    positive=("batch_size",),
+)

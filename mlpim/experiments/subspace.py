@@ -15,6 +15,7 @@ from mlpim.engine.interventions import clean_metrics, evaluate
 from mlpim.engine.patching import full, subspace
 from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.errors import ConfigError
+from mlpim.experiments import Experiment
 from mlpim.experiments.common import model_for, model_spec, paper_splits, saved_or_trained, site_of
 from mlpim.options import NoOptions, options
 from mlpim.report import io
@@ -84,3 +85,6 @@ def summary_markdown(cfg: DictConfig, df: pd.DataFrame, kind: str, layer: int) -
         f"# {cfg.experiment}\n\nmodel: {cfg.model.name}; site: {kind}, layer {layer}; "
         f"k = {cfg.method.dim}; seed {cfg.seed}\n\n{io.markdown_table(table)}\n"
     )
+
+
+EXPERIMENT = Experiment(run=run, options=NoOptions)

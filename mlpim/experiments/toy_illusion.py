@@ -15,6 +15,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from mlpim.analysis import toy
+from mlpim.experiments import Experiment
 from mlpim.options import ToyIllusionOptions as Options
 from mlpim.options import options
 from mlpim.report import io
@@ -57,3 +58,6 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     df["model"] = MODEL_NAME
     plot(model, seeds, hd, run_dir)
     return df
+
+
+EXPERIMENT = Experiment(run=run, options=Options, positive=("das_lr", "das_steps"))
