@@ -57,8 +57,9 @@ def test_illusion_check_computes_the_verdict_once(tmp_path, monkeypatch):
     calls, at_summary = [], []
     counted, summarize = illusion.verdict, runner.summarize
     monkeypatch.setattr(illusion, "verdict", lambda cs: calls.append(1) or counted(cs))
+    counting = lambda df: at_summary.append(len(calls)) or summarize(df)  # noqa: E731
     monkeypatch.setattr(
-        runner, "summarize", lambda df: at_summary.append(len(calls)) or summarize(df)
+        runner, "EXPERIMENT", dataclasses.replace(runner.EXPERIMENT, summarize=counting)
     )
     overrides = [f"direction={tmp_path / 'resid' / C.DIRECTION}", "extra.n_random_directions=4"]
     overrides += ["extra.reference_cache=null", "extra.n_natural_prompts=100"]
