@@ -266,13 +266,14 @@ def test_check_a_causalab_rotation_one_column_at_a_time(tmp_path, capsys):
 def test_an_mlpim_subspace_one_column_at_a_time(tmp_path, capsys):
     """mlpim's own k-D subspace.pt: refused by the 1-D checks, one column checked; the same
     loader gives experiments taking a k-D basis all of it."""
-    from mlpim.engine.subspace import load_subspace, save_subspace
+    from mlpim.engine.direction import load_direction
+    from mlpim.engine.subspace import save_subspace
 
     basis = torch.linalg.qr(torch.randn(D_MLP, 3, generator=torch.Generator().manual_seed(5)))[0]
     save_subspace(tmp_path / "s.pt", basis, model="tiny", site="mlp_post", layer=1, k=3)
-    assert torch.equal(load_subspace(tmp_path / "s.pt")["basis"], basis)
-    col = load_subspace(tmp_path / "s.pt", columns=[2])
-    assert torch.equal(col["basis"], basis[:, 2:]) and col["reader"].describe().endswith("k=1")
+    assert torch.equal(load_direction(tmp_path / "s.pt").basis, basis)
+    col = load_direction(tmp_path / "s.pt", {"columns": [2]})
+    assert torch.equal(col.basis, basis[:, 2:]) and col.describe().endswith("k=1")
     code, text = cli(capsys, "check", str(tmp_path / "s.pt"), *FAST)
     one_line(code, text, "holds a 3-D subspace", "direction_columns=N (0..2)")
     code, text, out = check(capsys, tmp_path, tmp_path / "s.pt", "direction_columns=2")
