@@ -5,7 +5,8 @@ cfg.json + sae_weights.safetensors), `causalab` (rotation.safetensors holding ro
 or its folder), `safetensors`, `npy`, `npz`, `torch` (a torch.save zip or legacy file) and
 `mlpim` (a torch file holding a dict with `basis`). Anything else is refused in one line that
 says what was found. Sniffing reads headers only, except that a torch file is loaded with
-`weights_only=True` to tell mlpim's subspace from a plain tensor.
+`weights_only=True` to tell mlpim's subspace from a plain tensor. `file_kind` is the one sniffer:
+what any file is (`KINDS`, readable or not), from its first bytes.
 """
 
 from __future__ import annotations
