@@ -21,7 +21,11 @@ from mlpim.experiments import get_experiment, runner_names
 
 PACKAGE = Path(__file__).resolve().parent
 CODE_SUFFIXES = (".py", ".yaml", ".jsonl")  # what mlpim runs and reads from its own tree
-FILE_OPTIONS = ("direction", "dataset.path", "model.file")  # any run may read; and `Experiment.inputs`
+FILE_OPTIONS = (
+    "direction",
+    "dataset.path",
+    "model.file",
+)  # any run may read; and `Experiment.inputs`
 
 
 def _git(*args: str) -> str | None:

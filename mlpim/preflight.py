@@ -2,7 +2,8 @@
 before the model loads. Each failure is an `MlpimError` naming the value and what is allowed:
 keys the schema does not know (also when added with `+`/`++`), values that cannot train or run
 (epochs, learning rates, batch sizes), the device, the model file, the task file and direction
-files (read and checked: finite, non-zero, full rank).
+files (read once, into the `Direction`s the runner receives, and checked: finite, non-zero,
+full rank, at their site and layer, within the model's declared sizes).
 
 An experiment config declares `sites:` (the site kinds it can patch; empty = any) and `ignores:`
 (top-level keys it never reads, e.g. `site` for `ioi_alignment`); a command-line override of an
@@ -18,6 +19,7 @@ from typing import get_args, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
+from mlpim.engine.direction import OPTION_NAMES, Direction, load_direction
 from mlpim.errors import ConfigError, MlpimError
 from mlpim.experiments import Experiment, get_experiment, runner_names
 
@@ -55,86 +57,47 @@ def one_d(cfg: DictConfig) -> bool:
 def direction_options(cfg: DictConfig) -> dict:
     """The config's `direction_<option>=` values (key, feature, columns, rows) as plain Python
     values (a list, not a ListConfig), None if unset."""
-    from mlpim.engine.subspace import OPTION_NAMES
-
     values = {o: cfg.get(f"direction_{o}") for o in OPTION_NAMES}
     return {
         o: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for o, v in values.items()
     }
 
 
-def check_direction_file(
-    key: str,
-    path: str | None,
-    site: str | None = None,
-    layer: int | None = None,
-    options: dict | None = None,
-    cfg: DictConfig | None = None,
-) -> None:
-    """A direction file or folder is readable as what it is and holds a meaningful direction;
-    the site and layer it states agree with `site`/`layer` given for it; with `cfg`, it fits
-    the model's declared sizes and, for a 1-D check (`one_d`), is one direction."""
-    if not path:
-        return
-    from mlpim.engine.subspace import load_subspace
+def load_directions(cfg: DictConfig) -> dict[str, Direction]:
+    """Each direction file or folder the config names (`direction`, `extra.resid_direction`),
+    keyed by its config key, read once (`load_direction`) and checked as far as no model is
+    needed: readable as what it is, a meaningful direction, at the site and layer given for it,
+    within the model's declared sizes and, for a 1-D check (`Experiment.one_d`), one direction."""
+    single = one_d(cfg)
+    named = {}
+    if "direction" not in (cfg.get("ignores") or []):
+        check_direction_options(cfg)
+        site = (cfg.get("direction_site"), cfg.get("direction_layer"))
+        named["direction"] = (cfg.get("direction"), direction_options(cfg), *site)
+    named["extra.resid_direction"] = ((cfg.get("extra") or {}).get("resid_direction"),)
+    return {
+        key: checked_direction(cfg, key, *how, one_d=single) for key, how in named.items() if how[0]
+    }
 
+
+def checked_direction(
+    cfg: DictConfig, key: str, path: str, options=None, site=None, layer=None, one_d=False
+) -> Direction:
+    """The direction at `path`, given as `key=`, read and checked (`load_directions`)."""
+    sizes, name = model_sizes(cfg), cfg.model.name
     try:
-        rec = load_subspace(path, **(options or {}))["reader"]
-        rec = _given_site(rec, site, layer)
-        if cfg is not None:
-            _fits_declared(rec, cfg)
+        return load_direction(
+            path,
+            options,
+            site,
+            layer,
+            one_d=one_d,
+            sizes=sizes,
+            model_name=name,
+            experiment=cfg.experiment,
+        )
     except MlpimError as e:
         raise ConfigError(f"{key}={e}") from None
-
-
-def _given_site(rec, site: str | None, layer: int | None):
-    """The record with the given site/layer where the file does not say them; a file that says
-    other ones is refused."""
-    from dataclasses import replace
-
-    for name, found, given in (("site", rec.site, site), ("layer", rec.layer, layer)):
-        if found is not None and given is not None and found != given:
-            raise MlpimError(
-                f"{rec.path} says {name} {found!r} ({rec.describe()}), but direction_{name}="
-                f"{given}; drop direction_{name}="
-            )
-    return replace(rec, site=rec.site or site, layer=rec.layer if rec.layer is not None else layer)
-
-
-def _fits_declared(rec, cfg: DictConfig) -> None:
-    """The checks of `readers.check_fits` that need no model: a z direction, a layer or width
-    that the model config's sizes rule out, a subspace given to a 1-D check."""
-    from mlpim.engine.readers.record import Z_REFUSAL
-
-    if rec.site == "z":
-        raise MlpimError(f"{rec.path}: {Z_REFUSAL}")
-    if one_d(cfg) and (rec.site is None or rec.layer is None):
-        raise MlpimError(
-            f"{rec.path} ({rec.describe()}) does not say the site and layer it was found at; "
-            "give them: direction_site=KIND direction_layer=N"
-        )
-    sizes = model_sizes(cfg)
-    n_layers, width = (
-        sizes.get("n_layers"),
-        sizes.get("d_mlp" if rec.site == "mlp_post" else "d_model"),
-    )
-    if rec.layer is not None and n_layers and not 0 <= rec.layer < n_layers:
-        raise MlpimError(
-            f"{rec.path} ({rec.describe()}): layer {rec.layer} is outside {cfg.model.name} "
-            f"(layers 0..{n_layers - 1})"
-        )
-    if rec.site is not None and width and rec.width != width:
-        raise MlpimError(
-            f"{rec.path} ({rec.describe()}): width {rec.width}, but {rec.site} of "
-            f"{cfg.model.name} is {width}"
-        )
-    if one_d(cfg) and rec.k > 1:
-        raise MlpimError(
-            f"{rec.path} holds a {rec.k}-D subspace ({rec.describe()}); "
-            f"{cfg.experiment}'s checks are 1-D: check one column with direction_columns=N "
-            f"(0..{rec.k - 1}), or each in a sweep: mlpim check -m {rec.path} "
-            f"direction_columns=range({rec.k})"
-        )
 
 
 def check_direction_options(cfg: DictConfig) -> None:
@@ -369,8 +332,9 @@ def check_site_and_dim(cfg: DictConfig) -> None:
         )
 
 
-def preflight(cfg: DictConfig, overrides: list[str] | None = None) -> None:
-    """Check `cfg` (and the command line's `overrides`) before any model is loaded."""
+def preflight(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Direction]:
+    """Check `cfg` (and the command line's `overrides`) before any model is loaded; the
+    directions it names, loaded (`load_directions`: what the runner receives)."""
     ignored = ignored_overrides(cfg, overrides or [])
     if ignored:
         raise MlpimError(
@@ -382,15 +346,8 @@ def preflight(cfg: DictConfig, overrides: list[str] | None = None) -> None:
     check_device(cfg)
     check_dtype(cfg)
     check_values(cfg)
-    ignores = set(cfg.get("ignores") or [])
-    if "direction" not in ignores:
-        check_direction_options(cfg)
-        site = (cfg.get("direction_site"), cfg.get("direction_layer"))
-        check_direction_file(
-            "direction", cfg.get("direction"), *site, options=direction_options(cfg), cfg=cfg
-        )
-    extra = cfg.get("extra") or {}
-    check_direction_file("extra.resid_direction", extra.get("resid_direction"))
+    directions = load_directions(cfg)
     check_site_and_dim(cfg)
     check_task_file(cfg)
     check_model_file(cfg)
+    return directions

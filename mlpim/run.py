@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from io import StringIO
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlpim import constants as C
 from mlpim import lock, reuse
+from mlpim.engine.direction import Direction
 from mlpim.errors import MlpimError
 from mlpim.identity import code_change, code_version, input_change, input_hashes
 from mlpim.preflight import preflight
@@ -206,28 +208,32 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> p
     created = lock.make_dir(run_dir)
     lock.acquire(run_dir)
     try:
-        if not accept(cfg, run_dir, overrides, created):
+        directions = accept(cfg, run_dir, overrides, created)
+        if directions is None:
             return None
         with reuse.session():  # within this run; `make paper` opens one around all its steps
-            return run_accepted(cfg, run_dir)
+            return run_accepted(cfg, run_dir, directions)
     finally:
         lock.release(run_dir)
 
 
-def accept(cfg: DictConfig, run_dir: Path, overrides: list[str] | None, created: bool) -> bool:
-    """True when this config is to run in the locked `run_dir`, False when it already finished
-    there; a refusal raises, and removes `run_dir` again when this run created it."""
+def accept(
+    cfg: DictConfig, run_dir: Path, overrides: list[str] | None, created: bool
+) -> dict[str, Direction] | None:
+    """The directions preflight loaded (config key -> `Direction`) when this config is to run in
+    the locked `run_dir`, None when it already finished there; a refusal raises, and removes
+    `run_dir` again when this run created it."""
     try:
         if check_run_dir(cfg, run_dir):
             log.info("skipping %s: this config already finished there", run_dir)
-            return False
-        preflight(cfg, overrides)
+            return None
+        directions = preflight(cfg, overrides)
         check_writable(run_dir)
     except MlpimError:
         if created:
             lock.remove_if_empty(run_dir)
         raise
-    return True
+    return directions
 
 
 def check_writable(run_dir: Path) -> None:
@@ -239,8 +245,11 @@ def check_writable(run_dir: Path) -> None:
         )
 
 
-def run_accepted(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
-    """Run into the locked, checked `run_dir`: config first, results, the log, DONE last."""
+def run_accepted(
+    cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]
+) -> pd.DataFrame:
+    """Run into the locked, checked `run_dir` with the `directions` preflight loaded: config
+    first, results, the log, DONE last."""
     from mlpim.engine.models import resolve_device
     from mlpim.experiments import get_experiment
 
@@ -254,8 +263,7 @@ def run_accepted(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
         device = resolve_device(cfg.device)
         log.info("experiment %s on %s (%s)", cfg.experiment, cfg.model.name, device)
         start = time.time()
-        with reading_direction(cfg):
-            df = experiment.run(cfg, run_dir)
+        df = experiment.run(cfg, run_dir, directions)
         io.write_metrics(df, run_dir)
         saved = run_log.save()
         record = json.dumps(done_record(cfg, time.time() - start), indent=1) + "\n"
@@ -316,15 +324,6 @@ def interrupted_message(run_dir: Path, before: dict[str, tuple[int, int]]) -> st
     )
 
 
-def reading_direction(cfg: DictConfig):
-    """A context in which every loader of the run's `direction=` reads it with the config's
-    `direction_key=`, `direction_feature=`, ... (`mlpim.engine.subspace.reading_options`)."""
-    from mlpim.engine.subspace import reading_options
-    from mlpim.preflight import direction_options
-
-    return reading_options(cfg.get("direction"), direction_options(cfg))
-
-
 def print_summary(cfg: DictConfig, table: pd.DataFrame, run_dir: Path, seconds: float) -> None:
     """Print the run's summary table, its directory and its report (verdict.md, summary.md)."""
     with pd.option_context("display.width", 160, "display.max_columns", 20):
@@ -349,9 +348,9 @@ def run_experiment(cfg: DictConfig) -> Result:
     """Run the experiment of `cfg` and return its results; no files are left behind."""
     from mlpim.experiments import get_experiment
 
-    preflight(cfg)
-    with tempfile.TemporaryDirectory(prefix="mlpim_") as tmp, reading_direction(cfg):
-        metrics = get_experiment(cfg.runner).run(cfg, Path(tmp))
+    directions = preflight(cfg)
+    with tempfile.TemporaryDirectory(prefix="mlpim_") as tmp:
+        metrics = get_experiment(cfg.runner).run(cfg, Path(tmp), directions)
         result = Result(metrics=metrics)
         for path in sorted(Path(tmp).rglob("*")):
             name = path.relative_to(tmp).as_posix()

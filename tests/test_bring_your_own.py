@@ -266,13 +266,14 @@ def test_check_a_causalab_rotation_one_column_at_a_time(tmp_path, capsys):
 def test_an_mlpim_subspace_one_column_at_a_time(tmp_path, capsys):
     """mlpim's own k-D subspace.pt: refused by the 1-D checks, one column checked; the same
     loader gives experiments taking a k-D basis all of it."""
-    from mlpim.engine.subspace import load_subspace, save_subspace
+    from mlpim.engine.direction import load_direction
+    from mlpim.engine.subspace import save_subspace
 
     basis = torch.linalg.qr(torch.randn(D_MLP, 3, generator=torch.Generator().manual_seed(5)))[0]
     save_subspace(tmp_path / "s.pt", basis, model="tiny", site="mlp_post", layer=1, k=3)
-    assert torch.equal(load_subspace(tmp_path / "s.pt")["basis"], basis)
-    col = load_subspace(tmp_path / "s.pt", columns=[2])
-    assert torch.equal(col["basis"], basis[:, 2:]) and col["reader"].describe().endswith("k=1")
+    assert torch.equal(load_direction(tmp_path / "s.pt").basis, basis)
+    col = load_direction(tmp_path / "s.pt", {"columns": [2]})
+    assert torch.equal(col.basis, basis[:, 2:]) and col.describe().endswith("k=1")
     code, text = cli(capsys, "check", str(tmp_path / "s.pt"), *FAST)
     one_line(code, text, "holds a 3-D subspace", "direction_columns=N (0..2)")
     code, text, out = check(capsys, tmp_path, tmp_path / "s.pt", "direction_columns=2")
@@ -553,3 +554,39 @@ def test_a_folder_direction_is_hashed_by_content(tmp_path):
     first = file_sha256(tmp_path / "d")
     (tmp_path / "d" / "a.bin").write_bytes(b"2")
     assert first is not None and file_sha256(tmp_path / "d") != first
+
+
+def test_each_direction_file_is_read_once_per_run(tmp_path, capsys, monkeypatch):
+    """`mlpim check` reads `direction=` and `extra.resid_direction=` once each: preflight loads
+    them into `Direction`s and the runner receives those (no second read, no second sniff)."""
+    from mlpim.engine import direction as D
+    from mlpim.engine.subspace import save_subspace
+
+    reads, loads = [], []
+
+    def counted(load):
+        def read(file, *args, **kwargs):
+            reads.append(Path(file).name)
+            return load(file, *args, **kwargs)
+
+        return read
+
+    def load_direction(path, *args, **kwargs):
+        loads.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    real = D.load_direction
+    monkeypatch.setattr(np, "load", counted(np.load))
+    monkeypatch.setattr(torch, "load", counted(torch.load))
+    monkeypatch.setattr(D, "load_direction", load_direction)
+    monkeypatch.setattr("mlpim.preflight.load_direction", load_direction)
+    np.save(tmp_path / "v.npy", unit())
+    resid = torch.from_numpy(unit(D_MODEL, seed=1))[:, None]
+    save_subspace(tmp_path / "r.pt", resid, site="resid_post", layer=1)
+    site = ["direction_site=mlp_post", "direction_layer=1"]
+    code, text, out = check(
+        capsys, tmp_path, tmp_path / "v.npy", *site, f"extra.resid_direction={tmp_path / 'r.pt'}"
+    )
+    assert_checked(code, text, out, "npy tensor → mlp_post L1, width 128, k=1")
+    assert sorted(loads) == ["r.pt", "v.npy"], loads
+    assert reads.count("v.npy") == 1 and reads.count("r.pt") == 1, reads

@@ -236,7 +236,7 @@ def test_fact_editing_refuses_directions_of_other_pairs(tmp_path):
     )
     cfg = _cfg("fact_editing", "extra.layers=[0]", f"extra.pair_run={run_dir}")
     with pytest.raises(Exception, match="other weights"):
-        fact_editing.run(cfg, tmp_path / "edit")
+        fact_editing.run(cfg, tmp_path / "edit", {})
     with pytest.raises(Exception, match="no pair_directions_L1.pt"):
         fact_editing.run(
             _cfg("fact_editing", "extra.layers=[1]", f"extra.pair_run={run_dir}"),
@@ -261,7 +261,7 @@ def test_fact_patching_on_smollm2_short_grid(tmp_path, smollm2, monkeypatch):
             "method.epochs=2",
         ]
     )
-    df = fact_patching.run(cfg, tmp_path)  # ~70-120 s on 2 CPU cores
+    df = fact_patching.run(cfg, tmp_path, {})  # ~70-120 s on 2 CPU cores
     test = df[df.split == "test"]
     fldd = test[test.metric == "fldd"].set_index("intervention").value
     # measured (10 steps): per-pair FLDD 0.68 vs full MLP 0.04; the paper: the patch flips facts

@@ -20,7 +20,10 @@ from faults import FAST, cli, on_disk, one_line
 from mlpim import lock
 from mlpim.analysis import illusion
 from mlpim.config import compose
-from mlpim.engine.subspace import basis_problem, file_kind, load_subspace, save_subspace
+from mlpim.engine.direction import load_direction
+from mlpim.engine.readers import file_kind
+from mlpim.engine.readers.record import basis_problem
+from mlpim.engine.subspace import save_subspace
 from mlpim.errors import MlpimError
 
 CHECK = ["experiment=illusion_check", *FAST, "direction_site=mlp_post", "direction_layer=1"]
@@ -121,9 +124,9 @@ def test_direction_checks_accept_real_directions(tmp_path):
     """The same loader passes what DAS saves and a plain unit vector, unchanged."""
     basis = torch.linalg.qr(torch.randn(128, 2))[0]
     save_subspace(tmp_path / "s.pt", basis, model="tiny", site="mlp_post", layer=1, k=2)
-    assert torch.equal(load_subspace(tmp_path / "s.pt")["basis"], basis)
+    assert torch.equal(load_direction(tmp_path / "s.pt").basis, basis)
     np.save(tmp_path / "v.npy", 3 * unit())
-    v = load_subspace(tmp_path / "v.npy", "mlp_post", 1)["basis"]
+    v = load_direction(tmp_path / "v.npy", site="mlp_post", layer=1).basis
     assert v.shape == (128, 1) and torch.allclose(v.norm(), torch.tensor(1.0))
     assert basis_problem(basis) is None and basis_problem(torch.ones(4)) is None
     assert file_kind(tmp_path / "s.pt") == "torch" and file_kind(tmp_path / "v.npy") == "npy"

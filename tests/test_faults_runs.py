@@ -109,7 +109,7 @@ def test_refused_run_changes_nothing_and_finished_runs_are_read_only(tmp_path, c
 
 
 def interrupting(writes: bool):
-    def runner(cfg, run_dir):
+    def runner(cfg, run_dir, directions):
         if writes:
             io.write_text("a complete table\n", Path(run_dir), C.SUMMARY)
         raise KeyboardInterrupt

@@ -16,7 +16,7 @@ import mlpim.experiments
 from mlpim import constants as C
 from mlpim import identity
 from mlpim.config import compose
-from mlpim.engine.subspace import check_model, load_subspace
+from mlpim.engine.direction import load_direction
 from mlpim.errors import ConfigError
 from mlpim.experiments import Experiment
 from mlpim.options import NoOptions
@@ -46,7 +46,7 @@ def fake_runner(monkeypatch):
     depends on `seed` (as a re-trained direction would). Returns the run dirs it ran in."""
     calls = []
 
-    def runner(cfg, run_dir):
+    def runner(cfg, run_dir, directions):
         calls.append(Path(run_dir).name)
         write_direction(Path(run_dir) / C.DIRECTION, cfg.seed)
         return pd.DataFrame(
@@ -224,8 +224,10 @@ def test_paper_refuses_other_code_before_any_work(tmp_path, fake_runner, monkeyp
 def test_ioi_nullspace_direction_carries_its_model(tmp_path, tiny_llama):
     """ioi_nullspace's subspace.pt records the weights it was found on; another model's refused."""
     run(compose(["experiment=ioi_nullspace", *FAST]), tmp_path)
-    saved = load_subspace(tmp_path / C.DIRECTION)
+    saved = torch.load(tmp_path / C.DIRECTION, weights_only=True)
     assert len(saved["fingerprint"]) == 16 and saved["site"] == "mlp_post"
     assert {"proj", "null_proj", "processing", "width"} <= set(saved)
+    direction = load_direction(tmp_path / C.DIRECTION)
+    assert direction.fingerprint == saved["fingerprint"] and direction.site == "mlp_post"
     with pytest.raises(ConfigError, match="weights"):
-        check_model(saved, tiny_llama, tmp_path / C.DIRECTION)
+        direction.fitted(tiny_llama)

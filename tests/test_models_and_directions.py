@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from mlpim import constants as C
-from mlpim.analysis.controls import loaded_basis
 from mlpim.config import compose
+from mlpim.engine.direction import load_direction
 from mlpim.engine.models import fingerprint
-from mlpim.engine.subspace import check_model, direction_meta, load_subspace, save_subspace
+from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.engine.tiny import save_tiny, word_tokenizer
 from mlpim.errors import ConfigError
 from mlpim.experiments.common import model_spec
@@ -75,12 +75,13 @@ def test_direction_from_another_model_is_refused(tiny_gpt2, tiny_llama, tmp_path
     basis = torch.linalg.qr(torch.randn(tiny_gpt2.cfg.d_mlp, 1))[0]
     save_subspace(path, basis, **direction_meta(tiny_gpt2, model_spec(cfg), "mlp_post", 1))
     d = tiny_gpt2.cfg.d_mlp
-    assert torch.equal(loaded_basis(str(path), "mlp_post", 1, d, tiny_gpt2), basis)
-    assert fingerprint(tiny_gpt2) != fingerprint(tiny_llama)
+    direction = load_direction(path)
+    assert torch.equal(direction.fitted(tiny_gpt2, "mlp_post", 1), basis)
+    assert direction.width == d and fingerprint(tiny_gpt2) != fingerprint(tiny_llama)
     with pytest.raises(ConfigError, match="weights"):
-        check_model(load_subspace(path), tiny_llama, path)
+        direction.check_weights(tiny_llama)
     with pytest.raises(ConfigError, match="not mlp_post layer 2"):
-        loaded_basis(str(path), "mlp_post", 2, d, tiny_gpt2)
+        direction.fitted(tiny_gpt2, "mlp_post", 2)
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".npy"])
@@ -88,9 +89,9 @@ def test_plain_tensor_direction(tmp_path, suffix):
     v = torch.randn(32)
     path = tmp_path / f"v{suffix}"
     np.save(path, v.numpy()) if suffix == ".npy" else torch.save(v, path)
-    saved = load_subspace(path, "resid_post", 3)
-    assert (saved["site"], saved["layer"]) == ("resid_post", 3)
-    assert torch.allclose(saved["basis"][:, 0].abs(), (v / v.norm()).abs(), atol=1e-6)
+    saved = load_direction(path, site="resid_post", layer=3)
+    assert (saved.site, saved.layer) == ("resid_post", 3)
+    assert torch.allclose(saved.basis[:, 0].abs(), (v / v.norm()).abs(), atol=1e-6)
 
 
 def test_direction_file_never_runs_code(tmp_path):
@@ -101,4 +102,4 @@ def test_direction_file_never_runs_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"basis": torch.eye(3)[:, :1], "x": Evil()}, path)
     with pytest.raises(ConfigError, match="cannot load as tensors.*never runs code"):
-        load_subspace(path)
+        load_direction(path)

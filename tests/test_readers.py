@@ -7,6 +7,7 @@ own `save`; they are skipped when pyvene is not installed.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -15,11 +16,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mlpim.engine.direction import load_direction
 from mlpim.engine.patching import subspace_patch
 from mlpim.engine.readers import (
+    KINDS,
     ForeignDirection,
     ModelSizes,
     check_fits,
+    file_kind,
     read_direction,
     sizes_of,
     sniff,
@@ -550,3 +554,78 @@ def test_sizes_of_bridge_models(tiny_gpt2, tiny_llama):
     with pytest.raises(MlpimError):
         check_fits(rec, llama)
     check_fits(ForeignDirection(**{**rec.__dict__, "basis": torch.eye(gpt2.d_mlp)[:, :1]}), gpt2)
+
+
+# ---------------------------------------------------------------- one sniffer, one policy
+
+
+def test_one_sniffer_says_what_any_file_is(tmp_path):
+    """`file_kind` tells every file from its content, whatever its name; `sniff` (the format a
+    reader reads) and `load_direction` (what a refusal names) both ask it."""
+    v = torch.randn(D)
+    np.save(tmp_path / "v.npy", v.numpy())
+    np.savez(tmp_path / "a.npz", v=v.numpy())
+    torch.save(v, tmp_path / "t.txt")  # a torch zip, named as text
+    torch.save(v, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_subspace(tmp_path / "s.pt", v[:, None] / v.norm(), site="mlp_out", layer=1)
+    save_file({"v": v}, tmp_path / "w.bin")
+    save_file({"rotation_matrix": torch.eye(D)[:, :2].contiguous()}, tmp_path / "r.safetensors")
+    (tmp_path / "p.pt").write_bytes(pickle.dumps([1.0, 2.0]))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(64))
+    (tmp_path / "n.pt").write_text("hello\n")
+    (tmp_path / "e.npy").write_bytes(b"")
+    (tmp_path / "b.pt").write_bytes(bytes(range(256)))
+    kinds = {
+        "v.npy": ("npy", "npy"),
+        "a.npz": ("npz", "npz"),
+        "t.txt": ("torch", "torch"),
+        "legacy.pt": ("torch", "torch"),
+        "s.pt": ("torch", "mlpim"),
+        "w.bin": ("safetensors", "safetensors"),
+        "r.safetensors": ("causalab", "causalab"),
+        "p.pt": ("pickle", None),
+        "m.gguf": ("gguf", None),
+        "n.pt": ("text", None),
+        "e.npy": ("empty", None),
+        "b.pt": ("binary", None),
+    }
+    for name, (kind, fmt) in kinds.items():
+        assert file_kind(tmp_path / name) == kind, name
+        if fmt is not None:
+            assert sniff(tmp_path / name) == fmt, name
+            continue
+        with pytest.raises(MlpimError) as e:
+            sniff(tmp_path / name)
+        assert "not a direction file mlpim reads" in one_line(e)
+    for name in ("m.gguf", "n.pt", "e.npy", "b.pt"):
+        with pytest.raises(MlpimError) as e:
+            load_direction(tmp_path / name)
+        assert f"{KINDS[kinds[name][0]]}, not a torch (.pt) or numpy (.npy) file" in one_line(e)
+
+
+def test_one_orthonormality_policy_for_every_format(tmp_path, caplog):
+    """An orthonormal basis is used as saved, in every format; a tool's rotation that is not
+    orthonormal is refused; any other basis (a tensor, mlpim's own subspace.pt) is replaced by
+    the orthonormal basis of its span, said in one INFO line."""
+    q = torch.linalg.qr(torch.randn(D, 2, generator=torch.Generator().manual_seed(7)))[0]
+    skew = (q @ torch.tensor([[2.0, 1.0], [0.0, 1.0]])).contiguous()  # same span
+    for stem, basis in (("q", q), ("skew", skew)):
+        save_subspace(tmp_path / f"{stem}_s.pt", basis, site="mlp_out", layer=1)
+        torch.save(basis, tmp_path / f"{stem}_t.pt")
+        np.save(tmp_path / f"{stem}_t.npy", basis.numpy())
+        save_file({"v": basis.contiguous()}, tmp_path / f"{stem}_t.safetensors")
+    for name in ("s.pt", "t.pt", "t.npy", "t.safetensors"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="mlpim"):
+            assert torch.equal(load_direction(tmp_path / f"q_{name}").basis, q), name
+            assert not [r for r in caplog.records if "orthonormalised" in r.getMessage()]
+            basis = load_direction(tmp_path / f"skew_{name}").basis
+        said = [r.getMessage() for r in caplog.records if "orthonormalised" in r.getMessage()]
+        assert len(said) == 1 and f"skew_{name}" in said[0], (name, said)
+        assert torch.allclose(basis.T @ basis, torch.eye(2), atol=1e-5)
+        assert torch.allclose(basis @ basis.T, q @ q.T, atol=1e-5)  # the same span
+        assert torch.equal(read_direction(tmp_path / f"skew_{name}").basis, basis)
+    save_file({"rotation_matrix": skew}, tmp_path / "rotation.safetensors")
+    with pytest.raises(MlpimError) as e:
+        load_direction(tmp_path / "rotation.safetensors")
+    assert "columns are not orthonormal" in one_line(e)

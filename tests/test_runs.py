@@ -57,7 +57,7 @@ def fake_runner(monkeypatch):
     """Replace every runner by a fast one writing one metric row; returns the call log."""
     calls = []
 
-    def runner(cfg, run_dir):
+    def runner(cfg, run_dir, directions):
         calls.append(run_dir)
         (Path(run_dir) / C.SUMMARY).write_text("partial\n")
         return pd.DataFrame(
@@ -100,7 +100,7 @@ def test_interrupted_run_leaves_no_done_and_reruns(tmp_path, monkeypatch):
     real = mlpim.experiments.get_experiment
 
     def interrupted(name):
-        def runner(cfg, run_dir):
+        def runner(cfg, run_dir, directions):
             (Path(run_dir) / C.SUMMARY).write_text("half of a summ")
             raise KeyboardInterrupt
 
@@ -200,7 +200,7 @@ def test_cli_preflight_errors_are_one_line(tmp_path):
 def test_a_bug_keeps_its_traceback(tmp_path):
     code = (
         "import sys, mlpim.experiments as E\n"
-        "def runner(cfg, d):\n    raise ValueError('internal bug in pandas')\n"
+        "def runner(cfg, d, directions):\n    raise ValueError('internal bug in pandas')\n"
         "from mlpim.options import NoOptions\n"
         "E.get_experiment = lambda name: E.Experiment(runner, NoOptions)\n"
         "from mlpim.cli import main\nmain(sys.argv[1:])\n"

@@ -1,5 +1,5 @@
 """Controls shared by the illusion runners: the random-MLP baseline, patching a direction and its
-W_out parts, saved and mean-difference directions.
+W_out parts, mean-difference directions.
 
 Moved here from the experiment modules (ioi_random_mlp, ioi_nullspace, subspace), which import
 them from here, so that no experiment imports another.
@@ -12,7 +12,6 @@ f(h') - f(h_base) = W2 (h' - h_base) to the real MLP output.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, replace
 
@@ -44,10 +43,8 @@ from mlpim.engine.patching import (
     subspace,
     work_dtype,
 )
-from mlpim.engine.subspace import RotatedSubspace, check_model, load_subspace
-from mlpim.errors import ConfigError, MlpimError
-
-log = logging.getLogger(__name__)
+from mlpim.engine.subspace import RotatedSubspace
+from mlpim.errors import ConfigError
 
 PARTS = ("row_proj", "null_proj")
 
@@ -279,38 +276,6 @@ def mean_diff_direction(prepared: list[Prepared]) -> torch.Tensor:
     else:
         diff = base.mean(0) - torch.cat([p.source_act for p in prepared]).mean(0).to(base)
     return (diff / diff.norm())[:, None]
-
-
-def fits_model(rec, model) -> None:
-    """Log what a loaded direction is (one INFO line); refuse, in one line, one that does not fit
-    `model` (site, layer, width, MLP type, norms, processing: `readers.check_fits`)."""
-    from mlpim.engine.readers import check_fits, sizes_of
-
-    log.info("direction %s: %s%s", rec.path, rec.describe(), f" ({rec.note})" if rec.note else "")
-    compat = bool(getattr(model, "compatibility_mode", False))
-    try:
-        check_fits(rec, sizes_of(model), compat=compat)
-    except MlpimError as e:
-        raise ConfigError(str(e)) from None
-
-
-def loaded_basis(path: str, kind: str, layer: int, d: int, model=None) -> torch.Tensor:
-    """A saved basis, checked against the site it is used at (and the model's weights); a plain
-    tensor file is taken to be of this site."""
-    return fitting_basis(load_subspace(path, kind, layer), path, kind, layer, d, model)
-
-
-def fitting_basis(saved: dict, path: str, kind: str, layer: int, d: int, model=None) -> Tensor:
-    """The basis of an already loaded subspace (`load_subspace`), checked as `loaded_basis` does."""
-    if model is not None:
-        check_model(saved, model, path)
-        fits_model(saved["reader"], model)
-    if (saved.get("site"), saved.get("layer")) != (kind, layer) or saved["basis"].shape[0] != d:
-        raise ConfigError(
-            f"{path} holds a subspace of {saved.get('site')} layer {saved.get('layer')} "
-            f"(width {saved['basis'].shape[0]}), not {kind} layer {layer} (width {d})"
-        )
-    return saved["basis"]
 
 
 def changing_fldd(model, prepared: list[Prepared], setter) -> float:

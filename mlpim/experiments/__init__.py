@@ -1,7 +1,7 @@
 """Experiments: one module per runner named in `conf/experiment/*.yaml` (`runner:`).
 
 Each module declares its one `EXPERIMENT = Experiment(run=..., options=..., ...)`: `run(cfg,
-run_dir) -> metrics DataFrame`, its options dataclass (`extra.*`, in `mlpim.options` and its
+run_dir, directions) -> metrics DataFrame` (the `Direction`s preflight loaded, by config key), its options dataclass (`extra.*`, in `mlpim.options` and its
 `OPTIONS`), its `summarize` (None: the generic summary table), the config keys of the files it
 reads (`identity.input_files`), whether it checks one direction rather than a subspace and its
 options that must be positive (`mlpim.preflight`). `get_experiment(name)` imports that one
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from omegaconf import DictConfig
 
-Runner = Callable[["DictConfig", Path], "pd.DataFrame"]
+Runner = Callable[["DictConfig", Path, Mapping], "pd.DataFrame"]  # (cfg, run_dir, directions)
 SHARED = ("common", "options")  # modules of this package that are not experiments
 
 

@@ -12,13 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from mlpim import constants as C
-from mlpim.analysis.controls import fitting_basis, loaded_basis
 from mlpim.engine.das import DasSettings, train_das
+from mlpim.engine.direction import Direction
 from mlpim.engine.interventions import Prepared, prepare
 from mlpim.engine.metrics import MIN_CLEAN_LD
 from mlpim.engine.models import ModelSpec, load_model, resolve_device, site_width, validate_site
 from mlpim.engine.patching import logits_end
-from mlpim.engine.subspace import direction_meta, load_subspace, save_subspace
+from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.errors import ConfigError
 from mlpim.report import io
 from mlpim.tasks import FILE_TASKS, IOI_ONLY, bos_id, pad_id, task_splits, task_vocabulary
@@ -139,19 +139,20 @@ def saved_or_trained(
     model,
     kind: str,
     layer: int,
-    path: str | None,
+    direction: Direction | None,
     *,
     history: Path,
     save_as: Path,
     splits: dict[str, list[Prepared]] | None = None,
 ) -> torch.Tensor:
-    """A DAS basis (d×k) at (kind, layer): loaded from `path`, else trained on the paper's pairs.
+    """A DAS basis (d×k) at (kind, layer): the given `direction` (a file that does not say its
+    site is taken to be of this one), else trained on the paper's pairs.
 
     A trained basis is saved at `save_as` (reusable as `direction=`), its history at `history`.
     """
     d = site_width(model, kind)
-    if path:
-        return loaded_basis(path, kind, layer, d, model).to(model.cfg.device)
+    if direction is not None:
+        return direction.fitted(model, kind, layer).to(model.cfg.device)
     if cfg.method.dim > d:
         raise ConfigError(f"method.dim={cfg.method.dim} exceeds the width {d} of {kind}")
     splits = splits or paper_splits(cfg, model, kind, layer)
@@ -169,11 +170,12 @@ def das_direction(
     model,
     kind: str,
     layer: int,
-    path: str | None,
+    direction: Direction | None,
     run_dir: Path,
     splits: dict[str, list[Prepared]] | None = None,
 ) -> Float[Tensor, " d"]:
-    """A 1-D DAS direction at (kind, layer): loaded from `path`, else trained (saved in run_dir)."""
+    """A 1-D DAS direction at (kind, layer): the given `direction`, else trained (saved in
+    run_dir)."""
     if cfg.method.name != "das" or cfg.method.dim != 1:
         raise ConfigError(f"needs a 1-D DAS direction (method=das method.dim=1), got {cfg.method}")
     basis = saved_or_trained(
@@ -181,13 +183,14 @@ def das_direction(
         model,
         kind,
         layer,
-        path,
+        direction,
         history=run_dir / C.HISTORY,
         save_as=run_dir / C.DIRECTION,
         splits=splits,
     )
     if basis.shape[1] != 1:
-        raise ConfigError(f"{path} holds a {basis.shape[1]}-D subspace; a direction is 1-D")
+        where = direction.path if direction is not None else "the trained basis"
+        raise ConfigError(f"{where} holds a {basis.shape[1]}-D subspace; a direction is 1-D")
     return basis[:, 0]
 
 
@@ -196,11 +199,12 @@ def das_basis(
     model,
     kind: str,
     layer: int,
-    path: str | None,
+    direction: Direction | None,
     run_dir: Path,
     splits: dict[str, list[Prepared]] | None = None,
 ) -> Float[Tensor, "d k"]:
-    """The DAS basis at (kind, layer): loaded from `path`, else trained as the subspace runner does.
+    """The DAS basis at (kind, layer): the given `direction`, else trained as the subspace runner
+    does.
 
     A trained basis is saved as `v_{kind}_L{layer}.pt` (reusable as `direction=`), its training
     history under `das_{kind}_L{layer}/`.
@@ -210,7 +214,7 @@ def das_basis(
         model,
         kind,
         layer,
-        path,
+        direction,
         history=run_dir / f"das_{kind}_L{layer}" / C.HISTORY,
         save_as=run_dir / f"v_{kind}_L{layer}.pt",
         splits=splits,
@@ -244,30 +248,19 @@ def reference_store(path: str | None):
 
 
 def saved_direction(
-    path: str,
-    model,
-    model_name: str,
-    kinds: tuple[str, ...] | None = None,
-    site: tuple[str | None, int | None] = (None, None),
+    direction: Direction, model, model_name: str, kinds: tuple[str, ...] | None = None
 ) -> tuple[str, int, Float[Tensor, " d"]]:
-    """(site, layer, unit v) of a saved 1-D subspace, checked against the model's widths."""
-    saved = load_subspace(path, *site)
-    kind, layer = saved.get("site"), saved.get("layer")
-    if kind is None or layer is None:
-        raise ConfigError(
-            f"{path} does not record the site and layer it was found at; "
-            "give them as direction_site=... direction_layer=..."
-        )
+    """(site, layer, unit v) of a 1-D direction that says its site and layer (preflight's 1-D
+    check), checked against the model."""
+    kind, layer = direction.site, int(direction.layer)
     if kinds is not None and kind not in kinds:
-        raise ConfigError(f"{path} holds a {kind} subspace; expected one of {', '.join(kinds)}")
-    if saved.get("model", model_name) != model_name:
-        log.warning("%s was found on %s, checked on %s", path, saved["model"], model_name)
-    validate_site(model, kind, int(layer))
-    basis = fitting_basis(saved, path, kind, int(layer), site_width(model, kind), model)
-    if basis.shape[1] != 1:
         raise ConfigError(
-            f"{path} holds a {basis.shape[1]}-D subspace; illusion_check checks one direction "
-            "(save a single column with mlpim.engine.subspace.save_subspace)"
+            f"{direction.path} holds a {kind} subspace; expected one of {', '.join(kinds)}"
         )
-    v = basis[:, 0].to(model.cfg.device)
-    return kind, int(layer), v / v.norm()
+    if (direction.model or model_name) != model_name:
+        log.warning(
+            "%s was found on %s, checked on %s", direction.path, direction.model, model_name
+        )
+    validate_site(model, kind, layer)
+    v = direction.fitted(model, kind, layer)[:, 0].to(model.cfg.device)
+    return kind, layer, v / v.norm()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -24,6 +25,7 @@ from mlpim.analysis import editing as ED
 from mlpim.analysis import fact_das as FD
 from mlpim.analysis import nullspace as ns
 from mlpim.engine import metrics
+from mlpim.engine.direction import Direction
 from mlpim.engine.interventions import prepare
 from mlpim.experiments import Experiment
 from mlpim.experiments.common import das_settings, model_for, predictor
@@ -88,7 +90,7 @@ def layer_rows(
     return rows
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """Edit W_out for each test pair at every layer of the grid; the tidy metrics."""
     ex = options(cfg, Options)
     FD.check_setup(cfg.experiment, cfg.dataset.name, cfg.site.kind, cfg.method.name, cfg.method.dim)

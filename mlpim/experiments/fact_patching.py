@@ -13,6 +13,7 @@ the train pairs, measured on held-out test facts: Wu et al. 2024's stricter prot
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -23,6 +24,7 @@ from omegaconf import DictConfig
 from mlpim.analysis import fact_das as FD
 from mlpim.analysis import nullspace as ns
 from mlpim.engine.das import train_das
+from mlpim.engine.direction import Direction
 from mlpim.engine.interventions import Prepared, prepare
 from mlpim.engine.patching import full, subspace
 from mlpim.engine.subspace import direction_meta, save_subspace
@@ -115,7 +117,7 @@ def layer_rows(
     return rows, hist
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """Patch the fact pairs at every layer of the grid; the tidy metrics."""
     opts = options(cfg, Options)
     FD.check_setup(cfg.experiment, cfg.dataset.name, cfg.site.kind, cfg.method.name, cfg.method.dim)

@@ -12,6 +12,7 @@ with its reason), confusion.png, roc.png, v_resid_post_L<n>.pt.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from mlpim import constants as C
 from mlpim.analysis import benchmark as B
 from mlpim.analysis import illusion
+from mlpim.engine.direction import Direction
 from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.experiments import Experiment
 from mlpim.experiments.common import (
@@ -83,7 +85,7 @@ def save_layer(cfg, model, layer: int, res: B.LayerResult, run_dir: Path) -> Non
         io.write_csv(hist, run_dir, f"history_random_mlp_L{layer}_seed{seed}.csv")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """Every planted case at each benchmark layer, plus the toy cases; the metrics."""
     require_ioi(cfg)
     model = model_for(cfg)

@@ -12,6 +12,7 @@ checked at that site. Writes metrics.csv, verdict.md (also summary.md), illusion
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +23,7 @@ from mlpim.analysis import illusion
 from mlpim.analysis import illusion_site as S
 from mlpim.analysis.measure import measure_checks
 from mlpim.engine.das import DasSettings
+from mlpim.engine.direction import Direction
 from mlpim.errors import ConfigError
 from mlpim.experiments import Experiment
 from mlpim.experiments.common import (
@@ -56,18 +58,17 @@ def random_mlp_method(cfg: DictConfig, opts: IllusionCheckOptions) -> DasSetting
     return das_settings(cfg, dim=1, epochs=int(opts.random_mlp_epochs or cfg.method.epochs))
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """The checks and the verdict for `direction=`; the metrics."""
-    if not cfg.direction:
+    if "direction" not in directions:
         raise ConfigError(
             "illusion_check needs a saved 1-D subspace: direction=path/to/subspace.pt"
         )
     opts = options(cfg, IllusionCheckOptions)
     model = model_for(cfg)
-    where = (cfg.direction_site, cfg.direction_layer)
-    kind, layer, v = saved_direction(cfg.direction, model, cfg.model.name, site=where)
-    path = opts.resid_direction
-    v_ref = saved_direction(path, model, cfg.model.name, RESID_KINDS)[2] if path else None
+    kind, layer, v = saved_direction(directions["direction"], model, cfg.model.name)
+    resid = directions.get("extra.resid_direction")
+    v_ref = saved_direction(resid, model, cfg.model.name, RESID_KINDS)[2] if resid else None
     th, keys = illusion.Thresholds.from_mapping(cfg.check), {"site": kind, "layer": layer, "dim": 1}
     splits = paper_splits(cfg, model, kind, layer, held_out=True)
     natural = None

@@ -13,6 +13,7 @@ patterns' signed gradients agree (cos of their means; signed, not absolute).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -25,6 +26,7 @@ from torch import Tensor
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis.mlp_write import residual_w_out
 from mlpim.engine import metrics
+from mlpim.engine.direction import Direction
 from mlpim.engine.interventions import patch_each
 from mlpim.engine.models import hook_name
 from mlpim.errors import ConfigError
@@ -168,16 +170,18 @@ def alignment_plot(rows: list[dict], randoms: dict[str, Tensor], run_dir: Path, 
     io.save_figure(fig, run_dir, "alignment.png")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """The cosines of v_MLP's output, v_resid and the name movers' gradient; the metrics."""
     require_ioi(cfg)
     opts = options(cfg, IoiAlignmentOptions)
     model = model_for(cfg)
     marks = cfg.model.landmarks
     mid, handover = int(marks.mlp_in_the_middle), int(marks.handover_layer)
-    v_mlp = das_direction(cfg, model, "mlp_post", mid, cfg.direction, run_dir / "das_mlp_post")
-    resid_path = opts.resid_direction
-    v_resid = das_direction(cfg, model, "resid_post", handover, resid_path, run_dir / "das_resid")
+    v_mlp = das_direction(
+        cfg, model, "mlp_post", mid, directions.get("direction"), run_dir / "das_mlp_post"
+    )
+    resid = directions.get("extra.resid_direction")
+    v_resid = das_direction(cfg, model, "resid_post", handover, resid, run_dir / "das_resid")
     heads, fldd = name_movers(model, cfg, handover, opts.n_head_pairs)
     patterns = ("ABB", "BAB")
     prompts = make_prompts(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -10,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from mlpim.engine import metrics
+from mlpim.engine.direction import Direction
 from mlpim.engine.patching import logits_end
 from mlpim.experiments import Experiment
 from mlpim.experiments.common import model_for, require_ioi
@@ -46,7 +48,7 @@ def plot(df: pd.DataFrame, run_dir: Path, model_name: str) -> None:
     io.save_figure(fig, run_dir, "baseline.png")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """Clean LD and accuracy per template and split; the metrics."""
     options(cfg, NoOptions)
     require_ioi(cfg)

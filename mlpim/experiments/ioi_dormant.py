@@ -10,6 +10,7 @@ opposite-position ones.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +26,7 @@ from mlpim.analysis.dormant import (
     projection_stats,
     same_position,
 )
+from mlpim.engine.direction import Direction
 from mlpim.engine.interventions import clean_metrics, evaluate, prepare
 from mlpim.engine.patching import subspace
 from mlpim.errors import ConfigError
@@ -79,7 +81,7 @@ def resid_layer_of(cfg: DictConfig, opts: Options, mlp_layer: int) -> int:
     return resid_layer
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """The MLP output on v_true, patched and unpatched, per combo; the tidy metrics."""
     opts = options(cfg, Options)
     require_ioi(cfg)
@@ -88,8 +90,9 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     if kind != "mlp_post":
         raise ConfigError(f"ioi_dormant patches v_MLP at mlp_post, not {kind}")
     resid_layer = resid_layer_of(cfg, opts, mlp_layer)
-    v_mlp = das_basis(cfg, model, "mlp_post", mlp_layer, cfg.direction, run_dir)
-    v_true = das_basis(cfg, model, "resid_post", resid_layer, opts.resid_direction, run_dir)
+    v_mlp = das_basis(cfg, model, "mlp_post", mlp_layer, directions.get("direction"), run_dir)
+    resid = directions.get("extra.resid_direction")
+    v_true = das_basis(cfg, model, "resid_post", resid_layer, resid, run_dir)
     rows, raws = [], []
     for i, combo in enumerate(dormant_combos()):
         r, raw = combo_rows(cfg, opts, model, combo, i, mlp_layer, v_mlp, v_true)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +26,7 @@ from omegaconf import DictConfig
 from mlpim import constants as C
 from mlpim.analysis import landmarks as lmk
 from mlpim.analysis.profile import prepare_many, profile_site
+from mlpim.engine.direction import Direction
 from mlpim.engine.models import site_width
 from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.errors import ConfigError
@@ -133,7 +135,7 @@ def prepared_sites(cfg: DictConfig, model, sites: list[tuple[str, int]]) -> dict
     return prepared
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """DAS and full patches at mlp_post and resid_post of every profiled layer; the metrics."""
     locate = read_locate(options(cfg, Options).locate_run)
     model = model_for(cfg)

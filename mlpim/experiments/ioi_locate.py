@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -11,6 +12,7 @@ from omegaconf import DictConfig
 
 from mlpim.analysis import landmarks as lmk
 from mlpim.engine import metrics
+from mlpim.engine.direction import Direction
 from mlpim.engine.interventions import patch_each
 from mlpim.experiments import Experiment
 from mlpim.experiments.common import model_for, predictor
@@ -95,7 +97,7 @@ def write_landmarks(df: pd.DataFrame, run_dir: Path, model: str, threshold: floa
     return lmk.landmarks_line(found, threshold)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """Patch every component and head at END; the metrics (and landmarks.yaml for IOI)."""
     opts = options(cfg, Options)
     model = model_for(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from mlpim.analysis.budget import budget_rows, fit_rows, grid, neuron_order
+from mlpim.engine.direction import Direction
 from mlpim.engine.interventions import clean_metrics, evaluate
 from mlpim.engine.patching import full
 from mlpim.errors import ConfigError
@@ -31,7 +33,7 @@ from mlpim.report.neuron_budget import budget_plot, summarize, summary_markdown
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """Restricted DAS for every n of the grid, the full patch and the fit; the tidy metrics."""
     opts = options(cfg, Options)
     model = model_for(cfg)

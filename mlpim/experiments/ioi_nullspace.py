@@ -12,6 +12,7 @@ of the unit v, so they add up to 1.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -24,6 +25,7 @@ from mlpim import constants as C
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis.controls import PARTS, intervention_bases, patching_rows
 from mlpim.analysis.mlp_write import MODULE_OUT
+from mlpim.engine.direction import Direction
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import run_cache, site_acts
 from mlpim.engine.subspace import direction_meta, save_subspace
@@ -92,7 +94,7 @@ def histogram_plot(acts, parts, stats, run_dir: Path, title: str) -> None:
     io.save_figure(fig, run_dir, "nullspace_hist.png")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """v_MLP's row/null parts: patching along each, their norms and histograms; the metrics."""
     opts = options(cfg, Options)
     model = model_for(cfg)
@@ -100,7 +102,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     if kind != "mlp_post":
         raise ConfigError(f"ioi_nullspace needs site=mlp_post (MLP hidden activations), not {kind}")
     splits = paper_splits(cfg, model, kind, layer)
-    v = das_direction(cfg, model, kind, layer, cfg.direction, run_dir, splits)
+    v = das_direction(cfg, model, kind, layer, directions.get("direction"), run_dir, splits)
     w_out = ns.mlp_w_out(model, layer)
     w_err = check_w_out(model, layer, splits["test"][0].pairs.base)
     proj, null = ns.split(v, w_out)

@@ -12,6 +12,7 @@ unpatched run). See `mlpim.analysis.paths` for the definitions and the measureme
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from mlpim.analysis import paths
 from mlpim.engine import fastpath
+from mlpim.engine.direction import Direction
 from mlpim.engine.models import ConfigError, validate_site
 from mlpim.engine.patching import full, subspace
 from mlpim.experiments import Experiment
@@ -32,20 +34,22 @@ from mlpim.tasks.ioi import paper_pairs
 
 
 def direction(
-    cfg: DictConfig, model, kind: str, layer: int, path: str | None, run_dir: Path, tag: str
+    cfg: DictConfig, model, kind: str, layer: int, given: Direction | None, run_dir: Path, tag: str
 ) -> Tensor:
-    """A 1-D (or k-D) DAS basis at (kind, layer): loaded from `path`, else trained and saved."""
+    """A 1-D (or k-D) DAS basis at (kind, layer): the `given` one, else trained and saved."""
     validate_site(model, kind, layer)
     history, save_as = run_dir / f"history_{tag}.csv", run_dir / f"subspace_{tag}.pt"
-    return saved_or_trained(cfg, model, kind, layer, path, history=history, save_as=save_as)
+    return saved_or_trained(cfg, model, kind, layer, given, history=history, save_as=save_as)
 
 
-def interventions(cfg: DictConfig, opts: Options, model, run_dir: Path) -> list[paths.Intervention]:
+def interventions(
+    cfg: DictConfig, opts: Options, model, run_dir: Path, directions: Mapping[str, Direction]
+) -> list[paths.Intervention]:
     """v_resid, v_MLP and the full MLP patch at the model's landmark layers."""
     marks = cfg.model.landmarks
     res, mlp = ("resid_post", int(marks.handover_layer)), ("mlp_post", int(marks.mlp_in_the_middle))
-    v_resid = direction(cfg, model, *res, opts.resid_direction, run_dir, "resid")
-    v_mlp = direction(cfg, model, *mlp, cfg.direction, run_dir, "mlp")
+    v_resid = direction(cfg, model, *res, directions.get("extra.resid_direction"), run_dir, "resid")
+    v_mlp = direction(cfg, model, *mlp, directions.get("direction"), run_dir, "mlp")
     return [
         paths.Intervention("v_resid", *res, subspace(v_resid)),
         paths.Intervention("v_mlp", *mlp, subspace(v_mlp)),
@@ -53,14 +57,14 @@ def interventions(cfg: DictConfig, opts: Options, model, run_dir: Path) -> list[
     ]
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """Path-patch every intervention over the test pairs; the tidy metrics."""
     opts = options(cfg, Options)
     require_ioi(cfg)
     model = model_for(cfg)
     if why := fastpath.unsupported(model):
         raise ConfigError(f"ioi_path_patching traces END with the kernel, which cannot: {why}")
-    todo = interventions(cfg, opts, model, run_dir)
+    todo = interventions(cfg, opts, model, run_dir, directions)
     pairs = paper_pairs(model.tokenizer, cfg.dataset, "test", cfg.seed)
     batches = [b.to(model.cfg.device) for b in pairs]
     df = paths.path_patch(model, batches, todo, opts.frozen_norm).assign(split="test")

@@ -10,6 +10,7 @@ output. Its FLDD/IIA are compared with v_MLP's (DAS in the real MLP) and the ful
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -25,6 +26,7 @@ from mlpim.analysis.controls import (
     random_mlp_run,
     split_acts,
 )
+from mlpim.engine.direction import Direction
 from mlpim.engine.interventions import Prepared, clean_metrics, evaluate
 from mlpim.engine.patching import full, subspace
 from mlpim.errors import ConfigError
@@ -112,7 +114,7 @@ def random_rows(cfg: DictConfig, model, aug: dict, layer: int, n_seeds: int, run
     return rows
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """v_MLP, the full patch and DAS in random MLPs at the same place; the tidy metrics."""
     n_seeds = options(cfg, Options).random_mlp_seeds
     model = model_for(cfg)
@@ -120,7 +122,7 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     if kind != "mlp_post":
         raise ConfigError(f"ioi_random_mlp compares with v_MLP at mlp_post, not {kind}")
     splits = paper_splits(cfg, model, "mlp_post", layer)
-    basis = das_basis(cfg, model, "mlp_post", layer, cfg.direction, run_dir, splits)
+    basis = das_basis(cfg, model, "mlp_post", layer, directions.get("direction"), run_dir, splits)
     aug = augmented_splits(model, splits, layer)
     rows = real_mlp_rows(cfg, model, splits, aug, layer, basis)
     rows += random_rows(cfg, model, aug, layer, n_seeds, run_dir)

@@ -9,6 +9,7 @@ of ±z·v·‖resid_mid‖ added to resid_mid from the recomputed MLP activation
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -18,6 +19,7 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig
 
 from mlpim.analysis import recovery as R
+from mlpim.engine.direction import Direction
 from mlpim.errors import ConfigError
 from mlpim.experiments import Experiment
 from mlpim.experiments.common import model_for, seed_everything
@@ -84,7 +86,7 @@ def logistic_rows(model, ex: Options, acts, tokens, pos, train, test, gen) -> li
     return rows
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """Ridge and logistic probes over the corpus at each layer; the tidy metrics."""
     ex = options(cfg, Options)
     model = model_for(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +12,7 @@ from omegaconf import DictConfig
 
 from mlpim import constants as C
 from mlpim.analysis.controls import mean_diff_direction
+from mlpim.engine.direction import Direction
 from mlpim.engine.interventions import clean_metrics, evaluate
 from mlpim.engine.patching import full, subspace
 from mlpim.engine.subspace import direction_meta, save_subspace
@@ -29,19 +31,20 @@ def subspace_cosine(v: torch.Tensor, basis: torch.Tensor) -> float:
     return (basis.T @ v).norm().item()
 
 
-def find_basis(cfg, model, splits, kind: str, layer: int, run_dir: Path, method: str):
+def find_basis(
+    cfg, model, splits, kind: str, layer: int, run_dir: Path, method: str, given: Direction | None
+):
     """The basis for `method`: the mean difference, or DAS (loaded with `direction=`, else
     trained; history and basis saved in the run directory)."""
     if method == "mean_diff":
         return mean_diff_direction(splits["train"])
     history, save_as = run_dir / C.HISTORY, run_dir / C.DIRECTION
-    path = cfg.direction
     return saved_or_trained(
-        cfg, model, kind, layer, path, history=history, save_as=save_as, splits=splits
+        cfg, model, kind, layer, given, history=history, save_as=save_as, splits=splits
     )
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """The subspace found at the site, next to the full patch, on train and test; the metrics."""
     options(cfg, NoOptions)
     model = model_for(cfg)
@@ -50,7 +53,8 @@ def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
         raise ConfigError(f"method {cfg.method.name!r} finds no subspace; use das or mean_diff")
     splits = paper_splits(cfg, model, kind, layer)
     methods = ["das"] + (["mean_diff"] if cfg.method.name == "mean_diff" else [])
-    found = {m: find_basis(cfg, model, splits, kind, layer, run_dir, m) for m in methods}
+    given = directions.get("direction")
+    found = {m: find_basis(cfg, model, splits, kind, layer, run_dir, m, given) for m in methods}
     keys = {"site": kind, "layer": layer, "dim": cfg.method.dim, "seed": cfg.seed}
     rows = []
     for split, prepared in splits.items():

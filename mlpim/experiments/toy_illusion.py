@@ -9,12 +9,14 @@ Writes toy_tables.md (the tables, printed too), das_seeds.csv and toy_illusion.p
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import DictConfig
 
 from mlpim.analysis import toy
+from mlpim.engine.direction import Direction
 from mlpim.experiments import Experiment
 from mlpim.options import ToyIllusionOptions as Options
 from mlpim.options import options
@@ -24,7 +26,7 @@ from mlpim.report.toy import classification_section, patch_sections, plot
 MODEL_NAME = "toy_linear"
 
 
-def run(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
+def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """The toy's tables, bases, DAS restarts and k-dim construction; the tidy metrics."""
     opts = options(cfg, Options)
     model = toy.post_model()

@@ -54,8 +54,8 @@ from mlpim.engine.readers.record import (
     REQUIREMENTS,
     ForeignDirection,
     agree,
-    checked_orthonormal,
     one_line,
+    orthonormal_basis,
     pick,
 )
 from mlpim.errors import MlpimError
@@ -259,7 +259,7 @@ def rebuild_rotation(state: dict[str, Tensor], what: str) -> Float[Tensor, "d n"
     except RuntimeError as e:
         raise MlpimError(f"{what}: saved parametrization does not fit its rotation ({e})") from e
     with torch.no_grad():
-        return checked_orthonormal(holder.weight.detach().clone(), what)
+        return orthonormal_basis(holder.weight.detach().clone(), what, rotation=True)
 
 
 def module_site(comp: str, what: str) -> tuple[str, int]:

@@ -8,6 +8,7 @@ layer, width or space does not match a model.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from torch import Tensor
 from mlpim.engine.family import family_of
 from mlpim.engine.models import SITE_HOOKS
 from mlpim.errors import MlpimError
+
+log = logging.getLogger(__name__)
 
 SITES = tuple(SITE_HOOKS)
 # Sites that write to (or are) the residual stream: TransformerLens's centring of writing
@@ -205,14 +208,22 @@ def span_basis(v: Float[Tensor, "d k"], what: str) -> Float[Tensor, "d k"]:
     return (q * torch.sign(r.diagonal())).to(torch.float32)
 
 
-def checked_orthonormal(w: Float[Tensor, "d k"], what: str) -> Float[Tensor, "d k"]:
-    """w as float32 after checking its columns are orthonormal (a tool's saved rotation)."""
-    w = meaningful(w.detach(), what).to(torch.float32)
-    gram = w.T.to(torch.float64) @ w.to(torch.float64)
-    err = float((gram - torch.eye(w.shape[1], dtype=torch.float64)).abs().max())
-    if err > ORTHONORMAL_TOL:
+def orthonormal_basis(
+    w: Float[Tensor, "d k"], what: str, rotation: bool = False
+) -> Float[Tensor, "d k"]:
+    """The one orthonormality policy of every format: a basis whose columns are orthonormal
+    (within ORTHONORMAL_TOL) is used as saved; one a tool saved as a rotation (`rotation`: a
+    causalab rotation_matrix, a pyvene rotation) that is not is refused; any other (a tensor,
+    mlpim's own subspace) is replaced by the orthonormal basis of its span, said in one line."""
+    w = meaningful(w.detach(), what)
+    m = w.reshape(w.shape[0], -1).to(torch.float64)
+    err = float((m.T @ m - torch.eye(m.shape[1], dtype=torch.float64)).abs().max())
+    if err <= ORTHONORMAL_TOL:
+        return w.to(torch.float32)
+    if rotation:
         raise MlpimError(f"{what}: columns are not orthonormal (max |VᵀV - I| = {err:.2g})")
-    return w
+    log.info("%s: columns not orthonormal (max |VᵀV - I| = %.2g): orthonormalised", what, err)
+    return span_basis(w, what)
 
 
 def pick(items: list[int] | tuple[int, ...] | int | None, n: int, what: str) -> list[int] | None:

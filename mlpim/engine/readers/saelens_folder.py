@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from mlpim.engine.readers.record import ForeignDirection, agree, pick, span_basis
+from mlpim.engine.readers.record import ForeignDirection, agree, orthonormal_basis, pick
 from mlpim.errors import MlpimError
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
@@ -150,7 +150,7 @@ def read_saelens(
     note = f"W_dec rows {features} (norms {norms}), normalised; {arch} SAE, normalize {norm}"
     note += f"; {processing}"
     return ForeignDirection(
-        basis=span_basis(rows.T, f"{what}: W_dec rows {features}"),
+        basis=orthonormal_basis(rows.T, f"{what}: W_dec rows {features}"),
         site=agree(found_site, site, "site", what),
         layer=agree(found_layer, layer, "layer", what),
         fmt="saelens",

@@ -5,7 +5,8 @@ cfg.json + sae_weights.safetensors), `causalab` (rotation.safetensors holding ro
 or its folder), `safetensors`, `npy`, `npz`, `torch` (a torch.save zip or legacy file) and
 `mlpim` (a torch file holding a dict with `basis`). Anything else is refused in one line that
 says what was found. Sniffing reads headers only, except that a torch file is loaded with
-`weights_only=True` to tell mlpim's subspace from a plain tensor.
+`weights_only=True` to tell mlpim's subspace from a plain tensor. `file_kind` is the one sniffer:
+what any file is (`KINDS`, readable or not), from its first bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from mlpim.engine.readers.pyvene_folder import read_pyvene
 from mlpim.engine.readers.record import ForeignDirection
 from mlpim.engine.readers.saelens_folder import CFG, WEIGHTS, read_saelens
-from mlpim.engine.readers.tensor_files import CAUSALAB_KEY, read_tensor_file, torch_object
+from mlpim.engine.readers.tensor_files import CAUSALAB_KEY, load_torch, read_tensor_file
 from mlpim.errors import MlpimError
 
 FORMATS = ("pyvene", "saelens", "causalab", "safetensors", "npy", "npz", "torch", "mlpim")
@@ -100,24 +101,66 @@ def _describe_bytes(head: bytes) -> str:
     return f"unknown content starting {head[:8]!r}"
 
 
-def _file_format(path: Path) -> str:
-    """npy, safetensors, causalab, torch, mlpim or npz, from a file's leading bytes."""
-    size = path.stat().st_size
+KINDS = {
+    "npy": "a numpy .npy file",
+    "npz": "a numpy .npz archive",
+    "safetensors": "a safetensors file",
+    "causalab": "a causalab rotation (safetensors)",
+    "torch": "a torch file",
+    "pickle": "a Python pickle",
+    "zip": "a zip archive (not a torch file)",
+    "gguf": "a GGUF model file",
+    "text": "a text file",
+    "empty": "an empty file",
+    "binary": "a binary file of unknown format",
+}
+TORCH_LEGACY = b"\x80\x02\x8a"  # torch's legacy format: a pickled magic number first
+
+
+def _head(path: Path) -> bytes:
     with path.open("rb") as f:
-        head = f.read(1 << 20)
+        return f.read(1 << 20)
+
+
+def _kind(path: Path, head: bytes) -> str:
+    """What a file is from its leading bytes `head` (a key of KINDS)."""
+    if not head:
+        return "empty"
     if head.startswith(b"\x93NUMPY"):
         return "npy"
-    if (keys := _safetensors_keys(head, size)) is not None:
+    if (keys := _safetensors_keys(head, path.stat().st_size)) is not None:
         return "causalab" if CAUSALAB_KEY in keys else "safetensors"
-    if head.startswith(b"PK\x03\x04") and (kind := _zip_format(path)) is not None:
-        return "mlpim" if kind == "torch" and _is_mlpim(path) else kind
-    if head.startswith(b"\x80\x02\x8a"):  # torch's legacy format: a pickled magic number first
-        return "mlpim" if _is_mlpim(path) else "torch"
+    if head.startswith(b"PK\x03\x04"):
+        return _zip_format(path) or "zip"
+    if head[:1] == b"\x80":
+        return "torch" if head.startswith(TORCH_LEGACY) else "pickle"
+    if head.startswith(b"GGUF"):
+        return "gguf"
+    try:
+        head[:512].decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary"
+    return "text"
+
+
+def file_kind(path: str | Path) -> str:
+    """What a file is, from its content (a key of `KINDS`), whatever its name: the one sniffer."""
+    return _kind(Path(path), _head(Path(path)))
+
+
+def _file_format(path: Path) -> str:
+    """npy, safetensors, causalab, torch, mlpim or npz, from a file's leading bytes."""
+    head = _head(path)
+    kind = _kind(path, head)
+    if kind == "torch":
+        return "mlpim" if _is_mlpim(path) else kind
+    if kind in FORMATS:
+        return kind
     raise MlpimError(f"{path}: not a direction file mlpim reads: {_describe_bytes(head)}")
 
 
 def _is_mlpim(path: Path) -> bool:
-    loaded = torch_object(path)
+    loaded = load_torch(path, "torch")
     return isinstance(loaded, dict) and "basis" in loaded
 
 
@@ -131,11 +174,14 @@ def sniff(path: str | Path) -> str:
     raise MlpimError(f"{path}: no such file or folder")
 
 
-def read_direction(path: str | Path, **options) -> ForeignDirection:
+def read_direction(
+    path: str | Path, fmt: str | None = None, loaded=None, **options
+) -> ForeignDirection:
     """The direction saved at `path` in any format mlpim reads, with the format's options
-    (key, feature, columns, rows, site, layer, gated_mlp); an option it does not take is refused."""
+    (key, feature, columns, rows, site, layer, gated_mlp); an option it does not take is refused.
+    `fmt` (else sniffed) and `loaded` (a .npy or torch file's content) spare reading it again."""
     path = Path(path)
-    fmt = sniff(path)
+    fmt = fmt or sniff(path)
     given = {k: v for k, v in options.items() if v is not None}
     extra = sorted(set(given) - OPTIONS[fmt])
     if extra:
@@ -148,4 +194,4 @@ def read_direction(path: str | Path, **options) -> ForeignDirection:
         return read_saelens(path, **given)
     if fmt == "causalab" and path.is_dir():
         path = path / CAUSALAB_FILE
-    return read_tensor_file(path, fmt, **given)
+    return read_tensor_file(path, fmt, loaded, **given)

@@ -9,6 +9,8 @@
 - .npy: the one array. torch files: a tensor, or a dict of tensors with `key`.
 - mlpim's own `subspace.pt`: a dict with `basis` (d×k) and its `site`, `layer` and metadata.
 
+Every basis passes the one orthonormality policy of `record.orthonormal_basis`.
+
 A 1-D tensor is one direction; a 2-D tensor is read as d×k (vectors in columns): `columns`
 picks some, and `rows` reads vectors stored in rows instead (as SAE decoders do). Nothing is
 unpickled: torch files load with `weights_only=True`, numpy with `allow_pickle=False`.
@@ -26,12 +28,11 @@ from torch import Tensor
 from mlpim.engine.readers.record import (
     ForeignDirection,
     agree,
-    checked_orthonormal,
     one_line,
+    orthonormal_basis,
     pick,
-    span_basis,
 )
-from mlpim.errors import MlpimError
+from mlpim.errors import ConfigError, MlpimError
 
 CAUSALAB_KEY = "rotation_matrix"
 PYVENE_KEY = "rotate_layer.parametrizations.weight.original"
@@ -61,26 +62,53 @@ def safetensors_tensor(path: Path, key: str | None) -> tuple[str, Tensor]:
 
 
 def numpy_tensor(path: Path, key: str | None) -> tuple[str | None, Tensor]:
-    """(key, tensor) of a .npy (key None) or .npz file, loaded with allow_pickle=False."""
+    """(key, tensor) of an .npz file, loaded with allow_pickle=False."""
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            if key is not None:
-                raise MlpimError(f"{path} is one .npy array; direction_key={key!r} does not apply")
-            return None, torch.from_numpy(np.array(loaded))
-        with loaded:
+        with np.load(path, allow_pickle=False) as loaded:
             name = _pick_key(sorted(loaded.files), key, str(path))
             return name, torch.from_numpy(np.array(loaded[name]))
     except (ValueError, OSError, EOFError) as e:
         raise MlpimError(f"{path} is not a numpy file mlpim can read safely: {one_line(e)}") from e
 
 
-def torch_object(path: Path):
-    """What a torch file holds, loaded without running code from it (weights_only=True)."""
+def load_npy(path: Path) -> Tensor:
+    """A .npy file's array as a tensor (its own dtype), loaded with allow_pickle=False; an array
+    of Python objects or of no real numbers is refused in one line."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        array = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "Object arrays" in str(e):
+            raise ConfigError(
+                f"{path}: a numpy file of Python objects (dtype=object), which only unpickling "
+                "could read, and mlpim never unpickles: save a float array (np.save)"
+            ) from None
+        raise ConfigError(f"{path}: a numpy file numpy cannot read ({e})") from None
+    if array.dtype.kind not in "fiu":
+        raise ConfigError(f"{path}: a numpy array of dtype {array.dtype}, not real numbers")
+    return torch.from_numpy(array)
+
+
+def load_torch(path: Path, kind: str):
+    """What a torch file (`kind`: torch or pickle, `sniff.KINDS`) holds, loaded without running
+    code from it (weights_only=True)."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
-        raise MlpimError(f"{path} is not a file mlpim can read safely: {one_line(e)}") from e
+        what = "a torch file" if kind == "torch" else "a Python pickle"
+        raise ConfigError(
+            f"{path}: {what} that mlpim cannot load as tensors ({_torch_reason(e)}); it "
+            "loads weights only and never runs code from a file: save the direction with "
+            "torch.save(tensor) or numpy.save"
+        ) from None
+
+
+def _torch_reason(e: Exception) -> str:
+    """The line of torch's (long) error that says what in the file was refused."""
+    text = str(e).strip()
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+        return text.splitlines()[0].split(". Please")[0][:120]
+    return text.splitlines()[0][:120] if text else type(e).__name__
 
 
 def torch_tensor(path: Path, loaded, key: str | None) -> tuple[str | None, Tensor]:
@@ -133,8 +161,9 @@ def read_mlpim(path: Path, saved: dict, site, layer, columns=None) -> ForeignDir
     """mlpim's own saved subspace (`save_subspace`): basis, site and layer from the file;
     `columns` picks some of its columns."""
     basis = saved["basis"]
-    if not torch.is_tensor(basis) or basis.dim() != 2:
-        raise MlpimError(f"{path}: 'basis' is not a d×k tensor")
+    if not torch.is_tensor(basis):
+        raise ConfigError(f"{path}: holds a 'basis' that is not a tensor")
+    basis = basis[:, None] if basis.dim() == 1 else basis
     what = str(path)
     keep = ("model", "k", "seed", "position")
     note = ", ".join(f"{k}={saved[k]}" for k in keep if k in saved)
@@ -142,7 +171,7 @@ def read_mlpim(path: Path, saved: dict, site, layer, columns=None) -> ForeignDir
         chosen = pick(columns, basis.shape[1], f"{what}: direction_columns")
         basis, note = basis[:, chosen], f"{note}; columns {chosen}"
     return ForeignDirection(
-        basis=checked_orthonormal(basis, f"{what}: basis"),
+        basis=orthonormal_basis(basis, what),
         site=agree(saved.get("site"), site, "site", what),
         layer=agree(saved.get("layer"), layer, "layer", what),
         fmt="mlpim",
@@ -155,21 +184,25 @@ def read_mlpim(path: Path, saved: dict, site, layer, columns=None) -> ForeignDir
 def read_tensor_file(
     path: str | Path,
     fmt: str,
+    loaded=None,
     key: str | None = None,
     columns=None,
     rows=None,
     site: str | None = None,
     layer: int | None = None,
 ) -> ForeignDirection:
-    """A direction from a causalab / safetensors / npy / npz / torch / mlpim file (`fmt`)."""
+    """A direction from a causalab / safetensors / npy / npz / torch / mlpim file (`fmt`);
+    `loaded`: the .npy or torch file's content when already read."""
     path = Path(path)
     if fmt in ("safetensors", "causalab"):
         default = CAUSALAB_KEY if fmt == "causalab" else None
         name, t = safetensors_tensor(path, key if key is not None else default)
-    elif fmt in ("npy", "npz"):
+    elif fmt == "npy":
+        name, t = None, load_npy(path) if loaded is None else loaded
+    elif fmt == "npz":
         name, t = numpy_tensor(path, key)
     else:
-        loaded = torch_object(path)
+        loaded = load_torch(path, "torch") if loaded is None else loaded
         if isinstance(loaded, dict) and "basis" in loaded:
             if key is not None or rows is not None:
                 raise MlpimError(f"{path} is an mlpim subspace: direction_key/rows do not apply")
@@ -177,12 +210,12 @@ def read_tensor_file(
         name, t = torch_tensor(path, loaded, key)
     what = f"{path}" + (f" [{name}]" if name else "")
     matrix = as_matrix(t, columns, rows, what)
-    orthonormal = fmt == "causalab" and name == CAUSALAB_KEY
-    basis = checked_orthonormal(matrix, what) if orthonormal else span_basis(matrix, what)
+    rotation = fmt == "causalab" and name == CAUSALAB_KEY
+    basis = orthonormal_basis(matrix, what, rotation)
     picked = f" columns {_listed(columns)}" if columns is not None else ""
     picked += f" rows {_listed(rows)}" if rows is not None else ""
     shape = f"{tuple(t.shape)} {t.dtype}"
-    note = f"causalab PCA rotation {shape}" if orthonormal else f"{shape}, orthonormalised"
+    note = f"causalab PCA rotation {shape}" if rotation else shape
     return ForeignDirection(
         basis=basis.contiguous(),
         site=site,
