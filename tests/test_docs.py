@@ -202,3 +202,28 @@ def test_readme_is_a_front_door():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= MAX_README_LINES
     assert any("experiment=illusion_check direction=" in line for line in lines[:40])
+
+
+CONTRIBUTING = {  # section of docs/contributing.md -> the most numbered files it may list
+    "Add a verdict check": 3,  # its module, its thresholds, where it is measured
+    "Add an experiment": 3,  # its YAML, its module, its options
+    "Add a direction reader": 2,  # its reader, the sniffer
+    "Add a model family": 0,  # bullets, not steps: tiny builder (+ model yaml), family.py
+}
+
+
+def contributing_sections() -> dict[str, str]:
+    """docs/contributing.md's `## ` sections by heading."""
+    text = (ROOT / "docs" / "contributing.md").read_text(encoding="utf-8")
+    parts = re.split(r"^## +(.+)$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+@pytest.mark.parametrize("heading", CONTRIBUTING)
+def test_contributing_names_the_files_of_each_addition(heading):
+    """Each kind of addition has its section, names files that exist, and stays small."""
+    body = contributing_sections()[heading]
+    named = [t for t in SPAN.findall(body) if repo_path(t) is not None]
+    assert named and all(path_exists(repo_path(t)) for t in named), named
+    steps = re.findall(r"^\d+\. ", body, flags=re.M)
+    assert len(steps) <= CONTRIBUTING[heading]
