@@ -45,7 +45,6 @@ def tiny_gemma3():
     """Random 3-layer Gemma 3 (QK norms, sandwich norms, sliding window 4 on layers 0 and 2),
     with every RMSNorm weight random: Gemma's norms start at weight 0 (a scale of 1), where a
     norm applied twice to a normalised vector, or left out there, would not show."""
-
     model = _model(["model=tiny", "model.arch=gemma3"])
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
