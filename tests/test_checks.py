@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
+from helpers import SMALL
 from omegaconf import OmegaConf
 
 from mlpim import constants as C
@@ -15,9 +15,6 @@ from mlpim.config import CONF_DIR, CheckConfig, compose
 from mlpim.errors import ConfigError
 from mlpim.experiments import illusion_check as runner
 from mlpim.run import run
-
-torch.set_num_threads(1)
-FAST = ["model=tiny", "device=cpu", "dataset.n_train_pairs=40", "dataset.n_test_pairs=20"]
 
 
 def test_registry_thresholds_are_the_config_and_its_defaults():
@@ -53,7 +50,7 @@ def test_registry_names_and_rule():
 
 
 def test_illusion_check_computes_the_verdict_once(tmp_path, monkeypatch):
-    run(compose(["experiment=ioi_mean_diff", *FAST]), tmp_path / "resid")
+    run(compose(["experiment=ioi_mean_diff", *SMALL]), tmp_path / "resid")
     calls, at_summary = [], []
     counted, summarize = illusion.verdict, runner.summarize
     monkeypatch.setattr(illusion, "verdict", lambda cs: calls.append(1) or counted(cs))
@@ -63,6 +60,6 @@ def test_illusion_check_computes_the_verdict_once(tmp_path, monkeypatch):
     )
     overrides = [f"direction={tmp_path / 'resid' / C.DIRECTION}", "extra.n_random_directions=4"]
     overrides += ["extra.reference_cache=null", "extra.n_natural_prompts=100"]
-    run(compose(["experiment=illusion_check", *FAST, *overrides]), tmp_path / "check")
+    run(compose(["experiment=illusion_check", *SMALL, *overrides]), tmp_path / "check")
     assert at_summary == [1]  # the runner's one verdict ...
     assert len(calls) == 2  # ... and `summarize`'s, rebuilt from the metrics alone

@@ -3,35 +3,14 @@ path (`source: hf`, TransformerLens processing) end to end on a tiny random GPT-
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
+from helpers import mlpim_process, subprocess_env
 
 from mlpim import constants as C
 
 SMALL = "dataset.n_eval_prompts=20"  # the clean baseline on 20 prompts per split
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)  # tiny models; shared cores
-    return env
-
-
-def mlpim(args: list[str], cwd: Path, env: dict[str, str] | None = None):
-    """Run `python -m mlpim ARGS` in `cwd` (so Hydra's default outputs/ lands in a tmp dir)."""
-    return subprocess.run(
-        [sys.executable, "-m", "mlpim", *args],
-        cwd=cwd,
-        env=env or _env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def _assert_clean_error(proc, *needles: str, code: int | None = None) -> str:
@@ -79,12 +58,12 @@ def runs(tmp_path_factory):
     for name, (args, extra) in CASES.items():
         tmp = tmp_path_factory.mktemp(f"cli_{name}")
         (tmp / "hf_home").mkdir()
-        env = _env(**{k: v.format(tmp=tmp) for k, v in extra.items()})
+        env = subprocess_env(**{k: v.format(tmp=tmp) for k, v in extra.items()})
         if "HF_HOME" in extra:  # only HF_HOME decides where the hub cache is
             for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
                 env.pop(var, None)
         args = [a.format(tmp=tmp) for a in args]
-        out[name] = (pool.submit(mlpim, args, tmp, env), tmp)
+        out[name] = (pool.submit(mlpim_process, args, tmp, env), tmp)
     yield {name: (fut.result(), tmp) for name, (fut, tmp) in out.items()}
     pool.shutdown()
 
@@ -146,9 +125,9 @@ def test_cfg_job_prints_the_config(runs):
 
 
 def test_unknown_command_and_help(tmp_path):
-    proc = mlpim(["frobnicate"], tmp_path)
+    proc = mlpim_process(["frobnicate"], tmp_path)
     _assert_clean_error(proc, "unknown command 'frobnicate'", "usage:", code=2)
-    proc = mlpim(["--help"], tmp_path)
+    proc = mlpim_process(["--help"], tmp_path)
     assert proc.returncode == 0 and "mlpim run" in proc.stdout
 
 
@@ -156,7 +135,7 @@ def test_gpt2_code_path_end_to_end(tmp_path, gpt2_dir):
     run_dir = tmp_path / "run"
     args = ["run", "experiment=ioi_baseline", "model=gpt2-small", f"model.path={gpt2_dir}"]
     args += [SMALL, "device=cpu", f"hydra.run.dir={run_dir}"]
-    proc = mlpim(args, tmp_path)
+    proc = mlpim_process(args, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metrics = run_dir / C.METRICS
     assert metrics.exists() and (run_dir / C.DONE).exists()
@@ -170,18 +149,18 @@ def test_gpt2_code_path_end_to_end(tmp_path, gpt2_dir):
     before = metrics.read_bytes(), metrics.stat().st_mtime_ns
 
     # the same run directory again: finished (DONE), so skipped, nothing rewritten
-    proc = mlpim(args, tmp_path)
+    proc = mlpim_process(args, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "skipping" in proc.stdout + proc.stderr
     assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == before
 
     # another config into the finished directory: refused, nothing rewritten
-    proc = mlpim([*args, "seed=1"], tmp_path)
+    proc = mlpim_process([*args, "seed=1"], tmp_path)
     _assert_clean_error(proc, str(run_dir), "seed: 0 -> 1", "hydra.run.dir=", code=2)
     assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == before
 
     # the same config without DONE (an interrupted run): run again, to the same numbers
     (run_dir / C.DONE).unlink()
-    proc = mlpim(args, tmp_path)
+    proc = mlpim_process(args, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (run_dir / C.DONE).exists() and metrics.read_bytes() == before[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from helpers import SMALL
 
 from mlpim import constants as C
 from mlpim.analysis import nullspace as ns
@@ -17,10 +18,8 @@ from mlpim.experiments.common import model_for
 from mlpim.preflight import preflight
 from mlpim.run import run
 
-torch.set_num_threads(1)
 LOW = [torch.bfloat16, torch.float16]
 M, D = 1536, 576  # SmolLM2-135M's d_mlp, d_model
-FAST = ["model=tiny", "device=cpu", "dataset.n_train_pairs=40", "dataset.n_test_pairs=20"]
 
 
 def random_w_out(m: int = M, d: int = D, seed: int = 0) -> torch.Tensor:
@@ -107,15 +106,15 @@ def test_ioi_nullspace_in_bfloat16_matches_float32(tmp_path):
     and in bfloat16: the squared norms of the parts agree within what rounding W_out moves."""
     v = torch.randn(128, generator=torch.Generator().manual_seed(0))
     torch.save(v / v.norm(), tmp_path / "v.pt")
-    given = [*FAST, "experiment=ioi_nullspace", f"direction={tmp_path / 'v.pt'}"]
+    given = [*SMALL, "experiment=ioi_nullspace", f"direction={tmp_path / 'v.pt'}"]
     run(compose(given), tmp_path / "f32")
     run(compose([*given, "model.dtype=bfloat16"]), tmp_path / "bf16")
     a, b = norm_sq(tmp_path / "f32"), norm_sq(tmp_path / "bf16")
     assert a.sum() == pytest.approx(1.0, abs=1e-5) and b.sum() == pytest.approx(1.0, abs=1e-5)
     assert 0.2 < b["null_proj"] < 0.8  # the bug put all of it in the nullspace
-    cfg = compose(FAST)
+    cfg = compose(SMALL)
     w32, w16 = (
-        ns.mlp_w_out(model_for(c), 1) for c in (cfg, compose([*FAST, "model.dtype=bfloat16"]))
+        ns.mlp_w_out(model_for(c), 1) for c in (cfg, compose([*SMALL, "model.dtype=bfloat16"]))
     )
     assert w16.dtype == torch.bfloat16
     # |‖P̃v‖² − ‖Pv‖²| ≤ 2‖P̃ − P‖₂ for a unit v
@@ -125,7 +124,7 @@ def test_ioi_nullspace_in_bfloat16_matches_float32(tmp_path):
 
 def test_illusion_check_end_to_end_in_bfloat16(tmp_path):
     """Directions trained on the bfloat16 tiny model, then every check on it."""
-    low = [*FAST, "model.dtype=bfloat16", "method.epochs=2"]
+    low = [*SMALL, "model.dtype=bfloat16", "method.epochs=2"]
     run(compose(["experiment=ioi_mlp8_das", *low]), tmp_path / "mlp")
     run(compose(["experiment=ioi_mean_diff", *low]), tmp_path / "resid")
     overrides = [

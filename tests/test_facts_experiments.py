@@ -19,8 +19,6 @@ from mlpim.preflight import preflight
 from mlpim.tasks.batch import PairBatch, PromptBatch
 from mlpim.tasks.facts import fact_task
 
-torch.set_num_threads(1)
-
 TINY = [
     "model=tiny",
     "device=cpu",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from helpers import FAST
 
 import mlpim.experiments
 from mlpim import constants as C
@@ -22,14 +23,6 @@ from mlpim.experiments import Experiment
 from mlpim.options import NoOptions
 from mlpim.run import RunDirError, read_done, run
 
-FAST = [
-    "model=tiny",
-    "device=cpu",
-    "method.epochs=1",
-    "dataset.n_train_pairs=20",
-    "dataset.n_test_pairs=20",
-    "dataset.n_eval_prompts=20",
-]
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "paper.py"
 
 

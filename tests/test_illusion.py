@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import SMALL
 
 from mlpim import constants as C
 from mlpim.analysis import divergence, illusion
@@ -24,15 +25,7 @@ from mlpim.engine.subspace import save_subspace
 from mlpim.experiments.illusion_check import PLOT
 from mlpim.run import run
 
-torch.set_num_threads(1)
-FAST = [
-    "model=tiny",
-    "device=cpu",
-    "dataset.n_train_pairs=40",
-    "dataset.n_test_pairs=20",
-    "extra.reference_cache=null",
-    "extra.n_natural_prompts=100",
-]
+SMALL_REFS = [*SMALL, "extra.reference_cache=null", "extra.n_natural_prompts=100"]
 DT = torch.float64
 TH = illusion.Thresholds.from_mapping(compose([]).check)
 NO_REFS = Refs()
@@ -238,8 +231,8 @@ def test_verdict_table_words():
 def directions(tmp_path_factory) -> dict[str, str]:
     """A tiny 1-D DAS direction at mlp_post L1 and a mean-difference one at resid_post L1."""
     out = tmp_path_factory.mktemp("directions")
-    run(compose(["experiment=ioi_mlp8_das", *FAST[:4], "method.epochs=2"]), out / "mlp")
-    run(compose(["experiment=ioi_mean_diff", *FAST[:4]]), out / "resid")
+    run(compose(["experiment=ioi_mlp8_das", *SMALL, "method.epochs=2"]), out / "mlp")
+    run(compose(["experiment=ioi_mean_diff", *SMALL]), out / "resid")
     return {k: str(out / k / C.DIRECTION) for k in ("mlp", "resid")}
 
 
@@ -254,7 +247,7 @@ CHECK_FAST = [
 
 def test_illusion_check_end_to_end_mlp(directions, tmp_path):
     overrides = [f"direction={directions['mlp']}", f"extra.resid_direction={directions['resid']}"]
-    df = run(compose(["experiment=illusion_check", *FAST, *CHECK_FAST, *overrides]), tmp_path)
+    df = run(compose(["experiment=illusion_check", *SMALL_REFS, *CHECK_FAST, *overrides]), tmp_path)
     assert {"das", "full", "row_proj", "null_proj", "verdict"} <= set(df.intervention)
     for name in (C.METRICS, C.VERDICT, C.SUMMARY, PLOT, "history_random_mlp_seed1.csv"):
         assert (tmp_path / name).exists(), name
@@ -276,7 +269,7 @@ def test_illusion_check_end_to_end_mlp(directions, tmp_path):
 
 def test_illusion_check_residual_site(directions, tmp_path):
     overrides = [f"direction={directions['resid']}", "extra.n_random_directions=4"]
-    df = run(compose(["experiment=illusion_check", *FAST, *overrides]), tmp_path)
+    df = run(compose(["experiment=illusion_check", *SMALL_REFS, *overrides]), tmp_path)
     assert set(df.site) == {"resid_post"} and "row_proj" not in set(df.intervention)
     from mlpim.experiments.illusion_check import summarize
 
@@ -296,15 +289,18 @@ def test_illusion_check_residual_site(directions, tmp_path):
 
 def test_illusion_check_refuses_bad_directions(directions, tmp_path):
     with pytest.raises(ConfigError, match="direction="):
-        run(compose(["experiment=illusion_check", *FAST]), tmp_path / "missing")
+        run(compose(["experiment=illusion_check", *SMALL_REFS]), tmp_path / "missing")
     narrow = tmp_path / "narrow.pt"
     save_subspace(narrow, torch.eye(32)[:, :1], model="tiny", site="mlp_post", layer=1, k=1)
     with pytest.raises(ConfigError, match="width 32"):
-        run(compose(["experiment=illusion_check", *FAST, f"direction={narrow}"]), tmp_path / "w")
+        run(
+            compose(["experiment=illusion_check", *SMALL_REFS, f"direction={narrow}"]),
+            tmp_path / "w",
+        )
     two = tmp_path / "two.pt"
     save_subspace(two, torch.eye(128)[:, :2], model="tiny", site="mlp_post", layer=1, k=2)
     with pytest.raises(ConfigError, match="2-D"):
-        run(compose(["experiment=illusion_check", *FAST, f"direction={two}"]), tmp_path / "k")
+        run(compose(["experiment=illusion_check", *SMALL_REFS, f"direction={two}"]), tmp_path / "k")
     with pytest.raises(ConfigError, match="resid"):  # an MLP direction as the reference
         overrides = [f"direction={directions['mlp']}", f"extra.resid_direction={directions['mlp']}"]
-        run(compose(["experiment=illusion_check", *FAST, *overrides]), tmp_path / "r")
+        run(compose(["experiment=illusion_check", *SMALL_REFS, *overrides]), tmp_path / "r")

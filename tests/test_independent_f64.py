@@ -278,7 +278,6 @@ def tiny_saved(request, tmp_path_factory):
     from mlpim.tasks import task_vocabulary
     from mlpim.tasks.ioi import paper_pairs
 
-    torch.set_num_threads(1)
     cfg = compose(["model=hf", "device=cpu", "dataset.batch_size=8"])
     tok = word_tokenizer(task_vocabulary(cfg.dataset))
     path = save_tiny(request.param, tok, tmp_path_factory.mktemp(request.param), n_layers=3)

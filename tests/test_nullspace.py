@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from helpers import SMALL
 
 from mlpim.analysis import nullspace as ns
 from mlpim.config import compose
@@ -13,14 +14,7 @@ from mlpim.run import run
 from mlpim.tasks.batch import PromptBatch
 from mlpim.tasks.ioi import make_prompts
 
-torch.set_num_threads(1)
-FAST = [
-    "model=tiny",
-    "device=cpu",
-    "method.epochs=1",
-    "dataset.n_train_pairs=40",
-    "dataset.n_test_pairs=20",
-]
+ONE_EPOCH = [*SMALL, "method.epochs=1"]
 
 
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama", "tiny_gpt2_compat"])
@@ -78,7 +72,7 @@ def test_gradient_signed_by_name_order(tiny_gpt2):
 
 
 def test_ioi_nullspace_end_to_end(tmp_path):
-    df = run(compose(["experiment=ioi_nullspace", *FAST, "extra.n_hist_prompts=40"]), tmp_path)
+    df = run(compose(["experiment=ioi_nullspace", *ONE_EPOCH, "extra.n_hist_prompts=40"]), tmp_path)
     got = df.pivot_table(index=["intervention", "split"], columns="metric", values="value")
     for name in ("das", "row_proj", "null_proj", "span2", "full"):
         assert {"fldd", "iia", "logit_diff", "flip_rate"} <= set(
@@ -97,7 +91,7 @@ def test_ioi_nullspace_end_to_end(tmp_path):
 
 def test_ioi_alignment_end_to_end(tmp_path):
     overrides = ["extra.n_random=200", "extra.n_grad_prompts=20", "model.landmarks.name_movers=[]"]
-    df = run(compose(["experiment=ioi_alignment", *FAST, *overrides]), tmp_path)
+    df = run(compose(["experiment=ioi_alignment", *ONE_EPOCH, *overrides]), tmp_path)
     wide = df.pivot_table(index="intervention", columns="metric", values="value")
     for pair in ("v_mlp_out_vs_das_resid", "v_mlp_out_vs_grad_resid", "das_resid_vs_grad_resid"):
         assert 0 <= wide.loc[pair, "cosine"] <= 1
@@ -109,14 +103,16 @@ def test_ioi_alignment_end_to_end(tmp_path):
 
 
 def test_alignment_reuses_saved_directions(tmp_path):
-    run(compose(["experiment=ioi_nullspace", *FAST, "extra.n_hist_prompts=40"]), tmp_path / "a")
+    run(
+        compose(["experiment=ioi_nullspace", *ONE_EPOCH, "extra.n_hist_prompts=40"]), tmp_path / "a"
+    )
     resid = tmp_path / "a" / "subspace.pt"  # wrong site on purpose: must be refused
     with pytest.raises(Exception, match="mlp_post"):
         run(
-            compose(["experiment=ioi_alignment", *FAST, f"extra.resid_direction={resid}"]),
+            compose(["experiment=ioi_alignment", *ONE_EPOCH, f"extra.resid_direction={resid}"]),
             tmp_path / "b",
         )
     overrides = [f"direction={resid}", "extra.n_random=100", "extra.n_grad_prompts=20"]
-    df = run(compose(["experiment=ioi_alignment", *FAST, *overrides]), tmp_path / "c")
+    df = run(compose(["experiment=ioi_alignment", *ONE_EPOCH, *overrides]), tmp_path / "c")
     assert not (tmp_path / "c" / "das_mlp_post").exists()  # loaded, not trained
     assert (df.metric == "cosine").sum() == 4  # three pairs and the ABB-vs-BAB agreement

@@ -60,7 +60,6 @@ def gpt2():
 def pyvene_folder(path: Path, model, reps: list[dict], setup=None, steps: int = 3):
     """Train `reps` (pyvene representation dicts) a few steps on `model`, save with pyvene."""
     pv = pytest.importorskip("pyvene")
-    torch.set_num_threads(1)
     intervenable = pv.IntervenableModel(pv.IntervenableConfig(representations=reps), model)
     if setup is not None:
         setup(list(intervenable.interventions.values()))

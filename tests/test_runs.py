@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import FAST, assert_one_line_error, mlpim_process, outcome
 
 import mlpim.experiments
 from mlpim import constants as C
@@ -20,36 +21,6 @@ from mlpim.experiments import Experiment
 from mlpim.options import NoOptions
 from mlpim.preflight import preflight
 from mlpim.run import RunDirError, read_done, run, run_experiment
-
-FAST = [
-    "model=tiny",
-    "device=cpu",
-    "method.epochs=1",
-    "dataset.n_train_pairs=20",
-    "dataset.n_test_pairs=20",
-    "dataset.n_eval_prompts=20",
-]
-
-
-def cli(args: list[str], cwd: Path, code: str | None = None) -> subprocess.CompletedProcess:
-    """`python -m mlpim ARGS` (or `python -c CODE ARGS`) in `cwd`."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "mlpim"]
-    return subprocess.run(
-        [*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def one_line_error(proc, *needles: str) -> str:
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 2, out
-    assert "Traceback" not in out, out
-    lines = [line for line in out.splitlines() if line.startswith("mlpim: error:")]
-    assert len(lines) == 1, out
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 @pytest.fixture
@@ -123,10 +94,11 @@ def test_cli_refuses_another_experiment_in_a_finished_dir(tmp_path):
     run_dir.mkdir()
     (run_dir / C.RESOLVED_CONFIG).write_text("experiment: toy_illusion\nrunner: toy_illusion\n")
     (run_dir / C.DONE).write_text(json.dumps({"config_hash": "0" * 16}))
-    proc = cli(
+    proc = mlpim_process(
         ["run", "experiment=ioi_baseline", "model=tiny", f"hydra.run.dir={run_dir}"], tmp_path
     )
-    one_line_error(proc, "toy_illusion", "ioi_baseline", "hydra.run.dir=")
+    needles = ("toy_illusion", "ioi_baseline", "hydra.run.dir=")
+    assert_one_line_error(*outcome(proc), *needles, prefix="mlpim: error:")
     assert "skipping" not in proc.stdout + proc.stderr
     assert not (run_dir / C.METRICS).exists()
 
@@ -192,8 +164,8 @@ def test_cli_preflight_errors_are_one_line(tmp_path):
         ([f"direction={bad}"], "not a torch"),
         (["experiment=ioi_path_patching", "site.layer=1"], "ignores site.layer=1"),
     ]:
-        proc = cli(["run", *FAST, *args, f"hydra.run.dir={tmp_path}/r"], tmp_path)
-        one_line_error(proc, needle)
+        proc = mlpim_process(["run", *FAST, *args, f"hydra.run.dir={tmp_path}/r"], tmp_path)
+        assert_one_line_error(*outcome(proc), needle, prefix="mlpim: error:")
         assert not (tmp_path / "r" / C.RESOLVED_CONFIG).exists()
 
 
@@ -205,7 +177,7 @@ def test_a_bug_keeps_its_traceback(tmp_path):
         "E.get_experiment = lambda name: E.Experiment(runner, NoOptions)\n"
         "from mlpim.cli import main\nmain(sys.argv[1:])\n"
     )
-    proc = cli(["run", *FAST, f"hydra.run.dir={tmp_path}/r"], tmp_path, code=code)
+    proc = mlpim_process(["run", *FAST, f"hydra.run.dir={tmp_path}/r"], tmp_path, code=code)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Traceback" in out and "internal bug in pandas" in out, out
     assert "mlpim: error:" not in out

@@ -9,60 +9,29 @@ directory holding DONE, whichever process calls it).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import FAST, assert_one_line_error, mlpim_process, outcome, subprocess_env
 
 from mlpim import constants as C
 from mlpim.report.collect import CollectError, collect, collect_cli
 
-FAST = [
-    "experiment=ioi_mlp8_das",
-    "model=tiny",
-    "device=cpu",
-    "method.epochs=1",
-    "dataset.n_train_pairs=20",
-    "dataset.n_test_pairs=20",
-    "dataset.n_eval_prompts=20",
-]
+SWEEP = ["run", "-m", "experiment=ioi_mlp8_das", *FAST]
 
 
-def mlpim_command() -> list[str]:
-    """`python -m mlpim` when mlpim/__main__.py exists, else the console script of this venv."""
-    if importlib.util.find_spec("mlpim.__main__") is not None:
-        return [sys.executable, "-m", "mlpim"]
-    script = Path(sys.executable).parent / "mlpim"
-    if not script.exists():
-        pytest.skip(f"no mlpim/__main__.py and no console script at {script}")
-    return [str(script)]
-
-
-def mlpim(*args: str, cwd: Path, timeout: int = 300, rc: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [*mlpim_command(), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def sweep(tmp_path: Path, sweep_dir: Path, *overrides: str, rc: int = 0):
+    """`mlpim run -m` of SWEEP and `overrides` into `sweep_dir`, asserting its exit code `rc`."""
+    args = [*SWEEP, *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    proc = mlpim_process(args, tmp_path, subprocess_env(HYDRA_FULL_ERROR="1"))
     assert proc.returncode == rc, (
         f"mlpim {' '.join(args)}: exit {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     )
     return proc
-
-
-def sweep(tmp_path: Path, sweep_dir: Path, *overrides: str, rc: int = 0):
-    args = ("run", "-m", *FAST, *overrides, f"hydra.sweep.dir={sweep_dir}")
-    return mlpim(*args, cwd=tmp_path, rc=rc)
 
 
 def finished_jobs(sweep_dir: Path, n: int) -> dict[Path, int]:
@@ -100,9 +69,8 @@ def test_basic_sweep_rerun_and_collect(tmp_path, capsys):
     # written (no multirun.yaml, .hydra/ or status.json rewritten)
     files = {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("*") if p.is_file()}
     proc = sweep(tmp_path, sweep_dir, "site.layer=range(1,3)", rc=2)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("mlpim: error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
-    assert "site.layer: 0 -> 1" in errors[0] and "hydra.sweep.dir=" in errors[0]
+    needles = ("site.layer: 0 -> 1", "hydra.sweep.dir=")
+    assert_one_line_error(*outcome(proc), *needles, prefix="mlpim: error:")
     assert {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("*") if p.is_file()} == files
 
     df = collect(sweep_dir)

@@ -51,7 +51,6 @@ def family(request, tok):
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    torch.set_num_threads(1)
     arch = request.param
     bridge = TransformerBridge.boot_transformers(
         BOOT_NAME[arch], hf_model=build_tiny(arch, tok).eval(), tokenizer=tok, device="cpu"

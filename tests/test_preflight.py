@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faults import FAST, cli, on_disk, one_line
+from helpers import PROBE, assert_one_line_error, cli, on_disk, pair_rows
 
 from mlpim import lock
 from mlpim.analysis import illusion
@@ -26,7 +26,7 @@ from mlpim.engine.readers.record import basis_problem
 from mlpim.engine.subspace import save_subspace
 from mlpim.errors import MlpimError
 
-CHECK = ["experiment=illusion_check", *FAST, "direction_site=mlp_post", "direction_layer=1"]
+CHECK = ["experiment=illusion_check", *PROBE, "direction_site=mlp_post", "direction_layer=1"]
 
 
 def unit(d: int = 128) -> np.ndarray:
@@ -97,7 +97,7 @@ def test_meaningless_or_mislabelled_direction_is_refused(name, tmp_path, capsys)
     line before any model work, and no run directory at all."""
     path = make(tmp_path, name)
     code, out = cli(capsys, "run", *CHECK, f"direction={path}", f"hydra.run.dir={tmp_path}/r")
-    line = one_line(code, out, f"direction={path}", *DIRECTIONS[name])
+    line = assert_one_line_error(code, out, f"direction={path}", *DIRECTIONS[name])
     assert "likely illusory" not in out and "verdict" not in out, line
     assert not (tmp_path / "r").exists()
 
@@ -108,7 +108,7 @@ def test_rank_deficient_basis_is_refused(tmp_path, capsys):
     np.save(path, np.stack([unit(), 2 * unit()], 1))
     args = [
         "experiment=ioi_mlp8_das",
-        *FAST,
+        *PROBE,
         "method.dim=2",
         f"direction={path}",
         "direction_site=mlp_post",
@@ -116,7 +116,7 @@ def test_rank_deficient_basis_is_refused(tmp_path, capsys):
         f"hydra.run.dir={tmp_path}/r",
     ]
     code, out = cli(capsys, "run", *args)
-    one_line(code, out, "rank-deficient basis", "span only 1 dimension(s)")
+    assert_one_line_error(code, out, "rank-deficient basis", "span only 1 dimension(s)")
     assert not (tmp_path / "r").exists()
 
 
@@ -172,8 +172,8 @@ def test_config_mistakes_are_one_line(name, tmp_path, capsys):
     (tmp_path / "x.gguf").write_text("root:x:0:0:root:/root:/bin/bash\n")  # like /etc/passwd
     overrides, needles = CONFIGS[name]
     overrides = [o.format(tmp=tmp_path) for o in overrides]
-    args = ["experiment=ioi_mlp8_das", *FAST, *overrides, f"hydra.run.dir={tmp_path}/r"]
-    one_line(*cli(capsys, "run", *args), *needles)
+    args = ["experiment=ioi_mlp8_das", *PROBE, *overrides, f"hydra.run.dir={tmp_path}/r"]
+    assert_one_line_error(*cli(capsys, "run", *args), *needles)
     assert not (tmp_path / "r").exists()
 
 
@@ -199,16 +199,18 @@ def readonly_dir(tmp_path):
 
 
 def test_unwritable_output_dir_is_one_line(readonly_dir, capsys):
-    args = ["experiment=ioi_mlp8_das", *FAST, f"hydra.run.dir={readonly_dir}/run"]
-    one_line(*cli(capsys, "run", *args), f"{readonly_dir}/run", "choose a directory you can")
+    args = ["experiment=ioi_mlp8_das", *PROBE, f"hydra.run.dir={readonly_dir}/run"]
+    assert_one_line_error(
+        *cli(capsys, "run", *args), f"{readonly_dir}/run", "choose a directory you can"
+    )
     assert on_disk(readonly_dir) == {}
     args[-1] = f"hydra.sweep.dir={readonly_dir}/sweep"
-    one_line(*cli(capsys, "run", "-m", *args, "seed=0,1"), f"{readonly_dir}/sweep")
+    assert_one_line_error(*cli(capsys, "run", "-m", *args, "seed=0,1"), f"{readonly_dir}/sweep")
 
 
 def test_run_dir_in_use_is_refused_and_left_alone(tmp_path, capsys):
     """Another holder of the directory's lock (its own open file, as another process would
-    have): refused in one line, nothing written into it. test_faults_runs has a second process."""
+    have): refused in one line, nothing written into it. test_run_dirs has a second process."""
     import fcntl
     import os
 
@@ -219,10 +221,12 @@ def test_run_dir_in_use_is_refused_and_left_alone(tmp_path, capsys):
     fd = os.open(run_dir, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        args = ["experiment=ioi_mlp8_das", *FAST, f"hydra.run.dir={run_dir}"]
-        one_line(*cli(capsys, "run", *args), str(run_dir.resolve()), "in use by another mlpim")
+        args = ["experiment=ioi_mlp8_das", *PROBE, f"hydra.run.dir={run_dir}"]
+        assert_one_line_error(
+            *cli(capsys, "run", *args), str(run_dir.resolve()), "in use by another mlpim"
+        )
         sweep = ["-m", *args[:-1], "seed=0,1", f"hydra.sweep.dir={run_dir}"]
-        one_line(*cli(capsys, "run", *sweep), "in use by another mlpim sweep")
+        assert_one_line_error(*cli(capsys, "run", *sweep), "in use by another mlpim sweep")
     finally:
         os.close(fd)
     assert on_disk(run_dir) == before  # no .hydra/, status.json, multirun.yaml, run.log
@@ -249,10 +253,10 @@ def test_values_are_checked_before_the_model_loads(name, experiment, tmp_path, c
     if name == "device_mps" and torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
     np.save(tmp_path / "v.npy", unit())
-    base = [*CHECK, f"direction={tmp_path}/v.npy"] if experiment == "illusion_check" else FAST
+    base = [*CHECK, f"direction={tmp_path}/v.npy"] if experiment == "illusion_check" else PROBE
     overrides, needles = LATE[name]
     args = [f"experiment={experiment}", *base, *overrides, f"hydra.run.dir={tmp_path}/r"]
-    one_line(*cli(capsys, "run", *args), *needles)
+    assert_one_line_error(*cli(capsys, "run", *args), *needles)
     assert not (tmp_path / "r").exists()
 
 
@@ -291,16 +295,16 @@ def test_task_file_is_read_whole_before_the_model_loads(name, tmp_path, capsys):
     data, dataset, needles = TASK_FILES[name]
     task = tmp_path / "task.jsonl"
     task.write_bytes(data)
-    args = ["experiment=ioi_mlp8_das", *FAST, f"dataset={dataset}", f"dataset.path={task}"]
+    args = ["experiment=ioi_mlp8_das", *PROBE, f"dataset={dataset}", f"dataset.path={task}"]
     args += ["dataset.counterfactual=bogus"] if dataset == "mib" else []
-    one_line(*cli(capsys, "run", *args, f"hydra.run.dir={tmp_path}/r"), str(task), *needles)
+    assert_one_line_error(
+        *cli(capsys, "run", *args, f"hydra.run.dir={tmp_path}/r"), str(task), *needles
+    )
     assert not (tmp_path / "r").exists()
 
 
 def test_task_file_with_a_bom_is_read(tmp_path):
     """A UTF-8 byte order mark (Windows editors write one) is tolerated."""
-    from faults import pair_rows
-
     from mlpim.tasks.pairs import read_jsonl
 
     text = "".join(json.dumps(r) + "\n" for r in pair_rows())
@@ -314,18 +318,18 @@ def test_hydra_composition_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "conf" / "experiment").mkdir(parents=True)
     (tmp_path / "conf" / "experiment" / "mine.yaml").write_text("runner: [a\nb: c\n")
     run_dir = f"hydra.run.dir={tmp_path}/r"
-    one_line(
-        *cli(capsys, "run", "experiment=nonexistent", *FAST, run_dir),
+    assert_one_line_error(
+        *cli(capsys, "run", "experiment=nonexistent", *PROBE, run_dir),
         "Could not find 'experiment/nonexistent'",
         "Available options in 'experiment': fact_editing",
     )
-    one_line(
-        *cli(capsys, "run", "seed=abc", *FAST, run_dir),
+    assert_one_line_error(
+        *cli(capsys, "run", "seed=abc", *PROBE, run_dir),
         "seed=abc",
         "'abc' of type 'str' could not be converted to Integer",
     )
-    one_line(
-        *cli(capsys, "run", "--config-dir", f"{tmp_path}/conf", "experiment=mine", *FAST, run_dir),
+    assert_one_line_error(
+        *cli(capsys, "run", "--config-dir", f"{tmp_path}/conf", "experiment=mine", *PROBE, run_dir),
         f"YAML syntax error in {tmp_path}/conf/experiment/mine.yaml, line 2, column 2",
         "expected ',' or ']'",
     )
@@ -337,16 +341,16 @@ def test_run_dir_too_long_is_one_line(kind, tmp_path, capsys):
     run_dir = (
         tmp_path / ("x" * 300) if kind == "folder_name" else tmp_path / "/".join(["y" * 200] * 25)
     )
-    args = ["experiment=ioi_mlp8_das", *FAST, f"hydra.run.dir={run_dir}"]
+    args = ["experiment=ioi_mlp8_das", *PROBE, f"hydra.run.dir={run_dir}"]
     needle = "a folder name of 300 characters" if kind == "folder_name" else "path is too long"
-    one_line(*cli(capsys, "run", *args), needle, "hydra.run.dir=")
+    assert_one_line_error(*cli(capsys, "run", *args), needle, "hydra.run.dir=")
     assert on_disk(tmp_path) == {}
 
 
 def test_check_needs_a_direction(tmp_path, capsys, monkeypatch):
     """`mlpim check` alone: one line, exit 2 (not the help and exit 0)."""
     monkeypatch.chdir(tmp_path)
-    one_line(*cli(capsys, "check"), "mlpim check needs the direction first")
+    assert_one_line_error(*cli(capsys, "check"), "mlpim check needs the direction first")
     assert on_disk(tmp_path) == {}
     code, out = cli(capsys, "check", "--help")
     assert code == 0 and "usage: mlpim check" in out
@@ -356,7 +360,7 @@ def test_empty_sweep_is_refused(tmp_path, capsys):
     """A sweep over no value has no jobs: one line, exit 2, no multirun.yaml left behind."""
     np.save(tmp_path / "v.npy", unit())
     args = ["-m", str(tmp_path / "v.npy"), *CHECK[1:], "direction_columns=range(5,2)"]
-    line = one_line(*cli(capsys, "check", *args, f"hydra.sweep.dir={tmp_path}/s"))
+    line = assert_one_line_error(*cli(capsys, "check", *args, f"hydra.sweep.dir={tmp_path}/s"))
     assert "direction_columns=range(5,2) sweeps over no value" in line
     assert not (tmp_path / "s").exists()
 

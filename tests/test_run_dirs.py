@@ -7,7 +7,6 @@ Each asserts the exit code, the one `mlpim: ...` line, and what is (not) on disk
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -17,7 +16,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from faults import FAST, cli, on_disk, one_line, pair_rows
+from helpers import (
+    PROBE,
+    assert_one_line_error,
+    cli,
+    on_disk,
+    pair_rows,
+    subprocess_env,
+    write_jsonl,
+)
 
 import mlpim.experiments
 from mlpim import constants as C
@@ -26,13 +33,8 @@ from mlpim.experiments import Experiment
 from mlpim.options import NoOptions
 from mlpim.report import io
 
-PAIRS = ["experiment=ioi_mlp8_das", *FAST, "dataset=pairs", "dataset.min_pairs=5"]
+PAIRS = ["experiment=ioi_mlp8_das", *PROBE, "dataset=pairs", "dataset.min_pairs=5"]
 RESULTS = (C.DONE, C.METRICS, C.DIRECTION, C.SUMMARY)
-
-
-def write_task(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def temporary_files(run_dir: Path) -> list[str]:
@@ -64,9 +66,9 @@ TASKS = {  # probe -> (lines that must each be reported, what every such line sa
 @pytest.mark.parametrize("name", TASKS)
 def test_task_is_validated_whole(name, tmp_path, capsys):
     """Every problem of the file, each with its line, before the split: one error, exit 2."""
-    task = write_task(tmp_path / "task.jsonl", task_rows(name))
+    task = write_jsonl(tmp_path / "task.jsonl", task_rows(name))
     code, out = cli(capsys, "run", *PAIRS, f"dataset.path={task}", f"hydra.run.dir={tmp_path}/r")
-    head = one_line(code, out, f"task file {task}")
+    head = assert_one_line_error(code, out, f"task file {task}")
     lines, says = TASKS[name]
     for n in lines:
         assert any(f"task.jsonl line {n}: " in s and says in s for s in out.splitlines()), n
@@ -76,15 +78,15 @@ def test_task_is_validated_whole(name, tmp_path, capsys):
 
 
 def test_min_pairs_names_each_split_and_drops_are_counted(tmp_path, capsys):
-    task = write_task(tmp_path / "task.jsonl", pair_rows())
+    task = write_jsonl(tmp_path / "task.jsonl", pair_rows())
     args = [*PAIRS, f"dataset.path={task}", "dataset.min_pairs=14", f"hydra.run.dir={tmp_path}/r"]
-    one_line(
+    assert_one_line_error(
         *cli(capsys, "run", *args),
         "test",
         "dataset.min_pairs=14 applies to each split",
         "train 14, test 10 (of 24 valid pair(s))",
     )
-    loose = write_task(tmp_path / "loose.jsonl", pair_rows(group=False))
+    loose = write_jsonl(tmp_path / "loose.jsonl", pair_rows(group=False))
     args = [*PAIRS, f"dataset.path={loose}", "dataset.min_pairs=1", f"hydra.run.dir={tmp_path}/l"]
     code, out = cli(capsys, "run", *args)
     assert code == 0, out
@@ -97,11 +99,11 @@ def test_refused_run_changes_nothing_and_finished_runs_are_read_only(tmp_path, c
     """Another config into a finished directory: refused, not one file touched (no .hydra/ or
     log rewritten). The same config again: skipped, not one file touched either."""
     run_dir = tmp_path / "r"
-    args = ["experiment=ioi_mlp8_das", *FAST, f"hydra.run.dir={run_dir}"]
+    args = ["experiment=ioi_mlp8_das", *PROBE, f"hydra.run.dir={run_dir}"]
     assert cli(capsys, "run", *args)[0] == 0
     before = on_disk(run_dir)
     assert {C.DONE, ".hydra/config.yaml", C.LOG} <= set(before)
-    one_line(*cli(capsys, "run", *args, "seed=1"), "seed: 0 -> 1", "hydra.run.dir=")
+    assert_one_line_error(*cli(capsys, "run", *args, "seed=1"), "seed: 0 -> 1", "hydra.run.dir=")
     assert on_disk(run_dir) == before
     code, out = cli(capsys, "run", *args)
     assert code == 0 and "skipping" in out, out
@@ -120,10 +122,10 @@ def interrupting(writes: bool):
 @pytest.mark.parametrize("writes", [False, True])
 def test_ctrl_c_is_one_line_and_the_same_command_reruns(writes, tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "r"
-    args = ["experiment=ioi_mlp8_das", *FAST, f"hydra.run.dir={run_dir}"]
+    args = ["experiment=ioi_mlp8_das", *PROBE, f"hydra.run.dir={run_dir}"]
     real = mlpim.experiments.get_experiment
     monkeypatch.setattr(mlpim.experiments, "get_experiment", interrupting(writes))
-    line = one_line(*cli(capsys, "run", *args), str(run_dir), "(no DONE)", exit=130)
+    line = assert_one_line_error(*cli(capsys, "run", *args), str(run_dir), "(no DONE)", exit=130)
     if writes:
         assert "holds an unfinished run" in line and C.SUMMARY in line
     else:
@@ -162,8 +164,8 @@ def full_disk(monkeypatch, target: str) -> None:
 def test_full_disk_leaves_no_partial_file(target, tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "r"
     full_disk(monkeypatch, target)
-    args = ["experiment=ioi_mlp8_das", *FAST, f"hydra.run.dir={run_dir}"]
-    one_line(
+    args = ["experiment=ioi_mlp8_das", *PROBE, f"hydra.run.dir={run_dir}"]
+    assert_one_line_error(
         *cli(capsys, "run", *args),
         f"disk full while writing {run_dir / target}",
         "nothing partial was left",
@@ -188,8 +190,10 @@ def small_tmpfs(tmp_path):
 
 def test_really_full_disk(small_tmpfs, capsys):
     run_dir = small_tmpfs / "r"
-    args = ["experiment=ioi_mlp8_das", *FAST, f"hydra.run.dir={run_dir}"]
-    one_line(*cli(capsys, "run", *args), "disk full while writing", "nothing partial was left")
+    args = ["experiment=ioi_mlp8_das", *PROBE, f"hydra.run.dir={run_dir}"]
+    assert_one_line_error(
+        *cli(capsys, "run", *args), "disk full while writing", "nothing partial was left"
+    )
     left = on_disk(run_dir)
     assert C.DONE not in left and not temporary_files(run_dir), left
     assert all((run_dir / name).stat().st_size > 0 for name in left), left
@@ -203,13 +207,11 @@ def test_second_run_refused_then_sigkill_during_training_and_rerun(tmp_path, cap
     releases the lock, A leaves no DONE, no results and no temporary file, and the same command
     then runs from scratch to DONE."""
     run_dir = tmp_path / "r"
-    args = ["experiment=ioi_mlp8_das", *FAST, "method.epochs=600", f"hydra.run.dir={run_dir}"]
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    args = ["experiment=ioi_mlp8_das", *PROBE, "method.epochs=600", f"hydra.run.dir={run_dir}"]
     a = subprocess.Popen(
         [sys.executable, "-m", "mlpim", "run", *args],
         cwd=tmp_path,
-        env=env,
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -221,8 +223,8 @@ def test_second_run_refused_then_sigkill_during_training_and_rerun(tmp_path, cap
             seen += chunk
         assert lock.is_locked(run_dir)
         before = on_disk(run_dir)
-        other = ["experiment=ioi_mean_diff", *FAST, f"hydra.run.dir={run_dir}"]
-        one_line(*cli(capsys, "run", *other), "in use by another mlpim run")
+        other = ["experiment=ioi_mean_diff", *PROBE, f"hydra.run.dir={run_dir}"]
+        assert_one_line_error(*cli(capsys, "run", *other), "in use by another mlpim run")
         assert on_disk(run_dir) == before
     finally:
         a.send_signal(signal.SIGKILL)
@@ -241,7 +243,7 @@ def test_finished_runs_and_sweep_folders_are_never_written(tmp_path, capsys):
     """A finished run, a sweep folder and anything inside them: no run or sweep goes there (one
     line, exit 2, not one file touched); `collect` of a run writes next to it, or to --out."""
     run_dir, sweep_dir = tmp_path / "r", tmp_path / "s"
-    args = ["experiment=ioi_mlp8_das", *FAST]
+    args = ["experiment=ioi_mlp8_das", *PROBE]
     assert cli(capsys, "run", *args, f"hydra.run.dir={run_dir}")[0] == 0
     (sweep_dir / "0").mkdir(parents=True)  # a sweep folder as Hydra leaves one
     (sweep_dir / "multirun.yaml").write_text("hydra: {}\n")
@@ -257,11 +259,15 @@ def test_finished_runs_and_sweep_folders_are_never_written(tmp_path, capsys):
     }
     for where, says in refusals.items():
         sweep = ["-m", "seed=0,1"] if where.startswith("hydra.sweep") else []
-        one_line(*cli(capsys, "run", *sweep, *args, where), says, "never written by another")
+        assert_one_line_error(
+            *cli(capsys, "run", *sweep, *args, where), says, "never written by another"
+        )
         assert on_disk(tmp_path) == before, where
     code, out = cli(capsys, "collect", str(run_dir))
     assert code == 0 and f"{tmp_path}/r_collected/{C.COLLECTED}" in out, out
-    one_line(*cli(capsys, "collect", str(run_dir), "--out", f"{run_dir}/c"), "--out", "inside")
+    assert_one_line_error(
+        *cli(capsys, "collect", str(run_dir), "--out", f"{run_dir}/c"), "--out", "inside"
+    )
     assert cli(capsys, "collect", str(run_dir), "--out", f"{tmp_path}/c")[0] == 0
     assert cli(capsys, "collect", str(sweep_dir))[0] == 0  # a sweep's table: in its folder
     assert on_disk(run_dir) == {k[2:]: v for k, v in before.items() if k.startswith("r/")}

@@ -2,7 +2,7 @@
 SAELens, causalab and numpy, end to end on the tiny model; MIB-style tasks (JSONL and
 save_to_disk); dataset.invalid=drop and dataset.keep=known; a file that would run code.
 
-The command line runs in this process (`faults.cli`). The illusion_check references are cut to a
+The command line runs in this process (`helpers.cli`). The illusion_check references are cut to a
 few directions and one random MLP of one epoch: these tests check the plumbing, not a verdict.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from faults import FAST, cli, one_line
+from helpers import NAMES, PROBE, assert_one_line_error, cli, pair_rows
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
@@ -51,7 +51,7 @@ def unit(d: int = D_MLP, seed: int = 0) -> np.ndarray:
 def check(capsys, tmp_path: Path, direction: Path, *overrides: str) -> tuple[int, str, Path]:
     """`mlpim check DIRECTION` on the tiny model: (exit code, output, run directory)."""
     out = tmp_path / f"run_{direction.name}_{len(list(tmp_path.glob('run_*')))}"
-    args = [str(direction), *FAST, *REFS, *overrides, f"hydra.run.dir={out}"]
+    args = [str(direction), *PROBE, *REFS, *overrides, f"hydra.run.dir={out}"]
     code, text = cli(capsys, "check", *args)
     return code, text, out
 
@@ -88,7 +88,6 @@ def pyvene_folder(path: Path, component: str, k: int = 1, steps: int = 3):
     """A LowRankRotatedSpaceIntervention at `component` (layer 1) trained a few steps with
     pyvene, saved with pyvene's own `save`; returns pyvene's rotation (d×k)."""
     pv = pytest.importorskip("pyvene")
-    torch.set_num_threads(1)
     width = D_MLP if component.endswith("c_proj.input") or component == "mlp_activation" else None
     iv = pv.LowRankRotatedSpaceIntervention(embed_dim=width or D_MODEL, low_rank_dimension=k)
     rep = dict(layer=1, component=component, unit="pos", max_number_of_units=1, intervention=iv)
@@ -129,12 +128,14 @@ def test_pyvene_key_and_a_space_that_does_not_fit_the_model(tmp_path, capsys):
     key = "layer_1_comp_block_output_unit_pos_nunit_1"
     code, text, out = check(capsys, tmp_path, tmp_path / "pv", f"direction_key='{key}#0'")
     assert_checked(code, text, out, "→ resid_post L1, width 64, k=1")
-    code, text = cli(capsys, "check", str(tmp_path / "pv"), "direction_key=nope", *FAST)
-    one_line(code, text, "direction_key='nope' names none of its interventions", key)
+    code, text = cli(capsys, "check", str(tmp_path / "pv"), "direction_key=nope", *PROBE)
+    assert_one_line_error(code, text, "direction_key='nope' names none of its interventions", key)
     pyvene_folder(tmp_path / "act", "mlp_activation", steps=1)
     llama = ["model.arch=llama", f"hydra.run.dir={tmp_path}/llama"]
-    code, text = cli(capsys, "check", str(tmp_path / "act"), *FAST, *REFS, *llama)
-    one_line(code, text, "act_fn's output before the `up` product, not mlpim's mlp_post")
+    code, text = cli(capsys, "check", str(tmp_path / "act"), *PROBE, *REFS, *llama)
+    assert_one_line_error(
+        code, text, "act_fn's output before the `up` product, not mlpim's mlp_post"
+    )
 
 
 def pyvene_patched_logits(arch: str, component: str, basis: torch.Tensor, pb, tmp_path: Path):
@@ -229,17 +230,21 @@ def test_check_a_saelens_feature(tmp_path, capsys):
     saelens_folder(tmp_path / "sae", "blocks.1.mlp.hook_post", D_MLP, raw)
     code, text, out = check(capsys, tmp_path, tmp_path / "sae", "direction_feature=3")
     assert_checked(code, text, out, "saelens SAE feature 3 at blocks.1.mlp.hook_post → mlp_post L1")
-    code, text = cli(capsys, "check", str(tmp_path / "sae"), *FAST)  # which feature?
-    one_line(code, text, "an SAE with 16 features; choose one with direction_feature=N")
+    code, text = cli(capsys, "check", str(tmp_path / "sae"), *PROBE)  # which feature?
+    assert_one_line_error(
+        code, text, "an SAE with 16 features; choose one with direction_feature=N"
+    )
     saelens_folder(tmp_path / "narrow", "blocks.1.mlp.hook_post", 32, raw)
-    code, text = cli(capsys, "check", str(tmp_path / "narrow"), "direction_feature=0", *FAST)
-    one_line(code, text, "width 32, but mlp_post of tiny is 128")  # before the model loads
+    code, text = cli(capsys, "check", str(tmp_path / "narrow"), "direction_feature=0", *PROBE)
+    assert_one_line_error(
+        code, text, "width 32, but mlp_post of tiny is 128"
+    )  # before the model loads
     saelens_folder(tmp_path / "unsaid", "blocks.1.hook_resid_post", D_MODEL, None)
     run_dir = f"hydra.run.dir={tmp_path}/unsaid_run"
     code, text = cli(
-        capsys, "check", str(tmp_path / "unsaid"), "direction_feature=0", *FAST, run_dir
+        capsys, "check", str(tmp_path / "unsaid"), "direction_feature=0", *PROBE, run_dir
     )
-    one_line(code, text, "does not say whether the residual stream was centred")
+    assert_one_line_error(code, text, "does not say whether the residual stream was centred")
 
 
 def test_check_a_causalab_rotation_one_column_at_a_time(tmp_path, capsys):
@@ -254,8 +259,10 @@ def test_check_a_causalab_rotation_one_column_at_a_time(tmp_path, capsys):
     )
     site = ["direction_site=mlp_post", "direction_layer=1"]
     path = tmp_path / "cl" / "rotation.safetensors"
-    code, text = cli(capsys, "check", str(path), *site, *FAST)
-    one_line(code, text, "holds a 2-D subspace", "direction_columns=N (0..1)", "mlpim check -m")
+    code, text = cli(capsys, "check", str(path), *site, *PROBE)
+    assert_one_line_error(
+        code, text, "holds a 2-D subspace", "direction_columns=N (0..1)", "mlpim check -m"
+    )
     code, text, out = check(capsys, tmp_path, tmp_path / "cl", *site, "direction_columns=1")
     assert_checked(code, text, out, "causalab tensor 'rotation_matrix' → mlp_post L1")
     np.save(tmp_path / "col1.npy", rotation[:, 1].numpy())
@@ -274,8 +281,8 @@ def test_an_mlpim_subspace_one_column_at_a_time(tmp_path, capsys):
     assert torch.equal(load_direction(tmp_path / "s.pt").basis, basis)
     col = load_direction(tmp_path / "s.pt", {"columns": [2]})
     assert torch.equal(col.basis, basis[:, 2:]) and col.describe().endswith("k=1")
-    code, text = cli(capsys, "check", str(tmp_path / "s.pt"), *FAST)
-    one_line(code, text, "holds a 3-D subspace", "direction_columns=N (0..2)")
+    code, text = cli(capsys, "check", str(tmp_path / "s.pt"), *PROBE)
+    assert_one_line_error(code, text, "holds a 3-D subspace", "direction_columns=N (0..2)")
     code, text, out = check(capsys, tmp_path, tmp_path / "s.pt", "direction_columns=2")
     assert_checked(code, text, out, "mlpim subspace → mlp_post L1, width 128, k=1")
 
@@ -286,8 +293,8 @@ def test_check_npy_and_safetensors_with_a_key(tmp_path, capsys):
     code, text, out = check(capsys, tmp_path, tmp_path / "v.npy", *site)
     assert_checked(code, text, out, "npy tensor → mlp_post L1, width 128, k=1")
     save_file({"v": torch.from_numpy(unit()), "w": torch.ones(4)}, tmp_path / "d.safetensors")
-    code, text = cli(capsys, "check", str(tmp_path / "d.safetensors"), *site, *FAST)
-    one_line(code, text, "holds 2 tensors; choose one with direction_key=")
+    code, text = cli(capsys, "check", str(tmp_path / "d.safetensors"), *site, *PROBE)
+    assert_one_line_error(code, text, "holds 2 tensors; choose one with direction_key=")
     code, text, keyed = check(
         capsys, tmp_path, tmp_path / "d.safetensors", *site, "direction_key=v"
     )
@@ -308,9 +315,9 @@ def test_check_npy_and_safetensors_with_a_key(tmp_path, capsys):
 def test_options_and_sites_refused_before_the_model(tmp_path, capsys, args, words):
     np.save(tmp_path / "v.npy", unit())
     code, text = cli(
-        capsys, "check", str(tmp_path / "v.npy"), *args, *FAST, f"hydra.run.dir={tmp_path}/r"
+        capsys, "check", str(tmp_path / "v.npy"), *args, *PROBE, f"hydra.run.dir={tmp_path}/r"
     )
-    one_line(code, text, words)
+    assert_one_line_error(code, text, words)
     assert not (tmp_path / "r").exists()
 
 
@@ -330,11 +337,11 @@ def test_check_command_line(tmp_path, capsys):
     ):
         assert example in text, example
     code, text = cli(capsys, "check", "model=tiny")
-    one_line(code, text, "needs the direction first")
+    assert_one_line_error(code, text, "needs the direction first")
     code, text = cli(capsys, "check", str(tmp_path), "direction=x")
-    one_line(code, text, "sets experiment and direction itself")
-    code, text = cli(capsys, "run", "experiment=ioi_mlp8_das", "direction_feature=3", *FAST)
-    one_line(code, text, "direction_feature given without direction=")
+    assert_one_line_error(code, text, "sets experiment and direction itself")
+    code, text = cli(capsys, "run", "experiment=ioi_mlp8_das", "direction_feature=3", *PROBE)
+    assert_one_line_error(code, text, "direction_feature given without direction=")
 
 
 # ---------------------------------------------------------------- files that would run code
@@ -360,8 +367,8 @@ def test_check_refuses_files_that_would_run_code(tmp_path, capsys):
     np.save(tmp_path / "t.npy", np.array([Trap(marker)], dtype=object), allow_pickle=True)
     for path in (tmp_path / "pv", tmp_path / "t.pt", tmp_path / "t.pkl", tmp_path / "t.npy"):
         run_dir = tmp_path / f"run_{path.name}"
-        code, text = cli(capsys, "check", str(path), *FAST, f"hydra.run.dir={run_dir}")
-        one_line(code, text, f"direction={path}")
+        code, text = cli(capsys, "check", str(path), *PROBE, f"hydra.run.dir={run_dir}")
+        assert_one_line_error(code, text, f"direction={path}")
         assert not marker.exists(), f"code ran while reading {path}"
         assert not run_dir.exists()
 
@@ -397,7 +404,7 @@ def test_mib_jsonl_and_save_to_disk_run_alike(mib_files):
     """The same rows as JSONL and as a save_to_disk folder give the same DAS run."""
     metrics = []
     for path in mib_files.values():
-        cfg = compose(["experiment=ioi_mlp8_das", *FAST, *MIB, f"dataset.path={path}"])
+        cfg = compose(["experiment=ioi_mlp8_das", *PROBE, *MIB, f"dataset.path={path}"])
         metrics.append(run_experiment(cfg).metrics)
     cols = ["split", "intervention", "metric"]
     a, b = (m.set_index(cols).value.sort_index() for m in metrics)
@@ -415,12 +422,14 @@ def test_check_on_a_mib_task(mib_files, tmp_path, capsys):
         "check",
         str(tmp_path / "v.npy"),
         *site,
-        *FAST,
+        *PROBE,
         "dataset=mib",
         f"dataset.path={mib_files['jsonl']}",
         "dataset.counterfactual=abc",
     )
-    one_line(code, text, "counterfactual 'abc' is not in the rows; available: s2_io_flip")
+    assert_one_line_error(
+        code, text, "counterfactual 'abc' is not in the rows; available: s2_io_flip"
+    )
 
 
 # ---------------------------------------------------------------- invalid=drop, keep=known
@@ -445,8 +454,6 @@ def pairs_dataset(path: Path, **changes):
 
 
 def test_invalid_drop_drops_exactly_the_invalid_pairs(tmp_path, caplog):
-    from faults import pair_rows
-
     good = pair_rows()
     bad_task(tmp_path / "t.jsonl", good)
     tok = cfg_tokenizer(compose(["model=tiny"]))
@@ -492,8 +499,6 @@ def test_keep_known_keeps_the_pairs_the_model_predicts(tiny_gpt2, tmp_path, capl
     """Pairs built from the tiny model's own argmax (on random word strings: it answers "to" to
     every IOI prompt): those whose two answers it predicts are kept, counted per group."""
     import random
-
-    from faults import NAMES
 
     tok, predict = tiny_gpt2.tokenizer, predictor(tiny_gpt2)
     rng, words = random.Random(0), [*NAMES, "store", "drink", "gave", "went", "the", "and"]
@@ -542,10 +547,10 @@ def test_small_clean_logit_difference_warns_once(caplog):
 
 
 def test_keep_and_invalid_only_for_file_tasks(capsys):
-    code, text = cli(capsys, "run", "experiment=ioi_mlp8_das", *FAST, "dataset.keep=known")
-    one_line(code, text, "dataset.keep=known applies to the pairs of a user's file")
-    code, text = cli(capsys, "run", "experiment=ioi_mlp8_das", *FAST, "dataset.invalid=skip")
-    one_line(code, text, "dataset.invalid=skip: allowed: error, drop")
+    code, text = cli(capsys, "run", "experiment=ioi_mlp8_das", *PROBE, "dataset.keep=known")
+    assert_one_line_error(code, text, "dataset.keep=known applies to the pairs of a user's file")
+    code, text = cli(capsys, "run", "experiment=ioi_mlp8_das", *PROBE, "dataset.invalid=skip")
+    assert_one_line_error(code, text, "dataset.invalid=skip: allowed: error, drop")
 
 
 def test_a_folder_direction_is_hashed_by_content(tmp_path):

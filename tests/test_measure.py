@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import SMALL
 
 from mlpim.analysis import benchmark as B
 from mlpim.analysis import divergence, illusion, planted
@@ -30,8 +31,6 @@ from mlpim.run import run
 from mlpim.tasks import task_splits
 from mlpim.tasks.batch import PairBatch
 
-torch.set_num_threads(1)
-FAST = ["model=tiny", "device=cpu", "dataset.n_train_pairs=40", "dataset.n_test_pairs=20"]
 BENCH = [
     "experiment=illusion_benchmark",
     "extra.bench_angles=[30,60]",
@@ -123,7 +122,7 @@ def test_auc():
 
 @pytest.fixture(scope="module")
 def tiny_site(tiny_gpt2):
-    cfg = compose([*FAST])
+    cfg = compose([*SMALL])
     return tiny_gpt2, paper_splits(cfg, tiny_gpt2, "mlp_post", 1, held_out=True)
 
 
@@ -133,7 +132,7 @@ def test_references_and_their_cache(tiny_site):
     model, splits = tiny_site
     store = _DictStore()
     opts = S.CheckOptions(n_random_directions=5, n_natural=3, random_mlp_seeds=2, seed=0)
-    method = das_settings(compose([*FAST, "method.epochs=1"]), dim=1)
+    method = das_settings(compose([*SMALL, "method.epochs=1"]), dim=1)
     natural = torch.cat(M.acts(splits["train"]))
     site, hist = S.check_site(model, splits, "mlp_post", 1, TH, opts, natural, method, store)
     assert len(site.refs.random_dirs.values) == 5 and len(site.refs.natural_dormant.values) == 3
@@ -200,7 +199,7 @@ def test_planted_real_edit_carries_the_effect(tiny_gpt2):
     reads: in the edited model patching u moves the answer, and so does the whole-MLP patch
     (the construction's own check); before the edit neither does."""
     model = tiny_gpt2
-    cfg = compose([*FAST, "dataset.n_test_pairs=40"])
+    cfg = compose([*SMALL, "dataset.n_test_pairs=40"])
     pairs = [
         end_token_pairs(model, pb) for pb in task_splits(model.tokenizer, cfg.dataset, 0)["test"]
     ]
@@ -225,7 +224,7 @@ def test_planted_real_edit_carries_the_effect(tiny_gpt2):
 
 
 def test_benchmark_end_to_end(tmp_path):
-    df = run(compose([*BENCH, *FAST, "extra.bench_layer_offsets=[0]"]), tmp_path)
+    df = run(compose([*BENCH, *SMALL, "extra.bench_layer_offsets=[0]"]), tmp_path)
     cases = pd.read_csv(tmp_path / CASES)
     assert {
         "illusory 30°",

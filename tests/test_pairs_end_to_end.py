@@ -2,42 +2,20 @@
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 import pytest
+from helpers import pair_rows, write_jsonl
 
 from mlpim import constants as C
 from mlpim.config import compose
 from mlpim.errors import ConfigError
 from mlpim.run import run
 
-NAMES = ["Mary", "John", "Anna", "Paul", "Sara", "Mark", "Lisa", "Tom", "Emma", "Jack"]
-
-
-def write_task(path) -> None:
-    """IOI-like pairs written as a user would: same template, the repeated name swapped."""
-    rows = []
-    for i, a in enumerate(NAMES):
-        for b in NAMES[i + 1 : i + 4]:
-            text = "When {} and {} went to the store , {} gave a drink to"
-            rows.append(
-                {
-                    "base": text.format(a, b, b),
-                    "source": text.format(a, b, a),
-                    "base_answer": a,
-                    "source_answer": b,
-                    "meta": {"group": a},
-                }
-            )
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-
 
 @pytest.fixture
 def task(tmp_path):
-    path = tmp_path / "task.jsonl"
-    write_task(path)
-    return path
+    """IOI-like pairs written as a user would: same template, the repeated name swapped."""
+    return write_jsonl(tmp_path / "task.jsonl", pair_rows())
 
 
 def overrides(task) -> list[str]:

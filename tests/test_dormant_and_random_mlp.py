@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from helpers import SMALL
 
 from mlpim import constants as C
 from mlpim.analysis.controls import (
@@ -21,8 +22,8 @@ from mlpim.engine.interventions import patched_end_logits, prepare
 from mlpim.run import run
 from mlpim.tasks.ioi import paper_pairs
 
-SMALL = ["model=tiny", "device=cpu", "dataset.n_train_pairs=40", "dataset.n_test_pairs=40"]
-FAST = [*SMALL, "method.epochs=1"]
+PAIRS = [*SMALL, "dataset.n_test_pairs=40"]
+ONE_EPOCH = [*PAIRS, "method.epochs=1"]
 LAYER = 1
 
 
@@ -33,7 +34,7 @@ def model(request):
 
 def _aug(model, split: str):
     """Paper pairs of a split prepared at mlp_out; source acts [mlp_out | mid | base mid]."""
-    cfg = compose(SMALL)
+    cfg = compose(PAIRS)
     batches = paper_pairs(model.tokenizer, cfg.dataset, split, cfg.seed)
     return with_resid_mid(model, prepare(model, batches, "mlp_out", LAYER), LAYER)
 
@@ -89,7 +90,7 @@ def test_dormant_combos_and_stats():
 
 def test_dormant_then_random_mlp_end_to_end(tmp_path):
     """ioi_dormant trains v_MLP and v_true; ioi_random_mlp reuses that v_MLP (`direction=`)."""
-    df = run(compose(["experiment=ioi_dormant", *FAST, "extra.n_per_combo=6"]), tmp_path / "d")
+    df = run(compose(["experiment=ioi_dormant", *ONE_EPOCH, "extra.n_per_combo=6"]), tmp_path / "d")
     assert {"combo", "same_position"} <= set(df.columns)
     assert df.combo.nunique() == 8 and set(df.intervention) == {"clean", "das"}
     for name in ("dormant.png", C.SUMMARY, "projections.csv", f"v_mlp_post_L{LAYER}.pt"):
@@ -99,7 +100,7 @@ def test_dormant_then_random_mlp_end_to_end(tmp_path):
 
     v_mlp = tmp_path / "d" / f"v_mlp_post_L{LAYER}.pt"
     cfg = compose(
-        ["experiment=ioi_random_mlp", *FAST, f"direction={v_mlp}", "extra.random_mlp_seeds=2"]
+        ["experiment=ioi_random_mlp", *ONE_EPOCH, f"direction={v_mlp}", "extra.random_mlp_seeds=2"]
     )
     df = run(cfg, tmp_path / "r")
     assert not (tmp_path / "r" / f"das_mlp_post_L{LAYER}").exists()  # v_MLP loaded, not trained
