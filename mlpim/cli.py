@@ -51,13 +51,14 @@ SAFE_VALUE = re.compile(r"[\w./~+@-]+")  # a path Hydra's override grammar takes
 
 def check_command(argv: list[str]) -> None:
     """`mlpim check [-m] DIRECTION [overrides]`: `mlpim run experiment=illusion_check
-    direction=DIRECTION [overrides]`, nothing more."""
+    direction=DIRECTION [overrides]`, nothing more. DIRECTION is the first argument; one with `=`
+    (a sweep's job folder: method.dim=1,seed=0/v.npy) is the direction when it exists."""
     if argv and argv[0] in ("-h", "--help"):
         print(CHECK_USAGE)
         return
     sweep = [a for a in argv if a in ("-m", "--multirun")]
     args = [a for a in argv if a not in sweep]
-    if not args or "=" in args[0] or args[0].startswith("-"):
+    if not args or args[0].startswith("-") or ("=" in args[0] and not Path(args[0]).exists()):
         _usage_error("mlpim check needs the direction first: mlpim check DIRECTION [overrides]")
     direction, overrides = args[0], args[1:]
     own = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("experiment", "direction")]

@@ -168,6 +168,8 @@ def _content(path: Path) -> tuple[str, object]:
     kind = readers.file_kind(path)
     if kind in ("npz", "safetensors", "causalab"):
         return kind, None
+    if kind in readers.CORRUPT:
+        raise ConfigError(f"{path}: {readers.KINDS[kind]}; save or copy it again")
     if kind not in ("npy", "torch", "pickle"):
         raise ConfigError(
             f"{path}: {readers.KINDS[kind]}, not a torch (.pt) or numpy (.npy) file; {READABLE}"
