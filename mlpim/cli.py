@@ -62,6 +62,12 @@ def check_command(argv: list[str]) -> None:
         _usage_error("mlpim check needs the direction first: mlpim check DIRECTION [overrides]")
     direction, overrides = args[0], args[1:]
     own = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("experiment", "direction")]
+    more = [o for o in overrides if "=" not in o and Path(o).exists()]
+    if more:
+        _usage_error(
+            f"mlpim check checks one direction: {direction}; {', '.join(more)} is not an override"
+            " (KEY=VALUE): check each in its own command"
+        )
     if own:
         _usage_error(f"mlpim check sets experiment and direction itself; drop {', '.join(own)}")
     value = direction if SAFE_VALUE.fullmatch(direction) else _quoted(direction)

@@ -456,3 +456,57 @@ def test_check_reads_a_direction_in_a_sweep_job_folder(tmp_path, capsys):
     assert "needs the direction first" not in line
     assert not (tmp_path / "r").exists()
     one_line(*cli(capsys, "check", "method.dim=1", *CHECK[1:]), "needs the direction first")
+
+
+def second_round(tmp_path: Path, name: str) -> Path:
+    """A direction for probe `name` of the second probe round (issue 32)."""
+    import os
+
+    path = tmp_path / {"empty_npz": "d.npz", "empty_safetensors": "d.safetensors"}.get(name, "d")
+    if name == "empty_npz":
+        np.savez(path)
+    elif name == "empty_safetensors":
+        from safetensors.torch import save_file
+
+        save_file({}, path)
+    elif name == "fifo":
+        os.mkfifo(path)
+    elif name == "dangling_link":
+        path.symlink_to(tmp_path / "moved.npy")
+    else:
+        path = tmp_path / "v.npy"
+        np.save(path, unit() if name != "square_float_column" else np.eye(128, dtype=np.float32))
+    return path
+
+
+SECOND_ROUND = {  # probe -> (overrides, what the line must say)
+    "empty_npz": ([], ["holds no tensors"]),
+    "empty_safetensors": ([], ["holds no tensors"]),
+    "fifo": ([], ["not a file or folder (a device, pipe or socket)"]),
+    "dangling_link": ([], ["no such file or folder (a symbolic link to", "moved.npy)"]),
+    "square_float_column": (["direction_columns=1.5"], ["1.5 must be distinct indices"]),
+    "site_unknown": (["direction_site=bogus"], ["direction_site=bogus is not a site", "mlp_post"]),
+}
+
+
+@pytest.mark.parametrize("name", SECOND_ROUND)
+def test_second_probe_round_is_refused_in_one_line(name, tmp_path, capsys):
+    """An archive of no tensors (not "a text file"), a pipe (which would block the read), a
+    link to nothing, a column that is no index (was a TypeError), a site that does not exist
+    (was "width 128, but bogus of tiny is 64"): one line, exit 2, no run directory."""
+    path = second_round(tmp_path, name)
+    overrides, needles = SECOND_ROUND[name]
+    place = [o for o in CHECK[-2:] if o.split("=")[0] not in {v.split("=")[0] for v in overrides}]
+    args = [*CHECK[:-2], *place, *overrides, f"direction={path}", f"hydra.run.dir={tmp_path}/r"]
+    one_line(*cli(capsys, "run", *args), f"direction={path}", *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_check_takes_one_direction(tmp_path, capsys, monkeypatch):
+    """`mlpim check a.npy b.npy`: one line naming the second (was Hydra's "Error parsing")."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.npy", "b.npy"):
+        np.save(tmp_path / name, unit())
+    line = one_line(*cli(capsys, "check", "a.npy", "b.npy", *CHECK[1:]))
+    assert "checks one direction: a.npy; b.npy is not an override (KEY=VALUE)" in line
+    assert set(on_disk(tmp_path)) == {"a.npy", "b.npy"}

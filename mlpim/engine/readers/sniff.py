@@ -109,7 +109,7 @@ def _zip_format(path: Path) -> str | None:
         return "corrupt_zip"  # a zip's directory is at its end: cut short, or damaged
     if any(n.endswith("data.pkl") for n in names):
         return "torch"
-    return "npz" if names and all(n.endswith(".npy") for n in names) else None
+    return "npz" if all(n.endswith(".npy") for n in names) else None  # np.savez() of none too
 
 
 def _describe_bytes(head: bytes) -> str:
@@ -159,7 +159,7 @@ def _kind(path: Path, head: bytes) -> str:
         return "npy"
     if (kind := _safetensors_kind(head, path.stat().st_size)) is not None:
         return kind
-    if head.startswith(b"PK\x03\x04"):
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # a zip (PK 05 06: an empty one)
         return _zip_format(path) or "zip"
     if head[:1] == b"\x80":
         return "torch" if head.startswith(TORCH_LEGACY) else "pickle"

@@ -42,6 +42,8 @@ def _pick_key(keys: list[str], key: str | None, what: str) -> str:
     """`key`, or the only key; a one-line refusal listing the keys otherwise."""
     if key is None and len(keys) == 1:
         return keys[0]
+    if not keys:
+        raise MlpimError(f"{what} holds no tensors")
     if key is None:
         raise MlpimError(
             f"{what} holds {len(keys)} tensors; choose one with direction_key=: {keys}"
