@@ -58,7 +58,8 @@ def check_command(argv: list[str]) -> None:
         return
     sweep = [a for a in argv if a in ("-m", "--multirun")]
     args = [a for a in argv if a not in sweep]
-    if not args or args[0].startswith("-") or ("=" in args[0] and not Path(args[0]).exists()):
+    first = args[0] if args else ""
+    if not first.strip() or first.startswith("-") or ("=" in first and not Path(first).exists()):
         _usage_error("mlpim check needs the direction first: mlpim check DIRECTION [overrides]")
     direction, overrides = args[0], args[1:]
     own = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("experiment", "direction")]

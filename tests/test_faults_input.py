@@ -503,10 +503,12 @@ def test_second_probe_round_is_refused_in_one_line(name, tmp_path, capsys):
 
 
 def test_check_takes_one_direction(tmp_path, capsys, monkeypatch):
-    """`mlpim check a.npy b.npy`: one line naming the second (was Hydra's "Error parsing")."""
+    """`mlpim check a.npy b.npy`: one line naming the second (was Hydra's "Error parsing"); an
+    empty direction is none (was "direction_site, direction_layer given without direction=")."""
     monkeypatch.chdir(tmp_path)
     for name in ("a.npy", "b.npy"):
         np.save(tmp_path / name, unit())
     line = one_line(*cli(capsys, "check", "a.npy", "b.npy", *CHECK[1:]))
     assert "checks one direction: a.npy; b.npy is not an override (KEY=VALUE)" in line
     assert set(on_disk(tmp_path)) == {"a.npy", "b.npy"}
+    one_line(*cli(capsys, "check", "", *CHECK[1:]), "mlpim check needs the direction first")

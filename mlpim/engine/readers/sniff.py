@@ -4,9 +4,11 @@ Formats: `pyvene` (folder: config.json with representations + intkey_*.bin), `sa
 cfg.json + sae_weights.safetensors), `causalab` (rotation.safetensors holding rotation_matrix,
 or its folder), `safetensors`, `npy`, `npz`, `torch` (a torch.save zip or legacy file) and
 `mlpim` (a torch file holding a dict with `basis`). Anything else is refused in one line that
-says what was found. Sniffing reads headers only, except that a torch file is loaded with
-`weights_only=True` to tell mlpim's subspace from a plain tensor. `file_kind` is the one sniffer:
-what any file is (`KINDS`, readable or not), from its first bytes.
+says what was found; a file cut short (a zip without its directory, a safetensors file holding
+less than its header says) is named truncated or corrupt. Sniffing reads headers only, except
+that a torch file is loaded with `weights_only=True` to tell mlpim's subspace from a plain
+tensor. `file_kind` is the one sniffer: what any file is (`KINDS`, readable or not), from its
+first bytes.
 """
 
 from __future__ import annotations
