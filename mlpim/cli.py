@@ -51,16 +51,24 @@ SAFE_VALUE = re.compile(r"[\w./~+@-]+")  # a path Hydra's override grammar takes
 
 def check_command(argv: list[str]) -> None:
     """`mlpim check [-m] DIRECTION [overrides]`: `mlpim run experiment=illusion_check
-    direction=DIRECTION [overrides]`, nothing more."""
+    direction=DIRECTION [overrides]`, nothing more. DIRECTION is the first argument; one with `=`
+    (a sweep's job folder: method.dim=1,seed=0/v.npy) is the direction when it exists."""
     if argv and argv[0] in ("-h", "--help"):
         print(CHECK_USAGE)
         return
     sweep = [a for a in argv if a in ("-m", "--multirun")]
     args = [a for a in argv if a not in sweep]
-    if not args or "=" in args[0] or args[0].startswith("-"):
+    first = args[0] if args else ""
+    if not first.strip() or first.startswith("-") or ("=" in first and not Path(first).exists()):
         _usage_error("mlpim check needs the direction first: mlpim check DIRECTION [overrides]")
     direction, overrides = args[0], args[1:]
     own = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in ("experiment", "direction")]
+    more = [o for o in overrides if "=" not in o and Path(o).exists()]
+    if more:
+        _usage_error(
+            f"mlpim check checks one direction: {direction}; {', '.join(more)} is not an override"
+            " (KEY=VALUE): check each in its own command"
+        )
     if own:
         _usage_error(f"mlpim check sets experiment and direction itself; drop {', '.join(own)}")
     value = direction if SAFE_VALUE.fullmatch(direction) else _quoted(direction)

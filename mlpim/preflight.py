@@ -101,8 +101,11 @@ def checked_direction(
 
 
 def check_direction_options(cfg: DictConfig) -> None:
-    """`direction_key=` and the like only say how to read `direction=`: refused without it."""
-    given = [f"direction_{o}" for o, v in direction_options(cfg).items() if v is not None]
+    """`direction_key=`, `direction_site=` and the like only say how to read `direction=`:
+    refused without it."""
+    places = {o: cfg.get(f"direction_{o}") for o in ("site", "layer")}
+    options = {**direction_options(cfg), **places}
+    given = [f"direction_{o}" for o, v in options.items() if v is not None]
     if given and not cfg.get("direction"):
         raise MlpimError(f"{', '.join(given)} given without direction=: they say how to read it")
 

@@ -372,3 +372,147 @@ def test_no_landmark_names_the_signal_block():
     cfg = compose(["model=gemma3-270m"])
     with pytest.raises(MlpimError, match=r"signal block 10 \(signal_peak\): set site.layer=10"):
         site_of(cfg, None)
+
+
+PYVENE_KEY = "layer_1_comp_block_output_unit_pos_nunit_1#0"
+
+
+def pyvene_like(folder: Path) -> Path:
+    """A folder laid out as pyvene's `save` writes it: config.json and one intkey_*.bin."""
+    folder.mkdir()
+    rep = [1, "block_output", "pos", 1, 1, *[None] * 9]
+    kind = "<class 'pyvene.models.interventions.LowRankRotatedSpaceIntervention'>"
+    config = {"representations": [rep], "intervention_types": [kind], "sorted_keys": [PYVENE_KEY]}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    torch.save({"rotate_layer.weight": torch.zeros(64, 1)}, folder / f"intkey_{PYVENE_KEY}.bin")
+    return folder
+
+
+def cut_short(path: Path) -> Path:
+    """`path` with its second half gone, as an interrupted copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def truncated(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """(the direction to give, the file cut short) for probe `name`."""
+    if name in ("pyvene_bin", "pyvene_config"):
+        folder = pyvene_like(tmp_path / "pv")
+        inner = "config.json" if name == "pyvene_config" else f"intkey_{PYVENE_KEY}.bin"
+        return folder, cut_short(folder / inner)
+    path = tmp_path / {"subspace": "subspace.pt", "safetensors": "v.safetensors"}.get(name, name)
+    if name == "subspace":
+        basis = torch.linalg.qr(torch.randn(128, 2))[0]
+        save_subspace(path, basis, model="tiny", site="mlp_post", layer=1, k=2)
+    elif name == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"v": torch.from_numpy(unit())}, path)
+    elif name == "legacy.pt":
+        torch.save(torch.from_numpy(unit()), path, _use_new_zipfile_serialization=False)
+    else:
+        np.savez(path, v=unit()) if name == "v.npz" else np.save(path, unit())
+    return path, cut_short(path)
+
+
+TRUNCATED = {  # probe (issue 32) -> what the line must say besides the file cut short
+    "pyvene_bin": ["a truncated or corrupt torch file"],
+    "pyvene_config": ["config.json is not valid JSON (line 17, column 7", "cut short"],
+    "subspace": ["a truncated or corrupt zip archive", "its central directory is missing"],
+    "safetensors": ["a truncated or corrupt safetensors file", "less than its header says"],
+    "legacy.pt": ["a truncated or corrupt torch file"],
+    "v.npz": ["a truncated or corrupt zip archive"],
+    "v.npy": ["a truncated or corrupt numpy .npy file"],
+}
+
+
+@pytest.mark.parametrize("name", TRUNCATED)
+def test_truncated_direction_is_named_corrupt(name, tmp_path, capsys):
+    """A direction file cut short (an interrupted copy) is named as truncated or corrupt, not as
+    a file of another kind or a safety refusal: one line, exit 2, no run directory."""
+    direction, cut = truncated(tmp_path, name)
+    place = [] if name.startswith("pyvene") else CHECK[-2:]  # pyvene's folder says its own
+    args = [*CHECK[:-2], *place, f"direction={direction}", f"hydra.run.dir={tmp_path}/r"]
+    one_line(*cli(capsys, "run", *args), str(cut), *TRUNCATED[name])
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("option", ["direction_site=mlp_post", "direction_layer=1"])
+def test_direction_place_without_a_direction_is_refused(option, tmp_path, capsys):
+    """direction_site=/direction_layer= say where a direction file is; without direction= they
+    would be ignored (the run trained at site.layer): refused like direction_key= is."""
+    args = ["experiment=ioi_mlp8_das", *FAST, option, f"hydra.run.dir={tmp_path}/r"]
+    name = option.split("=")[0]
+    one_line(*cli(capsys, "run", *args), f"{name} given without direction=: they say how to read")
+    assert not (tmp_path / "r").exists()
+
+
+def test_check_reads_a_direction_in_a_sweep_job_folder(tmp_path, capsys):
+    """`mlpim check DIR/method.dim=1,seed=0/v.npy`: a first argument with `=` and `,` that exists
+    (a sweep's job folder) is the direction (here refused for its width, which shows it was
+    read), not an override."""
+    job = tmp_path / "method.dim=1,seed=0"
+    job.mkdir()
+    np.save(job / "v.npy", unit(64))
+    args = [str(job / "v.npy"), *CHECK[1:], f"hydra.run.dir={tmp_path}/r"]
+    line = one_line(*cli(capsys, "check", *args), f"direction={job}/v.npy", "width 64")
+    assert "needs the direction first" not in line
+    assert not (tmp_path / "r").exists()
+    one_line(*cli(capsys, "check", "method.dim=1", *CHECK[1:]), "needs the direction first")
+
+
+def second_round(tmp_path: Path, name: str) -> Path:
+    """A direction for probe `name` of the second probe round (issue 32)."""
+    import os
+
+    path = tmp_path / {"empty_npz": "d.npz", "empty_safetensors": "d.safetensors"}.get(name, "d")
+    if name == "empty_npz":
+        np.savez(path)
+    elif name == "empty_safetensors":
+        from safetensors.torch import save_file
+
+        save_file({}, path)
+    elif name == "fifo":
+        os.mkfifo(path)
+    elif name == "dangling_link":
+        path.symlink_to(tmp_path / "moved.npy")
+    else:
+        path = tmp_path / "v.npy"
+        np.save(path, unit() if name != "square_float_column" else np.eye(128, dtype=np.float32))
+    return path
+
+
+SECOND_ROUND = {  # probe -> (overrides, what the line must say)
+    "empty_npz": ([], ["holds no tensors"]),
+    "empty_safetensors": ([], ["holds no tensors"]),
+    "fifo": ([], ["not a file or folder (a device, pipe or socket)"]),
+    "dangling_link": ([], ["no such file or folder (a symbolic link to", "moved.npy)"]),
+    "square_float_column": (["direction_columns=1.5"], ["1.5 must be distinct indices"]),
+    "site_unknown": (["direction_site=bogus"], ["direction_site=bogus is not a site", "mlp_post"]),
+}
+
+
+@pytest.mark.parametrize("name", SECOND_ROUND)
+def test_second_probe_round_is_refused_in_one_line(name, tmp_path, capsys):
+    """An archive of no tensors (not "a text file"), a pipe (which would block the read), a
+    link to nothing, a column that is no index (was a TypeError), a site that does not exist
+    (was "width 128, but bogus of tiny is 64"): one line, exit 2, no run directory."""
+    path = second_round(tmp_path, name)
+    overrides, needles = SECOND_ROUND[name]
+    place = [o for o in CHECK[-2:] if o.split("=")[0] not in {v.split("=")[0] for v in overrides}]
+    args = [*CHECK[:-2], *place, *overrides, f"direction={path}", f"hydra.run.dir={tmp_path}/r"]
+    one_line(*cli(capsys, "run", *args), f"direction={path}", *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_check_takes_one_direction(tmp_path, capsys, monkeypatch):
+    """`mlpim check a.npy b.npy`: one line naming the second (was Hydra's "Error parsing"); an
+    empty direction is none (was "direction_site, direction_layer given without direction=")."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.npy", "b.npy"):
+        np.save(tmp_path / name, unit())
+    line = one_line(*cli(capsys, "check", "a.npy", "b.npy", *CHECK[1:]))
+    assert "checks one direction: a.npy; b.npy is not an override (KEY=VALUE)" in line
+    assert set(on_disk(tmp_path)) == {"a.npy", "b.npy"}
+    one_line(*cli(capsys, "check", "", *CHECK[1:]), "mlpim check needs the direction first")

@@ -628,3 +628,36 @@ def test_one_orthonormality_policy_for_every_format(tmp_path, caplog):
     with pytest.raises(MlpimError) as e:
         load_direction(tmp_path / "rotation.safetensors")
     assert "columns are not orthonormal" in one_line(e)
+
+
+def test_a_file_cut_short_is_told_truncated_or_corrupt(tmp_path):
+    """A zip (torch, npz) without its directory and a safetensors file shorter than its header
+    says are their own kinds, refused as truncated or corrupt by the sniffer and the loader."""
+    v = torch.randn(D)
+    torch.save(v, tmp_path / "t.pt")
+    np.savez(tmp_path / "a.npz", v=v.numpy())
+    save_file({"v": v}, tmp_path / "w.safetensors")
+    (tmp_path / "h.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:40])
+    for name in ("t.pt", "a.npz", "w.safetensors"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+    kinds = {"t.pt": "corrupt_zip", "a.npz": "corrupt_zip"}
+    kinds |= {"w.safetensors": "corrupt_safetensors", "h.safetensors": "corrupt_safetensors"}
+    for name, kind in kinds.items():
+        assert file_kind(tmp_path / name) == kind, name
+        for read in (sniff, load_direction):
+            with pytest.raises(MlpimError) as e:
+                read(tmp_path / name)
+            assert f"{tmp_path / name}: {KINDS[kind]}" in one_line(e), name
+            assert "truncated or corrupt" in one_line(e)
+
+
+def test_only_a_square_matrix_read_by_columns_says_its_orientation_is_a_guess(tmp_path):
+    q = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(4)))[0]
+    np.save(tmp_path / "sq.npy", q.numpy())
+    np.save(tmp_path / "tall.npy", q[:, :3].numpy())
+    guess = "square, so its orientation is a guess: read as vectors in columns (direction_rows="
+    assert guess in load_direction(tmp_path / "sq.npy", {"columns": [1]}).note
+    assert guess in load_direction(tmp_path / "sq.npy").note
+    assert "guess" not in load_direction(tmp_path / "sq.npy", {"rows": 1}).note
+    assert "guess" not in load_direction(tmp_path / "tall.npy").note

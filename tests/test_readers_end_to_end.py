@@ -595,3 +595,16 @@ def test_each_direction_file_is_read_once_per_run(tmp_path, capsys, monkeypatch)
     assert_checked(code, text, out, "npy tensor → mlp_post L1, width 128, k=1")
     assert sorted(loads) == ["r.pt", "v.npy"], loads
     assert reads.count("v.npy") == 1 and reads.count("r.pt") == 1, reads
+
+
+def test_a_square_matrix_says_which_axis_it_was_read_by(tmp_path, capsys):
+    """A d×d array (vectors in rows or in columns? RAVEL's DAS and pyvene's differ by exactly
+    this transpose) is read by columns, and the run's log says so and names direction_rows=."""
+    square = torch.linalg.qr(torch.randn(D_MLP, D_MLP, generator=torch.Generator().manual_seed(3)))
+    np.save(tmp_path / "sq.npy", square[0].numpy())
+    site = ["direction_site=mlp_post", "direction_layer=1"]
+    code, text, out = check(capsys, tmp_path, tmp_path / "sq.npy", *site, "direction_columns=0")
+    said = "(128, 128) torch.float32 columns [0]; square, so its orientation is a guess: read as "
+    assert_checked(
+        code, text, out, said + "vectors in columns (direction_rows= reads vectors in rows)"
+    )

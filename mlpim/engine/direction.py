@@ -53,6 +53,9 @@ class Direction(readers.ForeignDirection):
     def given(self, site: str | None, layer: int | None) -> Direction:
         """`placed` at the site and layer given for it (direction_site=, direction_layer=); a
         file that says other ones is refused."""
+        if site is not None and site not in readers.SITES:
+            sites = ", ".join(readers.SITES)
+            raise MlpimError(f"{self.path}: direction_site={site} is not a site; sites: {sites}")
         for name, found, want in (("site", self.site, site), ("layer", self.layer, layer)):
             if found is not None and want is not None and found != want:
                 raise MlpimError(
@@ -146,7 +149,10 @@ def load_direction(
     path = Path(path)
     given = {k: v for k, v in (options or {}).items() if v is not None}
     if not path.exists():
-        raise ConfigError(f"{path}: no such file or folder; {READABLE}")
+        link = f" (a symbolic link to {path.readlink()})" if path.is_symlink() else ""
+        raise ConfigError(f"{path}: no such file or folder{link}; {READABLE}")
+    if not path.is_file() and not path.is_dir():
+        raise ConfigError(f"{path}: not a file or folder (a device, pipe or socket); {READABLE}")
     try:
         fmt, loaded = _content(path)
         rec = readers.read_direction(path, fmt, loaded, **given)
@@ -168,6 +174,8 @@ def _content(path: Path) -> tuple[str, object]:
     kind = readers.file_kind(path)
     if kind in ("npz", "safetensors", "causalab"):
         return kind, None
+    if kind in readers.CORRUPT:
+        raise ConfigError(f"{path}: {readers.KINDS[kind]}; save or copy it again")
     if kind not in ("npy", "torch", "pickle"):
         raise ConfigError(
             f"{path}: {readers.KINDS[kind]}, not a torch (.pt) or numpy (.npy) file; {READABLE}"

@@ -17,10 +17,18 @@ from mlpim.engine.readers.record import (
     sizes_of,
 )
 from mlpim.engine.readers.saelens_folder import read_saelens, tl_hook_site
-from mlpim.engine.readers.sniff import FORMATS, KINDS, file_kind, read_direction, sniff
+from mlpim.engine.readers.sniff import (
+    CORRUPT,
+    FORMATS,
+    KINDS,
+    file_kind,
+    read_direction,
+    sniff,
+)
 from mlpim.engine.readers.tensor_files import load_npy, load_torch, read_tensor_file
 
 __all__ = [
+    "CORRUPT",
     "FORMATS",
     "KINDS",
     "REQUIREMENTS",

@@ -54,10 +54,10 @@ from mlpim.engine.readers.record import (
     REQUIREMENTS,
     ForeignDirection,
     agree,
-    one_line,
     orthonormal_basis,
     pick,
 )
+from mlpim.engine.readers.tensor_files import load_torch
 from mlpim.errors import MlpimError
 
 FIELDS = tuple(
@@ -221,10 +221,7 @@ def load_state(path: Path) -> dict[str, Tensor]:
         raise MlpimError(
             f"{path}: no such file (pyvene saves one intkey_<key>.bin per intervention)"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise MlpimError(f"{path} is not a file mlpim can read safely: {one_line(e)}") from e
+    state = load_torch(path, "torch")
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise MlpimError(f"{path} does not hold a state dict of tensors")
     return state

@@ -230,7 +230,7 @@ def pick(items: list[int] | tuple[int, ...] | int | None, n: int, what: str) -> 
     """`items` as a list of distinct indices in 0..n-1 (None stays None); one-line error else."""
     if items is None:
         return None
-    chosen = [items] if isinstance(items, int) else list(items)
+    chosen = list(items) if isinstance(items, list | tuple) else [items]
     bad = [i for i in chosen if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n]
     if not chosen or bad or len(set(chosen)) != len(chosen):
         raise MlpimError(f"{what}: {items!r} must be distinct indices in 0..{n - 1}")

@@ -4,9 +4,11 @@ Formats: `pyvene` (folder: config.json with representations + intkey_*.bin), `sa
 cfg.json + sae_weights.safetensors), `causalab` (rotation.safetensors holding rotation_matrix,
 or its folder), `safetensors`, `npy`, `npz`, `torch` (a torch.save zip or legacy file) and
 `mlpim` (a torch file holding a dict with `basis`). Anything else is refused in one line that
-says what was found. Sniffing reads headers only, except that a torch file is loaded with
-`weights_only=True` to tell mlpim's subspace from a plain tensor. `file_kind` is the one sniffer:
-what any file is (`KINDS`, readable or not), from its first bytes.
+says what was found; a file cut short (a zip without its directory, a safetensors file holding
+less than its header says) is named truncated or corrupt. Sniffing reads headers only, except
+that a torch file is loaded with `weights_only=True` to tell mlpim's subspace from a plain
+tensor. `file_kind` is the one sniffer: what any file is (`KINDS`, readable or not), from its
+first bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from mlpim.errors import MlpimError
 
 FORMATS = ("pyvene", "saelens", "causalab", "safetensors", "npy", "npz", "torch", "mlpim")
 CAUSALAB_FILE = "rotation.safetensors"
+MAX_HEADER = 100_000_000  # the largest header the safetensors library reads
 # The options each format takes; any other option given is refused rather than ignored.
 OPTIONS = {
     "pyvene": {"key", "columns", "site", "layer", "gated_mlp"},
@@ -44,6 +47,17 @@ def _json(path: Path) -> dict | None:
     return loaded if isinstance(loaded, dict) else None
 
 
+def _json_problem(path: Path) -> str | None:
+    """Why the JSON file at `path` cannot be read (its line and column), None if it can."""
+    try:
+        json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        return f"{path} is not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})"
+    except json.JSONDecodeError as e:
+        return f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+    return None
+
+
 def _folder_format(path: Path) -> str:
     """pyvene, saelens or causalab, from the files a folder holds."""
     config = _json(path / "config.json") if (path / "config.json").is_file() else None
@@ -53,6 +67,8 @@ def _folder_format(path: Path) -> str:
         return "saelens"
     if (path / CAUSALAB_FILE).is_file():
         return "causalab"
+    if (path / "config.json").is_file() and (problem := _json_problem(path / "config.json")):
+        raise MlpimError(f"{problem}: cut short or edited? save the folder again")
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
     shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
     raise MlpimError(
@@ -62,30 +78,40 @@ def _folder_format(path: Path) -> str:
     )
 
 
-def _safetensors_keys(head: bytes, size: int) -> list[str] | None:
-    """The tensor names in a safetensors header, or None if `head` does not start one."""
+def _safetensors_kind(head: bytes, size: int) -> str | None:
+    """safetensors or causalab from a safetensors header (`head`: the file's first bytes, `size`:
+    its length); corrupt_safetensors for a header that is no JSON or says more data than the file
+    holds; None if `head` does not start a safetensors file."""
     if len(head) < 9 or head[8:9] != b"{":
         return None
     n = int.from_bytes(head[:8], "little")
-    if not 2 <= n <= size - 8 or n > len(head) - 8:
+    if not 2 <= n <= MAX_HEADER:
+        return None
+    if n > len(head) - 8 and n <= size - 8:
         return None
     try:
         header = json.loads(head[8 : 8 + n])
     except ValueError:
-        return None
-    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else None
+        return "corrupt_safetensors"
+    if not isinstance(header, dict):
+        return "corrupt_safetensors"
+    offsets = [v.get("data_offsets") for v in header.values() if isinstance(v, dict)]
+    ends = [o[1] for o in offsets if isinstance(o, list) and len(o) == 2 and isinstance(o[1], int)]
+    if 8 + n + max(ends, default=0) > size:
+        return "corrupt_safetensors"
+    return "causalab" if CAUSALAB_KEY in header else "safetensors"
 
 
 def _zip_format(path: Path) -> str | None:
-    """torch (a torch.save zip holding data.pkl) or npz (a zip of .npy arrays)."""
+    """torch (a torch.save zip holding data.pkl), npz (a zip of .npy arrays) or corrupt_zip."""
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
     except zipfile.BadZipFile:
-        return None
+        return "corrupt_zip"  # a zip's directory is at its end: cut short, or damaged
     if any(n.endswith("data.pkl") for n in names):
         return "torch"
-    return "npz" if names and all(n.endswith(".npy") for n in names) else None
+    return "npz" if all(n.endswith(".npy") for n in names) else None  # np.savez() of none too
 
 
 def _describe_bytes(head: bytes) -> str:
@@ -113,7 +139,12 @@ KINDS = {
     "text": "a text file",
     "empty": "an empty file",
     "binary": "a binary file of unknown format",
+    "corrupt_zip": "a truncated or corrupt zip archive (the container of torch .pt and numpy "
+    ".npz files): its central directory is missing",
+    "corrupt_safetensors": "a truncated or corrupt safetensors file: it holds less than its "
+    "header says",
 }
+CORRUPT = ("corrupt_zip", "corrupt_safetensors")  # kinds of a file cut short or damaged
 TORCH_LEGACY = b"\x80\x02\x8a"  # torch's legacy format: a pickled magic number first
 
 
@@ -128,9 +159,9 @@ def _kind(path: Path, head: bytes) -> str:
         return "empty"
     if head.startswith(b"\x93NUMPY"):
         return "npy"
-    if (keys := _safetensors_keys(head, path.stat().st_size)) is not None:
-        return "causalab" if CAUSALAB_KEY in keys else "safetensors"
-    if head.startswith(b"PK\x03\x04"):
+    if (kind := _safetensors_kind(head, path.stat().st_size)) is not None:
+        return kind
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # a zip (PK 05 06: an empty one)
         return _zip_format(path) or "zip"
     if head[:1] == b"\x80":
         return "torch" if head.startswith(TORCH_LEGACY) else "pickle"
@@ -156,6 +187,8 @@ def _file_format(path: Path) -> str:
         return "mlpim" if _is_mlpim(path) else kind
     if kind in FORMATS:
         return kind
+    if kind in CORRUPT:
+        raise MlpimError(f"{path}: {KINDS[kind]}; save or copy it again")
     raise MlpimError(f"{path}: not a direction file mlpim reads: {_describe_bytes(head)}")
 
 

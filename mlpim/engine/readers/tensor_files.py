@@ -42,6 +42,8 @@ def _pick_key(keys: list[str], key: str | None, what: str) -> str:
     """`key`, or the only key; a one-line refusal listing the keys otherwise."""
     if key is None and len(keys) == 1:
         return keys[0]
+    if not keys:
+        raise MlpimError(f"{what} holds no tensors")
     if key is None:
         raise MlpimError(
             f"{what} holds {len(keys)} tensors; choose one with direction_key=: {keys}"
@@ -58,7 +60,7 @@ def safetensors_tensor(path: Path, key: str | None) -> tuple[str, Tensor]:
             name = _pick_key(sorted(f.keys()), key, str(path))
             return name, f.get_tensor(name)
     except SafetensorError as e:
-        raise MlpimError(f"{path} is not a readable safetensors file: {one_line(e)}") from e
+        raise MlpimError(f"{path}: a truncated or corrupt safetensors file ({one_line(e)})") from e
 
 
 def numpy_tensor(path: Path, key: str | None) -> tuple[str | None, Tensor]:
@@ -82,7 +84,7 @@ def load_npy(path: Path) -> Tensor:
                 f"{path}: a numpy file of Python objects (dtype=object), which only unpickling "
                 "could read, and mlpim never unpickles: save a float array (np.save)"
             ) from None
-        raise ConfigError(f"{path}: a numpy file numpy cannot read ({e})") from None
+        raise ConfigError(f"{path}: a truncated or corrupt numpy .npy file ({e})") from None
     if array.dtype.kind not in "fiu":
         raise ConfigError(f"{path}: a numpy array of dtype {array.dtype}, not real numbers")
     return torch.from_numpy(array)
@@ -90,10 +92,13 @@ def load_npy(path: Path) -> Tensor:
 
 def load_torch(path: Path, kind: str):
     """What a torch file (`kind`: torch or pickle, `sniff.KINDS`) holds, loaded without running
-    code from it (weights_only=True)."""
+    code from it (weights_only=True); a torch file torch cannot read is truncated or corrupt."""
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
+        if kind == "torch" and "Weights only load failed" not in str(e):
+            reason = _torch_reason(e).split(". ")[0]
+            raise ConfigError(f"{path}: a truncated or corrupt torch file ({reason})") from None
         what = "a torch file" if kind == "torch" else "a Python pickle"
         raise ConfigError(
             f"{path}: {what} that mlpim cannot load as tensors ({_torch_reason(e)}); it "
@@ -157,6 +162,19 @@ def _listed(items) -> list:
     return [items] if isinstance(items, int) else list(items)
 
 
+def _note(t: Tensor, rotation: bool, columns, rows) -> str:
+    """What was read of tensor `t`: its shape and dtype, the columns or rows picked and, for a
+    square matrix read without direction_rows=, that its orientation is a guess."""
+    note = f"{tuple(t.shape)} {t.dtype}"
+    note = f"causalab PCA rotation {note}" if rotation else note
+    note += f" columns {_listed(columns)}" if columns is not None else ""
+    note += f" rows {_listed(rows)}" if rows is not None else ""
+    if t.dim() == 2 and t.shape[0] == t.shape[1] and rows is None:
+        note += "; square, so its orientation is a guess: read as vectors in columns"
+        note += " (direction_rows= reads vectors in rows)"
+    return note
+
+
 def read_mlpim(path: Path, saved: dict, site, layer, columns=None) -> ForeignDirection:
     """mlpim's own saved subspace (`save_subspace`): basis, site and layer from the file;
     `columns` picks some of its columns."""
@@ -212,10 +230,6 @@ def read_tensor_file(
     matrix = as_matrix(t, columns, rows, what)
     rotation = fmt == "causalab" and name == CAUSALAB_KEY
     basis = orthonormal_basis(matrix, what, rotation)
-    picked = f" columns {_listed(columns)}" if columns is not None else ""
-    picked += f" rows {_listed(rows)}" if rows is not None else ""
-    shape = f"{tuple(t.shape)} {t.dtype}"
-    note = f"causalab PCA rotation {shape}" if rotation else shape
     return ForeignDirection(
         basis=basis.contiguous(),
         site=site,
@@ -223,7 +237,7 @@ def read_tensor_file(
         fmt=fmt,
         kind=f"tensor {name!r}" if name else "tensor",
         origin=None,
-        note=note + picked,
+        note=_note(t, rotation, columns, rows),
         path=str(path),
         requires=frozenset({"raw_activations"}) if fmt == "causalab" else frozenset(),
     )
