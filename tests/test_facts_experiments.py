@@ -239,6 +239,7 @@ def test_fact_editing_refuses_directions_of_other_pairs(tmp_path):
         fact_editing.run(
             _cfg("fact_editing", "extra.layers=[1]", f"extra.pair_run={run_dir}"),
             tmp_path / "edit2",
+            {},
         )
 
 

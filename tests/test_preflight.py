@@ -434,7 +434,7 @@ def test_truncated_direction_is_named_corrupt(name, tmp_path, capsys):
     direction, cut = truncated(tmp_path, name)
     place = [] if name.startswith("pyvene") else CHECK[-2:]  # pyvene's folder says its own
     args = [*CHECK[:-2], *place, f"direction={direction}", f"hydra.run.dir={tmp_path}/r"]
-    one_line(*cli(capsys, "run", *args), str(cut), *TRUNCATED[name])
+    assert_one_line_error(*cli(capsys, "run", *args), str(cut), *TRUNCATED[name])
     assert not (tmp_path / "r").exists()
 
 
@@ -442,9 +442,11 @@ def test_truncated_direction_is_named_corrupt(name, tmp_path, capsys):
 def test_direction_place_without_a_direction_is_refused(option, tmp_path, capsys):
     """direction_site=/direction_layer= say where a direction file is; without direction= they
     would be ignored (the run trained at site.layer): refused like direction_key= is."""
-    args = ["experiment=ioi_mlp8_das", *FAST, option, f"hydra.run.dir={tmp_path}/r"]
+    args = ["experiment=ioi_mlp8_das", *PROBE, option, f"hydra.run.dir={tmp_path}/r"]
     name = option.split("=")[0]
-    one_line(*cli(capsys, "run", *args), f"{name} given without direction=: they say how to read")
+    assert_one_line_error(
+        *cli(capsys, "run", *args), f"{name} given without direction=: they say how to read"
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -456,10 +458,12 @@ def test_check_reads_a_direction_in_a_sweep_job_folder(tmp_path, capsys):
     job.mkdir()
     np.save(job / "v.npy", unit(64))
     args = [str(job / "v.npy"), *CHECK[1:], f"hydra.run.dir={tmp_path}/r"]
-    line = one_line(*cli(capsys, "check", *args), f"direction={job}/v.npy", "width 64")
+    line = assert_one_line_error(*cli(capsys, "check", *args), f"direction={job}/v.npy", "width 64")
     assert "needs the direction first" not in line
     assert not (tmp_path / "r").exists()
-    one_line(*cli(capsys, "check", "method.dim=1", *CHECK[1:]), "needs the direction first")
+    assert_one_line_error(
+        *cli(capsys, "check", "method.dim=1", *CHECK[1:]), "needs the direction first"
+    )
 
 
 def second_round(tmp_path: Path, name: str) -> Path:
@@ -502,7 +506,7 @@ def test_second_probe_round_is_refused_in_one_line(name, tmp_path, capsys):
     overrides, needles = SECOND_ROUND[name]
     place = [o for o in CHECK[-2:] if o.split("=")[0] not in {v.split("=")[0] for v in overrides}]
     args = [*CHECK[:-2], *place, *overrides, f"direction={path}", f"hydra.run.dir={tmp_path}/r"]
-    one_line(*cli(capsys, "run", *args), f"direction={path}", *needles)
+    assert_one_line_error(*cli(capsys, "run", *args), f"direction={path}", *needles)
     assert not (tmp_path / "r").exists()
 
 
@@ -512,7 +516,9 @@ def test_check_takes_one_direction(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in ("a.npy", "b.npy"):
         np.save(tmp_path / name, unit())
-    line = one_line(*cli(capsys, "check", "a.npy", "b.npy", *CHECK[1:]))
+    line = assert_one_line_error(*cli(capsys, "check", "a.npy", "b.npy", *CHECK[1:]))
     assert "checks one direction: a.npy; b.npy is not an override (KEY=VALUE)" in line
     assert set(on_disk(tmp_path)) == {"a.npy", "b.npy"}
-    one_line(*cli(capsys, "check", "", *CHECK[1:]), "mlpim check needs the direction first")
+    assert_one_line_error(
+        *cli(capsys, "check", "", *CHECK[1:]), "mlpim check needs the direction first"
+    )
