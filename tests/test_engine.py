@@ -17,6 +17,7 @@ import torch
 
 from mlpim.config import compose
 from mlpim.engine import cache, fastpath, interventions, patching
+from mlpim.engine.batch import PairBatch, PromptBatch, left_pad
 from mlpim.engine.interventions import (
     EngineMismatchError,
     guard,
@@ -28,7 +29,6 @@ from mlpim.engine.interventions import (
 )
 from mlpim.engine.models import ConfigError, hook_name
 from mlpim.engine.subspace import RotatedSubspace
-from mlpim.tasks.batch import PairBatch, PromptBatch, left_pad
 
 TOL = 1e-4
 KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_post", "z")

@@ -21,6 +21,7 @@ from mlpim.analysis import references as R
 from mlpim.analysis.editing import edited_w_out
 from mlpim.analysis.stats import auc, emd_1d, fldd_est, mean_est, resample
 from mlpim.config import compose
+from mlpim.engine.batch import PairBatch
 from mlpim.engine.interventions import prepare
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import full, logits_end, subspace
@@ -28,7 +29,6 @@ from mlpim.experiments.common import das_settings, paper_splits
 from mlpim.experiments.illusion_benchmark import CASES, PLOTS
 from mlpim.run import run
 from mlpim.tasks import task_splits
-from mlpim.tasks.batch import PairBatch
 
 torch.set_num_threads(1)
 FAST = ["model=tiny", "device=cpu", "dataset.n_train_pairs=40", "dataset.n_test_pairs=20"]

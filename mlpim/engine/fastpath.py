@@ -19,11 +19,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mlpim.engine.batch import PromptBatch
 from mlpim.engine.family import family_of, post_attn_norm, post_mlp_norm
 from mlpim.engine.fused_ce import unembed_ce
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import run_cache
-from mlpim.tasks.batch import PromptBatch
 
 MLP_SITES = ("mlp_post", "mlp_out")
 MID_SITES = ("resid_mid", "attn_out", "z")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mlpim import reuse
 from mlpim.engine import cache, fastpath, metrics
+from mlpim.engine.batch import PairBatch, PromptBatch
 from mlpim.engine.fused_ce import unembed_ce
 from mlpim.engine.models import ConfigError, validate_site
 from mlpim.engine.patching import (
@@ -34,7 +35,6 @@ from mlpim.engine.patching import (
     select_rows,
     source_acts,
 )
-from mlpim.tasks.batch import PairBatch, PromptBatch
 
 log = logging.getLogger(__name__)
 ENGINES = ("auto", "kernel", "cache", "full")

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from mlpim import constants as C
+from mlpim.engine.batch import PromptBatch, left_pad
 from mlpim.engine.das import DasSettings, train_das
 from mlpim.engine.direction import Direction
 from mlpim.engine.interventions import Prepared, prepare
@@ -22,7 +23,6 @@ from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.errors import ConfigError
 from mlpim.report import io
 from mlpim.tasks import FILE_TASKS, IOI_ONLY, bos_id, pad_id, task_splits, task_vocabulary
-from mlpim.tasks.batch import PromptBatch, left_pad
 from mlpim.tasks.ioi import held_out_pairs
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from mlpim.tasks.batch import PairBatch
+from mlpim.engine.batch import PairBatch
 
 TASKS = ("ioi", "pairs", "facts", "mib")
 FILE_TASKS = ("pairs", "mib")  # pairs read from a user's file: dataset.invalid and dataset.keep

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlpim.engine.batch import PairBatch
 from mlpim.errors import ConfigError
-from mlpim.tasks.batch import PairBatch
 from mlpim.tasks.pairs import (
     Pair,
     TaskProblems,
