@@ -16,7 +16,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from mlpim.engine.batch import PairBatch, PromptBatch, left_pad
-from mlpim.tasks import bos_id, pad_id
+from mlpim.tasks.tokenizer import bos_id, pad_id
 
 logger = logging.getLogger(__name__)
 
