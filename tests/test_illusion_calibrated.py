@@ -18,6 +18,7 @@ from mlpim.analysis import illusion_site as S
 from mlpim.analysis import measure as M
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis import references as R
+from mlpim.analysis.checks import Thresholds
 from mlpim.analysis.editing import edited_w_out
 from mlpim.analysis.stats import auc, emd_1d, fldd_est, mean_est, resample
 from mlpim.config import compose
@@ -44,7 +45,7 @@ BENCH = [
     "extra.reference_cache=null",
     "method.epochs=2",
 ]
-TH = illusion.Thresholds.from_mapping(compose([]).check)
+TH = Thresholds.from_mapping(compose([]).check)
 
 
 def test_reference_statistics():

@@ -40,11 +40,6 @@ class RotatedSubspace(nn.Module):
         return subspace_patch(base, source, self.basis)
 
 
-def orthonormalize(v: Float[Tensor, "d k"]) -> Float[Tensor, "d k"]:
-    """Orthonormal basis of the span of v's columns (a single vector is normalised)."""
-    return torch.linalg.qr(v.reshape(v.shape[0], -1))[0]
-
-
 def save_subspace(path: Path, basis: Tensor, **meta) -> None:
     """Save a basis with its metadata (model, fingerprint, site, layer, k, seed, metrics ...),
     atomically (a temporary name, then renamed: never a partial file)."""
