@@ -10,6 +10,14 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
+import hydra
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
 from mlpim import lock
 from mlpim.config import CONF_DIR, register_configs
 from mlpim.errors import MlpimError
@@ -86,12 +94,7 @@ def _usage_error(message: str) -> None:
 
 
 def _hydra_main(argv: list[str]) -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from omegaconf import DictConfig
-
-    from mlpim import sweep
+    from mlpim import sweep  # slow imports (torch, pandas): not for `mlpim --help` or `list`
     from mlpim.run import run
 
     register_configs()
@@ -149,10 +152,6 @@ def hydra_errors_raised():
 def composition_error(e: BaseException) -> str | None:
     """One line for an error of Hydra's config composition (an unknown config, a value of the
     wrong type, a YAML syntax error with its file and position); None for any other error."""
-    import yaml
-    from hydra.errors import HydraException, MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
-
     chain = [e]
     while chain[-1].__cause__ or chain[-1].__context__:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
@@ -174,7 +173,7 @@ def composition_error(e: BaseException) -> str | None:
 
 def interrupted() -> str:
     """The line printed on Ctrl-C: what the interrupted run left (never a half-written file)."""
-    from mlpim.run import ACTIVE, interrupted_message
+    from mlpim.run import ACTIVE, interrupted_message  # slow import: see _hydra_main
 
     if ACTIVE["dir"] is None:
         return "interrupted before any run started; nothing was written"
@@ -183,7 +182,7 @@ def interrupted() -> str:
 
 def _use_agg() -> None:
     """The CLI writes figures to files: matplotlib's non-interactive backend."""
-    import matplotlib
+    import matplotlib  # slow import: not for `mlpim --help`
 
     matplotlib.use("Agg")
 
@@ -212,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     elif cmd == "list":
         print(list_options())
     elif cmd == "collect":
-        from mlpim.report.collect import collect_cli
+        from mlpim.report.collect import collect_cli  # slow import: see _hydra_main
 
         collect_cli(rest)
     else:

@@ -1,16 +1,22 @@
-"""Typed config schemas registered in Hydra's ConfigStore, so a typo fails at compose time."""
+"""Typed config schemas registered in Hydra's ConfigStore, so a typo fails at compose time (a key
+added with `+`/`++`, which Hydra lets past the schema, too: `check_unknown_keys`)."""
 
 from __future__ import annotations
 
+import difflib
 import functools
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mlpim.analysis.landmarks import Landmarks
+from mlpim.errors import MlpimError
+from mlpim.options import OPTIONS, check_keys
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -91,8 +97,8 @@ def check_config() -> type:
     where each is set and documented (docs/verdict-rule.md gives the reasons); the checks that
     use them are registered in `mlpim.analysis.checks` (tests/test_checks.py: the two agree)."""
     values = OmegaConf.load(CONF_DIR / "check" / "default.yaml")
-    fields = [(k, type(v), field(default=MISSING)) for k, v in values.items()]
-    cls = make_dataclass("CheckConfig", fields)
+    typed = [(k, type(v), field(default=MISSING)) for k, v in values.items()]
+    cls = make_dataclass("CheckConfig", typed)
     cls.__module__ = __name__
     return cls
 
@@ -138,8 +144,6 @@ def register_configs() -> None:
     """Register the schemas: `mlpim/conf/config.yaml` extends `config_schema`, and selects the
     chosen experiment's options (`extra/<experiment>`: its `mlpim.options` class,
     not in struct mode, so that an unknown key reaches `preflight` and its one-line error)."""
-    from mlpim.options import OPTIONS
-
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
     for experiment, runner in experiment_runners().items():
@@ -150,14 +154,48 @@ def register_configs() -> None:
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
     """Compose the config as `mlpim run` would, for notebooks and tests; a key the schema or
-    the experiment's options lack is refused here (`mlpim.preflight.check_unknown_keys`)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from mlpim.preflight import check_unknown_keys
-
+    the experiment's options lack is refused here (`check_unknown_keys`)."""
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides or [])
     check_unknown_keys(cfg)
     return cfg
+
+
+def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[tuple[str, list]]:
+    """(key, the known keys at its level) of every key of `node` its dataclass `schema` lacks."""
+    hints = get_type_hints(schema)
+    known = [f.name for f in fields(schema)]
+    out = []
+    for key in node.keys():
+        if key == "hydra":
+            continue
+        if key not in known:
+            out.append((f"{prefix}{key}", known))
+        elif is_dataclass(hints[key]) and isinstance(node.get(key), DictConfig):
+            out += unknown_keys(node[key], hints[key], f"{prefix}{key}.")
+    return out
+
+
+def check_unknown_keys(cfg: DictConfig) -> None:
+    """A key added with `+key=` or `++key=` slips past the typed schema: refuse it like a typo;
+    an `extra.*` key the experiment's options lack too (`check_options`)."""
+    found = unknown_keys(cfg, Config)
+    if not found:
+        check_options(cfg)
+        return
+    key, known = found[0]
+    parent, name = key.rpartition(".")[0], key.rpartition(".")[2]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {parent + '.' if parent else ''}{close[0]}? " if close else ""
+    raise MlpimError(
+        f"unknown option {key} (added with + or ++, so Hydra accepted it; mlpim would ignore "
+        f"it): {hint}known {parent or 'top-level'} options: {', '.join(known)}"
+    )
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Every `extra.*` key is an option of the experiment (`mlpim.options`)."""
+    options = OPTIONS.get(cfg.get("runner"))
+    if options is not None:  # an unknown runner is refused when the run starts
+        check_keys(cfg.experiment, list(cfg.get("extra") or {}), options)

@@ -71,7 +71,7 @@ def write_bytes(path: Path, data: bytes) -> Path:
 def save_torch(obj: object, path: Path) -> Path:
     """`torch.save(obj)` into `path`, atomically (serialized in memory: a full disk surfaces as
     an OSError of the plain file write, not inside torch's zip writer)."""
-    import torch
+    import torch  # slow import: `mlpim --help` imports this module (through mlpim.lock)
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)

@@ -12,16 +12,21 @@ ignored key is refused rather than silently dropped.
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import get_args, get_type_hints
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mlpim.config import check_unknown_keys
 from mlpim.engine.direction import OPTION_NAMES, Direction, load_direction
+from mlpim.engine.interventions import ENGINES
+from mlpim.engine.models import ModelSpec, gguf_path
 from mlpim.errors import ConfigError, MlpimError
 from mlpim.experiments import Experiment, get_experiment, runner_names
+from mlpim.tasks import FILE_TASKS
+from mlpim.tasks.mib import check_mib_task
+from mlpim.tasks.pairs import check_pairs_file
 
 
 def override_key(override: str) -> str:
@@ -120,49 +125,6 @@ def site_width(cfg: DictConfig) -> int | None:
     return model_sizes(cfg).get("d_mlp" if cfg.site.kind == "mlp_post" else "d_model")
 
 
-def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[tuple[str, list]]:
-    """(key, the known keys at its level) of every key of `node` its dataclass `schema` lacks."""
-    hints = get_type_hints(schema)
-    known = [f.name for f in fields(schema)]
-    out = []
-    for key in node.keys():
-        if key == "hydra":
-            continue
-        if key not in known:
-            out.append((f"{prefix}{key}", known))
-        elif is_dataclass(hints[key]) and isinstance(node.get(key), DictConfig):
-            out += unknown_keys(node[key], hints[key], f"{prefix}{key}.")
-    return out
-
-
-def check_unknown_keys(cfg: DictConfig) -> None:
-    """A key added with `+key=` or `++key=` slips past the typed schema: refuse it like a typo;
-    an `extra.*` key the experiment's options lack too (`check_options`)."""
-    from mlpim.config import Config
-
-    found = unknown_keys(cfg, Config)
-    if not found:
-        check_options(cfg)
-        return
-    key, known = found[0]
-    parent, name = key.rpartition(".")[0], key.rpartition(".")[2]
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"did you mean {parent + '.' if parent else ''}{close[0]}? " if close else ""
-    raise MlpimError(
-        f"unknown option {key} (added with + or ++, so Hydra accepted it; mlpim would ignore "
-        f"it): {hint}known {parent or 'top-level'} options: {', '.join(known)}"
-    )
-
-
-def check_options(cfg: DictConfig) -> None:
-    """Every `extra.*` key is an option of the experiment (`mlpim.options`)."""
-    from mlpim.options import OPTIONS, check_keys
-
-    options = OPTIONS.get(cfg.get("runner"))
-    if options is not None:  # an unknown runner is refused when the run starts
-        check_keys(cfg.experiment, list(cfg.get("extra") or {}), options)
-
-
 def check_positive(cfg: DictConfig) -> None:
     """Epochs, steps, learning rates and batch sizes that cannot train or run are refused: the
     dataset's batch size, the experiment's `Experiment.positive` options, DAS's settings."""
@@ -195,8 +157,6 @@ def positive_options(experiment: Experiment | None) -> dict[str, int | float]:
 
 def check_device(cfg: DictConfig) -> None:
     """`device=` names a device torch knows and this machine has."""
-    import torch
-
     if "device" in (cfg.get("ignores") or []) or cfg.device == "auto":
         return
     try:
@@ -223,8 +183,6 @@ def check_device(cfg: DictConfig) -> None:
 
 def check_model_file(cfg: DictConfig) -> None:
     """A GGUF model file exists and is a GGUF file (a GGUF without its file is refused)."""
-    from mlpim.engine.models import ModelSpec, gguf_path
-
     if "model" in (cfg.get("ignores") or []) or cfg.model.source != "gguf":
         return
     if OmegaConf.is_missing(cfg.model, "file"):
@@ -258,9 +216,6 @@ def check_task_file(cfg: DictConfig) -> None:
 def read_task(dataset: DictConfig) -> None:
     """A user's task file read whole by the task's own reader: not UTF-8 (the line), empty, a
     JSON array, no pair at all, a MIB counterfactual type the rows lack."""
-    from mlpim.tasks.mib import check_mib_task
-    from mlpim.tasks.pairs import check_pairs_file
-
     if dataset.name == "pairs":
         check_pairs_file(dataset.path)
     elif dataset.name == "mib":
@@ -270,8 +225,6 @@ def read_task(dataset: DictConfig) -> None:
 def check_task_choices(dataset: DictConfig) -> None:
     """dataset.invalid and dataset.keep name an allowed value, and are only changed for the
     tasks read from a user's file (pairs, mib)."""
-    from mlpim.tasks import FILE_TASKS
-
     for key, allowed in TASK_CHOICES.items():
         value = dataset.get(key, allowed[0])
         if value not in allowed:
@@ -286,8 +239,6 @@ def check_task_choices(dataset: DictConfig) -> None:
 def check_values(cfg: DictConfig) -> None:
     """The seed (numpy's generators take none below 0), `dataset.test_fraction` (a share) and
     `method.engine` (a name `mlpim.engine.interventions` knows), where the experiment reads them."""
-    from mlpim.engine.interventions import ENGINES
-
     ignores = set(cfg.get("ignores") or [])
     if cfg.seed < 0:
         raise MlpimError(f"seed={cfg.seed}: seeds are 0 or more (one policy for every experiment)")

@@ -26,12 +26,14 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from mlpim import constants as C
-from mlpim import lock, reuse
+from mlpim import experiments, lock, reuse
 from mlpim.engine.direction import Direction
+from mlpim.engine.models import resolve_device
 from mlpim.errors import MlpimError
 from mlpim.identity import code_change, code_version, input_change, input_hashes
 from mlpim.preflight import preflight
 from mlpim.report import io
+from mlpim.report.collect import enclosing
 
 log = logging.getLogger("mlpim")
 
@@ -127,8 +129,6 @@ def check_run_place(path: Path, sweep: bool = False) -> None:
     """Refuse, before anything is created, a run (or `sweep`) directory that the file system
     cannot hold (a folder name or path too long), that is a sweep folder (a sweep may go on in
     its own), or that is inside a finished run or a sweep folder: no command writes there."""
-    from mlpim.report.collect import enclosing
-
     path, key = Path(path), "hydra.sweep.dir" if sweep else "hydra.run.dir"
     name_max, path_max = _path_limits(path)
     long = next((part for part in path.parts if len(os.fsencode(part)) > name_max), None)
@@ -250,12 +250,9 @@ def run_accepted(
 ) -> pd.DataFrame:
     """Run into the locked, checked `run_dir` with the `directions` preflight loaded: config
     first, results, the log, DONE last."""
-    from mlpim.engine.models import resolve_device
-    from mlpim.experiments import get_experiment
-
     (run_dir / C.METRICS).unlink(missing_ok=True)
     ACTIVE.update(dir=run_dir, before=results_in(run_dir))
-    experiment = get_experiment(cfg.runner)
+    experiment = experiments.get_experiment(cfg.runner)
     io.write_config(cfg, run_dir)
     io.write_hydra_files(cfg, run_dir)
     run_log, saved = RunLog(run_dir / C.LOG), False
@@ -346,11 +343,9 @@ class Result:
 
 def run_experiment(cfg: DictConfig) -> Result:
     """Run the experiment of `cfg` and return its results; no files are left behind."""
-    from mlpim.experiments import get_experiment
-
     directions = preflight(cfg)
     with tempfile.TemporaryDirectory(prefix="mlpim_") as tmp:
-        metrics = get_experiment(cfg.runner).run(cfg, Path(tmp), directions)
+        metrics = experiments.get_experiment(cfg.runner).run(cfg, Path(tmp), directions)
         result = Result(metrics=metrics)
         for path in sorted(Path(tmp).rglob("*")):
             name = path.relative_to(tmp).as_posix()

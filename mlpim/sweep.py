@@ -19,7 +19,10 @@ import traceback
 from contextlib import suppress
 from pathlib import Path
 
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,7 +31,7 @@ from mlpim.errors import MlpimError
 from mlpim.lock import RunDirLocked
 from mlpim.report import io
 from mlpim.report.status import RECORDS, STATUS, job_records, read_status
-from mlpim.run import check_run_place
+from mlpim.run import ACTIVE, RunDirError, check_run_dir, check_run_place, run
 
 log = logging.getLogger("mlpim")
 
@@ -64,8 +67,6 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> None:
     """One sweep job: run it and record how it ended; a failure does not stop the sweep.
 
     A user mistake prints one line; any other exception also prints its traceback."""
-    from mlpim.run import ACTIVE, run
-
     try:
         df = run(cfg, job_dir, overrides)
     except Exception as e:
@@ -170,9 +171,6 @@ class RunDirCheck(Callback):
 def sweep_overrides(config: DictConfig) -> list[list[str]] | None:
     """Each job's task overrides, in job order, as the basic sweeper makes them; None for
     another sweeper."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
         return None
     parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
@@ -181,8 +179,6 @@ def sweep_overrides(config: DictConfig) -> list[list[str]] | None:
 
 def check_jobs(config: DictConfig) -> None:
     """Refuse a sweep without jobs: an override that sweeps over no value (`range(5,2)`)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
     empty = [
         o.input_line
@@ -199,10 +195,6 @@ def check_jobs(config: DictConfig) -> None:
 def check_sweep(config: DictConfig, sweep_dir: Path) -> None:
     """Refuse the whole sweep, before any file is written, when a job directory it would use
     holds another config's results or is in use by another run."""
-    from hydra import compose
-
-    from mlpim.run import RunDirError, check_run_dir
-
     subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
     jobs = sweep_overrides(config) if subdir == "${hydra.job.num}" else None
     for num, overrides in enumerate(jobs or []):

@@ -11,9 +11,9 @@ All paths use the same model, the same training pairs
 the model's MLP-in-the-middle landmark, k = `method.dim`), the same initial basis, batch size,
 thread count and optimiser (Adam, lr `method.lr`, CE over the full vocabulary at END):
 
-  (a) kernel `prepare(..., engine="kernel")` (GPT-2/Llama/Gemma 3 shapes only; `fastpath.unsupported`
-             says why not elsewhere) + the `train_das` inner loop (END-only resume, unembedding
-             fused with the cross-entropy),
+  (a) kernel `prepare(..., engine="kernel")` (GPT-2/Llama/Gemma 3 shapes only; the family's
+             `kernel_refusal` says why not elsewhere) + the `train_das` inner loop (END-only
+             resume, unembedding fused with the cross-entropy),
   (b) cache  `prepare(..., engine="cache")`: the model's own forward resumed from its own KV
              cache (any architecture); unembedding fused with the cross-entropy where the
              model's logits are linear in the unembedding's input (`linear_unembed`),
@@ -72,7 +72,7 @@ import pandas as pd
 import torch
 
 from mlpim.config import compose
-from mlpim.engine import fastpath
+from mlpim.engine.family import family_of
 from mlpim.engine.fastpath import MLP_SITES, first_block
 from mlpim.engine.interventions import Prepared, patched_end_logits, patched_end_loss, prepare
 from mlpim.engine.subspace import RotatedSubspace
@@ -368,7 +368,7 @@ PATHS = {  # engine -> row label
 def prepare_all(model, batches, kind: str, layer: int) -> tuple[dict, dict, str | None]:
     """Each engine's prepared batches and preparation seconds (guard included); the kernel is
     left out, with the reason, where it does not apply."""
-    why = fastpath.unsupported(model)
+    why = family_of(model).kernel_refusal
     prepared, seconds = {}, {}
     for engine in PATHS:
         if engine == "kernel" and why:

@@ -17,6 +17,8 @@ import torch
 
 from mlpim.config import compose
 from mlpim.engine import cache, fastpath, interventions, patching
+from mlpim.engine.batch import PairBatch, PromptBatch, left_pad
+from mlpim.engine.family import family_of
 from mlpim.engine.interventions import (
     EngineMismatchError,
     guard,
@@ -28,7 +30,6 @@ from mlpim.engine.interventions import (
 )
 from mlpim.engine.models import ConfigError, hook_name
 from mlpim.engine.subspace import RotatedSubspace
-from mlpim.tasks.batch import PairBatch, PromptBatch, left_pad
 
 TOL = 1e-4
 KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_post", "z")
@@ -258,7 +259,7 @@ def test_cache_engine_on_other_families(family, kind, mid, layer=1):
     full forward; the kernel refuses them."""
     matters = True  # layer 1 of 3: every site reaches END from any position
     check(family, pair(family, mid=mid), kind, layer, "cache", patching.full, matters)
-    assert fastpath.unsupported(family) is not None
+    assert family_of(family).kernel_refusal is not None
 
 
 def test_other_families_das_gradient_and_guard(family):
@@ -420,7 +421,7 @@ def test_gemma3_engines_on_ioi_pairs(gemma3):
     cfg = compose(["model=gemma3-270m", "device=cpu"])
     layer = 10  # no landmark by the rule; the block where the END position signal peaks
     pb = paper_pairs(gemma3.tokenizer, cfg.dataset, "test", 0)[0]
-    assert fastpath.unsupported(gemma3) is None
+    assert family_of(gemma3).kernel_refusal is None
     site, engines = ("mlp_post", layer), ("full", "kernel", "cache")
     preps = {e: prepare_sites(gemma3, pb, [site], e)[site] for e in engines}
     assert max_diff(preps["cache"].clean_logits, patching.logits_end(gemma3, pb.base)) <= TOL
@@ -459,7 +460,7 @@ def test_prepare_in_length_groups_equals_one_group(any_model, engine, monkeypatc
     """The base and source runs in two groups of similar length (the test batch's lengths 9, 6,
     8 split) give the activations, END logits and patched logits of one padded run."""
     model = any_model
-    if engine == "kernel" and fastpath.unsupported(model):
+    if engine == "kernel" and family_of(model).kernel_refusal:
         pytest.skip("the kernel does not run this family")
     pb, site = pair(model, mid=engine == "cache"), ("mlp_post", 1)
     assert len(patching.length_groups(pb.base.mask)) == 2

@@ -12,11 +12,11 @@ from mlpim.analysis import editing as ED
 from mlpim.analysis import fact_das as FD
 from mlpim.analysis import nullspace as ns
 from mlpim.config import compose
+from mlpim.engine.batch import PairBatch, PromptBatch
 from mlpim.engine.interventions import prepare
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import at, patch_hook
 from mlpim.preflight import preflight
-from mlpim.tasks.batch import PairBatch, PromptBatch
 from mlpim.tasks.facts import fact_task
 
 TINY = [

@@ -15,6 +15,15 @@ from helpers import SMALL
 from mlpim import constants as C
 from mlpim.analysis import divergence, illusion
 from mlpim.analysis import nullspace as ns
+from mlpim.analysis.checks import Thresholds
+from mlpim.analysis.checks.base import not_applicable
+from mlpim.analysis.checks.component_vs_subspace import component_check
+from mlpim.analysis.checks.dormant_row_part import dormant_check
+from mlpim.analysis.checks.effect import effect_check
+from mlpim.analysis.checks.generalisation import generalisation_check
+from mlpim.analysis.checks.nullspace_bridging import nullspace_check
+from mlpim.analysis.checks.off_distribution import off_distribution_check
+from mlpim.analysis.checks.random_mlp import random_mlp_check
 from mlpim.analysis.controls import intervention_bases
 from mlpim.analysis.references import Reference, Refs
 from mlpim.analysis.stats import Est, resample
@@ -27,7 +36,7 @@ from mlpim.run import run
 
 SMALL_REFS = [*SMALL, "extra.reference_cache=null", "extra.n_natural_prompts=100"]
 DT = torch.float64
-TH = illusion.Thresholds.from_mapping(compose([]).check)
+TH = Thresholds.from_mapping(compose([]).check)
 NO_REFS = Refs()
 
 # Hand-built MLP: inputs x (the feature) and n (nuisance) in {-1, 1}; hidden h = (x, x+n, 0, n):
@@ -77,9 +86,9 @@ def hand_checks(v: torch.Tensor, w_out=W_OUT, make=hidden, read=None, rest=0.0) 
         base, source, v, w_out, torch.cat([base, source]), idx
     )
     checks = [
-        illusion.effect_check(fldd["das"], NO_REFS, TH),
-        illusion.component_check(fldd["das"], fldd["full"], TH),
-        illusion.nullspace_check(
+        effect_check(fldd["das"], NO_REFS, TH),
+        component_check(fldd["das"], fldd["full"], TH),
+        nullspace_check(
             fldd["das"],
             fldd.get("row_proj", 0.0),
             fldd.get("null_proj", 0.0),
@@ -87,8 +96,8 @@ def hand_checks(v: torch.Tensor, w_out=W_OUT, make=hidden, read=None, rest=0.0) 
             NO_REFS,
             TH,
         ),
-        illusion.dormant_check(divergence.dormant_est(base, source, v, proj, idx), NO_REFS, TH),
-        illusion.off_distribution_check(off, full_off, NO_REFS, TH),
+        dormant_check(divergence.dormant_est(base, source, v, proj, idx), NO_REFS, TH),
+        off_distribution_check(off, full_off, NO_REFS, TH),
     ]
     return fldd, checks
 
@@ -156,12 +165,12 @@ def test_gate_below_is_no_effect_and_borderline_is_symmetric():
     holding the gate reads borderline on either side of it, with what the checks would say."""
     _, checks = hand_checks(V_ILLUSORY)
     rest = checks[1:]
-    low = [illusion.effect_check(est(0.10, 0.05, 0.15), NO_REFS, TH), *rest]
+    low = [effect_check(est(0.10, 0.05, 0.15), NO_REFS, TH), *rest]
     assert illusion.verdict(low).label == "no effect to explain (FLDD 0.100 below the gate 0.200)"
     assert illusion.verdict(low).klass == illusion.NO_EFFECT
     assert by_name(low)["nullspace_bridging"].warning  # still shown: it would warn above the gate
     for value in (0.199, 0.201):
-        close = [illusion.effect_check(est(value, 0.15, 0.25), NO_REFS, TH), *rest]
+        close = [effect_check(est(value, 0.15, 0.25), NO_REFS, TH), *rest]
         v = illusion.verdict(close)
         assert v.label == "borderline: no effect to explain or likely illusory", value
         assert v.klass == illusion.BORDERLINE
@@ -170,14 +179,14 @@ def test_gate_below_is_no_effect_and_borderline_is_symmetric():
 def test_borderline_warning_from_its_interval():
     """A warning whose interval holds its threshold makes the verdict borderline."""
     _, checks = hand_checks(V_ILLUSORY)
-    dormant = illusion.dormant_check(est(2.2, 1.8, 2.6), NO_REFS, TH)
+    dormant = dormant_check(est(2.2, 1.8, 2.6), NO_REFS, TH)
     assert dormant.warning and dormant.borderline
     assert illusion.warning_word(dormant) == "yes, borderline"
     c = by_name(checks) | {"dormant_row_part": dormant}
-    c["off_distribution"] = illusion.off_distribution_check(0.2, 0.0, NO_REFS, TH)
+    c["off_distribution"] = off_distribution_check(0.2, 0.0, NO_REFS, TH)
     v = illusion.verdict(list(c.values()))
     assert v.label == "borderline: caution or likely illusory"
-    firm = illusion.dormant_check(est(3.0, 2.6, 3.4), NO_REFS, TH)
+    firm = dormant_check(est(3.0, 2.6, 3.4), NO_REFS, TH)
     assert illusion.verdict(list((c | {"dormant_row_part": firm}).values())).label == (
         illusion.LIKELY_ILLUSORY
     )
@@ -185,40 +194,40 @@ def test_borderline_warning_from_its_interval():
 
 def test_thresholds_on_the_paper_numbers():
     """GPT-2 MLP8 (Table 1): v_MLP 0.467, full −0.08, row part 0.135, null part 0, ‖null‖ 0.657."""
-    assert illusion.component_check(0.467, -0.08, TH).warning
-    assert illusion.nullspace_check(0.467, 0.135, 0.0, 0.657**2, NO_REFS, TH).warning
-    assert not illusion.component_check(1.407, 1.236, TH).warning  # v_resid vs full resid_post8
-    assert not illusion.nullspace_check(0.467, 0.40, 0.0, 0.5, NO_REFS, TH).warning  # additive
-    assert not illusion.nullspace_check(0.467, 0.1, 0.0, 0.05, NO_REFS, TH).warning  # no null part
-    assert illusion.random_mlp_check(0.5, 0.467, NO_REFS, TH).warning
-    assert not illusion.random_mlp_check(0.05, 0.467, NO_REFS, TH).warning
-    assert illusion.dormant_check(2.0, NO_REFS, TH).warning
-    assert not illusion.dormant_check(1.2, NO_REFS, TH).warning
+    assert component_check(0.467, -0.08, TH).warning
+    assert nullspace_check(0.467, 0.135, 0.0, 0.657**2, NO_REFS, TH).warning
+    assert not component_check(1.407, 1.236, TH).warning  # v_resid vs full resid_post8
+    assert not nullspace_check(0.467, 0.40, 0.0, 0.5, NO_REFS, TH).warning  # additive
+    assert not nullspace_check(0.467, 0.1, 0.0, 0.05, NO_REFS, TH).warning  # no null part
+    assert random_mlp_check(0.5, 0.467, NO_REFS, TH).warning
+    assert not random_mlp_check(0.05, 0.467, NO_REFS, TH).warning
+    assert dormant_check(2.0, NO_REFS, TH).warning
+    assert not dormant_check(1.2, NO_REFS, TH).warning
 
 
 def test_generalisation_check():
-    assert illusion.generalisation_check(0.6, 0.2, TH).warning
-    assert not illusion.generalisation_check(0.6, 0.5, TH).warning
+    assert generalisation_check(0.6, 0.2, TH).warning
+    assert not generalisation_check(0.6, 0.5, TH).warning
     held = {"test": 0.55, "new templates": 0.25, "new names": 0.5}
-    check = illusion.generalisation_check(0.6, held, TH)
+    check = generalisation_check(0.6, held, TH)
     assert check.warning and check.value == pytest.approx(0.25 / 0.6)
     assert "lowest: new templates" in check.detail
-    assert not illusion.generalisation_check(0.6, {**held, "new templates": 0.4}, TH).warning
-    alone = [illusion.effect_check(0.6, NO_REFS, TH), check]
+    assert not generalisation_check(0.6, {**held, "new templates": 0.4}, TH).warning
+    alone = [effect_check(0.6, NO_REFS, TH), check]
     assert illusion.verdict(alone).label == illusion.CAUTION  # never likely illusory on its own
 
 
 def test_effect_gate_from_random_directions():
     refs = Refs(random_dirs=Reference("r", tuple(0.3 + 0.01 * i for i in range(10))))
-    e = illusion.effect_check(0.25, refs, TH)
+    e = effect_check(0.25, refs, TH)
     assert e.threshold == pytest.approx(refs.random_dirs.quantile(0.99))
     assert illusion.gate_of([e]).ok is False
-    assert illusion.gate_of([illusion.effect_check(0.25, NO_REFS, TH)]).ok  # min_effect 0.2 alone
+    assert illusion.gate_of([effect_check(0.25, NO_REFS, TH)]).ok  # min_effect 0.2 alone
 
 
 def test_verdict_table_words():
     _, checks = hand_checks(V_ILLUSORY)
-    checks = [*checks, illusion.not_applicable("alignment", "why")]
+    checks = [*checks, not_applicable("alignment", "why")]
     table = illusion.verdict_table(checks)
     assert table.loc["effect", "warning"] == "info"
     assert table.loc["alignment", "warning"] == "n.a."

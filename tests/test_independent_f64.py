@@ -30,8 +30,8 @@ from torch import Tensor
 
 from mlpim.config import compose
 from mlpim.engine import metrics, patching
+from mlpim.engine.batch import PairBatch
 from mlpim.engine.interventions import choose_engine, patched_end_logits, prepare
-from mlpim.tasks.batch import PairBatch
 
 FLDD_TOL = 2e-3  # issue 22: mlpim's FLDD within 2e-3 of the float64 reference
 NUMBERS = ("mlp_out", "mlp_post_1d", "resid_post")  # full MLP, 1-D in the MLP, full residual

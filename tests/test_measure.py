@@ -19,9 +19,11 @@ from mlpim.analysis import illusion_site as S
 from mlpim.analysis import measure as M
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis import references as R
+from mlpim.analysis.checks import Thresholds
 from mlpim.analysis.editing import edited_w_out
 from mlpim.analysis.stats import auc, emd_1d, fldd_est, mean_est, resample
 from mlpim.config import compose
+from mlpim.engine.batch import PairBatch
 from mlpim.engine.interventions import prepare
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import full, logits_end, subspace
@@ -29,7 +31,6 @@ from mlpim.experiments.common import das_settings, paper_splits
 from mlpim.experiments.illusion_benchmark import CASES, PLOTS
 from mlpim.run import run
 from mlpim.tasks import task_splits
-from mlpim.tasks.batch import PairBatch
 
 BENCH = [
     "experiment=illusion_benchmark",
@@ -43,7 +44,7 @@ BENCH = [
     "extra.reference_cache=null",
     "method.epochs=2",
 ]
-TH = illusion.Thresholds.from_mapping(compose([]).check)
+TH = Thresholds.from_mapping(compose([]).check)
 
 
 def test_reference_statistics():

@@ -9,9 +9,9 @@ from helpers import SMALL
 
 from mlpim.analysis import nullspace as ns
 from mlpim.config import compose
+from mlpim.engine.batch import PromptBatch
 from mlpim.experiments.ioi_alignment import name_mover_gradients, name_mover_objective
 from mlpim.run import run
-from mlpim.tasks.batch import PromptBatch
 from mlpim.tasks.ioi import make_prompts
 
 ONE_EPOCH = [*SMALL, "method.epochs=1"]

@@ -19,6 +19,11 @@ from helpers import PROBE, assert_one_line_error, cli, on_disk, pair_rows
 
 from mlpim import lock
 from mlpim.analysis import illusion
+from mlpim.analysis.checks import Thresholds
+from mlpim.analysis.checks.component_vs_subspace import component_check
+from mlpim.analysis.checks.dormant_row_part import dormant_check
+from mlpim.analysis.checks.effect import effect_check
+from mlpim.analysis.references import Refs
 from mlpim.config import compose
 from mlpim.engine.direction import load_direction
 from mlpim.engine.readers import file_kind
@@ -135,11 +140,11 @@ def test_direction_checks_accept_real_directions(tmp_path):
 def test_no_effect_gets_no_verdict_on_the_checks():
     """Below the effect gate the verdict is "no effect to explain" with FLDD(v) and the gate,
     never a borderline that mentions "likely illusory", even when checks would warn above it."""
-    th, refs = illusion.Thresholds.from_mapping(compose([]).check), illusion.Refs()
+    th, refs = Thresholds.from_mapping(compose([]).check), Refs()
     checks = [
-        illusion.effect_check(0.001, refs, th),
-        illusion.component_check(0.001, -0.5, th),  # a site note that fires
-        illusion.dormant_check(5.0, refs, th),  # a direction check that would warn
+        effect_check(0.001, refs, th),
+        component_check(0.001, -0.5, th),  # a site note that fires
+        dormant_check(5.0, refs, th),  # a direction check that would warn
     ]
     v = illusion.verdict(checks)
     assert checks[2].warning and v.klass == illusion.NO_EFFECT

@@ -20,10 +20,10 @@ from torch import Tensor
 
 from mlpim.analysis import recovery as R
 from mlpim.engine import metrics
+from mlpim.engine.batch import PromptBatch, left_pad
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import logits_end
 from mlpim.tasks import bos_id, pad_id
-from mlpim.tasks.batch import PromptBatch, left_pad
 from mlpim.tasks.facts import Fact
 from mlpim.tasks.pairs import Pair, answer_tokens, encode_prompt
 

@@ -10,7 +10,6 @@ check warns. Site checks describe the site and never decide; info checks never w
 
 Every warning is decided on the value; it is *borderline* when the bootstrap interval of its margin
 (`check.ci_level`) contains the threshold, on either side, and the gate likewise.
-`illusion.<judge>` is each registered check's judging function (e.g. `illusion.effect_check`).
 """
 
 from __future__ import annotations
@@ -22,21 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from mlpim.analysis.checks import (
-    BRIDGING,
-    CHECKS,
-    DIRECTION,
-    DORMANT,
-    JUDGES,
-    Thresholds,  # noqa: F401  (re-exported: `illusion.Thresholds`)
-)
-from mlpim.analysis.checks.base import (
-    CHECK_METRICS,
-    NA,
-    Check,
-    not_applicable,  # noqa: F401  (re-exported)
-)
-from mlpim.analysis.references import Refs  # noqa: F401  (re-exported: checks are built with it)
+from mlpim.analysis.checks import BRIDGING, CHECKS, DIRECTION, DORMANT
+from mlpim.analysis.checks.base import CHECK_METRICS, NA, Check
 from mlpim.analysis.rows import metric_rows
 
 NO_EFFECT = "no effect to explain"
@@ -51,13 +37,6 @@ HALF_MEANS = {  # what each half of the illusion is, in the rule's words
     "bridging": "the effect needs v's nullspace part",
     "dormant": "the patch drives the read part where real prompts never go",
 }
-
-
-def __getattr__(name: str):
-    """A registered check's judging function by its name (`illusion.effect_check`)."""
-    if name in JUDGES:
-        return JUDGES[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _either(names: Sequence[str]) -> str:

@@ -16,6 +16,7 @@ from torch import Tensor
 from mlpim.analysis import illusion
 from mlpim.analysis import measure as M
 from mlpim.analysis import references as R
+from mlpim.analysis.checks import Thresholds
 from mlpim.engine.das import DasSettings
 
 
@@ -34,7 +35,7 @@ def check_site(
     splits: M.Splits,
     kind: str,
     layer: int,
-    th: illusion.Thresholds,
+    th: Thresholds,
     opts: CheckOptions,
     natural: Tensor | None,
     method: DasSettings,

@@ -36,11 +36,11 @@ from tqdm.auto import tqdm
 
 from mlpim.analysis.rows import metric_rows
 from mlpim.engine import fastpath, metrics
+from mlpim.engine.batch import PairBatch, PromptBatch
 from mlpim.engine.family import family_of, is_rms, norm_gain, post_attn_norm
 from mlpim.engine.interventions import EngineMismatchError, tolerance
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import Setter, run_cache
-from mlpim.tasks.batch import PairBatch, PromptBatch
 
 SOURCE = "source_run"  # the whole source prompt: the clean ABB vs BAB difference
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis.rows import metric_rows
 from mlpim.engine import fastpath
+from mlpim.engine.batch import PairBatch
 from mlpim.engine.das import DasSettings, train_das
 from mlpim.engine.interventions import (
     Prepared,
@@ -32,7 +33,6 @@ from mlpim.engine.interventions import (
     prepare_sites,
 )
 from mlpim.engine.patching import full, subspace
-from mlpim.tasks.batch import PairBatch
 
 
 def share_prefixes(preps: Iterable[Prepared]) -> None:

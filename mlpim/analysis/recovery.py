@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import numpy as np
 import torch
@@ -37,8 +38,6 @@ def corpus_texts(path: str | None = None) -> list[str]:
     """The text file at `path` as one text, else Python's pydoc help topics (sorted by name)."""
     if path:
         return [Path(path).expanduser().read_text()]
-    from pydoc_data.topics import topics
-
     return [topics[k] for k in sorted(topics)]
 
 

@@ -24,9 +24,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mlpim.engine.batch import PromptBatch
 from mlpim.engine.patching import Setter, cached_run, patch_hook
 from mlpim.errors import MlpimError
-from mlpim.tasks.batch import PromptBatch
 
 
 @dataclass

@@ -5,9 +5,9 @@ the base prompts once (no gradients) and keeps the prefix keys/values of every l
 `resume` runs a single token per prompt through the remaining blocks against that cache.
 It re-implements attention (rotate-half rotary with each block's own cos/sin, the model's query
 scale, QK norms, sliding windows, attention then MLP, with the blocks' post-norms where they
-have them), so it only runs where `unsupported` finds nothing and the runtime guard
-(`engine.prepare`) has checked its unpatched logits against the model's own; everything else
-uses `engine.cache`.
+have them), so it only runs where the model's family has no `kernel_refusal` and the runtime
+guard (`engine.prepare`) has checked its unpatched logits against the model's own; everything
+else uses `engine.cache`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mlpim.engine.batch import PromptBatch
 from mlpim.engine.family import family_of, post_attn_norm, post_mlp_norm
 from mlpim.engine.fused_ce import unembed_ce
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import run_cache
-from mlpim.tasks.batch import PromptBatch
 
 MLP_SITES = ("mlp_post", "mlp_out")
 MID_SITES = ("resid_mid", "attn_out", "z")
@@ -42,11 +42,6 @@ class EndState:
     values: dict[int, Float[Tensor, "b kv prefix dh"]]  # laid out for `q @ keys`, `p @ values`
     rotary: dict[int, tuple[Tensor, Tensor]] | None  # per block: (cos, sin) at END, [b or 1, dh]
     key_mask: Bool[Tensor, "b prefix"]  # False on left padding
-
-
-def unsupported(model) -> str | None:
-    """Why the kernel cannot run this model (None: it may, subject to the runtime guard)."""
-    return family_of(model).kernel_refusal
 
 
 def query_divisor(model, d_head: int) -> float:

@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 from mlpim import reuse
 from mlpim.engine import cache, fastpath, metrics
+from mlpim.engine.batch import PairBatch, PromptBatch
+from mlpim.engine.family import family_of
 from mlpim.engine.fused_ce import unembed_ce
 from mlpim.engine.models import ConfigError, validate_site
 from mlpim.engine.patching import (
@@ -34,7 +36,6 @@ from mlpim.engine.patching import (
     select_rows,
     source_acts,
 )
-from mlpim.tasks.batch import PairBatch, PromptBatch
 
 log = logging.getLogger(__name__)
 ENGINES = ("auto", "kernel", "cache", "full")
@@ -66,7 +67,7 @@ def choose_engine(model, engine: str, batches: list[PairBatch], kind: str) -> st
     """The engine `engine` resolves to for these batches (auto: kernel where it applies)."""
     if engine not in ENGINES:
         raise ConfigError(f"unknown method.engine {engine!r}; allowed: {', '.join(ENGINES)}")
-    why = fastpath.unsupported(model)
+    why = family_of(model).kernel_refusal
     if why is None and not all(b.base.at_end for b in batches):
         why = "the patch is not at END"
     if why is None and kind not in fastpath.KINDS:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 
 from mlpim import reuse
 from mlpim.errors import ConfigError, ModelNotFoundError
@@ -123,7 +124,7 @@ def load_hf(cfg: ModelSpec, vocab: list[str] | None = None):
 
 def _load_model(cfg: ModelSpec, device: str, vocab: list[str] | None):
     hf_model, tokenizer = load_hf(cfg, vocab)
-    from transformer_lens.model_bridge import TransformerBridge  # slow import: after the checks
+    from transformer_lens.model_bridge import TransformerBridge  # slow: after preflight's checks
 
     bridge = TransformerBridge.boot_transformers(
         cfg.hf_name or hf_model.config.model_type,
@@ -244,8 +245,7 @@ def _file_hash(path: Path) -> str:
 
 def _load_gguf(cfg: ModelSpec):
     """Dequantize the GGUF once; later loads read the cached safetensors (seconds)."""
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import: see _load_model
 
     path = gguf_path(cfg)
     cache = CACHE_DIR / "models" / f"{model_name(cfg)}-{_file_hash(path)}"
@@ -268,7 +268,7 @@ def _load_gguf(cfg: ModelSpec):
 
 def _from_dir(path: Path):
     """Model and tokenizer from a local directory; never looks anything up online."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import: see _load_model
 
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -282,12 +282,12 @@ def hf_model_dir(cfg: ModelSpec) -> Path:
             return path
         looked = [str(path)]
     else:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # slow import: only for the lookup
 
         found = try_to_load_from_cache(cfg.hf_name, "config.json")
         if isinstance(found, str):
             return Path(found).parent
-        from huggingface_hub.constants import HF_HUB_CACHE
+        from huggingface_hub.constants import HF_HUB_CACHE  # read when needed, as above
 
         looked = [f"{HF_HUB_CACHE} (repo {cfg.hf_name!r})"]
     raise ModelNotFoundError(
@@ -305,7 +305,7 @@ def _load_hf(cfg: ModelSpec):
 def _build_tiny(cfg: ModelSpec, vocab: list[str] | None):
     """A random model of family `cfg.arch` over a word-level tokenizer of the task's `vocab`
     (`mlpim.engine.tiny.build_tiny`); GPT-2 and Llama keep Hugging Face's default init."""
-    from mlpim.engine.tiny import HF_INIT, SIZES, build_tiny, word_tokenizer
+    from mlpim.engine.tiny import HF_INIT, SIZES, build_tiny, word_tokenizer  # slow: transformers
 
     if vocab is None:
         raise ConfigError("the tiny model needs the dataset vocabulary (vocab=...)")

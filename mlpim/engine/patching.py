@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mlpim.tasks.batch import PromptBatch
+from mlpim.engine.batch import PromptBatch
 
 Setter = Callable[[Tensor, Tensor], Tensor]  # (base_at_pos, source_at_pos) -> patched_at_pos
 

@@ -12,6 +12,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from mlpim import __version__
+from mlpim.engine.models import fingerprint, processing, site_width
 from mlpim.engine.patching import subspace_patch
 from mlpim.files import save_torch
 
@@ -38,11 +40,6 @@ class RotatedSubspace(nn.Module):
         return subspace_patch(base, source, self.basis)
 
 
-def orthonormalize(v: Float[Tensor, "d k"]) -> Float[Tensor, "d k"]:
-    """Orthonormal basis of the span of v's columns (a single vector is normalised)."""
-    return torch.linalg.qr(v.reshape(v.shape[0], -1))[0]
-
-
 def save_subspace(path: Path, basis: Tensor, **meta) -> None:
     """Save a basis with its metadata (model, fingerprint, site, layer, k, seed, metrics ...),
     atomically (a temporary name, then renamed: never a partial file)."""
@@ -51,9 +48,6 @@ def save_subspace(path: Path, basis: Tensor, **meta) -> None:
 
 def direction_meta(model, spec, kind: str, layer: int, position: str = "end") -> dict:
     """What ties a direction to where it was found: model, weights, processing, site, version."""
-    from mlpim import __version__
-    from mlpim.engine.models import fingerprint, processing, site_width
-
     return {
         "model": model.cfg.model_name,
         "fingerprint": fingerprint(model),

@@ -13,14 +13,32 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from mlpim.errors import ConfigError
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 MAX_POSITIONS = 128
 SLIDING_WINDOW = 4  # short, so that test prompts reach past it on Gemma 3's sliding layers
@@ -55,8 +73,6 @@ def _ids(s: Sizes) -> dict[str, int]:
 
 
 def _gpt2(s: Sizes):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     conf = GPT2Config(
         n_layer=s["n_layers"],
         n_embd=s["d_model"],
@@ -71,40 +87,28 @@ def _gpt2(s: Sizes):
 
 
 def _llama(s: Sizes):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     return LlamaConfig(**_llama_like(s)), LlamaForCausalLM
 
 
 def _mistral(s: Sizes):
     """Without a sliding window (4 would cripple it), hence the same weights as `llama`."""
-    from transformers import MistralConfig, MistralForCausalLM
-
     return MistralConfig(**_llama_like(s), sliding_window=None), MistralForCausalLM
 
 
 def _qwen2(s: Sizes):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     return Qwen2Config(**_llama_like(s), use_sliding_window=False), Qwen2ForCausalLM
 
 
 def _olmo2(s: Sizes):
-    from transformers import Olmo2Config, Olmo2ForCausalLM
-
     return Olmo2Config(**_llama_like(s)), Olmo2ForCausalLM
 
 
 def _phi3(s: Sizes):
-    from transformers import Phi3Config, Phi3ForCausalLM
-
     return Phi3Config(**_llama_like(s), sliding_window=None), Phi3ForCausalLM
 
 
 def _gemma3(s: Sizes):
     """Sliding-window and global layers alternate; QK norm and sandwich norms are built in."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     kinds = ("sliding_attention", "full_attention")
     conf = Gemma3TextConfig(
         **_llama_like(s),
@@ -118,8 +122,6 @@ def _gemma3(s: Sizes):
 
 def _neox(s: Sizes):
     """Pythia-style: parallel attention + MLP residual, rotary on a quarter of each head."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
     conf = GPTNeoXConfig(
         num_hidden_layers=s["n_layers"],
         hidden_size=s["d_model"],
@@ -217,9 +219,6 @@ def word_tokenizer(words: Iterable[str], cache_dir: Path | None = None) -> PreTr
     with `add_bos_token=True`, the form TransformerLens's bridge would otherwise reload it in from
     `name_or_path`, so the bridge takes it as it is; saved to `cache_dir` when one is given.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
     vocab = {EOT: 0}
     for word in [*words, *PUNCTUATION]:

@@ -12,6 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from mlpim import constants as C
+from mlpim.analysis.measure import natural_acts
+from mlpim.engine.batch import PromptBatch, left_pad
 from mlpim.engine.das import DasSettings, train_das
 from mlpim.engine.direction import Direction
 from mlpim.engine.interventions import Prepared, prepare
@@ -21,9 +23,9 @@ from mlpim.engine.patching import logits_end
 from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.errors import ConfigError
 from mlpim.report import io
+from mlpim.report.io import JsonStore
 from mlpim.tasks import FILE_TASKS, IOI_ONLY, bos_id, pad_id, task_splits, task_vocabulary
-from mlpim.tasks.batch import PromptBatch, left_pad
-from mlpim.tasks.ioi import held_out_pairs
+from mlpim.tasks.ioi import held_out_pairs, make_prompts
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +231,6 @@ def natural_site_acts(
 ) -> dict[int, Tensor]:
     """{layer: END activations of `n_prompts` IOI prompts of all four patterns}; on another
     task, the base and source activations of its train pairs."""
-    from mlpim.analysis.measure import natural_acts
-    from mlpim.tasks.ioi import make_prompts
-
     if cfg.dataset.name != "ioi":
         train = splits["train"]
         return {layers[0]: torch.cat([p.base_act for p in train] + [p.source_act for p in train])}
@@ -242,8 +241,6 @@ def natural_site_acts(
 
 def reference_store(path: str | None):
     """The file-backed store of measured references at `path` (None: no cache)."""
-    from mlpim.report.io import JsonStore
-
     return JsonStore(path) if path else None
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from mlpim import constants as C
 from mlpim.analysis import benchmark as B
-from mlpim.analysis import illusion
+from mlpim.analysis.checks import Thresholds
 from mlpim.engine.direction import Direction
 from mlpim.engine.subspace import direction_meta, save_subspace
 from mlpim.experiments import Experiment
@@ -90,7 +90,7 @@ def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> 
     require_ioi(cfg)
     model = model_for(cfg)
     extra = options(cfg, IllusionBenchmarkOptions)
-    th, opts = illusion.Thresholds.from_mapping(cfg.check), bench_options(cfg, extra)
+    th, opts = Thresholds.from_mapping(cfg.check), bench_options(cfg, extra)
     layers = bench_layers(cfg, model, extra.bench_layer_offsets)
     method = das_settings(cfg, dim=1)
     random_method = das_settings(cfg, dim=1, epochs=int(extra.random_mlp_epochs or method.epochs))

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from mlpim import constants as C
 from mlpim.analysis import illusion
 from mlpim.analysis import illusion_site as S
+from mlpim.analysis.checks import Thresholds
 from mlpim.analysis.measure import measure_checks
 from mlpim.engine.das import DasSettings
 from mlpim.engine.direction import Direction
@@ -69,7 +70,7 @@ def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> 
     kind, layer, v = saved_direction(directions["direction"], model, cfg.model.name)
     resid = directions.get("extra.resid_direction")
     v_ref = saved_direction(resid, model, cfg.model.name, RESID_KINDS)[2] if resid else None
-    th, keys = illusion.Thresholds.from_mapping(cfg.check), {"site": kind, "layer": layer, "dim": 1}
+    th, keys = Thresholds.from_mapping(cfg.check), {"site": kind, "layer": layer, "dim": 1}
     splits = paper_splits(cfg, model, kind, layer, held_out=True)
     natural = None
     if kind == "mlp_post":

@@ -25,6 +25,7 @@ from mlpim import constants as C
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis.controls import PARTS, intervention_bases, patching_rows
 from mlpim.analysis.mlp_write import MODULE_OUT
+from mlpim.engine.batch import PromptBatch
 from mlpim.engine.direction import Direction
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import run_cache, site_acts
@@ -36,7 +37,6 @@ from mlpim.options import IoiNullspaceOptions as Options
 from mlpim.options import options
 from mlpim.report import io
 from mlpim.report.plots import table1_plot
-from mlpim.tasks.batch import PromptBatch
 from mlpim.tasks.ioi import IOIBatch, make_prompts
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim.analysis import paths
-from mlpim.engine import fastpath
 from mlpim.engine.direction import Direction
+from mlpim.engine.family import family_of
 from mlpim.engine.models import ConfigError, validate_site
 from mlpim.engine.patching import full, subspace
 from mlpim.experiments import Experiment
@@ -62,7 +62,7 @@ def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> 
     opts = options(cfg, Options)
     require_ioi(cfg)
     model = model_for(cfg)
-    if why := fastpath.unsupported(model):
+    if why := family_of(model).kernel_refusal:
         raise ConfigError(f"ioi_path_patching traces END with the kernel, which cannot: {why}")
     todo = interventions(cfg, opts, model, run_dir, directions)
     pairs = paper_pairs(model.tokenizer, cfg.dataset, "test", cfg.seed)

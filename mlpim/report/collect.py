@@ -27,6 +27,7 @@ import pandas as pd
 import yaml
 
 from mlpim import constants as C
+from mlpim import lock
 from mlpim.errors import MlpimError
 from mlpim.report import io
 from mlpim.report.status import job_records, read_status
@@ -274,8 +275,6 @@ def collect(multirun_dir: Path, out: Path | None = None) -> pd.DataFrame:
 
 
 def _collect(multirun_dir: Path, out: Path | None) -> tuple[pd.DataFrame, list[Path]]:
-    from mlpim import lock
-
     if lock.is_locked(multirun_dir):
         raise CollectError(
             f"{multirun_dir} is in use by a running mlpim sweep; collect it when the sweep ends"

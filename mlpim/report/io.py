@@ -13,6 +13,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mlpim import constants as C
@@ -63,8 +64,6 @@ def write_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
     """Hydra's record of the job in `run_dir/.hydra/` (config, hydra, overrides), when running
     under Hydra. mlpim writes it itself (`hydra.output_subdir: null`), once the run directory is
     locked and accepted, so that a refused run leaves it untouched."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return
     hc = HydraConfig.get()

@@ -6,27 +6,22 @@ per split for whichever task `dataset.name` names.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
-from mlpim.tasks.batch import PairBatch
+from mlpim.engine.batch import PairBatch
+from mlpim.errors import ConfigError
+from mlpim.tasks import pairs as P
+from mlpim.tasks.facts import fact_task, load_facts
+from mlpim.tasks.ioi import paper_pairs
+from mlpim.tasks.mib import mib_task
+from mlpim.tasks.tokenizer import bos_id, ioi_vocabulary, pad_id
 
 TASKS = ("ioi", "pairs", "facts", "mib")
 FILE_TASKS = ("pairs", "mib")  # pairs read from a user's file: dataset.invalid and dataset.keep
 IOI_ONLY = "this experiment is IOI-specific (name movers, IOI patterns); use dataset=ioi"
 
 Predict = Callable[[list[str]], Sequence[int]]  # prompt texts -> the model's argmax token ids
-
-
-def bos_id(tokenizer) -> int:
-    """The id every prompt starts with (the tokenizer's BOS, else EOS)."""
-    bos = tokenizer.bos_token_id
-    return bos if bos is not None else tokenizer.eos_token_id
-
-
-def pad_id(tokenizer) -> int:
-    """Padding is masked out; the tokenizer's own pad id when it has one."""
-    pad = tokenizer.pad_token_id
-    return pad if pad is not None else bos_id(tokenizer)
 
 
 def task_splits(
@@ -36,15 +31,11 @@ def task_splits(
     known facts, and the pairs the model gets right with dataset.keep=known; a pair longer than
     `n_ctx` tokens, the model's context, is a problem of the task)."""
     if dataset.name == "ioi":
-        from mlpim.tasks.ioi import paper_pairs
-
         return {s: paper_pairs(tokenizer, dataset, s, seed) for s in ("train", "test")}
     if dataset.name in FILE_TASKS:
         return _file_splits(tokenizer, dataset, seed, predict, n_ctx)
     if dataset.name == "facts":
         return _fact_splits(tokenizer, dataset, seed, predict, n_ctx)
-    from mlpim.errors import ConfigError
-
     raise ConfigError(f"unknown dataset {dataset.name!r}; allowed: {', '.join(TASKS)}")
 
 
@@ -52,8 +43,6 @@ def _file_splits(tokenizer, dataset, seed: int, predict: Predict | None, n_ctx: 
     """The whole file validated in one pass (every problem, with its line or row; with
     dataset.invalid=drop the invalid pairs dropped and counted by reason), the pairs the model
     gets right kept (dataset.keep=known), then split."""
-    from mlpim.tasks import pairs as P
-
     what = f"task file {dataset.path}" if dataset.name == "pairs" else f"MIB task {dataset.path}"
     problems = P.TaskProblems(what)
     rows = _file_pairs(dataset, problems)
@@ -89,11 +78,7 @@ def _file_splits(tokenizer, dataset, seed: int, predict: Predict | None, n_ctx: 
 def _file_pairs(dataset, problems) -> list:
     """The `Pair`s of a pairs JSONL file or a MIB-style task; bad records go to `problems`."""
     if dataset.name == "pairs":
-        from mlpim.tasks.pairs import read_jsonl
-
-        return read_jsonl(dataset.path, problems)
-    from mlpim.tasks.mib import mib_task
-
+        return P.read_jsonl(dataset.path, problems)
     return mib_task(dataset.path, dataset.get("counterfactual"), dataset.get("split"), problems)
 
 
@@ -104,27 +89,17 @@ def _pair_key(pair) -> tuple[str, ...]:
 
 
 def _fact_splits(tokenizer, dataset, seed: int, predict: Predict | None, n_ctx: int | None):
-    from mlpim.tasks.facts import fact_task
-
     return fact_task(tokenizer, dataset, seed, predict, n_ctx).batches
 
 
 def task_vocabulary(dataset) -> list[str]:
     """Every word of the task, for the tiny test models' word-level tokenizer."""
-    import re
-
-    from mlpim.tasks.tokenizer import ioi_vocabulary
-
     if dataset.name == "ioi":
         return ioi_vocabulary(dataset)
     if dataset.name == "facts":
-        from mlpim.tasks.facts import load_facts
-
         texts = [t for f in load_facts(dataset.path) for t in (f.prompt, f.attribute)]
     else:
-        from mlpim.tasks.pairs import TaskProblems
-
-        ignored = TaskProblems("vocabulary")  # the task's own reading reports them
+        ignored = P.TaskProblems("vocabulary")  # the task's own reading reports them
         texts = [
             t
             for p in _file_pairs(dataset, ignored)

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlpim.engine.batch import PairBatch
 from mlpim.errors import ConfigError
-from mlpim.tasks.batch import PairBatch
+from mlpim.tasks import pairs as P
 from mlpim.tasks.pairs import (
     Pair,
     TaskProblems,
@@ -29,6 +30,7 @@ from mlpim.tasks.pairs import (
     split_keys,
     task_file,
 )
+from mlpim.tasks.tokenizer import bos_id, pad_id
 
 logger = logging.getLogger(__name__)
 
@@ -243,9 +245,6 @@ def fact_task(
     """The fact pairs of `dataset` (as `task_splits` builds them), keeping each pair's metadata;
     `predict` keeps only the facts the model knows (None: all one-token facts); pairs longer
     than `n_ctx` tokens are dropped. Every drop is counted in a WARNING."""
-    from mlpim.tasks import bos_id, pad_id
-    from mlpim.tasks import pairs as P
-
     facts = one_token_facts(load_facts(dataset.path), tokenizer)
     if dataset.relations:
         facts = [f for f in facts if f.relation in set(dataset.relations)]

@@ -15,8 +15,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from mlpim.tasks import bos_id, pad_id
-from mlpim.tasks.batch import PairBatch, PromptBatch, left_pad
+from mlpim.engine.batch import PairBatch, PromptBatch, left_pad
+from mlpim.tasks.tokenizer import bos_id, pad_id
 
 logger = logging.getLogger(__name__)
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mlpim.errors import MlpimError
+from mlpim.tasks.pairs import Pair, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +203,6 @@ def mib_pairs(
 
 def _jsonl_rows(path: Path) -> list[dict]:
     """Rows of a JSONL file (or of a file holding one JSON list of objects)."""
-    from mlpim.tasks.pairs import read_text
-
     text = read_text(path)
     if not text.strip():
         raise MlpimError(f"{path} is empty: no MIB rows")
@@ -230,7 +229,7 @@ def _jsonl_rows(path: Path) -> list[dict]:
 
 def _disk_rows(path: Path, split: str | None) -> list[dict]:
     """Rows of a Hugging Face `datasets` folder written by `save_to_disk`."""
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict, load_from_disk  # slow import: only for such a folder
 
     try:
         loaded = load_from_disk(str(path))
@@ -314,7 +313,5 @@ def check_mib_task(path: str | Path, counterfactual: str | None, split: str | No
 def mib_task(path: str | Path, counterfactual: str | None, split: str | None, problems) -> list:
     """The `pairs.Pair`s of a MIB-style task (JSONL file or `save_to_disk` folder) for one
     counterfactual type; rows that cannot be paired are added to `problems` (`TaskProblems`)."""
-    from mlpim.tasks.pairs import Pair
-
     made = mib_pairs(read_mib_rows(path, split), counterfactual, problems=problems)
     return [Pair(**d, origin=f"row {d['meta']['mib_row']}") for d in made]

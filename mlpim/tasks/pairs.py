@@ -41,9 +41,9 @@ from typing import Any, TypeVar
 
 import torch
 
+from mlpim.engine.batch import PairBatch, PromptBatch, left_pad
 from mlpim.errors import ConfigError
 from mlpim.files import atomic_write
-from mlpim.tasks.batch import PairBatch, PromptBatch, left_pad
 
 logger = logging.getLogger(__name__)
 
