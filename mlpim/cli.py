@@ -208,6 +208,11 @@ def main(argv: list[str] | None = None) -> None:
         _hydra_main(rest)
     elif cmd == "check":
         check_command(rest)
+    elif cmd == "list" and rest:
+        print(
+            f"mlpim: error: mlpim list takes no arguments (got {' '.join(rest)})", file=sys.stderr
+        )
+        sys.exit(2)
     elif cmd == "list":
         print(list_options())
     elif cmd == "collect":

@@ -209,7 +209,8 @@ def check_task_file(cfg: DictConfig) -> None:
     path = cfg.dataset.path
     if not path or Path(path).is_file() or (name == "mib" and Path(path).is_dir()):
         return read_task(cfg.dataset)
-    what = "a directory" if Path(path).is_dir() else "no such file"
+    kind = "a directory" if Path(path).is_dir() else "a device, pipe or socket"
+    what = kind if Path(path).exists() else "no such file"
     raise MlpimError(f"dataset.path={path}: {what}; give a JSONL file of pairs (docs/tasks.md)")
 
 

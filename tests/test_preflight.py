@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fractions
 import json
+import os
 import pickle
 import subprocess
 from pathlib import Path
@@ -166,6 +167,7 @@ CONFIGS = {  # probe -> (overrides, what the line must say)
     "path_missing": (["dataset=pairs", "dataset.path=/no/such.jsonl"], ["no such file"]),
     "path_dir": (["dataset=pairs", "dataset.path={tmp}"], [": a directory"]),
     "path_none": (["dataset=pairs"], ["dataset=pairs needs the task file"]),
+    "path_fifo": (["dataset=pairs", "dataset.path={tmp}/fifo"], [": a device, pipe or socket"]),
     "gguf_magic": (["model=gguf", "model.file={tmp}/x.gguf"], ["not a GGUF file", "b'root'"]),
 }
 
@@ -175,6 +177,7 @@ def test_config_mistakes_are_one_line(name, tmp_path, capsys):
     if name == "device" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     (tmp_path / "x.gguf").write_text("root:x:0:0:root:/root:/bin/bash\n")  # like /etc/passwd
+    os.mkfifo(tmp_path / "fifo")  # reading it would hang: refused unread
     overrides, needles = CONFIGS[name]
     overrides = [o.format(tmp=tmp_path) for o in overrides]
     args = ["experiment=ioi_mlp8_das", *PROBE, *overrides, f"hydra.run.dir={tmp_path}/r"]
@@ -527,3 +530,7 @@ def test_check_takes_one_direction(tmp_path, capsys, monkeypatch):
     assert_one_line_error(
         *cli(capsys, "check", "", *CHECK[1:]), "mlpim check needs the direction first"
     )
+
+
+def test_list_takes_no_arguments(capsys):
+    assert_one_line_error(*cli(capsys, "list", "junk", "--x"), "takes no arguments", "junk --x")
