@@ -138,7 +138,8 @@ def test_preflight_refuses_before_the_model_loads(overrides, needles, monkeypatc
     def no_model(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("mlpim.experiments.common.model_for", no_model)
+    # model_for's own call: an experiment module that binds model_for on import keeps this fake
+    monkeypatch.setattr("mlpim.experiments.common.load_model", no_model)
     with pytest.raises(MlpimError) as e:  # an unknown option: already when composing
         preflight(compose([*FAST, *overrides]), overrides)
     for needle in needles:
