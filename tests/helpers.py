@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TINY = ["model=tiny", "device=cpu"]
@@ -110,3 +112,20 @@ def pair_rows(group: bool = True) -> list[dict]:
             }
             rows.append(row | ({"meta": {"group": a}} if group else {}))
     return rows
+
+
+@contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at `path` with `options` (e.g. `size=32k`, `ro,size=64k`) for the block;
+    the test is skipped where this process may not mount one (not root)."""
+    import pytest
+
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)

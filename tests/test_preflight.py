@@ -10,13 +10,12 @@ import fractions
 import json
 import os
 import pickle
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import PROBE, assert_one_line_error, cli, on_disk, pair_rows
+from helpers import PROBE, assert_one_line_error, cli, on_disk, pair_rows, tmpfs
 
 from mlpim import lock
 from mlpim.analysis import illusion
@@ -197,13 +196,8 @@ def readonly_dir(tmp_path):
         yield path
         path.chmod(0o755)
         return
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip("root without the right to mount a read-only tmpfs")
-    yield path
-    subprocess.run(["umount", str(path)], check=True)
+    with tmpfs(path, "ro,size=64k"):
+        yield path
 
 
 def test_unwritable_output_dir_is_one_line(readonly_dir, capsys):

@@ -23,6 +23,7 @@ from helpers import (
     on_disk,
     pair_rows,
     subprocess_env,
+    tmpfs,
     write_jsonl,
 )
 
@@ -179,13 +180,8 @@ def small_tmpfs(tmp_path):
     """A 32 KiB tmpfs: a real full disk; skipped where this process may not mount one."""
     path = tmp_path / "small"
     path.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(path)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield path
-    subprocess.run(["umount", str(path)], check=True)
+    with tmpfs(path, "size=32k"):
+        yield path
 
 
 def test_really_full_disk(small_tmpfs, capsys):
