@@ -53,10 +53,10 @@ def experiment_of(cfg: DictConfig) -> Experiment | None:
     return get_experiment(runner) if runner in runner_names() else None
 
 
-def one_d(cfg: DictConfig) -> bool:
-    """Whether the experiment checks one direction, not a subspace (`Experiment.one_d`)."""
+def max_k(cfg: DictConfig) -> int | None:
+    """The largest subspace the experiment checks (`Experiment.max_k`; None: it checks none)."""
     experiment = experiment_of(cfg)
-    return experiment is not None and experiment.one_d
+    return None if experiment is None else experiment.max_k
 
 
 def direction_options(cfg: DictConfig) -> dict:
@@ -72,8 +72,9 @@ def load_directions(cfg: DictConfig) -> dict[str, Direction]:
     """Each direction file or folder the config names (`direction`, `extra.resid_direction`),
     keyed by its config key, read once (`load_direction`) and checked as far as no model is
     needed: readable as what it is, a meaningful direction, at the site and layer given for it,
-    within the model's declared sizes and, for a 1-D check (`Experiment.one_d`), one direction."""
-    single = one_d(cfg)
+    within the model's declared sizes and, for a check (`Experiment.max_k`), of at most max_k
+    dimensions."""
+    most = max_k(cfg)
     named = {}
     if "direction" not in (cfg.get("ignores") or []):
         check_direction_options(cfg)
@@ -81,12 +82,12 @@ def load_directions(cfg: DictConfig) -> dict[str, Direction]:
         named["direction"] = (cfg.get("direction"), direction_options(cfg), *site)
     named["extra.resid_direction"] = ((cfg.get("extra") or {}).get("resid_direction"),)
     return {
-        key: checked_direction(cfg, key, *how, one_d=single) for key, how in named.items() if how[0]
+        key: checked_direction(cfg, key, *how, max_k=most) for key, how in named.items() if how[0]
     }
 
 
 def checked_direction(
-    cfg: DictConfig, key: str, path: str, options=None, site=None, layer=None, one_d=False
+    cfg: DictConfig, key: str, path: str, options=None, site=None, layer=None, max_k=None
 ) -> Direction:
     """The direction at `path`, given as `key=`, read and checked (`load_directions`)."""
     sizes, name = model_sizes(cfg), cfg.model.name
@@ -96,7 +97,7 @@ def checked_direction(
             options,
             site,
             layer,
-            one_d=one_d,
+            max_k=max_k,
             sizes=sizes,
             model_name=name,
             experiment=cfg.experiment,

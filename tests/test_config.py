@@ -187,7 +187,7 @@ def test_every_runner_declares_one_consistent_experiment(runner):
     hints = get_type_hints(exp.options)
     named = {n for n in names if n.endswith(FILE_SUFFIXES) and str in get_args(hints[n])}
     assert named == {k.removeprefix("extra.") for k in exp.inputs}
-    assert set(exp.positive) <= set(names) and isinstance(exp.one_d, bool)
+    assert set(exp.positive) <= set(names) and (exp.max_k is None or exp.max_k >= 1)
 
 
 @pytest.mark.parametrize(

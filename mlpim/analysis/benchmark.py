@@ -101,7 +101,7 @@ def case_row(name: str, truth: str, layer: int, site: str, checks, **extra) -> d
 def measured_case(model, site: M.SiteData, name: str, v: Tensor, truth: str, **extra):
     """(metric rows, case row) of one direction at a site."""
     keys = {"site": site.kind, "layer": site.layer, "case": name}
-    rows, checks = M.measure_checks(model, site, v / v.norm(), keys)
+    rows, checks = M.measure_checks(model, site, (v / v.norm())[:, None], keys)
     return rows, case_row(name, truth, site.layer, site.kind, checks, **extra)
 
 

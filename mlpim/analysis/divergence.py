@@ -1,14 +1,22 @@
-"""How far a 1-D patch drives an MLP's hidden activations from where real prompts put them.
+"""How far a patch along v (a unit vector, or a k-dim subspace V given by an orthonormal m×k
+basis) drives an MLP's hidden activations from where real prompts put them.
 
 Two measures, both per pair so that they carry bootstrap intervals over the pairs:
 
 - the dormant ratio: how far the patch along v moves the activation along v's row-space direction
-  r, against how far source and base prompts differ along r;
+  r, against how far source and base prompts differ along r. For V, the movement inside V's
+  row-space part R (orthonormalised, dimension r ≤ k) against the natural differences there, both
+  as Mahalanobis lengths in the natural differences' second moment on R (r = 1: today's ratio,
+  the scale cancelling);
 - the off-distribution distance (Grant, Han, Tartaglini, Potts 2025): the earth-mover distance
   between the patched MLP outputs read along W_out·v and the MLP's natural outputs read the same
   way (natural activations over many prompts), in natural standard deviations. A whole-site patch
   puts in a real prompt's activation (distance near 0); divergence in W_out's nullspace is never
-  read downstream and so is not measured (it is harmless in their terms).
+  read downstream and so is not measured (it is harmless in their terms). For V, the sliced
+  earth-mover distance inside the subspace V writes to: the mean over `SLICES` seeded random unit
+  directions of that subspace of the 1-D distance in natural sd (one written dimension: today's).
+
+A basis with one column is measured exactly as its vector (the same floating-point operations).
 """
 
 from __future__ import annotations
@@ -18,7 +26,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mlpim.analysis import nullspace as ns
 from mlpim.analysis.stats import Est, emd_est, ratio_est, tensor_np
+
+SLICES = 64  # random directions of the written subspace for the sliced distance (k > 1)
 
 
 def dormant_terms(
@@ -34,11 +45,37 @@ def dormant_terms(
     return tensor_np(pushed), tensor_np((diff @ r).abs())
 
 
+def subspace_dormant_terms(
+    base: Float[Tensor, "n m"],
+    source: Float[Tensor, "n m"],
+    v: Float[Tensor, "m k"],
+    row: Float[Tensor, "m r"],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair, the Mahalanobis length of the patch's movement inside the orthonormal row part
+    `row` and that of (s−b) there, in the second moment of (s−b) on `row` (eigenvalues floored at
+    1e-9 of the largest, so that a movement natural differences never make counts as far)."""
+    diff, q = (source - base).double(), row.double()
+    moved = (diff @ v.double()) @ (v.double().T @ q)
+    nat = diff @ q
+    lam, vec = torch.linalg.eigh(nat.T @ nat / len(nat))
+    lam = lam.clamp_min(1e-9 * max(lam.max().item(), 1e-30))
+    white = vec / lam.sqrt()
+    return tensor_np((moved @ white).norm(dim=1)), tensor_np((nat @ white).norm(dim=1))
+
+
 def dormant_est(base: Tensor, source: Tensor, v: Tensor, row: Tensor, idx: np.ndarray) -> Est:
-    """The dormant ratio mean|pushed| / mean|natural| with its bootstrap (0 without a row part)."""
-    if row.norm() < 1e-6:
+    """The dormant ratio mean|pushed| / mean|natural| with its bootstrap (0 without a row part);
+    v a unit vector and row its row-space part, or v a basis (m×k) and row its part (m×k)."""
+    if v.ndim == 2 and v.shape[1] == 1:
+        v, row = v[:, 0], row[:, 0]
+    if v.ndim == 1:
+        terms = dormant_terms(base, source, v, row) if row.norm() >= 1e-6 else None
+    else:
+        q = ns.part_basis(row)
+        terms = None if q is None else subspace_dormant_terms(base, source, v, q)
+    if terms is None:
         return Est(0.0, np.zeros(len(idx)))
-    pushed, natural = dormant_terms(base, source, v, row)
+    pushed, natural = terms
     if natural.mean() <= 1e-9 * max(pushed.mean(), 1.0):
         return Est(float("inf") if pushed.mean() > 1e-9 else 0.0, np.array([]))
     return ratio_est(pushed, natural, idx)
@@ -53,10 +90,12 @@ def readout(v: Float[Tensor, " m"], w_out: Float[Tensor, "m d"]) -> Float[Tensor
 
 
 def patched(
-    base: Float[Tensor, "n m"], source: Float[Tensor, "n m"], v: Float[Tensor, " m"]
+    base: Float[Tensor, "n m"], source: Float[Tensor, "n m"], v: Float[Tensor, "m ..."]
 ) -> Float[Tensor, "n m"]:
-    """base + ((source − base)·v) v: the 1-D patch along unit v."""
+    """base + ((source − base)·v) v: the 1-D patch along unit v (a basis V: base + (s − b)VVᵀ)."""
     b, s, u = base.double(), source.double(), v.double()
+    if u.ndim == 2:
+        return b + ((s - b) @ u) @ u.T
     return b + ((s - b) @ u)[:, None] * u[None, :]
 
 
@@ -74,10 +113,43 @@ def off_est(
     return emd_est(tensor_np(acts.double() @ a), y_nat, idx, sd)
 
 
+def slices(v: Float[Tensor, "m k"], w_out: Float[Tensor, "m d"]) -> Float[Tensor, "m s"]:
+    """Hidden functionals reading the MLP output along `SLICES` seeded random unit directions of
+    the span V writes to (W_outᵀV, orthonormalised; one written dimension: that one); m×0 when
+    V writes nothing."""
+    written = ns.part_basis((v.double().T @ w_out.double()).T)
+    if written is None:
+        return torch.zeros(v.shape[0], 0, dtype=torch.float64)
+    written, r = written.double(), written.shape[1]
+    theta = torch.randn(r, SLICES, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    theta = theta / theta.norm(dim=0) if r > 1 else torch.ones(1, 1, dtype=torch.float64)
+    return w_out.double() @ (written @ theta.to(written.device))
+
+
+def sliced_off(
+    base: Tensor, source: Tensor, v: Tensor, w_out: Tensor, natural: Tensor, idx: np.ndarray
+) -> tuple[Est, float]:
+    """`off_distribution` of a k-dim patch: the mean over `slices` of each one's distance."""
+    a = slices(v, w_out).to(base.device)
+    if a.shape[1] == 0:
+        return Est(0.0, np.zeros(len(idx))), 0.0
+    moved = patched(base, source, v)
+    per = [off_est(moved, natural, a[:, j], idx) for j in range(a.shape[1])]
+    full = float(np.mean([off_est(source, natural, a[:, j], idx).value for j in range(a.shape[1])]))
+    value = float(np.mean([e.value for e in per]))
+    if any(e.boot.size == 0 for e in per):  # a slice without natural spread
+        return Est(value, np.array([])), full
+    return Est(value, np.mean([e.boot for e in per], axis=0)), full
+
+
 def off_distribution(
     base: Tensor, source: Tensor, v: Tensor, w_out: Tensor, natural: Tensor, idx: np.ndarray
 ) -> tuple[Est, float]:
-    """(off-distribution distance of the patch along v, the same for the whole-site patch)."""
+    """(off-distribution distance of the patch along v, the same for the whole-site patch); v a
+    unit vector or a basis (m×k: the sliced distance, `sliced_off`)."""
+    if v.ndim == 2 and v.shape[1] > 1:
+        return sliced_off(base, source, v, w_out, natural, idx)
+    v = v.reshape(-1)
     a = readout(v, w_out).to(base.device)
     if a.norm() < 1e-12:
         return Est(0.0, np.zeros(len(idx))), 0.0

@@ -1,9 +1,10 @@
-"""Measure every illusion check on one direction at a prepared site.
+"""Measure every illusion check on one direction, or one k-dim subspace, at a prepared site.
 
 `SiteData` holds what is measured once per site and shared by every direction checked there: the
 prepared pairs, the whole-site patch, the references, the natural activations and the bootstrap
-resampling of each pair set. `measure_checks` patches v and its parts on the test pairs, runs the
-checks (`mlpim.analysis.checks`, one module each) and returns tidy metric rows with them.
+resampling of each pair set. `measure_checks` patches V (an orthonormal m×k basis; k = 1 a unit
+direction v) and its row-space and nullspace parts (each orthonormalised) on the test pairs, runs
+the checks (`mlpim.analysis.checks`, one module each) and returns tidy metric rows with them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mlpim import reuse
-from mlpim.analysis import controls, divergence
+from mlpim.analysis import divergence
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis import references as R
 from mlpim.analysis.checks import BRIDGING, DORMANT, Thresholds
@@ -146,9 +147,9 @@ def fldd_rows(fl: dict[str, Est], split: str, keys: dict, level: float) -> list[
     return rows
 
 
-def generalisation(model, site: SiteData, v: Tensor, fldd_test: Est, keys: dict):
-    """Check 'generalisation': v on the changing train pairs vs each held-out set."""
-    setter = subspace(ns.unit_basis(v))
+def generalisation(model, site: SiteData, v: Float[Tensor, "m k"], fldd_test: Est, keys: dict):
+    """Check 'generalisation': V on the changing train pairs vs each held-out set."""
+    setter = subspace(ns.unit_basis(*v.T))
     train = pair_lds(model, site.splits["train"], setter, changing=True)
     held = {"test": fldd_test}
     for k in HELD_OUT:
@@ -162,10 +163,19 @@ def generalisation(model, site: SiteData, v: Tensor, fldd_test: Est, keys: dict)
     return rows, generalisation_check(fl["train (changing)"], held, site.th)
 
 
-def part_fldds(model, site: SiteData, v: Tensor) -> tuple[dict[str, Est], Tensor, Tensor]:
-    """FLDD of v and of its W_out row-space and nullspace parts on the test pairs; the parts."""
+def part_bases(v: Float[Tensor, "m k"], proj: Tensor, null: Tensor) -> dict[str, Tensor]:
+    """Orthonormal bases to patch: V, and its row-space and nullspace parts where they do not
+    vanish (`nullspace.part_basis`; k = 1: each part normalised, left out below norm 1e-6)."""
+    parts = {"row_proj": ns.part_basis(proj), "null_proj": ns.part_basis(null)}
+    return {"das": ns.unit_basis(*v.T)} | {k: b for k, b in parts.items() if b is not None}
+
+
+def part_fldds(
+    model, site: SiteData, v: Float[Tensor, "m k"]
+) -> tuple[dict[str, Est], Tensor, Tensor]:
+    """FLDD of V and of its W_out row-space and nullspace parts on the test pairs; the parts."""
     proj, null = ns.split(v, site.w_out)
-    bases = {k: b for k, b in controls.intervention_bases(v, proj, null).items() if k != "span2"}
+    bases = part_bases(v, proj, null)
     test, idx = site.splits["test"], site.idx["test"]
     fl = {k: pair_lds(model, test, subspace(b)).fldd(idx) for k, b in bases.items()}
     return fl, proj, null
@@ -179,7 +189,7 @@ def mlp_direction_checks(site: SiteData, v: Tensor, fl: dict[str, Est], proj, nu
     row, nul = fl.get("row_proj", zero), fl.get("null_proj", zero)
     off, full_off = divergence.off_distribution(base, source, v, site.w_out, site.natural, idx)
     return [
-        nullspace_check(fl["das"], row, nul, null.norm().item() ** 2, refs, th),
+        nullspace_check(fl["das"], row, nul, null.norm().item() ** 2 / v.shape[1], refs, th),
         dormant_check(divergence.dormant_est(base, source, v, proj, idx), refs, th),
         off_distribution_check(off, full_off, refs, th),
     ]
@@ -197,22 +207,22 @@ def site_checks(site: SiteData, fldd_v: Est) -> list[Check]:
 def measure_checks(
     model,
     site: SiteData,
-    v: Float[Tensor, " m"],
+    v: Float[Tensor, "m k"],
     keys: dict,
     v_ref: Tensor | None = None,
     n_align: int = 1000,
 ) -> tuple[list[dict], list[Check]]:
-    """Every check on unit v at the site (`checks.CHECKS` order) and its metric rows."""
-    level, test_idx = site.th.ci_level, site.idx["test"]
+    """Every check on the subspace of orthonormal V (k = 1: unit v) at the site (`checks.CHECKS`
+    order) and its metric rows; a part's norm_sq is its share of V, ‖part‖²_F / k."""
+    level, test_idx, k = site.th.ci_level, site.idx["test"], v.shape[1]
     if site.kind == "mlp_post":
         fl, proj, null = part_fldds(model, site, v)
         direction = mlp_direction_checks(site, v, fl, proj, null)
         align = alignment(v, site.w_resid, v_ref, n_align, keys.get("seed", 0))
-        norms = {"row_proj": proj.norm().item() ** 2, "null_proj": null.norm().item() ** 2}
+        norms = {"row_proj": proj.norm().item() ** 2 / k, "null_proj": null.norm().item() ** 2 / k}
     else:
-        fl = {
-            "das": pair_lds(model, site.splits["test"], subspace(ns.unit_basis(v))).fldd(test_idx)
-        }
+        setter = subspace(ns.unit_basis(*v.T))
+        fl = {"das": pair_lds(model, site.splits["test"], setter).fldd(test_idx)}
         why = f"needs an MLP hidden site (mlp_post), not {site.kind}"
         names = (*BRIDGING, *DORMANT)
         direction = [not_applicable(n, why) for n in names]
@@ -245,7 +255,7 @@ def natural_references(model, site: SiteData, k: int) -> R.Refs:
     base, source = acts(site.splits["test"])
     idx, th = site.idx["test"], site.th
     dormant, bridging, off = [], [], []
-    for u in tqdm(nat, desc="reference: natural directions", leave=False):
+    for u in tqdm(nat[:, :, None], desc="reference: natural directions", leave=False):
         fl, proj, null = part_fldds(model, site, u)
         row, nul = (fl[p].value if p in fl else 0.0 for p in ("row_proj", "null_proj"))
         bridging.append(bridging_margin(fl["das"].value, row, nul, th.superadditive))

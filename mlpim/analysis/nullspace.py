@@ -75,10 +75,10 @@ def row_space_basis(w_out: Float[Tensor, "m d"]) -> Float[Tensor, "m r"]:
 
 
 def split(
-    v: Float[Tensor, " m"], w_out: Float[Tensor, "m d"]
-) -> tuple[Float[Tensor, " m"], Float[Tensor, " m"]]:
+    v: Float[Tensor, "m ..."], w_out: Float[Tensor, "m d"]
+) -> tuple[Float[Tensor, "m ..."], Float[Tensor, "m ..."]]:
     """(proj, null_proj): v's component in the row space of W_out and the rest (v = proj + null),
-    computed in float64 and returned in v's dtype."""
+    column by column for a basis, computed in float64 and returned in v's dtype."""
     q = row_space_basis(w_out).to(v.device)
     proj = q @ (q.T @ v.double())
     return proj.to(v.dtype), (v.double() - proj).to(v.dtype)
@@ -91,6 +91,19 @@ def unit_basis(*vectors: Float[Tensor, " m"]) -> Float[Tensor, "m k"]:
     q, r = torch.linalg.qr(stacked.double())
     q = q * torch.sign(torch.diagonal(r))  # keep each column pointing along its vector
     return q.to(torch.promote_types(stacked.dtype, torch.float32))
+
+
+def part_basis(part: Float[Tensor, "m k"]) -> Float[Tensor, "m r"] | None:
+    """Orthonormal basis of the span of a basis' part (its row-space or nullspace part, columns);
+    r its rank (singular values above 1e-6), None when r = 0. Of full rank it is `unit_basis` of
+    the columns (one column: that column normalised); else the top-r left singular vectors."""
+    u, s, _ = torch.linalg.svd(part.double(), full_matrices=False)
+    r = int((s > 1e-6).sum())
+    if r == 0:
+        return None
+    if r == part.shape[1]:
+        return unit_basis(*part.T)
+    return u[:, :r].to(torch.promote_types(part.dtype, torch.float32))
 
 
 def projections(acts: Float[Tensor, "n m"], vector: Float[Tensor, " m"]) -> Float[Tensor, " n"]:
@@ -109,6 +122,28 @@ def separation(a: Float[Tensor, " n"], b: Float[Tensor, " k"]) -> float:
 def cosine(a: Float[Tensor, " d"], b: Float[Tensor, " d"]) -> float:
     """Cosine similarity of two vectors."""
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0).item()
+
+
+def subspace_cosine(written: Float[Tensor, "k d"], target: Float[Tensor, " d"]) -> float:
+    """The largest |cos| of `target` with a vector in the span of the rows of `written`
+    (‖Q^T t‖/‖t‖ for Q an orthonormal basis of that span; one row: |cosine|)."""
+    q = part_basis(written.T.double())
+    t = target.double().to(written.device)
+    return 0.0 if q is None else ((q.double().T @ t).norm() / t.norm()).item()
+
+
+def random_output_alignments(
+    w_out: Float[Tensor, "m d"], target: Float[Tensor, " d"], n: int, k: int, gen: torch.Generator
+) -> Float[Tensor, " n"]:
+    """`subspace_cosine` of `target` with the outputs of n random k-dim hidden subspaces (their
+    k Gaussian spanning vectors @ W_out; float64), drawn in chunks of 64."""
+    w, t = w_out.double(), target.double().to(w_out.device)
+    out = []
+    for c in range(0, n, 64):
+        r = torch.randn(min(64, n - c), k, w.shape[0], generator=gen, dtype=torch.float64)
+        q, _ = torch.linalg.qr((r.to(w.device) @ w).transpose(1, 2))
+        out.append((q.transpose(1, 2) @ t).norm(dim=1) / t.norm())
+    return torch.cat(out)
 
 
 def random_output_cosines(

@@ -8,7 +8,7 @@ a file that is not what its name says or that would run code, a tensor that is n
 (non-finite, zero, rank-deficient), a basis a tool saved as a rotation that is not orthonormal
 (any other is orthonormalised: `readers.record.orthonormal_basis`, the one policy), a site or
 layer other than the one given, a z direction, a layer or width the model's declared sizes rule
-out, a subspace given to a 1-D check. `Direction.fitted(model)` checks it against the loaded
+out, a subspace larger than the check takes. `Direction.fitted(model)` checks it against the loaded
 model: the weights it was found on, site, layer, width, MLP type, norms, processing.
 """
 
@@ -64,14 +64,16 @@ class Direction(readers.ForeignDirection):
                 )
         return self.placed(site, layer)
 
-    def check_declared(self, sizes: dict, model_name: str, one_d: bool, experiment: str) -> None:
+    def check_declared(
+        self, sizes: dict, model_name: str, max_k: int | None, experiment: str
+    ) -> None:
         """The checks of `readers.check_fits` that need no model: a z direction, a layer or
-        width the model's declared `sizes` rule out; for a 1-D check (`one_d`), a direction
-        without its site and layer, or a subspace."""
+        width the model's declared `sizes` rule out; for a check of at most `max_k` dimensions
+        (None: no check), a direction without its site and layer, or a larger subspace."""
         what = f"{self.path} ({self.describe()})"
         if self.site == "z":
             raise MlpimError(f"{self.path}: {Z_REFUSAL}")
-        if one_d and (self.site is None or self.layer is None):
+        if max_k is not None and (self.site is None or self.layer is None):
             raise MlpimError(
                 f"{what} does not say the site and layer it was found at; "
                 "give them: direction_site=KIND direction_layer=N"
@@ -86,11 +88,12 @@ class Direction(readers.ForeignDirection):
             raise MlpimError(
                 f"{what}: width {self.width}, but {self.site} of {model_name} is {width}"
             )
-        if one_d and self.k > 1:
+        if max_k is not None and self.k > max_k:
             raise MlpimError(
-                f"{self.path} holds a {self.k}-D subspace ({self.describe()}); {experiment}'s "
-                f"checks are 1-D: check one column with direction_columns=N (0..{self.k - 1}), "
-                f"or each in a sweep: mlpim check -m {self.path} direction_columns=range({self.k})"
+                f"{self.path} holds a {self.k}-D subspace ({self.describe()}); {experiment} checks "
+                f"at most {max_k} dimensions whole: choose columns with direction_columns=[...] "
+                f"(0..{self.k - 1}), or check each in a sweep: "
+                f"mlpim check -m {self.path} direction_columns=range({self.k})"
             )
 
     def fitted(
@@ -137,15 +140,16 @@ def load_direction(
     site: str | None = None,
     layer: int | None = None,
     *,
-    one_d: bool = False,
+    max_k: int | None = None,
     sizes: dict | None = None,
     model_name: str = "the model",
     experiment: str = "this experiment",
 ) -> Direction:
     """The direction at `path`, read once (`options`: OPTION_NAMES, the config's direction_key=,
     direction_columns=, ...) and checked as far as no model is needed: at the `site`/`layer`
-    given for it, within the model's declared `sizes` ({} or None: unknown), and 1-D where the
-    caller's check needs it (`one_d`). Every refusal is one line."""
+    given for it, within the model's declared `sizes` ({} or None: unknown), and of at most
+    `max_k` dimensions where the caller checks it (None: not checked). Every refusal is one
+    line."""
     path = Path(path)
     given = {k: v for k, v in (options or {}).items() if v is not None}
     if not path.exists():
@@ -162,7 +166,7 @@ def load_direction(
     read = {f.name: getattr(rec, f.name) for f in fields(rec)}
     found = Direction(**read, model=saved.get("model"), fingerprint=saved.get("fingerprint"))
     direction = found.given(site, layer)
-    direction.check_declared(sizes or {}, model_name, one_d, experiment)
+    direction.check_declared(sizes or {}, model_name, max_k, experiment)
     return direction
 
 

@@ -36,7 +36,9 @@ class Experiment:
     # config key -> the files it names: None, the file (or folder) itself; else the file name or
     # glob of what is read in the run folder it names
     inputs: Mapping[str, str | None] = field(default_factory=dict)
-    one_d: bool = False  # checks one direction (`direction=`), not a subspace
+    # checks one direction or subspace (`direction=`) of at most max_k dimensions at the site and
+    # layer it was found at (None: takes no direction to check)
+    max_k: int | None = None
     positive: tuple[str, ...] = ()  # options that must be positive (at least 1 if not float)
 
 

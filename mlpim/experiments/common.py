@@ -246,9 +246,9 @@ def reference_store(path: str | None):
 
 def saved_direction(
     direction: Direction, model, model_name: str, kinds: tuple[str, ...] | None = None
-) -> tuple[str, int, Float[Tensor, " d"]]:
-    """(site, layer, unit v) of a 1-D direction that says its site and layer (preflight's 1-D
-    check), checked against the model."""
+) -> tuple[str, int, Float[Tensor, "d k"]]:
+    """(site, layer, basis with unit columns) of a direction or subspace that says its site and
+    layer (preflight's check), checked against the model."""
     kind, layer = direction.site, int(direction.layer)
     if kinds is not None and kind not in kinds:
         raise ConfigError(
@@ -259,5 +259,5 @@ def saved_direction(
             "%s was found on %s, checked on %s", direction.path, direction.model, model_name
         )
     validate_site(model, kind, layer)
-    v = direction.fitted(model, kind, layer)[:, 0].to(model.cfg.device)
-    return kind, layer, v / v.norm()
+    v = direction.fitted(model, kind, layer).to(model.cfg.device)
+    return kind, layer, v / v.norm(dim=0)

@@ -1,7 +1,8 @@
-"""illusion_check: is a saved 1-D direction an MLP-in-the-middle illusion?
+"""illusion_check: is a saved direction, or k-dim subspace, an MLP-in-the-middle illusion?
 
-The direction (`direction=path/to/subspace.pt`, required) must be 1-D; its site and layer are read
-from the file. The checks (`mlpim.analysis.checks`, measured by `mlpim.analysis.measure`) run on
+The direction (`direction=path/to/subspace.pt`, required) is checked whole: one direction or a
+subspace of up to `MAX_K` dimensions (one verdict on the subspace; k = 1 is a direction); its site
+and layer are read from the file. The checks (`mlpim.analysis.checks`, measured by `mlpim.analysis.measure`) run on
 the task's test pairs, each with a bootstrap interval over the pairs and placed in a reference
 measured on the same model, site and task (`mlpim.analysis.illusion_site`). The direction checks
 decide the verdict; the site checks describe the site (docs/verdict-rule.md). The random-MLP
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 from omegaconf import DictConfig
+from torch import Tensor
 
 from mlpim import constants as C
 from mlpim.analysis import illusion
@@ -42,6 +44,7 @@ from mlpim.report import io
 log = logging.getLogger(__name__)
 PLOT = report.CHECK_PLOT
 RESID_KINDS = ("resid_pre", "resid_post")
+MAX_K = 16  # the largest subspace checked whole (the dormant check's covariance is k×k)
 
 
 def check_options(cfg: DictConfig, opts: IllusionCheckOptions) -> S.CheckOptions:
@@ -63,14 +66,14 @@ def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> 
     """The checks and the verdict for `direction=`; the metrics."""
     if "direction" not in directions:
         raise ConfigError(
-            "illusion_check needs a saved 1-D subspace: direction=path/to/subspace.pt"
+            "illusion_check needs a saved direction or subspace: direction=path/to/subspace.pt"
         )
     opts = options(cfg, IllusionCheckOptions)
     model = model_for(cfg)
     kind, layer, v = saved_direction(directions["direction"], model, cfg.model.name)
-    resid = directions.get("extra.resid_direction")
-    v_ref = saved_direction(resid, model, cfg.model.name, RESID_KINDS)[2] if resid else None
-    th, keys = Thresholds.from_mapping(cfg.check), {"site": kind, "layer": layer, "dim": 1}
+    v_ref = reference_direction(directions.get("extra.resid_direction"), model, cfg.model.name)
+    k = v.shape[1]
+    th, keys = Thresholds.from_mapping(cfg.check), {"site": kind, "layer": layer, "dim": k}
     splits = paper_splits(cfg, model, kind, layer, held_out=True)
     natural = None
     if kind == "mlp_post":
@@ -93,14 +96,29 @@ def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> 
     rows, checks = measure_checks(model, site, v, keys, v_ref, opts.n_random)
     verdict = illusion.verdict(checks)
     header = (
-        f"model: {cfg.model.name}; direction: {cfg.direction} ({kind}, layer {layer}); "
+        f"model: {cfg.model.name}; direction: {cfg.direction} ({kind}, layer {layer}"
+        f"{f', a {k}-dim subspace checked whole' if k > 1 else ''}); "
         f"seed {cfg.seed}; FLDDs on the test pairs, {th.ci_level:.0%} bootstrap intervals"
     )
     for name in (C.VERDICT, C.SUMMARY):
         io.write_text(report.verdict_markdown(header, verdict, th.ci_level), run_dir, name)
-    title = f"{cfg.model.name}, {kind} L{layer}: {verdict.label}"
+    title = f"{cfg.model.name}, {kind} L{layer}{f' k={k}' if k > 1 else ''}: {verdict.label}"
     report.verdict_plot(verdict, run_dir, f"illusion_check {Path(cfg.direction).name} ({title})")
     return io.tidy(rows + verdict.to_rows(keys), cfg)
+
+
+def reference_direction(resid: Direction | None, model, model_name: str) -> Tensor | None:
+    """The unit residual direction of `extra.resid_direction` (None when not given); one
+    direction, the alignment's reference."""
+    if resid is None:
+        return None
+    v = saved_direction(resid, model, model_name, RESID_KINDS)[2]
+    if v.shape[1] != 1:
+        raise ConfigError(
+            f"extra.resid_direction={resid.path} holds a {v.shape[1]}-D subspace; the alignment "
+            "reference is one residual direction"
+        )
+    return v[:, 0]
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
@@ -113,6 +131,6 @@ EXPERIMENT = Experiment(
     options=IllusionCheckOptions,
     summarize=summarize,
     inputs={"extra.resid_direction": None},
-    one_d=True,
+    max_k=MAX_K,
     positive=("random_mlp_epochs",),
 )

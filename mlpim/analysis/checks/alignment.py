@@ -1,4 +1,5 @@
-"""Information: |cos(W_out·v, v_ref)| against random hidden directions (never warns)."""
+"""Information: |cos(W_out·v, v_ref)| against random hidden directions (never warns); for a k-dim
+subspace V, the largest |cos| of v_ref with what V writes, against random k-dim subspaces."""
 
 from __future__ import annotations
 
@@ -12,18 +13,24 @@ from mlpim.analysis.references import Reference
 
 
 def alignment_check(
-    v: Float[Tensor, " m"],
+    v: Float[Tensor, "m ..."],
     w_out: Float[Tensor, "m d"],
     v_ref: Float[Tensor, " d"],
     n_random: int,
     seed: int,
 ) -> Check:
-    """Information: |cos(W_out·v, v_ref)| against random hidden directions' 95th percentile."""
-    cos = abs(ns.cosine(ns.written(v, w_out), v_ref))
-    gen = torch.Generator().manual_seed(seed)
-    rand = ns.random_output_cosines(w_out, v_ref, n_random, gen).abs()
+    """Information: |cos(W_out·v, v_ref)| against random hidden directions' 95th percentile (a
+    basis v, m×k: the largest |cos| in its written span, against random k-dim subspaces)."""
+    gen, k = torch.Generator().manual_seed(seed), 1 if v.ndim == 1 else v.shape[1]
+    if k == 1:
+        cos = abs(ns.cosine(ns.written(v.reshape(-1), w_out), v_ref))
+        rand = ns.random_output_cosines(w_out, v_ref, n_random, gen).abs()
+    else:
+        cos = ns.subspace_cosine(ns.written(v.T, w_out), v_ref)
+        rand = ns.random_output_alignments(w_out, v_ref, n_random, k, gen)
     q95 = rand.quantile(0.95).item()
-    ref = Reference(f"random hidden directions (n={n_random})", tuple(rand.tolist()))
+    what = "hidden directions" if k == 1 else f"{k}-dim hidden subspaces"
+    ref = Reference(f"random {what} (n={n_random})", tuple(rand.tolist()))
     return Check(
         "alignment",
         cos,
