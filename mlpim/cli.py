@@ -45,15 +45,15 @@ Examples, one per format:
   mlpim check my_pyvene_dir direction_key=0                         # ... one of several interventions
   mlpim check my_sae_dir direction_feature=123                      # SAELens folder: a W_dec row
   mlpim check rotation.safetensors direction_site=resid_post direction_layer=20 direction_columns=0
-                                                                    # causalab (k-dim: one column)
+                                                                    # causalab: one column of k
   mlpim check dirs.safetensors direction_key=v direction_site=mlp_post direction_layer=20
   mlpim check dirs.npz direction_key=v direction_site=mlp_post direction_layer=20
   mlpim check my_sae_dir direction_feature=123 dataset=mib dataset.path=ioi_mib.jsonl \\
       dataset.counterfactual=s2_io_flip                             # a MIB-style task
   mlpim check v.npy direction_site=mlp_post direction_layer=20 dataset=pairs \\
       dataset.path=task.jsonl dataset.invalid=drop dataset.keep=known   # your own pairs
-The checks are 1-D: a k-dim subspace is refused unless one column is chosen
-(direction_columns=N); check every column with a sweep: mlpim check -m DIR direction_columns=range(k)"""
+A k-dim subspace (k <= 16) is checked whole, one verdict; choose columns with direction_columns=[...]
+or check every column in a sweep: mlpim check -m DIR direction_columns=range(k)"""
 SAFE_VALUE = re.compile(r"[\w./~+@-]+")  # a path Hydra's override grammar takes unquoted
 
 

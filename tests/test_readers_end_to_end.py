@@ -247,9 +247,9 @@ def test_check_a_saelens_feature(tmp_path, capsys):
     assert_one_line_error(code, text, "does not say whether the residual stream was centred")
 
 
-def test_check_a_causalab_rotation_one_column_at_a_time(tmp_path, capsys):
-    """causalab's rotation_matrix (d, k): a k-D subspace is refused by the 1-D checks in one
-    line naming direction_columns=; one column is checked."""
+def test_check_a_causalab_rotation_whole_or_one_column(tmp_path, capsys):
+    """causalab's rotation_matrix (d, k): a k-D subspace is checked whole (issue 31); one column
+    is checked with direction_columns=."""
     rotation = torch.linalg.qr(torch.randn(D_MLP, 2, generator=torch.Generator().manual_seed(2)))[0]
     (tmp_path / "cl").mkdir()
     ratio = torch.tensor([0.6, 0.3])
@@ -259,10 +259,10 @@ def test_check_a_causalab_rotation_one_column_at_a_time(tmp_path, capsys):
     )
     site = ["direction_site=mlp_post", "direction_layer=1"]
     path = tmp_path / "cl" / "rotation.safetensors"
-    code, text = cli(capsys, "check", str(path), *site, *PROBE)
-    assert_one_line_error(
-        code, text, "holds a 2-D subspace", "direction_columns=N (0..1)", "mlpim check -m"
-    )
+    code, text, whole = check(capsys, tmp_path, path, *site)
+    assert_checked(code, text, whole, "causalab tensor 'rotation_matrix' → mlp_post L1")
+    assert "a 2-dim subspace checked whole" in (whole / C.VERDICT).read_text()
+    assert set(pd.read_csv(whole / C.METRICS).dim) == {2}
     code, text, out = check(capsys, tmp_path, tmp_path / "cl", *site, "direction_columns=1")
     assert_checked(code, text, out, "causalab tensor 'rotation_matrix' → mlp_post L1")
     np.save(tmp_path / "col1.npy", rotation[:, 1].numpy())
@@ -270,9 +270,9 @@ def test_check_a_causalab_rotation_one_column_at_a_time(tmp_path, capsys):
     assert abs(effect_and_verdict(out)[0] - effect_and_verdict(again)[0]) < 1e-5
 
 
-def test_an_mlpim_subspace_one_column_at_a_time(tmp_path, capsys):
-    """mlpim's own k-D subspace.pt: refused by the 1-D checks, one column checked; the same
-    loader gives experiments taking a k-D basis all of it."""
+def test_an_mlpim_subspace_whole_or_one_column(tmp_path, capsys):
+    """mlpim's own k-D subspace.pt: checked whole, or one column; a subspace larger than the
+    check takes is refused in one line naming direction_columns=."""
     from mlpim.engine.direction import load_direction
     from mlpim.engine.subspace import save_subspace
 
@@ -281,8 +281,10 @@ def test_an_mlpim_subspace_one_column_at_a_time(tmp_path, capsys):
     assert torch.equal(load_direction(tmp_path / "s.pt").basis, basis)
     col = load_direction(tmp_path / "s.pt", {"columns": [2]})
     assert torch.equal(col.basis, basis[:, 2:]) and col.describe().endswith("k=1")
-    code, text = cli(capsys, "check", str(tmp_path / "s.pt"), *PROBE)
-    assert_one_line_error(code, text, "holds a 3-D subspace", "direction_columns=N (0..2)")
+    with pytest.raises(MlpimError) as e:
+        load_direction(tmp_path / "s.pt", max_k=2, experiment="illusion_check")
+    assert "holds a 3-D subspace" in str(e.value) and "at most 2 dimensions" in str(e.value)
+    assert "direction_columns=[...] (0..2)" in str(e.value) and "\n" not in str(e.value)
     code, text, out = check(capsys, tmp_path, tmp_path / "s.pt", "direction_columns=2")
     assert_checked(code, text, out, "mlpim subspace → mlp_post L1, width 128, k=1")
 

@@ -115,15 +115,17 @@ def off_est(
 
 def slices(v: Float[Tensor, "m k"], w_out: Float[Tensor, "m d"]) -> Float[Tensor, "m s"]:
     """Hidden functionals reading the MLP output along `SLICES` seeded random unit directions of
-    the span V writes to (W_outᵀV, orthonormalised; one written dimension: that one); m×0 when
-    V writes nothing."""
-    written = ns.part_basis((v.double().T @ w_out.double()).T)
-    if written is None:
-        return torch.zeros(v.shape[0], 0, dtype=torch.float64)
-    written, r = written.double(), written.shape[1]
-    theta = torch.randn(r, SLICES, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    theta = theta / theta.norm(dim=0) if r > 1 else torch.ones(1, 1, dtype=torch.float64)
-    return w_out.double() @ (written @ theta.to(written.device))
+    the span V writes to (W_outᵀV's left singular vectors above 1e-9 of the largest, each signed
+    by its largest entry: the same for every basis of V; one written dimension: that one); m×0
+    when V writes nothing."""
+    u, s, _ = torch.linalg.svd(w_out.double().T @ v.double().to(w_out.device), full_matrices=False)
+    u = u[:, s > max(1e-9 * s.max().item(), 1e-12)]
+    if u.shape[1] == 0:
+        return torch.zeros(v.shape[0], 0, dtype=torch.float64, device=w_out.device)
+    u = u * torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
+    theta = torch.randn(u.shape[1], SLICES, generator=torch.Generator().manual_seed(0)).double()
+    theta = theta / theta.norm(dim=0) if u.shape[1] > 1 else theta[:, :1] / theta[:, :1].abs()
+    return w_out.double() @ (u @ theta.to(u.device))
 
 
 def sliced_off(
