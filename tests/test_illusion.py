@@ -306,10 +306,17 @@ def test_illusion_check_refuses_bad_directions(directions, tmp_path):
             compose(["experiment=illusion_check", *SMALL_REFS, f"direction={narrow}"]),
             tmp_path / "w",
         )
-    two = tmp_path / "two.pt"
-    save_subspace(two, torch.eye(128)[:, :2], model="tiny", site="mlp_post", layer=1, k=2)
-    with pytest.raises(ConfigError, match="2-D"):
-        run(compose(["experiment=illusion_check", *SMALL_REFS, f"direction={two}"]), tmp_path / "k")
+    many = tmp_path / "many.pt"  # more dimensions than it checks whole (issue 31)
+    save_subspace(many, torch.eye(128)[:, :17], model="tiny", site="mlp_post", layer=1, k=17)
+    with pytest.raises(ConfigError, match="17-D subspace.*at most 16 dimensions"):
+        run(
+            compose(["experiment=illusion_check", *SMALL_REFS, f"direction={many}"]), tmp_path / "k"
+        )
+    two = tmp_path / "two.pt"  # the alignment's reference is one residual direction
+    save_subspace(two, torch.eye(64)[:, :2], model="tiny", site="resid_post", layer=1, k=2)
+    with pytest.raises(ConfigError, match="extra.resid_direction=.*2-D subspace"):
+        overrides = [f"direction={directions['mlp']}", f"extra.resid_direction={two}"]
+        run(compose(["experiment=illusion_check", *SMALL_REFS, *overrides]), tmp_path / "two")
     with pytest.raises(ConfigError, match="resid"):  # an MLP direction as the reference
         overrides = [f"direction={directions['mlp']}", f"extra.resid_direction={directions['mlp']}"]
         run(compose(["experiment=illusion_check", *SMALL_REFS, *overrides]), tmp_path / "r")

@@ -190,8 +190,8 @@ def mlp_direction_checks(site: SiteData, v: Tensor, fl: dict[str, Est], proj, nu
     off, full_off = divergence.off_distribution(base, source, v, site.w_out, site.natural, idx)
     return [
         nullspace_check(fl["das"], row, nul, null.norm().item() ** 2 / v.shape[1], refs, th),
-        dormant_check(divergence.dormant_est(base, source, v, proj, idx), refs, th),
-        off_distribution_check(off, full_off, refs, th),
+        dormant_check(divergence.dormant_est(base, source, v, proj, idx), refs, th, v.shape[1]),
+        off_distribution_check(off, full_off, refs, th, v.shape[1]),
     ]
 
 

@@ -12,9 +12,10 @@ if TYPE_CHECKING:
     from mlpim.analysis.checks import Thresholds
 
 
-def dormant_check(ratio: Est | float, refs: Refs, th: Thresholds) -> Check:
-    """Dormant ratio ≥ th.dormant_ratio (a real direction gives about 1)."""
+def dormant_check(ratio: Est | float, refs: Refs, th: Thresholds, k: int = 1) -> Check:
+    """Dormant ratio ≥ th.dormant_ratio (a real direction gives about 1); k: V's dimension."""
     r = as_est(ratio)
+    where = "along the row-space direction" if k == 1 else "inside the row-space part (Mahalanobis)"
     return judged(
         "dormant_row_part",
         r,
@@ -23,7 +24,7 @@ def dormant_check(ratio: Est | float, refs: Refs, th: Thresholds) -> Check:
         True,
         th,
         f"ratio ≥ {th.dormant_ratio}",
-        f"patch vs natural movement along the row-space direction: {r.value:.3g}",
+        f"patch vs natural movement {where}: {r.value:.3g}",
         refs.natural_dormant,
         inclusive=True,
     )

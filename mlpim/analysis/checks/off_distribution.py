@@ -12,9 +12,13 @@ if TYPE_CHECKING:
     from mlpim.analysis.checks import Thresholds
 
 
-def off_distribution_check(off: Est | float, full_off: float, refs: Refs, th: Thresholds) -> Check:
-    """EMD of the patched read-out from the natural one ≥ th.off_distribution natural sd."""
+def off_distribution_check(
+    off: Est | float, full_off: float, refs: Refs, th: Thresholds, k: int = 1
+) -> Check:
+    """EMD of the patched read-out from the natural one ≥ th.off_distribution natural sd (k > 1:
+    the sliced EMD inside the span W_out·V writes)."""
     o = as_est(off)
+    what = "EMD(patched, natural) along W_out·v" if k == 1 else "sliced EMD in the span of W_out·V"
     return judged(
         "off_distribution",
         o,
@@ -23,7 +27,7 @@ def off_distribution_check(off: Est | float, full_off: float, refs: Refs, th: Th
         True,
         th,
         f"EMD ≥ {th.off_distribution} natural sd",
-        f"EMD(patched, natural) along W_out·v: {o.value:.3g} sd (full-site patch {full_off:.3g})",
+        f"{what}: {o.value:.3g} sd (full-site patch {full_off:.3g})",
         refs.natural_off,
         inclusive=True,
     )
