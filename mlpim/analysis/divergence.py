@@ -123,8 +123,10 @@ def slices(v: Float[Tensor, "m k"], w_out: Float[Tensor, "m d"]) -> Float[Tensor
     if u.shape[1] == 0:
         return torch.zeros(v.shape[0], 0, dtype=torch.float64, device=w_out.device)
     u = u * torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
-    theta = torch.randn(u.shape[1], SLICES, generator=torch.Generator().manual_seed(0)).double()
-    theta = theta / theta.norm(dim=0) if u.shape[1] > 1 else theta[:, :1] / theta[:, :1].abs()
+    theta = torch.ones(1, 1, dtype=torch.float64)
+    if u.shape[1] > 1:
+        theta = torch.randn(u.shape[1], SLICES, generator=torch.Generator().manual_seed(0)).double()
+        theta = theta / theta.norm(dim=0)
     return w_out.double() @ (u @ theta.to(u.device))
 
 
