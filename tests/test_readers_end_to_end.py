@@ -120,6 +120,20 @@ def test_check_a_pyvene_folder_equals_the_same_vector_as_npy(tmp_path, capsys):
     assert abs(fldd_pv - fldd_npy) < 1e-4 and n_pv == n_npy
 
 
+def test_check_a_rank_3_pyvene_folder_whole_equals_its_rotation_as_npy(tmp_path, capsys):
+    """A LowRankRotatedSpaceIntervention of rank 3 at mlp_post is checked whole (issue 31), with
+    the numbers of pyvene's own rotation saved as a 3-column .npy."""
+    rotation = pyvene_folder(tmp_path / "pv", "transformer.h[1].mlp.c_proj.input", k=3)
+    np.save(tmp_path / "same.npy", rotation.numpy())
+    code, text, pv_run = check(capsys, tmp_path, tmp_path / "pv")
+    assert_checked(code, text, pv_run, "→ mlp_post L1, width 128, k=3")
+    site = ["direction_site=mlp_post", "direction_layer=1"]
+    code, text, npy_run = check(capsys, tmp_path, tmp_path / "same.npy", *site)
+    assert_checked(code, text, npy_run, "npy tensor → mlp_post L1, width 128, k=3")
+    pv, npy = (pd.read_csv(r / C.METRICS) for r in (pv_run, npy_run))
+    assert set(pv.dim) == {3} and np.allclose(pv.value, npy.value, atol=1e-4, equal_nan=True)
+
+
 def test_pyvene_key_and_a_space_that_does_not_fit_the_model(tmp_path, capsys):
     """`direction_key=` names pyvene's key (its `#i` may be left out: Hydra's grammar needs it
     quoted); pyvene's mlp_activation is refused, in one line after the model loads, on a gated
