@@ -61,14 +61,18 @@ def test_one_direction_gives_the_numbers_it_gave_before(tmp_path, capsys):
 
 
 def test_a_subspace_is_checked_whole_whatever_its_basis_or_file(tmp_path, capsys):
-    """A 3-dim subspace: every check measured, dim 3; the same span saved as a rotated, skewed
-    basis in a .npy gives the same numbers (the FLDDs up to the float32 patch's rounding)."""
+    """A 3-dim subspace: every check measured, dim 3, against random 3-dim subspaces and 3-dim
+    random-MLP DAS; the same span saved as a rotated, skewed basis in a .npy gives the same
+    numbers (the FLDDs up to the float32 patch's rounding)."""
     q = torch.linalg.qr(torch.randn(D_MLP, 3, generator=torch.Generator().manual_seed(3)))[0]
     save_subspace(tmp_path / "s.pt", q, model="tiny", site="mlp_post", layer=1, k=3)
     mix = torch.tensor([[0.6, -0.8, 0.3], [0.8, 0.6, 0.1], [0.0, 0.0, 2.0]])
     np.save(tmp_path / "skew.npy", (q @ mix).numpy())
     whole = check(capsys, tmp_path, tmp_path / "s.pt")
     assert set(whole.dim) == {3}
+    report = (tmp_path / "run_s" / C.VERDICT).read_text()
+    assert "a 3-dim subspace checked whole" in report
+    assert "random 3-dim subspaces (n=4)" in report and "1 epochs, dim 3)" in report
     values = whole[whole.metric == "check_value"].set_index("intervention").value
     for name in ("nullspace_bridging", "dormant_row_part", "off_distribution", "alignment"):
         assert np.isfinite(values[name]), name

@@ -1,7 +1,7 @@
 """illusion_check's steps: a site's references and the printed table.
 
-`check_site` measures what every direction checked at one site shares (random directions, the
-random-MLP DAS reference, the natural directions and activations). The checks' metrics.csv rows
+`check_site` measures what every direction checked at one site shares (random directions or
+k-dim subspaces, the random-MLP DAS reference of the same dimension, the natural directions and activations). The checks' metrics.csv rows
 are `illusion.Verdict.to_rows`; `Verdict.from_rows` rebuilds the verdict from them, so a finished
 run's table can be recomputed from its metrics alone.
 """
@@ -28,6 +28,7 @@ class CheckOptions:
     n_natural: int
     random_mlp_seeds: int
     seed: int
+    k: int = 1  # the dimension of the subspaces checked (random references of the same k)
 
 
 def check_site(
@@ -44,13 +45,16 @@ def check_site(
     """The site's shared data and references; the random-MLP runs' histories."""
     test = splits["test"]
     refs = R.Refs(
-        random_dirs=R.random_direction_reference(model, test, opts.n_random_directions, opts.seed)
+        random_dirs=R.random_direction_reference(
+            model, test, opts.n_random_directions, opts.seed, opts.k
+        )
     )
     rand, hist = [], {}
     if kind == "mlp_post" and opts.random_mlp_seeds > 0:
         seeds = range(opts.seed, opts.seed + opts.random_mlp_seeds)
         rand, hist = R.random_mlp_reference(model, splits, layer, method, seeds, store)
-        name = f"random-MLP DAS ({len(rand)} seeds, {method.epochs} epochs)"
+        dim = f", dim {method.dim}" if method.dim > 1 else ""
+        name = f"random-MLP DAS ({len(rand)} seeds, {method.epochs} epochs{dim})"
         refs = replace(refs, random_mlp=R.Reference(name, tuple(rand)))
     site = M.site_data(model, splits, kind, layer, th, refs, natural, rand, opts.seed)
     site.refs = M.natural_references(model, site, opts.n_natural)

@@ -3,7 +3,8 @@
 Each check's value is placed among what the same check gives for directions whose status is
 known:
 
-- random unit directions at the site: the effect (FLDD) that needs no mechanism (the gate);
+- random unit directions at the site (for a k-dim subspace, random k-dim subspaces): the effect
+  (FLDD) that needs no mechanism (the gate);
 - DAS on norm-matched random MLPs over several seeds, trained as long as `method.epochs`
   (`mlpim.analysis.controls`): the effect DAS reaches with no mechanism (a site check);
 - the site's directions of natural variation (top principal directions of source-minus-base
@@ -116,12 +117,35 @@ def direction_fldds(
     return [evaluate(model, prepared, subspace(u[:, None] / u.norm()))["fldd"] for u in bar]
 
 
-def random_direction_reference(model, test: list[Prepared], n: int, seed: int) -> Reference:
-    """FLDD of n random unit directions at the site, on the test pairs."""
+def random_subspaces(m: int, n: int, k: int, seed: int) -> Float[Tensor, "n m k"]:
+    """Orthonormal bases of n random k-dim subspaces of width m (float64, seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, m, k, generator=gen, dtype=torch.float64))[0]
+
+
+def subspace_fldds(
+    model, prepared: list[Prepared], bases: Float[Tensor, "n m k"], desc: str
+) -> list[float]:
+    """FLDD of patching each subspace (one orthonormal basis of `bases` at a time)."""
+    act = prepared[0].base_act
+    bases = bases.to(act.device, work_dtype(act))
+    bar = tqdm(bases, desc=desc, leave=False)
+    return [evaluate(model, prepared, subspace(b))["fldd"] for b in bar]
+
+
+def random_direction_reference(
+    model, test: list[Prepared], n: int, seed: int, k: int = 1
+) -> Reference:
+    """FLDD of n random unit directions at the site (k > 1: random k-dim subspaces), on the test
+    pairs."""
     m = test[0].base_act.shape[-1]
-    dirs = random_unit_directions(m, n, seed)
-    values = direction_fldds(model, test, dirs, f"reference: {n} random directions")
-    return Reference(f"random directions (n={len(values)})", tuple(values))
+    if k == 1:
+        dirs = random_unit_directions(m, n, seed)
+        values = direction_fldds(model, test, dirs, f"reference: {n} random directions")
+        return Reference(f"random directions (n={len(values)})", tuple(values))
+    bases = random_subspaces(m, n, k, seed)
+    values = subspace_fldds(model, test, bases, f"reference: {n} random {k}-dim subspaces")
+    return Reference(f"random {k}-dim subspaces (n={len(values)})", tuple(values))
 
 
 def random_mlp_fldds(

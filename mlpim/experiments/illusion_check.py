@@ -47,19 +47,21 @@ RESID_KINDS = ("resid_pre", "resid_post")
 MAX_K = 16  # the largest subspace checked whole (the dormant check's covariance is k×k)
 
 
-def check_options(cfg: DictConfig, opts: IllusionCheckOptions) -> S.CheckOptions:
-    """How much of each reference to measure."""
+def check_options(cfg: DictConfig, opts: IllusionCheckOptions, k: int) -> S.CheckOptions:
+    """How much of each reference to measure, for subspaces of dimension k."""
     return S.CheckOptions(
         n_random_directions=opts.n_random_directions,
         n_natural=opts.n_natural,
         random_mlp_seeds=opts.random_mlp_seeds,
         seed=int(cfg.seed),
+        k=k,
     )
 
 
-def random_mlp_method(cfg: DictConfig, opts: IllusionCheckOptions) -> DasSettings:
-    """DAS for the random-MLP runs: 1-D, as many epochs as the direction's training."""
-    return das_settings(cfg, dim=1, epochs=int(opts.random_mlp_epochs or cfg.method.epochs))
+def random_mlp_method(cfg: DictConfig, opts: IllusionCheckOptions, k: int) -> DasSettings:
+    """DAS for the random-MLP runs: of the subspace's dimension k, as many epochs as the
+    direction's training."""
+    return das_settings(cfg, dim=k, epochs=int(opts.random_mlp_epochs or cfg.method.epochs))
 
 
 def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
@@ -86,9 +88,9 @@ def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> 
         kind,
         layer,
         th,
-        check_options(cfg, opts),
+        check_options(cfg, opts, k),
         natural,
-        random_mlp_method(cfg, opts),
+        random_mlp_method(cfg, opts, k),
         reference_store(opts.reference_cache),
     )
     for seed, hist in histories.items():
