@@ -70,7 +70,7 @@ def test_unknown_sizes_say_nothing(tmp_path, monkeypatch):
 def test_workload_counts_the_pairs_and_natural_prompts(tmp_path):
     cfg = compose(["experiment=illusion_check", "dataset.n_train_pairs=10"])
     work = workload(cfg)
-    assert (work.n_pairs, work.n_natural) == (10 + 2 * 100, 1000)
+    assert (work.n_pairs, work.n_natural) == (10 + 3 * 100, 1000)
     (tmp_path / "p.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n')
     cfg = compose(["experiment=ioi_mlp8_das", "dataset=pairs", f"dataset.path={tmp_path}/p.jsonl"])
     assert workload(cfg).n_pairs == 2
