@@ -244,11 +244,11 @@ def model_shape(cfg: DictConfig, model_file: Path | None) -> memory.ModelShape |
 
 def workload(cfg: DictConfig) -> memory.Workload:
     """What the run holds besides the weights: its pairs (train and test, and twice as many as
-    the test pairs for the check's two held-out sets; a pairs file's lines), a forward's batch,
+    the test pairs for the check's two held-out sets; a task file's lines), a forward's batch,
     the natural prompts' activations."""
     data = {} if "dataset" in (cfg.get("ignores") or []) else cfg.dataset
     n_pairs = data.get("n_train_pairs", 0) + 3 * data.get("n_test_pairs", 0)
-    if data and data.name == "pairs":
+    if data and data.name in FILE_TASKS and Path(data.path).is_file():  # a pair (or row) a line
         with open(data.path, encoding="utf-8-sig") as f:
             n_pairs = sum(1 for line in f if line.strip())
     batch = max(data.get("batch_size", 0), memory.Workload.batch)

@@ -74,6 +74,8 @@ def test_workload_counts_the_pairs_and_natural_prompts(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n')
     cfg = compose(["experiment=ioi_mlp8_das", "dataset=pairs", f"dataset.path={tmp_path}/p.jsonl"])
     assert workload(cfg).n_pairs == 2
+    cfg = compose(["experiment=ioi_mlp8_das", "dataset=mib", f"dataset.path={tmp_path}/p.jsonl"])
+    assert workload(cfg).n_pairs == 2
 
 
 def test_gguf_header_gives_the_shape(tmp_path):
