@@ -3,7 +3,8 @@ before the model loads. Each failure is an `MlpimError` naming the value and wha
 keys the schema does not know (also when added with `+`/`++`), values that cannot train or run
 (epochs, learning rates, batch sizes), the device, the model file, the task file and direction
 files (read once, into the `Direction`s the runner receives, and checked: finite, non-zero,
-full rank, at their site and layer, within the model's declared sizes).
+full rank, at their site and layer, within the model's declared sizes), and the run's estimated
+peak memory against what its device has free (`check_memory`, `mlpim.engine.memory`).
 
 An experiment config declares `sites:` (the site kinds it can patch; empty = any) and `ignores:`
 (top-level keys it never reads, e.g. `site` for `ioi_alignment`); a command-line override of an
