@@ -3,7 +3,8 @@ before the model loads. Each failure is an `MlpimError` naming the value and wha
 keys the schema does not know (also when added with `+`/`++`), values that cannot train or run
 (epochs, learning rates, batch sizes), the device, the model file, the task file and direction
 files (read once, into the `Direction`s the runner receives, and checked: finite, non-zero,
-full rank, at their site and layer, within the model's declared sizes).
+full rank, at their site and layer, within the model's declared sizes), and the run's estimated
+peak memory against what its device has free (`check_memory`, `mlpim.engine.memory`).
 
 An experiment config declares `sites:` (the site kinds it can patch; empty = any) and `ignores:`
 (top-level keys it never reads, e.g. `site` for `ioi_alignment`); a command-line override of an
@@ -12,6 +13,7 @@ ignored key is refused rather than silently dropped.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import get_args, get_type_hints
 
@@ -19,12 +21,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mlpim.config import check_unknown_keys
+from mlpim.engine import memory
 from mlpim.engine.direction import OPTION_NAMES, Direction, load_direction
 from mlpim.engine.interventions import ENGINES
-from mlpim.engine.models import ModelSpec, gguf_path
+from mlpim.engine.models import ModelSpec, gguf_path, resolve_device
 from mlpim.errors import ConfigError, MlpimError
 from mlpim.experiments import Experiment, get_experiment, runner_names
-from mlpim.tasks import FILE_TASKS
+from mlpim.tasks import FILE_TASKS, task_vocabulary
 from mlpim.tasks.mib import check_mib_task
 from mlpim.tasks.pairs import check_pairs_file
 
@@ -182,13 +185,77 @@ def check_device(cfg: DictConfig) -> None:
         )
 
 
-def check_model_file(cfg: DictConfig) -> None:
-    """A GGUF model file exists and is a GGUF file (a GGUF without its file is refused)."""
+def check_model_file(cfg: DictConfig) -> Path | None:
+    """A GGUF model file exists and is a GGUF file (a GGUF without its file is refused); its
+    path, None for a model of another source."""
     if "model" in (cfg.get("ignores") or []) or cfg.model.source != "gguf":
-        return
+        return None
     if OmegaConf.is_missing(cfg.model, "file"):
         raise MlpimError("model=gguf needs the file: model.file=/path/to/model.gguf")
-    gguf_path(ModelSpec.from_mapping(OmegaConf.to_container(cfg.model, resolve=True)))
+    return gguf_path(ModelSpec.from_mapping(OmegaConf.to_container(cfg.model, resolve=True)))
+
+
+MEMORY_BUDGET = "MLPIM_MEMORY_BUDGET"  # environment variable: the memory free, e.g. 8GiB
+PLAIN_MLP = ("gpt2", "neox")  # tiny families whose MLP has two matrices, not three
+
+
+def check_memory(cfg: DictConfig, model_file: Path | None) -> None:
+    """Refuse in one line a run whose estimated peak memory (`memory.estimate`) exceeds what
+    its device has free (or `MLPIM_MEMORY_BUDGET`); silent where the model's shape or the free
+    memory is unknown."""
+    shape = None if "model" in (cfg.get("ignores") or []) else model_shape(cfg, model_file)
+    budget, device = os.environ.get(MEMORY_BUDGET), resolve_device(cfg.device)
+    free = memory.parse_size(budget, MEMORY_BUDGET) if budget else memory.free_bytes(device)
+    if shape is None or free is None:
+        return
+    dtype = cfg.model.get("dtype", "float32")
+    need = memory.estimate(shape, memory.DTYPE_BYTES[dtype], workload(cfg))
+    if sum(need.values()) <= free:
+        return
+    where = f"({MEMORY_BUDGET}={budget})" if budget else f"on {device}"
+    parts = ", ".join(f"{k} {memory.size_text(v)}" for k, v in need.items() if v)
+    smaller = ", model.dtype=bfloat16" if memory.DTYPE_BYTES[dtype] > 2 else ""
+    raise MlpimError(
+        f"{cfg.model.name} ({dtype}) needs about {memory.size_text(sum(need.values()))}, "
+        f"{memory.size_text(free)} free {where}: it cannot fit ({parts}); try fewer pairs"
+        f"{smaller} or a larger machine (docs/engine.md, Memory)"
+    )
+
+
+def model_shape(cfg: DictConfig, model_file: Path | None) -> memory.ModelShape | None:
+    """The model's shape from its GGUF file's header, its folder (`model.path`) or its declared
+    sizes (`model.sizes`, the tiny model's); None where none of them tells."""
+    if model_file is not None:
+        return memory.gguf_shape(model_file)
+    path = cfg.model.get("path") if not OmegaConf.is_missing(cfg.model, "path") else None
+    if cfg.model.source == "hf" and path:
+        return memory.hf_shape(Path(path).expanduser())
+    sizes = model_sizes(cfg)
+    if not {"n_layers", "d_model", "d_mlp"} <= set(sizes):
+        return None
+    plain = cfg.model.get("arch") in PLAIN_MLP
+    heads, kv_heads = sizes.get("n_heads"), sizes.get("n_kv_heads")
+    kv = sizes["d_model"] // heads * kv_heads if heads and kv_heads and not plain else None
+    vocab = sizes.get("vocab", 0)
+    if cfg.model.source == "tiny":  # `word_tokenizer`: each word with and without a space
+        vocab = 2 * len(task_vocabulary(cfg.dataset)) + 1
+    return memory.declared_shape(
+        sizes["n_layers"], sizes["d_model"], sizes["d_mlp"], vocab, kv, not plain
+    )
+
+
+def workload(cfg: DictConfig) -> memory.Workload:
+    """What the run holds besides the weights: its pairs (train and test, and twice as many as
+    the test pairs for the check's two held-out sets; a task file's lines), a forward's batch,
+    the natural prompts' activations."""
+    data = {} if "dataset" in (cfg.get("ignores") or []) else cfg.dataset
+    n_pairs = data.get("n_train_pairs", 0) + 3 * data.get("n_test_pairs", 0)
+    if data and data.name in FILE_TASKS and Path(data.path).is_file():  # a pair (or row) a line
+        with open(data.path, encoding="utf-8-sig") as f:
+            n_pairs = sum(1 for line in f if line.strip())
+    batch = max(data.get("batch_size", 0), memory.Workload.batch)
+    n_natural = (cfg.get("extra") or {}).get("n_natural_prompts") or 0
+    return memory.Workload(n_pairs, batch=batch, n_natural=n_natural)
 
 
 TASK_CHOICES = {"invalid": ("error", "drop"), "keep": ("all", "known")}
@@ -305,5 +372,5 @@ def preflight(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, 
     directions = load_directions(cfg)
     check_site_and_dim(cfg)
     check_task_file(cfg)
-    check_model_file(cfg)
+    check_memory(cfg, check_model_file(cfg))
     return directions
