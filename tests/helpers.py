@@ -25,6 +25,14 @@ PROBE = [*FAST, "dataset.n_train_pairs=8", "dataset.n_test_pairs=8"]  # fault pr
 SMALL = [*TINY, "dataset.n_train_pairs=40", "dataset.n_test_pairs=20"]  # default DAS epochs
 NAMES = ["Mary", "John", "Anna", "Paul", "Sara", "Mark", "Lisa", "Tom", "Emma", "Jack"]
 TEMPLATE = "When {} and {} went to the store , {} gave a drink to"
+# illusion_check's references, as few as still measure each check (tiny model)
+REFS = [
+    "extra.random_mlp_seeds=1",
+    "extra.random_mlp_epochs=1",
+    "extra.n_random_directions=4",
+    "extra.n_natural=2",
+    "extra.n_random=50",
+]
 
 
 def cli(capsys, *args: str) -> tuple[int, str]:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import NAMES, PROBE, assert_one_line_error, cli, pair_rows
+from helpers import NAMES, PROBE, REFS, assert_one_line_error, cli, pair_rows
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
@@ -34,13 +34,6 @@ from mlpim.tasks.mib import ioi_mib_rows, write_mib_jsonl
 from mlpim.tasks.pairs import encode
 
 D_MODEL, D_MLP = 64, 128  # conf/model/tiny.yaml
-REFS = [
-    "extra.random_mlp_seeds=1",
-    "extra.random_mlp_epochs=1",
-    "extra.n_random_directions=4",
-    "extra.n_natural=2",
-    "extra.n_random=50",
-]
 
 
 def unit(d: int = D_MLP, seed: int = 0) -> np.ndarray:

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from helpers import PROBE, cli
+from helpers import REFS as CHECK_REFS
 from safetensors.torch import save_file
 
 from mlpim import constants as C
@@ -26,14 +27,7 @@ from mlpim.errors import MlpimError
 
 GOLDEN = Path(__file__).parent / "data" / "illusion_check_k1_metrics.csv"
 D_MODEL, D_MLP = 64, 128  # conf/model/tiny.yaml
-REFS = [
-    "extra.random_mlp_seeds=1",
-    "extra.random_mlp_epochs=1",
-    "extra.n_random_directions=4",
-    "extra.n_natural=2",
-    "extra.n_random=50",
-    "extra.n_natural_prompts=40",
-]
+REFS = [*CHECK_REFS, "extra.n_natural_prompts=40"]
 
 
 def check(capsys, tmp_path: Path, direction: Path, *overrides: str) -> pd.DataFrame:
