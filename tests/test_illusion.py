@@ -81,20 +81,15 @@ def hand_checks(v: torch.Tensor, w_out=W_OUT, make=hidden, read=None, rest=0.0) 
     proj, null = ns.split(v, w_out)
     fldd = {name: effect(subspace(b)) for name, b in intervention_bases(v, proj, null).items()}
     fldd["full"] = effect(full)
-    idx = resample(len(base), 200, 0)
+    idx, nat_idx = resample(len(base), 200, 0), resample(2 * len(base), 200, 1)
     off, full_off = divergence.off_distribution(
-        base, source, v, w_out, torch.cat([base, source]), idx
+        base, source, v, w_out, torch.cat([base, source]), idx, nat_idx
     )
     checks = [
         effect_check(fldd["das"], NO_REFS, TH),
         component_check(fldd["das"], fldd["full"], TH),
         nullspace_check(
-            fldd["das"],
-            fldd.get("row_proj", 0.0),
-            fldd.get("null_proj", 0.0),
-            null.norm().item() ** 2,
-            NO_REFS,
-            TH,
+            fldd["das"], fldd.get("row_proj", 0.0), null.norm().item() ** 2, NO_REFS, TH
         ),
         dormant_check(divergence.dormant_est(base, source, v, proj, idx), NO_REFS, TH),
         off_distribution_check(off, full_off, NO_REFS, TH),
@@ -195,10 +190,10 @@ def test_borderline_warning_from_its_interval():
 def test_thresholds_on_the_paper_numbers():
     """GPT-2 MLP8 (Table 1): v_MLP 0.467, full −0.08, row part 0.135, null part 0, ‖null‖ 0.657."""
     assert component_check(0.467, -0.08, TH).warning
-    assert nullspace_check(0.467, 0.135, 0.0, 0.657**2, NO_REFS, TH).warning
+    assert nullspace_check(0.467, 0.135, 0.657**2, NO_REFS, TH).warning
     assert not component_check(1.407, 1.236, TH).warning  # v_resid vs full resid_post8
-    assert not nullspace_check(0.467, 0.40, 0.0, 0.5, NO_REFS, TH).warning  # additive
-    assert not nullspace_check(0.467, 0.1, 0.0, 0.05, NO_REFS, TH).warning  # no null part
+    assert not nullspace_check(0.467, 0.40, 0.5, NO_REFS, TH).warning  # its read part's own
+    assert not nullspace_check(0.467, 0.1, 0.05, NO_REFS, TH).warning  # no null part
     assert random_mlp_check(0.5, 0.467, NO_REFS, TH).warning
     assert not random_mlp_check(0.05, 0.467, NO_REFS, TH).warning
     assert dormant_check(2.0, NO_REFS, TH).warning

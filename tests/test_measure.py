@@ -20,6 +20,7 @@ from mlpim.analysis import measure as M
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis import references as R
 from mlpim.analysis.checks import Thresholds
+from mlpim.analysis.checks.off_distribution import off_distribution_check
 from mlpim.analysis.editing import edited_w_out
 from mlpim.analysis.stats import auc, emd_1d, fldd_est, mean_est, resample
 from mlpim.config import compose
@@ -76,22 +77,32 @@ def test_bootstrap_intervals_cover_a_known_mean():
 
 def test_off_distribution_in_and_out():
     """A patch that puts in real prompts' activations is in distribution (≈ 0 sd); one that
-    drives the read-out 5 sd beyond anything natural is out (≈ 5 sd)."""
+    drives the read-out 5 sd beyond anything natural is out (≈ 5 sd); net of the whole-site patch
+    that is ≈ 0 when the source prompts lie there too, ≈ 5 when the patch drives the read part
+    with its unread part's variation (the source's own read-out natural)."""
     rng = np.random.default_rng(0)
     natural = torch.from_numpy(rng.normal(0, 1, (2000, 3)))
     w_out = torch.eye(3, dtype=torch.float64)
     base = torch.from_numpy(rng.normal(0, 1, (200, 3)))
     source = torch.from_numpy(rng.normal(0, 1, (200, 3)))
-    idx = resample(200, 300, 0)
+    idx, nat_idx = resample(200, 300, 0), resample(2000, 300, 1)
     e0 = torch.tensor([1.0, 0, 0], dtype=torch.float64)
-    inside, full_off = divergence.off_distribution(base, source, e0, w_out, natural, idx)
-    assert inside.value < 0.2 and full_off < 0.2
+    off = lambda s, v, w: divergence.off_distribution(base, s, v, w, natural, idx, nat_idx)  # noqa: E731
+    inside, full_off = off(source, e0, w_out)
+    assert inside.value < 0.2 and full_off.value < 0.2
     pushed = source + 5.0 * e0  # the source prompts, shifted along e0: 5 sd off
-    out, _ = divergence.off_distribution(base, pushed, e0, w_out, natural, idx)
+    out, full_out = off(pushed, e0, w_out)
     assert out.value == pytest.approx(5.0, abs=0.3) and out.ci(0.95)[0] > 4.0
+    assert full_out.value == pytest.approx(5.0, abs=0.3)  # the source prompts themselves
+    net = off_distribution_check(out, full_out, R.Refs(), TH)
+    assert net.value == pytest.approx(out.value - full_out.value) and abs(net.value) < 0.3
     along_null = torch.tensor([1.0, 0, 0], dtype=torch.float64)
     w_null = torch.tensor([[0.0, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.float64)
-    harmless, _ = divergence.off_distribution(base, pushed, along_null, w_null, natural, idx)
+    bridge = torch.tensor([1.0, 1.0, 0], dtype=torch.float64) / 2**0.5  # unread e0 + read e1
+    driven = source + 10.0 * e0  # the unread e0 differs by 10 between source and base
+    far = off_distribution_check(*off(driven, bridge, w_null), R.Refs(), TH)
+    assert far.value == pytest.approx(5.0, abs=0.4) and far.warning  # e1 driven ≈ 5 sd off
+    harmless, _ = off(pushed, along_null, w_null)
     assert harmless.value == 0.0  # moved only where W_out never reads: not measured
     assert emd_1d(np.zeros(10), np.ones(7)) == pytest.approx(1.0)
 

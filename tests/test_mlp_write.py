@@ -1,6 +1,7 @@
 """What an MLP writes into the residual (`mlpim.analysis.mlp_write`): W_out itself where the block
 adds the MLP's output as it is (Llama), W_out through the block's own post-feedforward norm's
-Jacobian where it normalises it first (Gemma 3), checked against the model's own forward."""
+Jacobian where it normalises it first (Gemma 3), checked against the model's own forward; a W_out
+that does not give the MLP's output from its hidden activation stops the verdict path."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from mlpim.analysis import nullspace as ns
-from mlpim.analysis.mlp_write import BLOCK_OUT, residual_w_out
+from mlpim.analysis.mlp_write import BLOCK_OUT, check_hidden_writes, end_outputs, residual_w_out
 from mlpim.config import compose
 from mlpim.engine.patching import at, run_cache
 from mlpim.errors import MlpimError
@@ -95,3 +96,48 @@ def test_the_mlp_steps_run_on_a_family_with_a_post_norm(tmp_path):
         "hidden @ W_out + b_out - MLP output| = 0"
         in (tmp_path / "ioi_nullspace" / C.SUMMARY).read_text()
     )
+
+
+@pytest.mark.parametrize("family", ["tiny_gpt2", "tiny_llama", "tiny_gemma3"])
+def test_the_hidden_activation_times_w_out_is_the_mlps_output(family, request):
+    """hidden @ W_out (+ b_out) equals the MLP module's output at END, within float32 rounding, on
+    every family (biased GPT-2, bias-free Llama, Gemma 3 before its post-feedforward norm)."""
+    model = request.getfixturevalue(family)
+    hidden, pre, _ = end_outputs(model, LAYER, _batches(model))
+    assert hidden.shape[-1] == ns.mlp_w_out(model, LAYER).shape[0]
+    assert check_hidden_writes(model, LAYER, hidden, pre) <= 1e-5 * pre.abs().max()
+
+
+def _broken_w_out(monkeypatch, model) -> None:
+    """W_out read through the model (the bridge's property) 1% off what the module multiplies by."""
+    cls = type(model.blocks[LAYER].mlp)
+    right = cls.W_out.fget
+    monkeypatch.setattr(cls, "W_out", property(lambda self: right(self) * 1.01))
+
+
+def test_an_mlp_whose_w_out_does_not_give_its_output_is_stopped(tiny_llama, monkeypatch):
+    """A W_out that does not reproduce the MLP's output is refused in one line naming the layer
+    and the largest error, where the site's W_out is read (`residual_w_out`)."""
+    _broken_w_out(monkeypatch, tiny_llama)
+    with pytest.raises(MlpimError, match=r"block 1: the MLP's hidden activation @ W_out .* up to"):
+        residual_w_out(tiny_llama, LAYER, _batches(tiny_llama))
+
+
+def test_the_verdict_path_stops_a_family_whose_w_out_is_wrong(
+    tiny_gpt2, tmp_path, capsys, monkeypatch
+):
+    """`mlpim check` at mlp_post: one `mlpim: error:` line, before any reference is measured."""
+    from helpers import PROBE, REFS, assert_one_line_error, cli
+
+    from mlpim.analysis import references as R
+    from mlpim.engine.subspace import save_subspace
+
+    v = torch.randn(128, 1, generator=torch.Generator().manual_seed(0))
+    save_subspace(tmp_path / "v.pt", v / v.norm(), model="tiny", site="mlp_post", layer=1, k=1)
+    _broken_w_out(monkeypatch, tiny_gpt2)  # its class: every tiny GPT-2 the run builds
+    measured = []
+    monkeypatch.setattr(R, "random_direction_reference", lambda *a: measured.append(a))
+    args = [str(tmp_path / "v.pt"), *PROBE, *REFS, f"hydra.run.dir={tmp_path / 'run'}"]
+    code, out = cli(capsys, "check", *args)
+    assert_one_line_error(code, out, "block 1", "differs from its output by up to")
+    assert measured == []

@@ -9,12 +9,16 @@ Two measures, both per pair so that they carry bootstrap intervals over the pair
   as Mahalanobis lengths in the natural differences' second moment on R (r = 1: today's ratio,
   the scale cancelling);
 - the off-distribution distance (Grant, Han, Tartaglini, Potts 2025): the earth-mover distance
-  between the patched MLP outputs read along W_out·v and the MLP's natural outputs read the same
-  way (natural activations over many prompts), in natural standard deviations. A whole-site patch
-  puts in a real prompt's activation (distance near 0); divergence in W_out's nullspace is never
-  read downstream and so is not measured (it is harmless in their terms). For V, the sliced
-  earth-mover distance inside the subspace V writes to: the mean over `SLICES` seeded random unit
-  directions of that subspace of the 1-D distance in natural sd (one written dimension: today's).
+  between the patched MLP outputs read along what v writes into the residual and the MLP's
+  natural outputs read the same way (natural activations over many prompts), in natural standard
+  deviations, with the same distance of the whole-site patch (a real prompt's activation put in)
+  measured on the same pairs; the check reports the difference (`checks.off_distribution`). What
+  v writes is v @ W_out as the residual sees it (`mlp_write.residual_w_out`: through the block's
+  post-feedforward norm where it has one). Divergence in W_out's nullspace is never read
+  downstream and so is not measured (it is harmless in their terms). The bootstrap resamples the
+  natural sample too, in the same replicates as the pairs. For V, the sliced earth-mover
+  distance inside the subspace V writes to: the mean over `SLICES` seeded random unit directions
+  of that subspace of the 1-D distance in natural sd (one written dimension: today's).
 
 A basis with one column is measured exactly as its vector (the same floating-point operations).
 """
@@ -27,7 +31,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mlpim.analysis import nullspace as ns
-from mlpim.analysis.stats import Est, emd_est, ratio_est, tensor_np
+from mlpim.analysis.stats import Est, emd_ests, ratio_est, tensor_np
 
 SLICES = 64  # random directions of the written subspace for the sliced distance (k > 1)
 
@@ -99,18 +103,20 @@ def patched(
     return b + ((s - b) @ u)[:, None] * u[None, :]
 
 
-def off_est(
-    acts: Float[Tensor, "n m"],
+def off_ests(
+    moved: Float[Tensor, "n m"],
+    source: Float[Tensor, "n m"],
     natural: Float[Tensor, "N m"],
     a: Float[Tensor, " m"],
     idx: np.ndarray,
-) -> Est:
-    """EMD(acts·a, natural·a) / sd(natural·a), resampling the rows of `acts` with `idx`."""
-    y_nat = tensor_np(natural.double() @ a)
-    sd = float(y_nat.std(ddof=1))
-    if not sd > 0:
-        return Est(float("nan"), np.array([]))
-    return emd_est(tensor_np(acts.double() @ a), y_nat, idx, sd)
+    nat_idx: np.ndarray,
+) -> tuple[Est, Est]:
+    """EMD(·a, natural·a) / sd(natural·a) of the patched activations and of the whole-site
+    patch's (the source's), resampling the pairs with `idx` and the natural sample with
+    `nat_idx` in the same replicates (`stats.emd_ests`)."""
+    y = [tensor_np(x.double() @ a) for x in (moved, source, natural)]
+    off, full = emd_ests(y[:2], y[2], idx, nat_idx)
+    return off, full
 
 
 def slices(v: Float[Tensor, "m k"], w_out: Float[Tensor, "m d"]) -> Float[Tensor, "m s"]:
@@ -130,32 +136,50 @@ def slices(v: Float[Tensor, "m k"], w_out: Float[Tensor, "m d"]) -> Float[Tensor
     return w_out.double() @ (u @ theta.to(u.device))
 
 
+def mean_of(ests: list[Est]) -> Est:
+    """The mean of estimates resampled alike, replicate by replicate (no interval if one has
+    none)."""
+    value = float(np.mean([e.value for e in ests]))
+    if any(e.boot.size == 0 for e in ests):
+        return Est(value, np.array([]))
+    return Est(value, np.mean([e.boot for e in ests], axis=0))
+
+
 def sliced_off(
-    base: Tensor, source: Tensor, v: Tensor, w_out: Tensor, natural: Tensor, idx: np.ndarray
-) -> tuple[Est, float]:
+    base: Tensor,
+    source: Tensor,
+    v: Tensor,
+    w_out: Tensor,
+    natural: Tensor,
+    idx: np.ndarray,
+    nat_idx: np.ndarray,
+) -> tuple[Est, Est]:
     """`off_distribution` of a k-dim patch: the mean over `slices` of each one's distance."""
     a = slices(v, w_out).to(base.device)
     if a.shape[1] == 0:
-        return Est(0.0, np.zeros(len(idx))), 0.0
+        return Est(0.0, np.zeros(len(idx))), Est(0.0, np.zeros(len(idx)))
     moved = patched(base, source, v)
-    per = [off_est(moved, natural, a[:, j], idx) for j in range(a.shape[1])]
-    full = float(np.mean([off_est(source, natural, a[:, j], idx).value for j in range(a.shape[1])]))
-    value = float(np.mean([e.value for e in per]))
-    if any(e.boot.size == 0 for e in per):  # a slice without natural spread
-        return Est(value, np.array([])), full
-    return Est(value, np.mean([e.boot for e in per], axis=0)), full
+    per = [off_ests(moved, source, natural, a[:, j], idx, nat_idx) for j in range(a.shape[1])]
+    return mean_of([p[0] for p in per]), mean_of([p[1] for p in per])
 
 
 def off_distribution(
-    base: Tensor, source: Tensor, v: Tensor, w_out: Tensor, natural: Tensor, idx: np.ndarray
-) -> tuple[Est, float]:
-    """(off-distribution distance of the patch along v, the same for the whole-site patch); v a
-    unit vector or a basis (m×k: the sliced distance, `sliced_off`)."""
+    base: Tensor,
+    source: Tensor,
+    v: Tensor,
+    w_out: Tensor,
+    natural: Tensor,
+    idx: np.ndarray,
+    nat_idx: np.ndarray,
+) -> tuple[Est, Est]:
+    """(off-distribution distance of the patch along v, the same for the whole-site patch), in
+    one resampling of the pairs (`idx`) and of the natural sample (`nat_idx`); v a unit vector
+    or a basis (m×k: the sliced distance, `sliced_off`). `w_out`: W_out as the residual sees it
+    (`mlp_write.residual_w_out`)."""
     if v.ndim == 2 and v.shape[1] > 1:
-        return sliced_off(base, source, v, w_out, natural, idx)
+        return sliced_off(base, source, v, w_out, natural, idx, nat_idx)
     v = v.reshape(-1)
     a = readout(v, w_out).to(base.device)
     if a.norm() < 1e-12:
-        return Est(0.0, np.zeros(len(idx))), 0.0
-    full = off_est(source, natural, a, idx).value
-    return off_est(patched(base, source, v), natural, a, idx), full
+        return Est(0.0, np.zeros(len(idx))), Est(0.0, np.zeros(len(idx)))
+    return off_ests(patched(base, source, v), source, natural, a, idx, nat_idx)

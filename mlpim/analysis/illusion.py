@@ -34,7 +34,7 @@ BORDERLINE = "borderline"
 NAN = float("nan")
 Z_CAP = 50.0  # |margin / bootstrap sd| is capped here in the illusion score
 HALF_MEANS = {  # what each half of the illusion is, in the rule's words
-    "bridging": "the effect needs v's nullspace part",
+    "bridging": "the effect exceeds its read part's own, so it needs the unread part",
     "dormant": "the patch drives the read part where real prompts never go",
 }
 

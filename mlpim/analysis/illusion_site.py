@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import pandas as pd
 from torch import Tensor
 
@@ -17,6 +18,7 @@ from mlpim.analysis import illusion
 from mlpim.analysis import measure as M
 from mlpim.analysis import references as R
 from mlpim.analysis.checks import Thresholds
+from mlpim.analysis.stats import mean_est
 from mlpim.engine.das import DasSettings
 
 
@@ -42,21 +44,23 @@ def check_site(
     method: DasSettings,
     store: R.Store | None = None,
 ) -> tuple[M.SiteData, dict]:
-    """The site's shared data and references; the random-MLP runs' histories."""
-    test = splits["test"]
-    refs = R.Refs(
+    """The site's shared data and references; the random-MLP runs' histories. The site is read
+    first, so that an MLP whose hidden activation @ W_out is not its output stops the run before
+    any reference is measured (`measure.site_data`)."""
+    site = M.site_data(model, splits, kind, layer, th, R.Refs(), natural, seed=opts.seed)
+    site.refs = R.Refs(
         random_dirs=R.random_direction_reference(
-            model, test, opts.n_random_directions, opts.seed, opts.k
+            model, splits["test"], opts.n_random_directions, opts.seed, opts.k
         )
     )
-    rand, hist = [], {}
+    hist = {}
     if kind == "mlp_post" and opts.random_mlp_seeds > 0:
         seeds = range(opts.seed, opts.seed + opts.random_mlp_seeds)
         rand, hist = R.random_mlp_reference(model, splits, layer, method, seeds, store)
         dim = f", dim {method.dim}" if method.dim > 1 else ""
         name = f"random-MLP DAS ({len(rand)} seeds, {method.epochs} epochs{dim})"
-        refs = replace(refs, random_mlp=R.Reference(name, tuple(rand)))
-    site = M.site_data(model, splits, kind, layer, th, refs, natural, rand, opts.seed)
+        site.refs = replace(site.refs, random_mlp=R.Reference(name, tuple(rand)))
+        site.random_mlp = mean_est(np.asarray(rand), th.n_boot, opts.seed)
     site.refs = M.natural_references(model, site, opts.n_natural)
     return site, hist
 

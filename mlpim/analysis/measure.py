@@ -2,7 +2,8 @@
 
 `SiteData` holds what is measured once per site and shared by every direction checked there: the
 prepared pairs, the whole-site patch, the references, the natural activations and the bootstrap
-resampling of each pair set. `measure_checks` patches V (an orthonormal m×k basis; k = 1 a unit
+resampling of each pair set (templates, then pairs inside them: `stats.resample`) and of the
+natural sample. `measure_checks` patches V (an orthonormal m×k basis; k = 1 a unit
 direction v) and its row-space and nullspace parts (each orthonormalised) on the test pairs, runs
 the checks (`mlpim.analysis.checks`, one module each) and returns tidy metric rows with them.
 """
@@ -29,7 +30,7 @@ from mlpim.analysis.checks.dormant_row_part import dormant_check
 from mlpim.analysis.checks.effect import effect_check
 from mlpim.analysis.checks.generalisation import generalisation_check
 from mlpim.analysis.checks.nullspace_bridging import bridging_margin, nullspace_check
-from mlpim.analysis.checks.off_distribution import off_distribution_check
+from mlpim.analysis.checks.off_distribution import net_off, off_distribution_check
 from mlpim.analysis.checks.random_mlp import random_mlp_check
 from mlpim.analysis.mlp_write import residual_w_out
 from mlpim.analysis.rows import metric_rows
@@ -42,6 +43,7 @@ from mlpim.engine.patching import at, full, subspace
 Splits = dict[str, list[Prepared]]
 HELD_OUT = ("new templates", "new names")  # held-out sets beyond the test pairs (IOI)
 NATURAL_PARTS = 3  # interventions per natural direction for the bridging reference
+NATURAL_SEED = 7919  # added to the seed for the natural sample's resampling (not a pair set's)
 
 
 @dataclass(frozen=True)
@@ -88,17 +90,31 @@ class SiteData:
     w_out: Tensor | None = None  # the MLP's W_out (mlp_post), read when the site is measured
     w_resid: Tensor | None = None  # W_out as the residual sees it (`mlp_write.residual_w_out`)
     natural: Tensor | None = None  # natural site activations over many prompts (mlp_post)
+    natural_idx: np.ndarray | None = None  # the natural sample's bootstrap, n_boot × its size
     random_mlp: Est | None = None  # mean test FLDD of random-MLP DAS over seeds
 
 
+def clusters(prepared: list[Prepared], changing: bool = False) -> list:
+    """Each pair's cluster id (`PairBatch.cluster`; None: its own), over the batches in order
+    (`changing`: only pairs whose answer the patch changes)."""
+    out = []
+    for p in prepared:
+        ids = p.pairs.cluster or (None,) * len(p.pairs)
+        keep = (p.pairs.label != p.pairs.base.answer).tolist() if changing else [True] * len(ids)
+        out += [c for c, k in zip(ids, keep, strict=True) if k]
+    return out
+
+
 def bootstrap_indices(splits: Splits, n_boot: int, seed: int) -> dict[str, np.ndarray]:
-    """One resampling per pair set (the changing train pairs apart), each seeded differently."""
-    sizes = {k: sum(len(p.pairs) for p in v) for k, v in splits.items()}
-    train = splits.get("train", [])
-    sizes["train (changing)"] = sum(
-        int((p.pairs.label != p.pairs.base.answer).sum()) for p in train
-    )
-    return {k: resample(n, n_boot, seed + i) for i, (k, n) in enumerate(sorted(sizes.items())) if n}
+    """One cluster resampling per pair set (the changing train pairs apart), each seeded
+    differently (`stats.resample`)."""
+    ids = {k: clusters(v) for k, v in splits.items()}
+    ids["train (changing)"] = clusters(splits.get("train", []), changing=True)
+    return {
+        k: resample(len(c), n_boot, seed + i, c)
+        for i, (k, c) in enumerate(sorted(ids.items()))
+        if c
+    }
 
 
 def site_data(
@@ -112,23 +128,25 @@ def site_data(
     random_mlp: list[float] | None = None,
     seed: int = 0,
 ) -> SiteData:
-    """The shared part of a site's checks (the whole-site patch measured here)."""
-    idx = bootstrap_indices(splits, th.n_boot, seed)
+    """The shared part of a site's checks (the whole-site patch measured here); at mlp_post,
+    W_out as the residual sees it, after checking that the MLP writes hidden @ W_out."""
     rand = mean_est(np.asarray(random_mlp), th.n_boot, seed) if random_mlp else None
     w_out = ns.mlp_w_out(model, layer).clone() if kind == "mlp_post" else None
     bases = [p.pairs.base for p in splits["train"][:2]]  # enough to check and average the write
     w_resid = residual_w_out(model, layer, bases).clone() if kind == "mlp_post" else None
+    nat_idx = None if natural is None else resample(len(natural), th.n_boot, seed + NATURAL_SEED)
     return SiteData(
         kind=kind,
         layer=layer,
         splits=splits,
         th=th,
         refs=refs,
-        idx=idx,
+        idx=bootstrap_indices(splits, th.n_boot, seed),
         full=pair_lds(model, splits["test"], full),
         w_out=w_out,
         w_resid=w_resid,
         natural=natural,
+        natural_idx=nat_idx,
         random_mlp=rand,
     )
 
@@ -181,18 +199,35 @@ def part_fldds(
     return fl, proj, null
 
 
-def mlp_direction_checks(site: SiteData, v: Tensor, fl: dict[str, Est], proj, null) -> list:
-    """Nullspace bridging, dormant row part and off-distribution at an MLP hidden site."""
+def off_distances(site: SiteData, v: Tensor) -> tuple[Est, Est]:
+    """The off-distribution distance of the patch along V and of the whole-site patch on the
+    test pairs, read along what V writes into the residual (`SiteData.w_resid`)."""
     base, source = acts(site.splits["test"])
-    idx, th, refs = site.idx["test"], site.th, site.refs
-    zero = Est(0.0, np.zeros(len(idx)))
-    row, nul = fl.get("row_proj", zero), fl.get("null_proj", zero)
-    off, full_off = divergence.off_distribution(base, source, v, site.w_out, site.natural, idx)
-    return [
-        nullspace_check(fl["das"], row, nul, null.norm().item() ** 2 / v.shape[1], refs, th),
-        dormant_check(divergence.dormant_est(base, source, v, proj, idx), refs, th, v.shape[1]),
-        off_distribution_check(off, full_off, refs, th, v.shape[1]),
+    return divergence.off_distribution(
+        base, source, v, site.w_resid, site.natural, site.idx["test"], site.natural_idx
+    )
+
+
+def mlp_direction_checks(
+    site: SiteData, v: Tensor, fl: dict[str, Est], proj, null, keys: dict
+) -> tuple[list[dict], list[Check]]:
+    """Nullspace bridging, dormant row part and off-distribution at an MLP hidden site; the raw
+    off-distribution distances of V and of the whole-site patch as metric rows."""
+    base, source = acts(site.splits["test"])
+    idx, th, refs, k = site.idx["test"], site.th, site.refs, v.shape[1]
+    row = fl.get("row_proj", Est(0.0, np.zeros(len(idx))))
+    off, full_off = off_distances(site, v)
+    rows = []
+    for name, e in {"das": off, "full": full_off}.items():
+        lo, hi = e.ci(th.ci_level)
+        values = {"off_distance": e.value, "off_distance_low": lo, "off_distance_high": hi}
+        rows += metric_rows(values, intervention=name, split="test", **keys)
+    checks = [
+        nullspace_check(fl["das"], row, null.norm().item() ** 2 / k, refs, th),
+        dormant_check(divergence.dormant_est(base, source, v, proj, idx), refs, th, k),
+        off_distribution_check(off, full_off, refs, th, k),
     ]
+    return rows, checks
 
 
 def site_checks(site: SiteData, fldd_v: Est) -> list[Check]:
@@ -217,7 +252,7 @@ def measure_checks(
     level, test_idx, k = site.th.ci_level, site.idx["test"], v.shape[1]
     if site.kind == "mlp_post":
         fl, proj, null = part_fldds(model, site, v)
-        direction = mlp_direction_checks(site, v, fl, proj, null)
+        off_rows, direction = mlp_direction_checks(site, v, fl, proj, null, keys)
         align = alignment(v, site.w_resid, v_ref, n_align, keys.get("seed", 0))
         norms = {"row_proj": proj.norm().item() ** 2 / k, "null_proj": null.norm().item() ** 2 / k}
     else:
@@ -226,8 +261,8 @@ def measure_checks(
         why = f"needs an MLP hidden site (mlp_post), not {site.kind}"
         names = (*BRIDGING, *DORMANT)
         direction = [not_applicable(n, why) for n in names]
-        align, norms = not_applicable("alignment", why), {}
-    rows = fldd_rows({"full": site.full.fldd(test_idx), **fl}, "test", keys, level)
+        align, norms, off_rows = not_applicable("alignment", why), {}, []
+    rows = fldd_rows({"full": site.full.fldd(test_idx), **fl}, "test", keys, level) + off_rows
     for name, sq in norms.items():
         rows += metric_rows({"norm_sq": sq}, intervention=name, split="test", **keys)
     g_rows, gen = generalisation(model, site, v, fl["das"], keys)
@@ -256,13 +291,11 @@ def natural_references(model, site: SiteData, k: int) -> R.Refs:
     idx, th = site.idx["test"], site.th
     dormant, bridging, off = [], [], []
     for u in tqdm(nat[:, :, None], desc="reference: natural directions", leave=False):
-        fl, proj, null = part_fldds(model, site, u)
-        row, nul = (fl[p].value if p in fl else 0.0 for p in ("row_proj", "null_proj"))
-        bridging.append(bridging_margin(fl["das"].value, row, nul, th.superadditive))
+        fl, proj, _ = part_fldds(model, site, u)
+        row = fl["row_proj"].value if "row_proj" in fl else 0.0
+        bridging.append(bridging_margin(fl["das"].value, row, th.superadditive))
         dormant.append(divergence.dormant_est(base, source, u, proj, idx).value)
-        off.append(
-            divergence.off_distribution(base, source, u, site.w_out, site.natural, idx)[0].value
-        )
+        off.append(net_off(*off_distances(site, u)).value)
     name = f"natural directions (n={nat.shape[0]})"
     ref = lambda xs: R.Reference(name, tuple(xs))  # noqa: E731
     return replace(

@@ -2,13 +2,15 @@
 
 An `Est` carries a value and its bootstrap replicates. Estimates measured on the same pairs share
 one resampling (`resample`), so a margin between them (e.g. FLDD(v) − 1.5·FLDD(row part)) has a
-paired interval; estimates on different pair sets are resampled independently.
+paired interval; estimates on different pair sets are resampled independently. Pairs drawn from
+a few templates are not independent: `resample` given each pair's cluster (its template) draws
+templates first and pairs inside them (a two-stage cluster bootstrap).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,9 +54,38 @@ def combine(f: Callable[..., object], *ests: Est) -> Est:
         return Est(value, np.asarray(f(*reps), dtype=float))
 
 
-def resample(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """n_boot × n indices drawn with replacement (seeded); shared by every estimate on n pairs."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+def resample(n: int, n_boot: int, seed: int, clusters: Sequence | None = None) -> np.ndarray:
+    """n_boot × n indices drawn with replacement (seeded); shared by every estimate on n pairs.
+
+    With `clusters` (one id per pair; None: a cluster of its own), a two-stage cluster bootstrap:
+    each replicate draws the clusters with replacement, then pairs with replacement inside each
+    drawn cluster, as many as it holds; those pairs, laid end to end, are spread evenly over the
+    n slots (the same count per drawn cluster where clusters are equal). Every pair its own
+    cluster: exactly the plain bootstrap's indices.
+    """
+    rng = np.random.default_rng(seed)
+    if clusters is None:
+        return rng.integers(0, n, size=(n_boot, n))
+    ids, sizes = cluster_ids(clusters, n)
+    drawn = rng.integers(0, len(sizes), size=(n_boot, len(sizes)))  # the plain draw when G = n
+    ends = np.cumsum(sizes[drawn], axis=1)
+    slot = np.arange(n)[None, :] * ends[:, -1:] // n  # each slot's place in the drawn pairs
+    row = np.arange(n_boot)[:, None] * (ends[:, -1:].max() + 1)
+    which = np.searchsorted((ends + row).ravel(), (slot + row).ravel(), side="right")
+    c = drawn.ravel()[which].reshape(n_boot, n)
+    member = (rng.random((n_boot, n)) * sizes[c]).astype(np.int64)
+    order = np.argsort(ids, kind="stable")
+    return order[(np.cumsum(sizes) - sizes)[c] + member]
+
+
+def cluster_ids(clusters: Sequence, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(each pair's cluster as 0..G−1 in order of first appearance, each cluster's size); a None
+    id is a cluster of its own."""
+    if len(clusters) != n:
+        raise ValueError(f"{len(clusters)} cluster ids for {n} pairs")
+    seen: dict = {}
+    ids = np.array([seen.setdefault(object() if c is None else c, len(seen)) for c in clusters])
+    return ids, np.bincount(ids, minlength=len(seen))
 
 
 def fldd_est(ld: Float[Tensor, " n"], clean: Float[Tensor, " n"], idx: np.ndarray) -> Est:
@@ -94,11 +125,22 @@ def emd_1d(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(quantiles(a) - quantiles(b)).mean())
 
 
-def emd_est(patched: np.ndarray, natural: np.ndarray, idx: np.ndarray, scale: float) -> Est:
-    """EMD(patched, natural) / scale, resampling the patched pairs with `idx`."""
-    qn = quantiles(natural)
-    boot = np.abs(quantiles(patched[idx]) - qn[None, :]).mean(1) / scale
-    return Est(emd_1d(patched, natural) / scale, boot)
+def emd_ests(
+    patched: Sequence[np.ndarray], natural: np.ndarray, idx: np.ndarray, nat_idx: np.ndarray
+) -> list[Est]:
+    """For each patched sample, EMD(patched, natural) in natural sd, resampling the patched pairs
+    with `idx` and, in the same replicates, the natural sample with `nat_idx` (NaN without a
+    natural spread)."""
+    sd = float(natural.std(ddof=1))
+    if not sd > 0:
+        return [fixed(NAN) for _ in patched]
+    nat = natural[nat_idx]
+    q_nat, sd_nat = quantiles(nat), nat.std(1, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return [
+            Est(emd_1d(p, natural) / sd, np.abs(quantiles(p[idx]) - q_nat).mean(1) / sd_nat)
+            for p in patched
+        ]
 
 
 def tensor_np(x: Tensor) -> np.ndarray:

@@ -45,30 +45,22 @@ def toy_checks(model, u: Tensor, th: Thresholds) -> list[Check]:
     xb, xs = (torch.tensor(x, dtype=u.dtype) for x in zip(*FLIP_PAIRS, strict=True))
     base, source, w_out = model.hidden(xb), model.hidden(xs), model.w_out[:, None]
     natural = torch.cat([base, source])
-    idx = resample(len(base), th.n_boot, 0)
+    idx, nat_idx = resample(len(base), th.n_boot, 0), resample(len(natural), th.n_boot, 1)
     margins = []
     for n in natural_directions(base, source, model.d):
         f, _, _ = _effects(model, base, source, n, w_out)
-        row, null = f.get("row_proj", 0.0), f.get("null_proj", 0.0)
-        margins.append(bridging_margin(f["das"], row, null, th.superadditive))
+        margins.append(bridging_margin(f["das"], f.get("row_proj", 0.0), th.superadditive))
     refs = Refs(natural_bridging=Reference("natural", tuple(margins)))
     f, proj, null = _effects(model, base, source, u, w_out)
     full = toy_effect(model, base, source, torch.eye(model.d, dtype=u.dtype))
-    off, full_off = divergence.off_distribution(base, source, u, w_out, natural, idx)
+    off, full_off = divergence.off_distribution(base, source, u, w_out, natural, idx, nat_idx)
     dormant = divergence.dormant_est(base, source, u, proj, idx)
     return [
         effect_check(f["das"], refs, th),
         component_check(f["das"], full, th),
-        nullspace_check(
-            f["das"],
-            f.get("row_proj", 0.0),
-            f.get("null_proj", 0.0),
-            null.norm().item() ** 2,
-            refs,
-            th,
-        ),
+        nullspace_check(f["das"], f.get("row_proj", 0.0), null.norm().item() ** 2, refs, th),
         dormant_check(fixed(dormant.value), refs, th),
-        off_distribution_check(fixed(off.value), full_off, refs, th),
+        off_distribution_check(fixed(off.value), fixed(full_off.value), refs, th),
     ]
 
 

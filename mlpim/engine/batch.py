@@ -7,7 +7,7 @@ subject token), its own answer and a competing answer: LD = logit(answer) - logi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -46,11 +46,16 @@ class PromptBatch:
 
 @dataclass(frozen=True)
 class PairBatch:
-    """Base and source prompts, with the answer the patched base run should give (`label`)."""
+    """Base and source prompts, with the answer the patched base run should give (`label`).
+
+    `cluster`: per pair, the template (or group) it was drawn from, which the bootstrap resamples
+    as a unit (None, or a None entry: a pair is its own cluster).
+    """
 
     base: PromptBatch
     source: PromptBatch
     label: Int[Tensor, " b"]
+    cluster: tuple[Hashable, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.base)

@@ -227,15 +227,22 @@ NATURAL_PATTERNS = ("ABB", "BAB", "ABA", "BAA")
 
 
 def natural_site_acts(
-    cfg: DictConfig, model, kind: str, layers: list[int], n_prompts: int, splits=None
+    cfg: DictConfig,
+    model,
+    kind: str,
+    layers: list[int],
+    n_prompts: int,
+    splits=None,
+    split: str = "test",
 ) -> dict[int, Tensor]:
-    """{layer: END activations of `n_prompts` IOI prompts of all four patterns}; on another
-    task, the base and source activations of its train pairs."""
+    """{layer: END activations of `n_prompts` IOI prompts of all four patterns}, drawn from
+    `split` (test: the held-out templates and names the checks' pairs come from); on another
+    task, the base and source activations of that split's pairs (`splits`)."""
     if cfg.dataset.name != "ioi":
-        train = splits["train"]
-        return {layers[0]: torch.cat([p.base_act for p in train] + [p.source_act for p in train])}
+        pairs = splits[split]
+        return {layers[0]: torch.cat([p.base_act for p in pairs] + [p.source_act for p in pairs])}
     seed = int(cfg.seed) + 7919  # not the pairs' draw
-    prompts = make_prompts(model.tokenizer, cfg.dataset, "train", NATURAL_PATTERNS, n_prompts, seed)
+    prompts = make_prompts(model.tokenizer, cfg.dataset, split, NATURAL_PATTERNS, n_prompts, seed)
     return natural_acts(model, prompts, kind, layers)
 
 

@@ -302,7 +302,7 @@ def _draw_pair(
 def _collate_pairs(pairs: Sequence[tuple[_Row, _Row]], pad_id: int) -> PairBatch:
     base, source = (_collate([p[i] for p in pairs], pad_id) for i in (0, 1))
     label = [b.io if patched_is_io(b.pattern, s.pattern) else b.s for b, s in pairs]
-    return PairBatch(base, source, torch.tensor(label))
+    return PairBatch(base, source, torch.tensor(label), cluster=base.template)
 
 
 def make_pairs(

@@ -452,6 +452,14 @@ def group_of(pair: Pair) -> str:
     return next((str(pair.meta[k]) for k in GROUP_KEYS if k in pair.meta), "all")
 
 
+def cluster_of(pair: Pair) -> str | None:
+    """The cluster the bootstrap resamples the pair with: its meta's group, else its relation and
+    template (those it has; a fact's pairs share both), else None (a cluster of its own)."""
+    keys = ("group",) if "group" in pair.meta else ("relation", "template")
+    found = [pair.meta[k] for k in keys if k in pair.meta]
+    return json.dumps(found, sort_keys=True) if found else None
+
+
 def keep_known(
     encoded: Sequence[EncodedPair], predict: Callable[[list[str]], Sequence[int]], what: str
 ) -> list[EncodedPair]:
@@ -535,7 +543,8 @@ def collate(encoded: Sequence[EncodedPair], pad_id: int) -> PairBatch:
     source = _prompts(
         [e.source_ids for e in encoded], [e.source_pos for e in encoded], s_ans, b_ans, pad_id
     )
-    return PairBatch(base, source, torch.tensor([e.label for e in encoded]))
+    cluster = tuple(cluster_of(e.pair) for e in encoded)
+    return PairBatch(base, source, torch.tensor([e.label for e in encoded]), cluster=cluster)
 
 
 def batches(encoded: Sequence[EncodedPair], batch_size: int, pad_id: int) -> list[PairBatch]:

@@ -26,7 +26,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 SHARED = (
     Threshold("ci_level", "bootstrap interval of every FLDD, margin and ratio"),
-    Threshold("n_boot", "bootstrap resamplings of the pairs", int),
+    Threshold("n_boot", "bootstrap resamplings of the templates and pairs", int),
 )
 REGISTRY: tuple[Spec, ...] = tuple(sorted(SPECS.values(), key=lambda s: s.order))
 CHECKS = tuple(s.name for s in REGISTRY)

@@ -1,7 +1,12 @@
-"""Bridging: the effect needs v's W_out-nullspace part, which alone does nothing (MLP hidden sites).
+"""Bridging: the effect is larger than its read part's own effect, so it needs the unread part.
 
-FLDD(v) is superadditive over its row-space and nullspace parts. `bridging_margin` is the one
-place the margin is written; the natural directions' reference and the toy cases use it too.
+At an MLP hidden site a patch along v's W_out-nullspace part alone changes nothing downstream
+(W_out does not read it): FLDD(null part) is 0 by construction, and a bar written as
+FLDD(row)⁺ + FLDD(null)⁺ would only add that 0. So the rule compares FLDD(v) with its row-space
+(read) part's own effect: FLDD(v) > superadditive · FLDD(row part)⁺, when the unread part is
+large enough (‖null part‖² ≥ null_norm_sq) to be what makes the difference. The null part's FLDD
+is still measured and reported (a metric row), as the check that it is 0. `bridging_margin` is
+the one place the margin is written; the natural directions' reference and the toy cases use it.
 """
 
 from __future__ import annotations
@@ -19,33 +24,28 @@ if TYPE_CHECKING:
     from mlpim.analysis.checks import Thresholds
 
 
-def bridging_bar(fldd_row, fldd_null, superadditive: float):
-    """superadditive · (FLDD(row)⁺ + FLDD(null)⁺): what FLDD(v) must exceed to warn."""
-    return superadditive * (np.maximum(fldd_row, 0.0) + np.maximum(fldd_null, 0.0))
+def bridging_bar(fldd_row, superadditive: float):
+    """superadditive · FLDD(row)⁺: what FLDD(v) must exceed to warn."""
+    return superadditive * np.maximum(fldd_row, 0.0)
 
 
-def bridging_margin(
-    fldd_v: float, fldd_row: float, fldd_null: float, superadditive: float
-) -> float:
-    """FLDD(v) − superadditive · (FLDD(row)⁺ + FLDD(null)⁺): positive when v bridges."""
-    return float(fldd_v - bridging_bar(fldd_row, fldd_null, superadditive))
+def bridging_margin(fldd_v: float, fldd_row: float, superadditive: float) -> float:
+    """FLDD(v) − superadditive · FLDD(row)⁺: positive when v does more than its read part."""
+    return float(fldd_v - bridging_bar(fldd_row, superadditive))
 
 
 def nullspace_check(
     fldd_v: Est | float,
     fldd_row: Est | float,
-    fldd_null: Est | float,
     null_norm_sq: float,
     refs: Refs,
     th: Thresholds,
 ) -> Check:
-    """Bridging: ‖null‖² ≥ null_norm_sq and FLDD(v) > superadditive·(FLDD(row)⁺ + FLDD(null)⁺)."""
-    v, r, n = as_est(fldd_v), as_est(fldd_row), as_est(fldd_null)
-    t = combine(lambda a, b: bridging_bar(a, b, th.superadditive), r, n)
-    rule = f"FLDD(v) > {th.superadditive}·(FLDD(row)⁺ + FLDD(null)⁺), ‖null‖² ≥ {th.null_norm_sq}"
-    detail = (
-        f"‖null‖² {null_norm_sq:.3f}; FLDD v {v.value:.3f}, row {r.value:.3f}, null {n.value:.3f}"
-    )
+    """Bridging: ‖null‖² ≥ null_norm_sq and FLDD(v) > superadditive · FLDD(row)⁺."""
+    v, r = as_est(fldd_v), as_est(fldd_row)
+    t = combine(lambda a: bridging_bar(a, th.superadditive), r)
+    rule = f"FLDD(v) > {th.superadditive}·FLDD(row part)⁺, ‖null part‖² ≥ {th.null_norm_sq}"
+    detail = f"‖null‖² {null_norm_sq:.3f}; FLDD v {v.value:.3f}, row part {r.value:.3f}"
     c = judged(
         "nullspace_bridging",
         v,
@@ -66,11 +66,11 @@ SPEC = register(
         order=30,
         scope="direction",
         half="bridging",
-        meaning="the effect needs v's unread (W_out-nullspace) part",
+        meaning="effect exceeds its read part's: needs the unread part",
         judge=nullspace_check,
         thresholds=(
             Threshold("null_norm_sq", "applies only when ‖null part‖² of the unit v ≥ this"),
-            Threshold("superadditive", "warns when FLDD(v) > this × (FLDD(row)⁺ + FLDD(null)⁺)"),
+            Threshold("superadditive", "warns when FLDD(v) > this × FLDD(row part)⁺"),
         ),
     )
 )
