@@ -7,7 +7,9 @@ the task's test pairs, each with a bootstrap interval over the pairs and placed 
 measured on the same model, site and task (`mlpim.analysis.illusion_site`). The direction checks
 decide the verdict; the site checks describe the site (docs/verdict-rule.md). The random-MLP
 reference is kept by content hash in `extra.reference_cache` and shared by every direction
-checked at that site. Writes metrics.csv, verdict.md (also summary.md), illusion_check.png.
+checked at that site. Writes metrics.csv, verdict.md (also summary.md), illusion_check.png; for
+a k-dim subspace (k ≥ 2) also which part of V does it (`mlpim.analysis.breakdown`, a table and no
+verdict): breakdown.csv, breakdown.png and a section of verdict.md.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from torch import Tensor
 from mlpim import constants as C
 from mlpim.analysis import illusion
 from mlpim.analysis import illusion_site as S
+from mlpim.analysis.breakdown import breakdown
 from mlpim.analysis.checks import Thresholds
-from mlpim.analysis.measure import measure_checks
+from mlpim.analysis.measure import SiteData, measure_checks
 from mlpim.engine.das import DasSettings
 from mlpim.engine.direction import Direction
 from mlpim.errors import ConfigError
@@ -97,16 +100,37 @@ def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> 
         io.write_csv(hist, run_dir, f"history_random_mlp_seed{seed}.csv")
     rows, checks = measure_checks(model, site, v, keys, v_ref, opts.n_random)
     verdict = illusion.verdict(checks)
+    part = which_part(model, site, v, opts, int(cfg.seed), run_dir, cfg.model.name) if k > 1 else ""
     header = (
         f"model: {cfg.model.name}; direction: {cfg.direction} ({kind}, layer {layer}"
         f"{f', a {k}-dim subspace checked whole' if k > 1 else ''}); "
         f"seed {cfg.seed}; FLDDs on the test pairs, {th.ci_level:.0%} bootstrap intervals"
     )
     for name in (C.VERDICT, C.SUMMARY):
-        io.write_text(report.verdict_markdown(header, verdict, th.ci_level), run_dir, name)
+        io.write_text(report.verdict_markdown(header, verdict, th.ci_level) + part, run_dir, name)
     title = f"{cfg.model.name}, {kind} L{layer}{f' k={k}' if k > 1 else ''}: {verdict.label}"
     report.verdict_plot(verdict, run_dir, f"illusion_check {Path(cfg.direction).name} ({title})")
     return io.tidy(rows + verdict.to_rows(keys), cfg)
+
+
+def which_part(
+    model,
+    site: SiteData,
+    v: Tensor,
+    opts: IllusionCheckOptions,
+    seed: int,
+    run_dir: Path,
+    name: str,
+) -> str:
+    """Which part of the k-dim V does it: breakdown.csv, breakdown.png, the console; its section
+    of verdict.md."""
+    table = breakdown(model, site, v, opts.n_random_directions, seed)
+    io.write_csv(table, run_dir, report.BREAKDOWN)
+    title = f"{name}, {site.kind} L{site.layer} k={v.shape[1]}: which part of V does it"
+    report.breakdown_plot(table, run_dir, title)
+    text = report.breakdown_markdown(table, site.th.ci_level)
+    log.info("%s", text)
+    return text
 
 
 def reference_direction(resid: Direction | None, model, model_name: str) -> Tensor | None:
