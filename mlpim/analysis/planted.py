@@ -28,6 +28,8 @@ from mlpim.analysis import nullspace as ns
 from mlpim.engine.interventions import Prepared
 from mlpim.engine.patching import work_dtype
 
+NAN = float("nan")
+
 
 def pattern_mean_diff(prepared: list[Prepared], which: str = "base_act") -> Tensor:
     """mean(ABB) − mean(BAB) of the base prompts' site activations (not normalised)."""
@@ -133,3 +135,124 @@ def separation(prepared: list[Prepared], u: Tensor) -> float:
     pats = np.array([pat for p in prepared for pat in p.pairs.base.pattern])
     a, b = x[torch.from_numpy(pats == "ABB")], x[torch.from_numpy(pats == "BAB")]
     return ns.separation(a, b)
+
+
+# ---------------------------------------------------------------- any task: the variable's movement
+
+
+def differences(prepared: list[Prepared]) -> Float[Tensor, "n m"]:
+    """source − base site activations over the pairs (float64): how the variable moves the site."""
+    base = torch.cat([p.base_act for p in prepared]).double()
+    return torch.cat([p.source_act for p in prepared]).double() - base
+
+
+def oriented_by(u: Tensor, moved: Float[Tensor, "n m"], ref: Float[Tensor, " n"]) -> Tensor:
+    """u with its sign chosen so that its movement over the pairs covaries positively with `ref`."""
+    return u if float((moved @ u.double()) @ ref.double()) >= 0 else -u
+
+
+def variable_direction(prepared: list[Prepared]) -> Float[Tensor, " m"]:
+    """The unit direction the variable moves the site along most (top uncentred principal
+    direction of source − base; any task, its sign arbitrary)."""
+    _, _, vh = torch.linalg.svd(differences(prepared), full_matrices=False)
+    return vh[0]
+
+
+def unit_null_part(v: Tensor, w_out: Tensor, avoid: Tensor | None = None) -> Tensor | None:
+    """The unit W_out-nullspace part of v, orthogonal to `avoid` too (it stays in the nullspace:
+    only `avoid`'s own nullspace part is taken out); None if it vanishes."""
+    null = ns.split(v.double(), w_out)[1].double()
+    if avoid is not None:
+        a = ns.split(avoid.double(), w_out)[1].double()
+        a = a / a.norm() if a.norm() > 1e-12 else a
+        null = null - (null @ a) * a
+    return None if null.norm() < 1e-9 else null / null.norm()
+
+
+def decorrelated(z: Tensor, n_c: Tensor, moved: Float[Tensor, "n m"], r: Tensor) -> Tensor:
+    """Unit z − b·n_c with b such that its movement has zero covariance with r's over the pairs."""
+    dr = moved @ r.double()
+    dr = dr - dr.mean()
+    cz, cc = float((moved @ z.double()) @ dr), float((moved @ n_c.double()) @ dr)
+    out = z.double() - (cz / cc if abs(cc) > 1e-12 else 0.0) * n_c.double()
+    return out / out.norm()
+
+
+def random_null_direction(w_out: Tensor, seed: int) -> Tensor:
+    """A seeded random unit direction of W_out's nullspace (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(w_out.shape[0], generator=gen, dtype=torch.float64)
+    return unit_null_part(z, w_out)
+
+
+# ---------------------------------------------------------------- dormant pathways
+
+
+def low_moment_direction(natural: Float[Tensor, "n m"], n_axes: int, seed: int) -> Tensor:
+    """A unit hidden direction real prompts do not move: a seeded random mix of the `n_axes`
+    neurons of least second moment on `natural`, made orthogonal to its mean activation."""
+    x = natural.double()
+    axes = torch.argsort((x * x).mean(0))[:n_axes]
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.zeros(x.shape[1], dtype=torch.float64)
+    d[axes] = torch.randn(len(axes), generator=gen, dtype=torch.float64)
+    m = x.mean(0) / x.mean(0).norm()
+    d = d - (d @ m) * m
+    return d / d.norm()
+
+
+def hidden_percentile(natural: Float[Tensor, "n m"], d: Tensor, n_random: int, seed: int) -> float:
+    """The percentile of unit d's variance on `natural` among n random unit hidden directions'."""
+    x = natural.double() - natural.double().mean(0)
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(x.shape[1], n_random, generator=gen, dtype=torch.float64)
+    r = r / r.norm(dim=0, keepdim=True)
+    var = lambda u: (x @ u).pow(2).mean(0)  # noqa: E731
+    return 100.0 * float((var(r) <= var(d.double() / d.norm())).double().mean())
+
+
+def pathway_beta(moved_n: Float[Tensor, " n"], gap: float, strength: float) -> float:
+    """β for the edit β·d ⊗ t̂: patching the 45° mix of n and d writes strength × the residual's
+    own gap along t (the patch moves d by ½·Δ(h·n) there)."""
+    return strength * gap / max(0.5 * float(moved_n.abs().mean()), 1e-12)
+
+
+# ---------------------------------------------------------------- the truth principle
+
+PRINCIPLE_RATIO = 2.0  # illusory: the patch moves the read part more than 2× as far as prompts do
+
+
+def read_movement(v: Tensor, w_out: Tensor, moved: Float[Tensor, "n m"]) -> dict[str, float]:
+    """How a 1-D patch along unit v = c·r + s·n moves its read part r (row space) per pair:
+    c²·Δr + cs·Δn. ρ = mean(Δn·σ) / mean(|Δr|), σ = sign(Δr), is the nullspace part's movement
+    along the variable relative to r's; m = c² + cs·ρ the patched read movement in units of the
+    natural one (`principle_truth`)."""
+    row, null = ns.split(v.double(), w_out)
+    c, s = float(row.norm()), float(null.norm())
+    if c < 1e-9:
+        return {"read_c2": 0.0, "null_norm_sq": s * s, "rho": NAN, "var_ratio": NAN, "m": NAN}
+    dr = moved @ (row.double() / c)
+    dn = moved @ (null.double() / s) if s > 1e-9 else torch.zeros_like(dr)
+    mean_r = max(float(dr.abs().mean()), 1e-30)
+    rho = float((dn * torch.sign(dr)).mean()) / mean_r
+    ratio = float(dn.std()) / max(float(dr.std()), 1e-30)
+    return {
+        "read_c2": c * c,
+        "null_norm_sq": s * s,
+        "rho": rho,
+        "var_ratio": ratio,
+        "m": c * c + c * s * rho,
+    }
+
+
+def principle_truth(m: float) -> str:
+    """illusory when more than half of what the patch moves the read part lies beyond how far
+    real prompts move it (m > 2), which only the nullspace part can supply; else real."""
+    return "illusory" if m > PRINCIPLE_RATIO else "real"
+
+
+def top_null_direction(moved: Float[Tensor, "n m"], w_out: Tensor) -> Tensor:
+    """The unit W_out-nullspace direction the variable moves most (top principal direction of
+    the nullspace parts of source − base)."""
+    null = ns.split(moved.T.contiguous(), w_out)[1].double()
+    return torch.linalg.svd(null, full_matrices=False)[0][:, 0]
