@@ -182,6 +182,7 @@ class IllusionBenchmarkOptions:
     edit_strengths: list[float] = field(default_factory=lambda: [1.0, 2.0])  # × the residual gap
     null_norms: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.6])  # hard negatives ‖n‖²
     min_clean_ratio: float = 0.5  # refuse an edit whose clean LD falls below this × unedited
+    bench_k: list[int] = field(default_factory=lambda: [4])  # planted k-dim subspaces' dimensions
     bench_toy: bool = True  # add the toy model's planted cases
     n_random_directions: int = 16
     n_natural: int = 4

@@ -217,3 +217,48 @@ def test_an_edit_that_breaks_the_task_is_refused(tiny_gpt2):
     _, rows = B.in_edit(ctx, delta, "bad edit", "edit", 7, lambda site: called.append(1))
     assert not called and rows[0]["refused"] and rows[0]["n_cases"] == 7
     assert rows[0]["clean_ratio"] < 0.5
+
+
+def _script():
+    import importlib.util
+
+    path = T.Path(__file__).resolve().parents[1] / "scripts" / "verdict_bench.py"
+    spec = importlib.util.spec_from_file_location("verdict_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_verdict_bench_runs_parts_resumes_and_merges(tmp_path, capsys):
+    """Two parts (IOI, pronouns) on the tiny model, merged into one report with one row per
+    task; a second call skips both finished parts and rewrites the same report."""
+    vb = _script()
+    small = [
+        "model.name=tiny",
+        "device=cpu",
+        "dataset.n_train_pairs=20",
+        "method.epochs=1",
+        "extra.bench_layer_offsets=[0]",
+        "extra.bench_toy=false",
+        "extra.reference_cache=null",
+        "extra.n_random_directions=2",
+        "extra.n_natural=0",
+        "extra.n_natural_prompts=100",
+        "extra.pathway_strengths=[1.0]",
+        "extra.pathway_angles=[45]",
+        "extra.bench_angles=[45]",
+        "extra.bench_edits=[0]",
+        "extra.edit_strengths=[1.0]",
+        "extra.null_norms=[0.3]",
+    ]
+    argv = ["--models", "tiny", "--tasks", "ioi,pronouns", "--out", str(tmp_path), *small]
+    vb.main(argv)
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "tiny-ioi" in text and "tiny-pronouns" in text and T.rule_hash() in text
+    merged = pd.read_csv(tmp_path / "cases.csv")
+    assert set(merged.task) == {"ioi", "pronouns"}
+    assert (tmp_path / "roc.png").exists() and (tmp_path / "scores.png").exists()
+    capsys.readouterr()
+    vb.main(argv)
+    assert capsys.readouterr().out.count("skipped") == 2
+    assert (tmp_path / "REPORT.md").read_text() == text

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -113,7 +114,7 @@ def pathway_cases(ctx: Layer) -> tuple[list, list]:
 
 
 def pathway_angles(ctx: Layer, site: M.SiteData, n: Tensor, d: Tensor, name: str, props: dict):
-    """The pathway illusions of one edited model, one per angle."""
+    """The pathway illusions of one edited model, one per angle, and hidden in k-dim subspaces."""
     parts = []
     for a in ctx.opts.pathway_angles:
         v = planted.mix(n, d, a)
@@ -121,7 +122,22 @@ def pathway_angles(ctx: Layer, site: M.SiteData, n: Tensor, d: Tensor, name: str
         parts.append(
             measured_case(ctx.model, site, f"illusory {name} {a:g}°", v, "illusory", **extra)
         )
+    hidden = planted.mix(n, d, 45.0)
+    for k in ctx.opts.bench_k:
+        basis = planted.hidden_in_subspace(hidden, site.w_out, k, ctx.opts.seed + k, (n, d))
+        name_k = f"illusory {name} 45° in a {k}-dim subspace"
+        parts.append(kdim_case(ctx, site, name_k, basis, "illusory", "k-dim pathway"))
     return joined(parts)
+
+
+def kdim_case(ctx: Layer, site: M.SiteData, name: str, basis: Tensor, truth: str, kind: str):
+    """(rows, case rows) of a k-dim subspace, its effect gated by random k-dim subspaces."""
+    k, opts = basis.shape[1], ctx.opts
+    rand = R.random_direction_reference(
+        ctx.model, site.splits["test"], opts.n_random_directions, opts.seed, k=k
+    )
+    at_k = replace(site, refs=replace(site.refs, random_dirs=rand))
+    return measured_case(ctx.model, at_k, name, basis, truth, kind=kind, k=k)
 
 
 # ---------------------------------------------------------------- real directions
@@ -152,7 +168,7 @@ def read_direction(ctx: Layer, rank: int) -> Tensor | None:
 def edit_cases(ctx: Layer) -> tuple[list, list]:
     """Per read direction and strength, one real edit and its hard negatives and Wu control."""
     opts, parts = ctx.opts, []
-    n_cases = 3 + 3 * len(opts.null_norms)
+    n_cases = 3 + 3 * len(opts.null_norms) + len(opts.bench_k)
     for rank in opts.edits:
         u = read_direction(ctx, rank)
         if u is None:
@@ -183,6 +199,11 @@ def real_family(ctx: Layer, site: M.SiteData, u: Tensor, name: str) -> tuple[lis
             parts.append(principled(ctx, site, case, v, "hard negative", null_kind=null_kind))
     var = planted.variable_direction(site.splits["train"])
     parts.append(principled(ctx, site, f"{name} variable direction", var, "Wu control"))
+    for k in ctx.opts.bench_k:
+        basis = planted.real_subspace(u, site.splits["train"], k)
+        parts.append(
+            kdim_case(ctx, site, f"real {name} in a {k}-dim subspace", basis, "real", "k-dim edit")
+        )
     return joined(parts)
 
 

@@ -118,16 +118,23 @@ def rate(flagged: pd.Series) -> dict[str, float]:
     return {"k": k, "n": n, "rate": k / n if n else NAN, "low": low, "high": high}
 
 
-def mlp_above(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(illusions, real MLP directions) whose effect interval lies above the gate."""
+def dims(table: pd.DataFrame) -> pd.Series:
+    """Each case's dimension k (1 where the table has no column k)."""
+    return table.get("k", pd.Series(1, table.index)).fillna(1).astype(int)
+
+
+def mlp_above(table: pd.DataFrame, k_dim: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(illusions, real MLP directions) whose effect interval lies above the gate: directions,
+    or with `k_dim` the planted k-dim subspaces (reported beside, never pooled with them)."""
     lm = scored(table)
+    lm = lm[(dims(lm) > 1) == k_dim]
     above = lm[(lm.site == "mlp_post") & (lm.gate_pos == ABOVE)]
     return above[above.truth == "illusory"], above[above.truth == "real"]
 
 
-def rates(table: pd.DataFrame) -> dict[str, dict[str, float]]:
+def rates(table: pd.DataFrame, k_dim: bool = False) -> dict[str, dict[str, float]]:
     """Detection and false-positive rates (above the gate, MLP sites) and the AUC there."""
-    ill, real = mlp_above(table)
+    ill, real = mlp_above(table, k_dim)
     likely = illusion.LIKELY_ILLUSORY
     lm = scored(table)
     return {
@@ -138,21 +145,24 @@ def rates(table: pd.DataFrame) -> dict[str, dict[str, float]]:
     }
 
 
-def rates_table(table: pd.DataFrame) -> pd.DataFrame:
+def rates_table(table: pd.DataFrame, k_dim: bool = False) -> pd.DataFrame:
     """One row per model × task, and per model the held-out tasks pooled: the rates and their
-    exact intervals (the calibration split, SmolLM2 × IOI, is never pooled with held-out ones)."""
-    table = table.assign(split=[split_of(m, t) for m, t in zip(table.model, table.task)])
+    exact intervals (the calibration split, SmolLM2 × IOI, is never pooled with held-out ones);
+    directions, or with `k_dim` the planted k-dim subspaces."""
+    table = table.assign(
+        split=[split_of(m, t) for m, t in zip(table.model, table.task, strict=True)]
+    )
     groups = [(m, t, s, g) for (m, t, s), g in table.groupby(["model", "task", "split"])]
     held = table[table.split == "held-out"]
     groups += [
         (m, "pooled", "held-out", g) for m, g in held.groupby("model") if g.task.nunique() > 1
     ]
-    return pd.DataFrame([rates_row(m, t, s, g) for m, t, s, g in groups])
+    return pd.DataFrame([rates_row(m, t, s, g, k_dim) for m, t, s, g in groups])
 
 
-def rates_row(model: str, task: str, split: str, g: pd.DataFrame) -> dict:
+def rates_row(model: str, task: str, split: str, g: pd.DataFrame, k_dim: bool = False) -> dict:
     """The rates of one group of cases as one flat row."""
-    r = rates(g)
+    r = rates(g, k_dim)
     row = {"model": model, "task": task, "split": split}
     for key in ("detection", "false_positive"):
         x = r[key]
@@ -169,8 +179,10 @@ def roc_curve(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 def misses(table: pd.DataFrame) -> pd.DataFrame:
     """Scored MLP cases above the gate whose label disagrees with their truth, with the reason."""
-    ill, real = mlp_above(table)
-    likely = illusion.LIKELY_ILLUSORY
-    wrong = pd.concat([ill[ill.label != likely], real[real.label == likely]])
-    cols = ["model", "task", "case", "layer", "kind", "fldd", "label", "reason"]
+    likely, wrong = illusion.LIKELY_ILLUSORY, []
+    for k_dim in (False, True):
+        ill, real = mlp_above(table, k_dim)
+        wrong += [ill[ill.label != likely], real[real.label == likely]]
+    wrong = pd.concat(wrong)
+    cols = ["model", "task", "case", "layer", "kind", "k", "fldd", "label", "reason"]
     return wrong[[c for c in cols if c in wrong.columns]]

@@ -48,6 +48,7 @@ class BenchOptions:
     seed: int
     dormant_axes: int = 16  # least-moment neurons mixed into a dormant direction
     min_clean_ratio: float = 0.5  # refuse an edit whose clean LD falls below this × unedited
+    bench_k: tuple[int, ...] = ()  # dimensions of the planted k-dim subspaces (issue 31)
 
 
 @dataclass
@@ -120,12 +121,14 @@ def case_row(name: str, truth: str, layer: int, site: str, checks, **extra) -> d
 
 
 def measured_case(model, site: M.SiteData, name: str, v: Tensor, truth: str, **extra):
-    """(metric rows, case row) of one direction at a site; at an MLP, how the patch moves v's
-    read part on the train pairs (`planted.read_movement`) rides along."""
-    v = (v / v.norm()).to(site.splits["test"][0].base_act.dtype)
+    """(metric rows, case row) of one direction (or an orthonormal m×k basis) at a site; at an
+    MLP, how a direction's patch moves its read part on the train pairs rides along."""
+    dtype = site.splits["test"][0].base_act.dtype
+    basis = (v / v.norm())[:, None].to(dtype) if v.ndim == 1 else v.to(dtype)
     keys = {"site": site.kind, "layer": site.layer, "case": name}
-    rows, checks = M.measure_checks(model, site, v[:, None], keys)
-    if site.kind == "mlp_post":
+    rows, checks = M.measure_checks(model, site, basis, keys)
+    extra = {"k": basis.shape[1]} | extra
+    if site.kind == "mlp_post" and v.ndim == 1:
         extra = (
             planted.read_movement(v, site.w_out, planted.differences(site.splits["train"])) | extra
         )

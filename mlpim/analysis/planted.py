@@ -256,3 +256,40 @@ def top_null_direction(moved: Float[Tensor, "n m"], w_out: Tensor) -> Tensor:
     the nullspace parts of source − base)."""
     null = ns.split(moved.T.contiguous(), w_out)[1].double()
     return torch.linalg.svd(null, full_matrices=False)[0][:, 0]
+
+
+# ---------------------------------------------------------------- k-dim subspaces (issue 31)
+
+
+def rotated(columns: Float[Tensor, "m k"], seed: int) -> Float[Tensor, "m k"]:
+    """An orthonormal basis of the columns' span turned by a seeded random k×k rotation, so that
+    no column is one of the given ones."""
+    q = torch.linalg.qr(columns.double())[0]
+    gen = torch.Generator().manual_seed(seed)
+    rot = torch.linalg.qr(torch.randn(q.shape[1], q.shape[1], generator=gen, dtype=torch.float64))[
+        0
+    ]
+    return q @ rot
+
+
+def hidden_in_subspace(v: Tensor, w_out: Tensor, k: int, seed: int, avoid) -> Float[Tensor, "m k"]:
+    """Unit v plus k−1 seeded random W_out-nullspace directions (they do nothing when patched),
+    orthogonal to v and to `avoid`, rotated so that no column is v."""
+    gen = torch.Generator().manual_seed(seed)
+    cols = [v.double() / v.norm()]
+    while len(cols) < k:
+        z = torch.randn(w_out.shape[0], generator=gen, dtype=torch.float64)
+        z = ns.split(z, w_out)[1].double()
+        for c in [*cols, *(a.double() / a.norm() for a in avoid)]:
+            z = z - (z @ c) * c
+        cols.append(z / z.norm())
+    return rotated(torch.stack(cols, 1), seed)
+
+
+def real_subspace(u: Tensor, prepared: list[Prepared], k: int) -> Float[Tensor, "m k"]:
+    """u and the k−1 top natural directions of the pairs' differences orthogonal to it (the
+    directions the variable moves), rotated: a real subspace whose mechanism is u."""
+    moved = differences(prepared)
+    moved = moved - torch.outer(moved @ u.double(), u.double()) / float(u.double() @ u.double())
+    _, _, vh = torch.linalg.svd(moved, full_matrices=False)
+    return rotated(torch.stack([u.double(), *vh[: k - 1]], 1), k)

@@ -65,6 +65,7 @@ def bench_options(cfg: DictConfig, opts: IllusionBenchmarkOptions) -> B.BenchOpt
         natural_ridge=opts.natural_ridge,
         seed=int(cfg.seed),
         min_clean_ratio=float(opts.min_clean_ratio),
+        bench_k=tuple(int(k) for k in opts.bench_k),
     )
 
 

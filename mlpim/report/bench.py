@@ -19,9 +19,9 @@ CASE_COLUMNS = ["layer", "kind", "truth", "fldd", "gate_pos", "label", "score", 
 TRUTH_COLORS = {"illusory": "tab:red", "real": "tab:blue"}
 
 
-def rates_markdown(table: pd.DataFrame) -> str:
+def rates_markdown(table: pd.DataFrame, k_dim: bool = False) -> str:
     """The rates per model × task and pooled, each k/n with its exact 95% interval."""
-    rates = T.rates_table(table)
+    rates = T.rates_table(table, k_dim)
     fmt = lambda r, key: (  # noqa: E731
         f"{r[f'{key}_k']}/{r[f'{key}_n']} = {r[key]:.2f} [{r[f'{key}_low']:.2f}, "
         f"{r[f'{key}_high']:.2f}]"
@@ -81,6 +81,7 @@ def markdown(header: str, table: pd.DataFrame) -> str:
         f"# illusion_benchmark\n\n{header}\n\n## Rates\n\n{rates_markdown(table)}\n\n"
         "A case counts in a rate only when its effect's whole 95% interval lies above the gate "
         "(MLP sites); a case whose interval holds the gate is in neither rate.\n\n"
+        f"### Planted k-dim subspaces (beside, never pooled)\n\n{rates_markdown(table, True)}\n\n"
         f"## Cases by kind\n\n{kinds_markdown(table)}\n\n"
         f"## Confusion matrix\n\n{io.markdown_table(T.confusion(table))}\n\n"
         f"## Misses (above the gate)\n\n"
