@@ -176,10 +176,12 @@ class IllusionBenchmarkOptions:
 
     bench_layer_offsets: list[int] = field(default_factory=lambda: [-1, 0, 1])
     bench_angles: list[float] = field(default_factory=lambda: [25.0, 45.0, 65.0])  # mixing
-    pathway_strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
+    pathway_strengths: list[float] = field(default_factory=lambda: [0.25, 0.3, 0.4, 0.6, 1.0, 2.0])
     pathway_angles: list[float] = field(default_factory=lambda: [25.0, 45.0, 65.0])
-    bench_edits: list[int] = field(default_factory=lambda: [0, 1])  # natural-direction ranks
-    edit_strengths: list[float] = field(default_factory=lambda: [1.0, 2.0])  # × the residual gap
+    bench_edits: list[int] = field(default_factory=lambda: [0])  # natural-direction ranks
+    edit_strengths: list[float] = field(
+        default_factory=lambda: [0.5, 1.0, 2.0]
+    )  # × the residual gap
     null_norms: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.6])  # hard negatives ‖n‖²
     min_clean_ratio: float = 0.5  # refuse an edit whose clean LD falls below this × unedited
     bench_k: list[int] = field(default_factory=lambda: [4])  # planted k-dim subspaces' dimensions

@@ -114,13 +114,15 @@ def test_read_movement_by_hand():
     moved[:, 0], moved[:, 2] = dr, 3 * dr  # the null direction e2 moves 3× along the variable
     c, s = math.sqrt(0.7), math.sqrt(0.3)
     v = torch.tensor([c, 0.0, s, 0.0], dtype=torch.float64)
-    got = planted.read_movement(v, w_out, moved)
+    got = planted.read_movement(v, w_out, moved, torch.sign(dr))
     assert got["rho"] == pytest.approx(3.0) and got["null_norm_sq"] == pytest.approx(0.3)
     assert got["m"] == pytest.approx(0.7 + c * s * 3.0)
     assert planted.principle_truth(got["m"]) == "illusory"  # 0.7 + 1.375 > 2
     assert planted.principle_truth(2.01) == "illusory" and planted.principle_truth(1.99) == "real"
     moved[:, 2] = torch.tensor([0.5, 0.5, -0.5, -0.5], dtype=torch.float64)  # uncorrelated
-    assert planted.read_movement(v, w_out, moved)["m"] == pytest.approx(0.7)
+    assert planted.read_movement(v, w_out, moved, torch.sign(dr))["m"] == pytest.approx(0.7)
+    moved[:, 0] = 0.0  # a read part real prompts do not move: the patch's movement is all excess
+    assert planted.read_movement(v, w_out, moved, torch.sign(dr))["m"] == math.inf
 
 
 def test_null_parts_stay_in_the_nullspace():
@@ -139,15 +141,18 @@ def test_null_parts_stay_in_the_nullspace():
 
 
 def test_low_moment_direction_is_dormant_on_held_out_data():
-    """Neurons that rarely fire on one sample are still quiet on another: d sits below the 5th
-    percentile of random directions' variance there, and is orthogonal to the mean."""
+    """Neurons that rarely fire on one sample are still quiet on another: d, on those neurons and
+    in W_out's nullspace, sits below the 5th percentile of random directions' variance there,
+    and is orthogonal to the mean."""
     gen = torch.Generator().manual_seed(0)
     scale = torch.ones(64, dtype=torch.float64)
-    scale[:16] = 1e-3
+    scale[:24] = 1e-3
     sample = lambda: torch.relu(torch.randn(500, 64, generator=gen, dtype=torch.float64)) * scale  # noqa: E731
     train, held = sample(), sample()
-    d = planted.low_moment_direction(train, 16, 0)
+    w_out = torch.randn(64, 16, generator=gen, dtype=torch.float64)
+    d = planted.low_moment_direction(train, w_out, 8)
     assert abs(float(d @ train.mean(0))) < 1e-10 and float(d.norm()) == pytest.approx(1.0)
+    assert (d @ w_out).abs().max() < 1e-10 and d[24:].abs().max() < 1e-12
     assert planted.hidden_percentile(held, d, 1000, 0) < 5.0
 
 
@@ -169,7 +174,7 @@ def test_dormant_pathway_needs_its_null_part_and_leaves_the_task_alone(tiny_gpt2
     base, source = M.acts(prep)
     natural = torch.cat([base, source])
     w = ns.mlp_w_out(model, layer)
-    d = planted.low_moment_direction(natural, 4, 0).float()
+    d = planted.low_moment_direction(natural, w, 8).float()
     moved = planted.differences(prep)
     resid = prepare(model, pairs, "resid_post", layer, "auto")
     drive = planted.differences(resid) @ target.double()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -54,11 +55,24 @@ def row_pct(ctx: Layer, site: M.SiteData, v: Tensor) -> float:
     return pct(ctx, ns.split(v.double(), site.w_out)[0].double())
 
 
+def movement(ctx: Layer, site: M.SiteData, v: Tensor) -> dict[str, float]:
+    """How a patch along v moves its read part, on the train pairs (`planted.read_movement`)."""
+    moved = planted.differences(site.splits["train"])
+    return planted.read_movement(v, site.w_out, moved, torch.sign(ctx.drive))
+
+
+def case(ctx: Layer, site: M.SiteData, name: str, v: Tensor, truth: str, **extra):
+    """(rows, case rows) of one planted direction with its read movement and the principle's
+    truth beside the constructed one."""
+    move = movement(ctx, site, v)
+    extra = move | {"principle": planted.principle_truth(move["m"])} | extra
+    return measured_case(ctx.model, site, name, v, truth, **extra)
+
+
 def principled(ctx: Layer, site: M.SiteData, name: str, v: Tensor, kind: str, **extra):
     """(rows, case rows) of a case whose truth is the principle's."""
-    move = planted.read_movement(v, site.w_out, planted.differences(site.splits["train"]))
-    truth = planted.principle_truth(move["m"])
-    return measured_case(ctx.model, site, name, v, truth, kind=kind, **extra)
+    truth = planted.principle_truth(movement(ctx, site, v)["m"])
+    return case(ctx, site, name, v, truth, kind=kind, **extra)
 
 
 def joined(parts) -> tuple[list, list]:
@@ -85,16 +99,14 @@ def mixing_cases(ctx: Layer) -> tuple[list, list]:
     for a in opts.mixing_angles:
         v = planted.mix(irr, dor, a)
         extra = props | {"angle": a, "row_pct": row_pct(ctx, site, v)}
-        cases.append(
-            measured_case(ctx.model, site, f"illusory mixing {a:g}°", v, "illusory", **extra)
-        )
+        cases.append(case(ctx, site, f"illusory mixing {a:g}°", v, "illusory", **extra))
     return joined(cases)
 
 
 def pathway_cases(ctx: Layer) -> tuple[list, list]:
     """Dormant-pathway illusions: per strength one edit β d ⊗ t̂, per angle one mix of n and d."""
     site, opts = ctx.site, ctx.opts
-    d = planted.low_moment_direction(ctx.natural_train, opts.dormant_axes, opts.seed + ctx.layer)
+    d = planted.low_moment_direction(ctx.natural_train, site.w_out, opts.dormant_extra)
     d_pct, n_cases = pct(ctx, d), len(opts.pathway_angles)
     if not d_pct < DORMANT_PCT:
         why = f"no dormant direction: d's held-out variance percentile {d_pct:.1f}"
@@ -119,9 +131,7 @@ def pathway_angles(ctx: Layer, site: M.SiteData, n: Tensor, d: Tensor, name: str
     for a in ctx.opts.pathway_angles:
         v = planted.mix(n, d, a)
         extra = props | {"angle": a, "row_pct": row_pct(ctx, site, v)}
-        parts.append(
-            measured_case(ctx.model, site, f"illusory {name} {a:g}°", v, "illusory", **extra)
-        )
+        parts.append(case(ctx, site, f"illusory {name} {a:g}°", v, "illusory", **extra))
     hidden = planted.mix(n, d, 45.0)
     for k in ctx.opts.bench_k:
         basis = planted.hidden_in_subspace(hidden, site.w_out, k, ctx.opts.seed + k, (n, d))
@@ -189,14 +199,14 @@ def real_family(ctx: Layer, site: M.SiteData, u: Tensor, name: str) -> tuple[lis
     r = ns.split(u.double(), site.w_out)[0].double()
     r = r / r.norm()
     parts = [
-        measured_case(ctx.model, site, f"real {name}", u, "real", kind="edit"),
-        measured_case(ctx.model, site, f"real {name} read part", r, "real", kind="edit"),
+        case(ctx, site, f"real {name}", u, "real", kind="edit"),
+        case(ctx, site, f"real {name} read part", r, "real", kind="edit"),
     ]
     for null_kind, n in null_parts(ctx, site, moved, r).items():
         for sq in ctx.opts.null_norms:
             v = math.sqrt(1 - sq) * r + math.sqrt(sq) * n
-            case = f"{name} + {null_kind} null ‖n‖²={sq:g}"
-            parts.append(principled(ctx, site, case, v, "hard negative", null_kind=null_kind))
+            title = f"{name} + {null_kind} null ‖n‖²={sq:g}"
+            parts.append(principled(ctx, site, title, v, "hard negative", null_kind=null_kind))
     var = planted.variable_direction(site.splits["train"])
     parts.append(principled(ctx, site, f"{name} variable direction", var, "Wu control"))
     for k in ctx.opts.bench_k:
@@ -209,17 +219,17 @@ def real_family(ctx: Layer, site: M.SiteData, u: Tensor, name: str) -> tuple[lis
 
 def null_parts(ctx: Layer, site: M.SiteData, moved: Tensor, r: Tensor) -> dict[str, Tensor]:
     """Unit nullspace directions of the edited W_out: uncorrelated with r's movement, the
-    variable's nullspace part and the nullspace direction the variable moves most (both oriented
-    to move with r)."""
+    variable direction's nullspace part (oriented to move with r), and the one that moves most
+    along the variable (`planted.aligned_null_direction`: the largest ρ a null part can have)."""
     dr = moved @ r
     corr = planted.unit_null_part(planted.variable_direction(site.splits["train"]), site.w_out)
     corr = planted.oriented_by(corr, moved, dr)
-    top = planted.oriented_by(planted.top_null_direction(moved, site.w_out), moved, dr)
+    top = planted.aligned_null_direction(moved, site.w_out, torch.sign(ctx.drive))
     rand = planted.random_null_direction(site.w_out, ctx.opts.seed + ctx.layer)
     return {
         "uncorrelated": planted.decorrelated(rand, corr, moved, r),
         "correlated": corr,
-        "top": top,
+        "aligned": top,
     }
 
 

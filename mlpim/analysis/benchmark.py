@@ -46,7 +46,7 @@ class BenchOptions:
     random_mlp_seeds: int
     natural_ridge: float
     seed: int
-    dormant_axes: int = 16  # least-moment neurons mixed into a dormant direction
+    dormant_extra: int = 32  # a dormant d is sought among d_model + this least-moment neurons
     min_clean_ratio: float = 0.5  # refuse an edit whose clean LD falls below this × unedited
     bench_k: tuple[int, ...] = ()  # dimensions of the planted k-dim subspaces (issue 31)
 
@@ -121,17 +121,12 @@ def case_row(name: str, truth: str, layer: int, site: str, checks, **extra) -> d
 
 
 def measured_case(model, site: M.SiteData, name: str, v: Tensor, truth: str, **extra):
-    """(metric rows, case row) of one direction (or an orthonormal m×k basis) at a site; at an
-    MLP, how a direction's patch moves its read part on the train pairs rides along."""
+    """(metric rows, case row) of one direction (or an orthonormal m×k basis) at a site."""
     dtype = site.splits["test"][0].base_act.dtype
     basis = (v / v.norm())[:, None].to(dtype) if v.ndim == 1 else v.to(dtype)
     keys = {"site": site.kind, "layer": site.layer, "case": name}
     rows, checks = M.measure_checks(model, site, basis, keys)
     extra = {"k": basis.shape[1]} | extra
-    if site.kind == "mlp_post" and v.ndim == 1:
-        extra = (
-            planted.read_movement(v, site.w_out, planted.differences(site.splits["train"])) | extra
-        )
     return rows, [case_row(name, truth, site.layer, site.kind, checks, **extra)]
 
 

@@ -188,16 +188,29 @@ def random_null_direction(w_out: Tensor, seed: int) -> Tensor:
 # ---------------------------------------------------------------- dormant pathways
 
 
-def low_moment_direction(natural: Float[Tensor, "n m"], n_axes: int, seed: int) -> Tensor:
-    """A unit hidden direction real prompts do not move: a seeded random mix of the `n_axes`
-    neurons of least second moment on `natural`, made orthogonal to its mean activation."""
+def low_moment_direction(
+    natural: Float[Tensor, "n m"], w_out: Float[Tensor, "m d"], extra: int = 32
+) -> Tensor:
+    """A unit hidden direction real prompts do not move and W_out does not read: among the
+    directions supported on the d + `extra` neurons of least second moment on `natural` that lie
+    in W_out's nullspace (at least `extra` dimensions), orthogonal to the mean activation, the one
+    of least variance on `natural`."""
     x = natural.double()
-    axes = torch.argsort((x * x).mean(0))[:n_axes]
-    gen = torch.Generator().manual_seed(seed)
-    d = torch.zeros(x.shape[1], dtype=torch.float64)
-    d[axes] = torch.randn(len(axes), generator=gen, dtype=torch.float64)
-    m = x.mean(0) / x.mean(0).norm()
-    d = d - (d @ m) * m
+    axes = torch.argsort((x * x).mean(0))[: min(w_out.shape[1] + extra, x.shape[1])]
+    q_row = ns.row_space_basis(w_out)
+    _, sv, vh = torch.linalg.svd(q_row[axes].T, full_matrices=True)  # Q_rowᵀ E, E = those axes
+    rank = int((sv > 1e-9 * max(float(sv.max()), 1e-30)).sum())
+    span = torch.zeros(x.shape[1], len(axes) - rank, dtype=torch.float64)
+    span[axes] = vh[rank:].T  # supported on those neurons, and W_out reads none of it
+    m = span @ (span.T @ x.mean(0))  # the mean's part inside the span: removed within it
+    if m.norm() > 1e-12:
+        m = m / m.norm()
+        span = span - torch.outer(m, m @ span)
+    u, sv, _ = torch.linalg.svd(span, full_matrices=False)
+    q = u[:, sv > 1e-6 * sv.max()]
+    xc = (x - x.mean(0)) @ q
+    _, vec = torch.linalg.eigh(xc.T @ xc)
+    d = q @ vec[:, 0]
     return d / d.norm()
 
 
@@ -222,27 +235,26 @@ def pathway_beta(moved_n: Float[Tensor, " n"], gap: float, strength: float) -> f
 PRINCIPLE_RATIO = 2.0  # illusory: the patch moves the read part more than 2× as far as prompts do
 
 
-def read_movement(v: Tensor, w_out: Tensor, moved: Float[Tensor, "n m"]) -> dict[str, float]:
+def read_movement(
+    v: Tensor, w_out: Tensor, moved: Float[Tensor, "n m"], sign: Float[Tensor, " n"]
+) -> dict[str, float]:
     """How a 1-D patch along unit v = c·r + s·n moves its read part r (row space) per pair:
-    c²·Δr + cs·Δn. ρ = mean(Δn·σ) / mean(|Δr|), σ = sign(Δr), is the nullspace part's movement
-    along the variable relative to r's; m = c² + cs·ρ the patched read movement in units of the
-    natural one (`principle_truth`)."""
+    P = c²·Δr + cs·Δn, where prompts move it by Δr. Along the variable (σ = `sign`, ±1 per pair:
+    which way the variable moves the residual), ρ = mean(Δn·σ) / mean(Δr·σ) and
+    m = |mean(P·σ)| / |mean(Δr·σ)| = |c² + cs·ρ|: the patched movement of the read part in units
+    of the natural one (`principle_truth`); var_ratio = sd(Δn) / sd(Δr)."""
     row, null = ns.split(v.double(), w_out)
     c, s = float(row.norm()), float(null.norm())
+    out = {"read_c2": c * c, "null_norm_sq": s * s, "rho": NAN, "var_ratio": NAN, "m": NAN}
     if c < 1e-9:
-        return {"read_c2": 0.0, "null_norm_sq": s * s, "rho": NAN, "var_ratio": NAN, "m": NAN}
+        return out
     dr = moved @ (row.double() / c)
     dn = moved @ (null.double() / s) if s > 1e-9 else torch.zeros_like(dr)
-    mean_r = max(float(dr.abs().mean()), 1e-30)
-    rho = float((dn * torch.sign(dr)).mean()) / mean_r
-    ratio = float(dn.std()) / max(float(dr.std()), 1e-30)
-    return {
-        "read_c2": c * c,
-        "null_norm_sq": s * s,
-        "rho": rho,
-        "var_ratio": ratio,
-        "m": c * c + c * s * rho,
-    }
+    sign = sign.double()
+    natural, driven = float((dr * sign).mean()), float((dn * sign).mean())
+    rho = driven / natural if abs(natural) > 1e-30 else math.copysign(math.inf, driven)
+    out |= {"rho": rho, "var_ratio": float(dn.std()) / max(float(dr.std()), 1e-30)}
+    return out | {"m": abs(c * c + c * s * rho) if math.isfinite(rho) else math.inf}
 
 
 def principle_truth(m: float) -> str:
@@ -251,11 +263,12 @@ def principle_truth(m: float) -> str:
     return "illusory" if m > PRINCIPLE_RATIO else "real"
 
 
-def top_null_direction(moved: Float[Tensor, "n m"], w_out: Tensor) -> Tensor:
-    """The unit W_out-nullspace direction the variable moves most (top principal direction of
-    the nullspace parts of source − base)."""
-    null = ns.split(moved.T.contiguous(), w_out)[1].double()
-    return torch.linalg.svd(null, full_matrices=False)[0][:, 0]
+def aligned_null_direction(
+    moved: Float[Tensor, "n m"], w_out: Tensor, sign: Float[Tensor, " n"]
+) -> Tensor:
+    """The unit W_out-nullspace direction that moves most along the variable: the nullspace part
+    of mean(Δh·σ), which maximises mean(Δn·σ) over unit nullspace directions."""
+    return unit_null_part((moved * sign.double()[:, None]).mean(0), w_out)
 
 
 # ---------------------------------------------------------------- k-dim subspaces (issue 31)
