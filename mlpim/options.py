@@ -175,17 +175,22 @@ class IllusionBenchmarkOptions:
     """illusion_benchmark's options (`conf/experiment/illusion_benchmark.yaml`)."""
 
     bench_layer_offsets: list[int] = field(default_factory=lambda: [-1, 0, 1])
-    bench_angles: list[float] = field(
-        default_factory=lambda: [15.0, 25.0, 35.0, 45.0, 55.0, 65.0, 75.0]
-    )
-    bench_edits: list[str] = field(default_factory=lambda: ["mean_diff", "top_natural"])
-    edit_strengths: list[float] = field(default_factory=lambda: [1.0, 2.0])  # × the pattern gap
+    bench_angles: list[float] = field(default_factory=lambda: [25.0, 45.0, 65.0])  # mixing
+    pathway_strengths: list[float] = field(default_factory=lambda: [0.25, 0.3, 0.4, 0.6, 1.0, 2.0])
+    pathway_angles: list[float] = field(default_factory=lambda: [25.0, 45.0, 65.0])
+    bench_edits: list[int] = field(default_factory=lambda: [0])  # natural-direction ranks
+    edit_strengths: list[float] = field(
+        default_factory=lambda: [0.5, 1.0, 2.0]
+    )  # × the residual gap
+    null_norms: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.6])  # hard negatives ‖n‖²
+    min_clean_ratio: float = 0.5  # refuse an edit whose clean LD falls below this × unedited
+    bench_k: list[int] = field(default_factory=lambda: [4])  # planted k-dim subspaces' dimensions
     bench_toy: bool = True  # add the toy model's planted cases
     n_random_directions: int = 16
     n_natural: int = 4
-    n_natural_prompts: int = 2000  # IOI prompts: natural activations (covariance, off-distribution)
+    n_natural_prompts: int = 2000  # IOI prompts per split: natural activations
     natural_ridge: float = 1.0  # ridge λ = this × mean eigenvalue on their covariance
-    random_mlp_seeds: int = 5
+    random_mlp_seeds: int = 0  # a site note that never changes a label: off by default here
     random_mlp_epochs: int | None = None  # None: method.epochs, as long as v_resid trains
     reference_cache: str | None = "outputs/.cache/references"
 

@@ -4,6 +4,7 @@ disk. The thread setting is made once, in conftest.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,12 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+
+from mlpim.engine.batch import PairBatch
+from mlpim.engine.models import hook_name
+from mlpim.engine.patching import logits_end
 
 TINY = ["model=tiny", "device=cpu"]
 # a run in seconds: 1 DAS epoch, 20 pairs per split, 20 prompts per split for the clean baseline
@@ -137,3 +144,44 @@ def tmpfs(path: Path, options: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+# ---------------------------------------------------------------- pairs with an effect in a random model
+
+
+def end_token_pairs(model, pb: PairBatch) -> PairBatch:
+    """Pairs whose prompts differ only in the END token (the source ends in the IO name): the
+    variable is present at END even in a random model. Answer: the base prompt's top token;
+    other: its bottom token (a clean LD well above 0)."""
+    b = pb.base
+    with torch.no_grad():
+        logits = logits_end(model, b)
+    ans, other = logits.argmax(-1), logits.argmin(-1)
+    tokens = b.tokens.clone()
+    tokens[:, -1] = b.answer
+    base = dataclasses.replace(b, answer=ans, other=other)
+    return PairBatch(base, dataclasses.replace(base, tokens=tokens), other)
+
+
+def ld_gradient(model, pairs: list[PairBatch], layer: int) -> torch.Tensor:
+    """Mean over the base prompts of ∂LD/∂resid_post[END] at `layer`."""
+    grads = []
+    for pb in pairs:
+        b = pb.base
+        delta = torch.zeros(len(b), model.cfg.d_model, requires_grad=True)
+        hook = (hook_name("resid_post", layer), _adder(delta))
+        with torch.enable_grad():
+            logits = model.run_with_hooks(b.tokens, attention_mask=b.mask, fwd_hooks=[hook])
+            end = logits[:, -1]
+            ld = end.gather(1, b.answer[:, None]) - end.gather(1, b.other[:, None])
+            grads.append(torch.autograd.grad(ld.sum(), delta)[0])
+    return torch.cat(grads).mean(0)
+
+
+def _adder(delta: torch.Tensor):
+    def add(act, hook=None):
+        act = act.clone()
+        act[:, -1] = act[:, -1] + delta
+        return act
+
+    return add

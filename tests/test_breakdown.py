@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 from helpers import PROBE, REFS, SMALL, cli
-from test_measure import end_token_pairs, ld_gradient
+from helpers import end_token_pairs, ld_gradient
 
 from mlpim import constants as C
 from mlpim.analysis import illusion_site as S

@@ -4,16 +4,15 @@ illusion_benchmark end to end (tiny model; a reduced run on SmolLM2)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import SMALL
+from helpers import SMALL, end_token_pairs, ld_gradient
 
-from mlpim.analysis import benchmark as B
+from mlpim.analysis import bench_table as T
 from mlpim.analysis import divergence, illusion, planted
 from mlpim.analysis import illusion_site as S
 from mlpim.analysis import measure as M
@@ -24,10 +23,8 @@ from mlpim.analysis.checks.off_distribution import off_distribution_check
 from mlpim.analysis.editing import edited_w_out
 from mlpim.analysis.stats import auc, emd_1d, fldd_est, mean_est, resample
 from mlpim.config import compose
-from mlpim.engine.batch import PairBatch
 from mlpim.engine.interventions import prepare
-from mlpim.engine.models import hook_name
-from mlpim.engine.patching import full, logits_end, subspace
+from mlpim.engine.patching import full, subspace
 from mlpim.experiments.common import das_settings, paper_splits
 from mlpim.experiments.illusion_benchmark import CASES, PLOTS
 from mlpim.run import run
@@ -42,6 +39,10 @@ BENCH = [
     "extra.n_natural=2",
     "extra.n_natural_prompts=200",
     "extra.edit_strengths=[1.0]",
+    "extra.pathway_strengths=[1.0]",
+    "extra.pathway_angles=[45]",
+    "extra.null_norms=[0.3]",
+    "extra.bench_edits=[0]",
     "extra.reference_cache=null",
     "method.epochs=2",
 ]
@@ -168,44 +169,6 @@ class _DictStore:
         self.data[key] = value
 
 
-def end_token_pairs(model, pb: PairBatch) -> PairBatch:
-    """Pairs whose prompts differ only in the END token (the source ends in the IO name): the
-    variable is present at END even in a random model. Answer: the base prompt's top token;
-    other: its bottom token (a clean LD well above 0)."""
-    b = pb.base
-    with torch.no_grad():
-        logits = logits_end(model, b)
-    ans, other = logits.argmax(-1), logits.argmin(-1)
-    tokens = b.tokens.clone()
-    tokens[:, -1] = b.answer
-    base = dataclasses.replace(b, answer=ans, other=other)
-    return PairBatch(base, dataclasses.replace(base, tokens=tokens), other)
-
-
-def ld_gradient(model, pairs: list[PairBatch], layer: int) -> torch.Tensor:
-    """Mean over the base prompts of ∂LD/∂resid_post[END] at `layer`."""
-    grads = []
-    for pb in pairs:
-        b = pb.base
-        delta = torch.zeros(len(b), model.cfg.d_model, requires_grad=True)
-        hook = (hook_name("resid_post", layer), _adder(delta))
-        with torch.enable_grad():
-            logits = model.run_with_hooks(b.tokens, attention_mask=b.mask, fwd_hooks=[hook])
-            end = logits[:, -1]
-            ld = end.gather(1, b.answer[:, None]) - end.gather(1, b.other[:, None])
-            grads.append(torch.autograd.grad(ld.sum(), delta)[0])
-    return torch.cat(grads).mean(0)
-
-
-def _adder(delta: torch.Tensor):
-    def add(act, hook=None):
-        act = act.clone()
-        act[:, -1] = act[:, -1] + delta
-        return act
-
-    return add
-
-
 def test_planted_real_edit_carries_the_effect(tiny_gpt2):
     """The rank-1 edit makes the MLP write the variable along a residual direction the answer
     reads: in the edited model patching u moves the answer, and so does the whole-MLP patch
@@ -239,28 +202,44 @@ def test_benchmark_end_to_end(tmp_path):
     df = run(compose([*BENCH, *SMALL, "extra.bench_layer_offsets=[0]"]), tmp_path)
     cases = pd.read_csv(tmp_path / CASES)
     assert {
-        "illusory 30°",
-        "illusory 60°",
-        "real mean diff",
-        "real row part",
-        "real edit (mean_diff, ×1)",
-        "real edit (top_natural, ×1)",
-        "real resid mean diff",
+        "illusory mixing 30°",
+        "illusory mixing 60°",
+        "illusory pathway ×1 45°",
+        "unedited variable direction",
+        "unedited read part",
+        "real edit (natural 0, ×1)",
+        "real edit (natural 0, ×1) read part",
+        "edit (natural 0, ×1) + uncorrelated null ‖n‖²=0.3",
+        "edit (natural 0, ×1) + correlated null ‖n‖²=0.3",
+        "edit (natural 0, ×1) + top null ‖n‖²=0.3",
+        "edit (natural 0, ×1) variable direction",
+        "real resid variable direction",
         "real v_resid (DAS)",
         "toy e1",
         "toy k=4 illusory",
     } <= set(cases.case)
-    assert set(cases.truth) == {"illusory", "real"} and cases.verdict.notna().all()
-    assert set(cases.verdict) <= set(B.VERDICT_ORDER)
-    ill = cases[cases.truth == "illusory"].dropna(subset=["dormant_var_pct"])
-    assert (ill.dormant_var_pct < 50).all() and (ill.irrelevant_sep > 0).all()
+    assert set(cases.truth) <= {"illusory", "real"} and cases.verdict.notna().all()
+    assert set(cases.verdict) <= set(T.VERDICT_ORDER)
+    assert set(cases.gate_pos) <= {T.ABOVE, T.HOLDS, T.BELOW}
+    ill = cases[cases.kind == "pathway"]
+    assert (ill.d_pct < 5).all() and ill.beta.gt(0).all() and ill.clean_ratio.notna().all()
+    assert cases.rule.nunique() == 1 and cases.rule.iloc[0] == T.rule_hash()
+    assert (cases.model == "tiny").all() and (cases.task == "ioi").all()
     text = (tmp_path / "summary.md").read_text()
-    assert "Confusion matrix" in text and "Misses" in text and "AUC" in text
+    assert "Rates" in text and "Misses" in text and T.rule_hash() in text and "Refused" in text
     assert all((tmp_path / p).exists() for p in PLOTS)
     assert (tmp_path / "v_resid_post_L1.pt").exists()
     assert {"score", "miss", "fldd_low"} <= set(df.metric)
     das = df[(df.intervention == "das") & (df.metric == "fldd")]  # the held-out sets, apart
     assert {"train (changing)", "new templates", "new names"} <= set(das.split)
+
+
+def test_benchmark_takes_any_task(tmp_path):
+    """dataset=pronouns (a pairs task): the same families, task and split named on every row."""
+    run(compose([*BENCH, *SMALL, "dataset=pronouns", "extra.bench_toy=false"]), tmp_path)
+    cases = pd.read_csv(tmp_path / CASES)
+    assert (cases.task == "pronouns").all() and (cases.split == "held-out").all()
+    assert {"pathway", "mixing", "edit", "hard negative", "Wu control", "residual"} <= set(cases.kind)
 
 
 @pytest.mark.slow
@@ -273,12 +252,15 @@ def test_benchmark_smollm2_reduced(smollm2, tmp_path):
         "dataset.n_train_pairs=40",
         "dataset.n_test_pairs=20",
         "extra.bench_angles=[45]",
-        "extra.bench_edits=[mean_diff]",
+        "extra.bench_edits=[0]",
+        "extra.pathway_strengths=[1.0]",
         "extra.random_mlp_seeds=1",
         "method.epochs=5",
     ]
     run(compose([*BENCH, *overrides]), tmp_path)
     cases = pd.read_csv(tmp_path / CASES)
-    assert len(cases) == 6 and set(cases.layer) == {20}
-    edit = cases[cases.case == "real edit (mean_diff, ×1)"].iloc[0]
-    assert edit.construction_ok and edit.label != illusion.LIKELY_ILLUSORY
+    assert set(cases.layer) == {20} and not cases.refused.any()
+    edit = cases[cases.case == "real edit (natural 0, ×1)"].iloc[0]
+    assert edit.fldd > 0.2 and edit.label != illusion.LIKELY_ILLUSORY
+    pathway = cases[cases.kind == "pathway"].iloc[0]
+    assert pathway.d_pct < 5 and abs(pathway.clean_ratio - 1) < 0.1

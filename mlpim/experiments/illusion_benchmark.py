@@ -1,13 +1,16 @@
 """illusion_benchmark: how often is illusion_check's verdict right on cases whose truth is planted?
 
-At the MLPs `extra.bench_layer_offsets` around the landmark, `mlpim.analysis.benchmark` plants
-illusions by the paper's definition and real MLP directions (rank-1 W_out edits), adds v_resid
-and the mean differences, and checks each one with the thresholds `check.*` as set: the rates are
-measured, never tuned toward the planted answers. The toy model's cases are reported apart.
+On any task (`dataset=`), at the MLPs `extra.bench_layer_offsets` around the landmark,
+`mlpim.analysis.bench_cases` plants illusions (dormant pathways opened by a rank-1 edit, and
+today's mixing construction), real MLP directions (rank-1 edits), hard negatives and Wu et al.'s
+controls, and checks each one with the thresholds `check.*` as set: the rates are measured, never
+tuned toward the planted answers. Every summary carries the hash of the rule and the construction
+(`bench_table.rule_hash`) and says whether its model × task is the calibration split.
 
-Writes metrics.csv, cases.csv (one row per case: verdict, score, checks fired, properties),
-summary.md (the confusion matrix with borderline in its own column, the rates and AUC, each miss
-with its reason), confusion.png, roc.png, v_resid_post_L<n>.pt.
+Writes metrics.csv, cases.csv (one row per case: truth, kind, gate position, verdict, score,
+checks that warned, the construction's properties), summary.md (rates with exact intervals, the
+confusion matrix, misses with their reasons, refused edits), confusion.png, roc.png,
+v_resid_post_L<n>.pt.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from mlpim import constants as C
+from mlpim.analysis import bench_table as T
 from mlpim.analysis import benchmark as B
+from mlpim.analysis import measure as M
+from mlpim.analysis.bench_cases import layer_result
 from mlpim.analysis.checks import Thresholds
 from mlpim.engine.direction import Direction
 from mlpim.engine.subspace import direction_meta, save_subspace
@@ -30,11 +36,11 @@ from mlpim.experiments.common import (
     model_for,
     model_spec,
     natural_site_acts,
+    predictor,
     reference_store,
-    require_ioi,
 )
 from mlpim.options import IllusionBenchmarkOptions, options
-from mlpim.report import illusion as report
+from mlpim.report import bench as report
 from mlpim.report import io
 from mlpim.tasks import task_splits
 from mlpim.tasks.ioi import held_out_pairs
@@ -45,15 +51,21 @@ PLOTS = (report.CONFUSION_PLOT, report.ROC_PLOT)
 
 def bench_options(cfg: DictConfig, opts: IllusionBenchmarkOptions) -> B.BenchOptions:
     """What the benchmark plants and measures."""
+    floats = lambda xs: tuple(float(x) for x in xs)  # noqa: E731
     return B.BenchOptions(
-        angles=tuple(float(a) for a in opts.bench_angles),
-        edits=tuple(opts.bench_edits),
-        edit_strengths=tuple(float(s) for s in opts.edit_strengths),
+        mixing_angles=floats(opts.bench_angles),
+        pathway_strengths=floats(opts.pathway_strengths),
+        pathway_angles=floats(opts.pathway_angles),
+        edits=tuple(int(e) for e in opts.bench_edits),
+        edit_strengths=floats(opts.edit_strengths),
+        null_norms=floats(opts.null_norms),
         n_random_directions=opts.n_random_directions,
         n_natural=opts.n_natural,
         random_mlp_seeds=opts.random_mlp_seeds,
         natural_ridge=opts.natural_ridge,
         seed=int(cfg.seed),
+        min_clean_ratio=float(opts.min_clean_ratio),
+        bench_k=tuple(int(k) for k in opts.bench_k),
     )
 
 
@@ -64,30 +76,33 @@ def bench_layers(cfg: DictConfig, model, offsets: list[int]) -> list[int]:
 
 
 def pair_batches(cfg: DictConfig, model) -> dict[str, list]:
-    """The train and test pairs and the two held-out sets, on the model's device."""
-    batches = task_splits(model.tokenizer, cfg.dataset, cfg.seed)
-    batches |= held_out_pairs(model.tokenizer, cfg.dataset, cfg.seed)
+    """The task's train and test pairs (IOI: and its two held-out sets), on the model's device."""
+    batches = task_splits(model.tokenizer, cfg.dataset, cfg.seed, predictor(model), model.cfg.n_ctx)
+    if cfg.dataset.name == "ioi":
+        batches |= held_out_pairs(model.tokenizer, cfg.dataset, cfg.seed)
     return {k: [b.to(model.cfg.device) for b in bs] for k, bs in batches.items()}
+
+
+def natural_hidden(cfg: DictConfig, model, batches, layers: list[int], n: int, split: str):
+    """{layer: END hidden activations of `n` IOI prompts of `split`'s templates and names}; on
+    another task, of the split's base and source prompts at their patched position."""
+    if cfg.dataset.name == "ioi":
+        return natural_site_acts(cfg, model, "mlp_post", layers, n, split=split)
+    prompts = [pb.base for pb in batches[split]] + [pb.source for pb in batches[split]]
+    return M.natural_acts(model, prompts, "mlp_post", layers)
 
 
 def save_layer(cfg, model, layer: int, res: B.LayerResult, run_dir: Path) -> None:
     """v_resid and the random-MLP histories of one layer."""
     meta = direction_meta(model, model_spec(cfg), "resid_post", layer)
-    save_subspace(
-        run_dir / f"v_resid_post_L{layer}.pt",
-        res.v_resid[:, None],
-        **meta,
-        k=1,
-        seed=cfg.seed,
-        method="das",
-    )
+    path = run_dir / f"v_resid_post_L{layer}.pt"
+    save_subspace(path, res.v_resid[:, None].float(), **meta, k=1, seed=cfg.seed, method="das")
     for seed, hist in res.histories.items():
         io.write_csv(hist, run_dir, f"history_random_mlp_L{layer}_seed{seed}.csv")
 
 
 def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """Every planted case at each benchmark layer, plus the toy cases; the metrics."""
-    require_ioi(cfg)
     model = model_for(cfg)
     extra = options(cfg, IllusionBenchmarkOptions)
     th, opts = Thresholds.from_mapping(cfg.check), bench_options(cfg, extra)
@@ -95,44 +110,72 @@ def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> 
     method = das_settings(cfg, dim=1)
     random_method = das_settings(cfg, dim=1, epochs=int(extra.random_mlp_epochs or method.epochs))
     batches, store = pair_batches(cfg, model), reference_store(extra.reference_cache)
-    natural = natural_site_acts(cfg, model, "mlp_post", layers, extra.n_natural_prompts)
-    engine = cfg.method.engine
+    n = extra.n_natural_prompts
+    train = natural_hidden(cfg, model, batches, layers, n, "train")
+    held = natural_hidden(cfg, model, batches, layers, n, "test")
     rows, cases = [], []
     for layer in tqdm(layers, desc="illusion_benchmark: layers"):
-        res = B.layer_result(
-            model, batches, layer, th, opts, natural[layer], method, random_method, engine, store
+        site_of = lambda mlp, L=layer: B.mlp_site(  # noqa: E731
+            model, mlp, L, th, opts, held[L], random_method, store
+        )
+        res = layer_result(
+            model,
+            batches,
+            layer,
+            site_of,
+            (train[layer], held[layer]),
+            method,
+            cfg.method.engine,
+            opts,
         )
         save_layer(cfg, model, layer, res, run_dir)
         rows, cases = rows + res.rows, cases + res.cases
     if extra.bench_toy:
         cases += B.toy_rows(th)
-    table = pd.DataFrame(cases)
+    table = labelled(pd.DataFrame(cases), cfg)
     io.write_csv(table, run_dir, CASES)
     write_report(cfg, table, run_dir)
-    for c in cases:
+    return io.tidy(rows + case_metrics(table), cfg)
+
+
+def labelled(table: pd.DataFrame, cfg: DictConfig) -> pd.DataFrame:
+    """The case table with its model, task, split and the frozen rule's hash on every row."""
+    model, task = str(cfg.model.name), task_name(cfg)
+    return table.assign(model=model, task=task, split=T.split_of(model, task), rule=T.rule_hash())
+
+
+def task_name(cfg: DictConfig) -> str:
+    """The task's name: ioi, facts, or a pairs/MIB file's stem."""
+    name = str(cfg.dataset.name)
+    return Path(str(cfg.dataset.path)).stem if name in ("pairs", "mib") else name
+
+
+def case_metrics(table: pd.DataFrame) -> list[dict]:
+    """Score and miss of each scored case as metric rows."""
+    rows = []
+    for c in table[~table.refused].itertuples():
         rows += io.metric_rows(
-            {"score": c["score"], "miss": float(c["miss"])},
-            intervention=c["case"],
-            site=c["site"],
-            layer=c["layer"],
+            {"score": c.score, "miss": float(c.miss)},
+            intervention=c.case,
+            site=c.site,
+            layer=c.layer,
             split="test",
-            case=c["case"],
+            case=c.case,
         )
-    return io.tidy(rows, cfg)
+    return rows
 
 
 def write_report(cfg: DictConfig, table: pd.DataFrame, run_dir: Path) -> None:
     """summary.md, the confusion matrix and the ROC curve."""
-    conf, rates = B.confusion(table), B.rates(table)
+    title = f"{cfg.model.name} × {task_name(cfg)}"
     header = (
-        f"model: {cfg.model.name}; layers {sorted(set(table.layer) - {-1})} (toy: -1); "
-        f"seed {cfg.seed}; thresholds check.* as set"
+        f"model: {cfg.model.name}; task: {task_name(cfg)} "
+        f"({T.split_of(str(cfg.model.name), task_name(cfg))} split); layers "
+        f"{sorted(set(table.layer) - {-1})} (toy: -1); seed {cfg.seed}; rule hash "
+        f"{T.rule_hash()}; thresholds check.* as set"
     )
-    misses = table[table.miss][["case", "layer", "site", "fldd", "label", "reason"]]
-    io.write_text(report.benchmark_markdown(header, conf, rates, misses, table), run_dir, C.SUMMARY)
-    report.confusion_plot(conf, run_dir, f"{cfg.model.name}: planted truth × verdict")
-    fpr, tpr = B.roc_curve(table)
-    report.roc_plot(fpr, tpr, rates["auc"], run_dir, f"{cfg.model.name}: illusion score")
+    io.write_text(report.markdown(header, table), run_dir, C.SUMMARY)
+    report.plots(table, run_dir, title)
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:

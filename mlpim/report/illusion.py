@@ -1,4 +1,4 @@
-"""The pages and figures of illusion_check and illusion_benchmark."""
+"""The pages and figures of illusion_check."""
 
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ from mlpim.report import io
 CHECK_PLOT = "illusion_check.png"
 BREAKDOWN = "breakdown.csv"
 BREAKDOWN_PLOT = "breakdown.png"
-CONFUSION_PLOT = "confusion.png"
-ROC_PLOT = "roc.png"
 COLORS = {True: "tab:red", False: "tab:green", None: "tab:gray"}
 
 
@@ -144,56 +142,3 @@ def breakdown_plot(table: pd.DataFrame, run_dir: Path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     io.save_figure(fig, run_dir, BREAKDOWN_PLOT)
-
-
-def benchmark_markdown(
-    header: str, conf: pd.DataFrame, rates: dict, misses: pd.DataFrame, table: pd.DataFrame
-) -> str:
-    """The confusion matrix, the rates, the per-case table (which checks fired), the misses."""
-    cols = ["layer", "site", "fldd", "gate", "label", "score", "warned", "site_notes"]
-    rate = (
-        f"planted illusions above the gate called likely illusory: "
-        f"{rates['illusions_flagged']:.0%} of {rates['illusions_above_gate']}; planted real "
-        f"directions called likely illusory: {rates['real_called_illusory']} of "
-        f"{rates['real']} (real MLP directions above the gate: "
-        f"{rates['real_mlp_above_gate']}); AUC of the illusion score {rates['auc']:.3f} "
-        f"(illusions above the gate vs real; with every illusion "
-        f"{rates['auc_all_illusions']:.3f})"
-    )
-    miss = io.markdown_table(misses.set_index("case")) if len(misses) else "none"
-    return (
-        f"# illusion_benchmark\n\n{header}\n\n## Confusion matrix\n\n"
-        f"{io.markdown_table(conf)}\n\n{rate}\n\n## Cases\n\n"
-        f"{io.markdown_table(table.set_index('case')[cols])}\n\n## Misses\n\n{miss}\n"
-    )
-
-
-def confusion_plot(conf: pd.DataFrame, run_dir: Path, title: str) -> None:
-    """The confusion matrix, planted truth × verdict (borderline its own column)."""
-    fig, ax = plt.subplots(figsize=(7.5, 0.6 * len(conf) + 1.8))
-    ax.imshow(conf.values, cmap="Blues", aspect="auto")
-    ax.set(xticks=range(conf.shape[1]), yticks=range(conf.shape[0]))
-    ax.set_xticklabels(conf.columns, rotation=20, fontsize=8)
-    ax.set_yticklabels(conf.index, fontsize=8)
-    for (i, j), n in np.ndenumerate(conf.values):
-        ax.text(j, i, str(n), ha="center", va="center", fontsize=10)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    io.save_figure(fig, run_dir, CONFUSION_PLOT)
-
-
-def roc_plot(fpr: np.ndarray, tpr: np.ndarray, auc: float, run_dir: Path, title: str) -> None:
-    """The ROC curve of the illusion score."""
-    fig, ax = plt.subplots(figsize=(4.2, 4))
-    ax.plot(fpr, tpr, drawstyle="steps-post", color="tab:red", label=f"AUC {auc:.3f}")
-    ax.plot([0, 1], [0, 1], color="gray", ls=":", lw=1)
-    ax.set(
-        xlabel="planted real called (false-positive rate)",
-        ylabel="planted illusions called (true-positive rate)",
-        xlim=(0, 1),
-        ylim=(0, 1.02),
-    )
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    io.save_figure(fig, run_dir, ROC_PLOT)
