@@ -16,8 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import PROBE, REFS, SMALL, cli
-from helpers import end_token_pairs, ld_gradient
+from helpers import PROBE, REFS, SMALL, cli, end_token_pairs, ld_gradient
 
 from mlpim import constants as C
 from mlpim.analysis import illusion_site as S

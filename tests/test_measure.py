@@ -211,7 +211,7 @@ def test_benchmark_end_to_end(tmp_path):
         "real edit (natural 0, ×1) read part",
         "edit (natural 0, ×1) + uncorrelated null ‖n‖²=0.3",
         "edit (natural 0, ×1) + correlated null ‖n‖²=0.3",
-        "edit (natural 0, ×1) + top null ‖n‖²=0.3",
+        "edit (natural 0, ×1) + aligned null ‖n‖²=0.3",
         "edit (natural 0, ×1) variable direction",
         "real resid variable direction",
         "real v_resid (DAS)",

@@ -65,7 +65,7 @@ def direction_checks(
         why = f"needs an MLP hidden site (mlp_post), not {site.kind}"
         return fl, [effect_check(fl, refs, site.th), *map(_na(why), CHECKED[1:])], NAN
     fl, proj, null = M.part_fldds(model, site, u)
-    checks = M.mlp_direction_checks(site, u, fl, proj, null)
+    _, checks = M.mlp_direction_checks(site, u, fl, proj, null, {})
     return fl["das"], [effect_check(fl["das"], refs, site.th), *checks], null.norm().item() ** 2
 
 
