@@ -278,12 +278,13 @@ def mlp_site(
 ) -> tuple[M.SiteData, dict]:
     """The unedited MLP site with all its references; and the random-MLP runs' histories."""
     seeds = range(opts.seed, opts.seed + opts.random_mlp_seeds)
-    rand, hist = R.random_mlp_reference(model, splits, layer, method, seeds, store)
+    random_mlp, hist = R.random_mlp_reference(model, splits, layer, method, seeds, store)
+    rand = list(random_mlp.values)
     refs = R.Refs(
         random_dirs=R.random_direction_reference(
             model, splits["test"], opts.n_random_directions, opts.seed
         ),
-        random_mlp=R.Reference(f"random-MLP DAS ({len(rand)} seeds)", tuple(rand)),
+        random_mlp=random_mlp,
     )
     site = M.site_data(model, splits, "mlp_post", layer, th, refs, natural, rand, opts.seed)
     site.refs = M.natural_references(model, site, opts.n_natural)

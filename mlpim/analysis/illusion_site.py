@@ -29,6 +29,7 @@ class CheckOptions:
     random_mlp_seeds: int
     seed: int
     k: int = 1  # the dimension of the subspaces checked (random references of the same k)
+    reference_mode: str = "batched"  # random-MLP seeds: one batched problem, or serial runs
 
 
 def check_site(
@@ -52,10 +53,9 @@ def check_site(
     rand, hist = [], {}
     if kind == "mlp_post" and opts.random_mlp_seeds > 0:
         seeds = range(opts.seed, opts.seed + opts.random_mlp_seeds)
-        rand, hist = R.random_mlp_reference(model, splits, layer, method, seeds, store)
-        dim = f", dim {method.dim}" if method.dim > 1 else ""
-        name = f"random-MLP DAS ({len(rand)} seeds, {method.epochs} epochs{dim})"
-        refs = replace(refs, random_mlp=R.Reference(name, tuple(rand)))
+        mode = opts.reference_mode
+        ref, hist = R.random_mlp_reference(model, splits, layer, method, seeds, store, mode)
+        rand, refs = list(ref.values), replace(refs, random_mlp=ref)
     site = M.site_data(model, splits, kind, layer, th, refs, natural, rand, opts.seed)
     site.refs = M.natural_references(model, site, opts.n_natural)
     return site, hist

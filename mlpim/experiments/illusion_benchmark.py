@@ -93,7 +93,8 @@ def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> 
     th, opts = Thresholds.from_mapping(cfg.check), bench_options(cfg, extra)
     layers = bench_layers(cfg, model, extra.bench_layer_offsets)
     method = das_settings(cfg, dim=1)
-    random_method = das_settings(cfg, dim=1, epochs=int(extra.random_mlp_epochs or method.epochs))
+    epochs = int(extra.random_mlp_epochs or method.epochs)
+    random_method = das_settings(cfg, reference=True, dim=1, epochs=epochs)
     batches, store = pair_batches(cfg, model), reference_store(extra.reference_cache)
     natural = natural_site_acts(cfg, model, "mlp_post", layers, extra.n_natural_prompts)
     engine = cfg.method.engine
