@@ -5,8 +5,9 @@ known:
 
 - random unit directions at the site (for a k-dim subspace, random k-dim subspaces): the effect
   (FLDD) that needs no mechanism (the gate);
-- DAS on norm-matched random MLPs over several seeds, trained as long as `method.epochs`
-  (`mlpim.analysis.controls`): the effect DAS reaches with no mechanism (a site check);
+- DAS on norm-matched random MLPs over several seeds, trained for up to `method.epochs`, all
+  seeds as one batched problem, each stopped once converged (`mlpim.analysis.controls`,
+  `mlpim.engine.das.fit_many`): the effect DAS reaches with no mechanism (a site check);
 - the site's directions of natural variation (top principal directions of source-minus-base
   activation differences on the train pairs): directions real prompts do move along, for the
   dormant ratio, nullspace bridging and the off-distribution measure.
