@@ -13,7 +13,7 @@ from helpers import PROBE, SMALL, assert_one_line_error, cli
 from mlpim.analysis import controls
 from mlpim.analysis import references as R
 from mlpim.config import compose
-from mlpim.engine import patching
+from mlpim.engine import interventions, patching
 from mlpim.engine.das import DasSettings, converged, fit
 from mlpim.engine.fastpath import EndState
 from mlpim.engine.interventions import (
@@ -54,13 +54,17 @@ def grads(module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in module.parameters()])
 
 
-@pytest.mark.parametrize("engine", ["kernel", "cache", "full"])
+@pytest.mark.parametrize("engine", ["kernel", "cache", "cache_logits", "full"])
 @pytest.mark.parametrize("mid", [False, True])
-def test_losses_of_many_setters_equal_each_alone(tiny_gemma3, engine, mid):
+def test_losses_of_many_setters_equal_each_alone(tiny_gemma3, engine, mid, monkeypatch):
     """One resume over the rows repeated per setter gives each setter its own loss and
-    gradient (each engine; a patch at END and, where the engine can, mid-prompt)."""
+    gradient (each engine, the cache engine also through the logits, as where the unembedding
+    is not linear; a patch at END and, where the engine can, mid-prompt)."""
     if mid and engine == "kernel":
         pytest.skip("the kernel patches at END only")
+    if engine == "cache_logits":
+        monkeypatch.setattr(interventions, "linear_unembed", lambda model, prep: False)
+        engine = "cache"
     pb = paper_pairs(tiny_gemma3.tokenizer, CFG.dataset, "train", CFG.seed)[0]
     if mid:
         pb = replace(pb, base=replace(pb.base, pos=pb.base.pos - 2))

@@ -132,11 +132,9 @@ def fit_many(
             losses.sum().backward()
             for j in active:
                 optims[j][0].step()
-            values = losses.tolist()
-            totals, n = (
-                [t + v * len(p.pairs) for t, v in zip(totals, values, strict=True)],
-                n + len(p.pairs),
-            )
+            for k, value in enumerate(losses.tolist()):
+                totals[k] += value * len(p.pairs)
+            n += len(p.pairs)
         for j, total in zip(active, totals, strict=True):
             optims[j][1].step()
             rows[j].append({"epoch": epoch, "train_loss": total / n})

@@ -283,13 +283,13 @@ def patched_end_losses(model, prep: Prepared, setters: list[Setter]) -> Float[Te
         state = cache.repeat_rows(prep.state, n)
         h = cache.resume_hidden(model, state, prep.name, setter, prep.source_act)
         rows = unembed_ce_rows(h, *fastpath.unembed_weights(model), labels)
+    elif prep.engine == "cache":
+        state = cache.repeat_rows(prep.state, n)
+        logits = cache.resume(model, state, prep.name, setter, prep.source_act)
+        rows = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     else:
-        if prep.engine == "cache":
-            state = cache.repeat_rows(prep.state, n)
-            logits = cache.resume(model, state, prep.name, setter, prep.source_act)
-        else:
-            base = repeat_prompts(prep.pairs.base, n)
-            logits = patched_logits(model, base, {prep.name: prep.source_act}, {prep.name: setter})
+        base = repeat_prompts(prep.pairs.base, n)
+        logits = patched_logits(model, base, {prep.name: prep.source_act}, {prep.name: setter})
         rows = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     return rows.view(-1, n).mean(0)
 
