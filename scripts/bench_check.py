@@ -55,8 +55,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_known_args(argv)
 
 
-def machine() -> str:
-    """This machine in one line: host, CPU, cores, memory, torch's version."""
+def machine(threads: int | None = None) -> str:
+    """This machine in one line: host, CPU, cores, memory, torch's version, the runs' threads."""
     cpu = platform.processor() or platform.machine()
     info = Path("/proc/cpuinfo")
     if info.exists():
@@ -69,7 +69,7 @@ def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
         f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, torch "
-        f"{torch.__version__} ({torch.get_num_threads()} threads)"
+        f"{torch.__version__} ({threads or torch.get_num_threads()} threads)"
     )
 
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     model_for(cfg)  # a GGUF model is dequantized once, here, not inside the first timed run
     load = os.getloadavg()
     print(f"bench-check {datetime.datetime.now():%Y-%m-%d %H:%M}, model {cfg.model.name}")
-    print(f"machine {machine()}; load average {load[0]:.2f} at the start")
+    print(f"machine {machine(args.threads)}; load average {load[0]:.2f} at the start")
     found = None
     direction = args.direction
     if direction is None:
@@ -176,9 +176,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     runs = check_runs(direction.resolve(), overrides, out, env)
     table = report(runs, found)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
-    table.assign(model=cfg.model.name, machine=machine(), date=f"{datetime.date.today()}").to_csv(
-        out / "bench_check.csv", index=False
-    )
+    table.assign(
+        model=cfg.model.name, machine=machine(args.threads), date=f"{datetime.date.today()}"
+    ).to_csv(out / "bench_check.csv", index=False)
     print(f"written: {out / 'bench_check.csv'}")
     return runs
 
