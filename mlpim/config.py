@@ -60,6 +60,9 @@ class MethodConfig:
     lr_end_factor: float = 0.1
     epochs: int = 30
     engine: str = "auto"  # auto | kernel | cache | full  (see mlpim/engine/interventions.py)
+    early_stop: str = "reference"  # none | reference | all: which DAS runs stop once converged
+    stop_tol: float = 0.005  # ... when the epoch loss improves by less than this (relative)
+    stop_patience: int = 3  # ... this many epochs in a row
 
 
 @dataclass

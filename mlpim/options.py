@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from mlpim.errors import ConfigError
 
 T = TypeVar("T")
+REFERENCE_MODES = ("batched", "serial")  # how the random-MLP reference trains its seeds
 
 
 @dataclass
@@ -168,6 +169,7 @@ class IllusionCheckOptions:
     random_mlp_seeds: int = 5  # random MLPs, each with its own 1-D DAS run; 0 skips
     random_mlp_epochs: int | None = None  # DAS epochs per random MLP; None: method.epochs
     reference_cache: str | None = "outputs/.cache/references"  # random-MLP references by hash
+    reference_mode: str = "batched"  # random-MLP seeds: batched (one problem) | serial (runs)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from mlpim.engine.interventions import ENGINES
 from mlpim.engine.models import ModelSpec, gguf_path, resolve_device
 from mlpim.errors import ConfigError, MlpimError
 from mlpim.experiments import Experiment, get_experiment, runner_names
+from mlpim.options import REFERENCE_MODES
 from mlpim.tasks import FILE_TASKS, task_vocabulary
 from mlpim.tasks.mib import check_mib_task
 from mlpim.tasks.pairs import check_pairs_file
@@ -135,7 +136,7 @@ def check_positive(cfg: DictConfig) -> None:
     ignores = set(cfg.get("ignores") or [])
     values = {"dataset.batch_size": 1, **positive_options(experiment_of(cfg))}
     if "method" not in ignores and cfg.method.name in ("das", "mean_diff"):
-        values |= {"method.epochs": 1, "method.lr": 0.0}  # DAS trains with them
+        values |= {"method.epochs": 1, "method.lr": 0.0, "method.stop_patience": 1}  # DAS's
     for key, low in values.items():
         if key.split(".")[0] in ignores:
             continue
@@ -306,18 +307,33 @@ def check_task_choices(dataset: DictConfig) -> None:
 
 
 def check_values(cfg: DictConfig) -> None:
-    """The seed (numpy's generators take none below 0), `dataset.test_fraction` (a share) and
-    `method.engine` (a name `mlpim.engine.interventions` knows), where the experiment reads them."""
+    """The seed (numpy's generators take none below 0), `dataset.test_fraction` (a share),
+    `method.*`'s names and tolerance, `extra.reference_mode`, where the experiment reads them."""
     ignores = set(cfg.get("ignores") or [])
     if cfg.seed < 0:
         raise MlpimError(f"seed={cfg.seed}: seeds are 0 or more (one policy for every experiment)")
     fraction = cfg.dataset.get("test_fraction", 0.5)
     if "dataset" not in ignores and not 0 <= fraction <= 1:  # NaN fails too
         raise MlpimError(f"dataset.test_fraction={fraction}: a share of the groups, 0 to 1")
-    if "method" not in ignores and cfg.method.engine not in ENGINES:
-        raise MlpimError(f"method.engine={cfg.method.engine}: allowed: {', '.join(ENGINES)}")
+    if "method" not in ignores:
+        check_method_values(cfg.method)
+    mode = (cfg.get("extra") or {}).get("reference_mode", REFERENCE_MODES[0])
+    if mode not in REFERENCE_MODES:
+        raise MlpimError(f"extra.reference_mode={mode}: allowed: {', '.join(REFERENCE_MODES)}")
 
 
+def check_method_values(method: DictConfig) -> None:
+    """`method.engine` and `method.early_stop` name what the engine knows; `method.stop_tol` is 0
+    or more."""
+    if method.engine not in ENGINES:
+        raise MlpimError(f"method.engine={method.engine}: allowed: {', '.join(ENGINES)}")
+    if method.early_stop not in EARLY_STOP:
+        raise MlpimError(f"method.early_stop={method.early_stop}: allowed: {', '.join(EARLY_STOP)}")
+    if not method.stop_tol >= 0:  # NaN fails too
+        raise MlpimError(f"method.stop_tol={method.stop_tol}: a relative improvement, 0 or more")
+
+
+EARLY_STOP = ("none", "reference", "all")  # `method.early_stop`: which DAS runs may stop early
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # what `model.dtype` may name
 
 

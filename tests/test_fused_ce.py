@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlpim.engine.fused_ce import unembed_ce
+from mlpim.engine.fused_ce import unembed_ce, unembed_ce_rows
 
 
 def _problem(b: int, d: int, vocab: int, scale: float, seed: int = 0):
@@ -43,3 +43,18 @@ def test_frozen_weights_required():
     h, w_t, bias, labels = _problem(b=2, d=4, vocab=10, scale=1.0)
     with pytest.raises(ValueError, match="frozen"):
         unembed_ce(h, w_t.requires_grad_(), bias, labels)
+
+
+@pytest.mark.parametrize("chunk", [37, 5000])
+def test_rows_match_cross_entropy_per_row(chunk):
+    """`unembed_ce_rows`: each row's loss, and the gradient of any weighting of the rows."""
+    h, w_t, bias, labels = _problem(b=7, d=24, vocab=1000, scale=30.0, seed=1)
+    weights = torch.linspace(0.5, 2.0, 7)
+    x, y = h.clone().requires_grad_(), h.clone().requires_grad_()
+    rows = unembed_ce_rows(x, w_t, bias, labels, chunk=chunk)
+    ref = F.cross_entropy(y @ w_t.T + bias, labels, reduction="none")
+    (rows * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert (rows - ref).abs().max().item() <= 1e-4
+    assert (x.grad - y.grad).abs().max().item() <= 1e-5 * 30
+    assert rows.mean().item() == pytest.approx(unembed_ce(h, w_t, bias, labels, chunk).item())

@@ -228,14 +228,17 @@ def mlp_site(
     """The unedited MLP site with all its references; the random-MLP runs' histories (none
     with `random_mlp_seeds` 0: a site note, it never changes a label)."""
     seeds = range(opts.seed, opts.seed + opts.random_mlp_seeds)
-    rand, hist = (
-        R.random_mlp_reference(model, splits, layer, method, seeds, store) if seeds else ([], {})
+    random_mlp, hist = (
+        R.random_mlp_reference(model, splits, layer, method, seeds, store)
+        if seeds
+        else (R.Reference("random-MLP DAS (0 seeds)"), {})
     )
+    rand = list(random_mlp.values)
     refs = R.Refs(
         random_dirs=R.random_direction_reference(
             model, splits["test"], opts.n_random_directions, opts.seed
         ),
-        random_mlp=R.Reference(f"random-MLP DAS ({len(rand)} seeds)", tuple(rand)),
+        random_mlp=random_mlp,
     )
     site = M.site_data(model, splits, "mlp_post", layer, th, refs, natural, rand or None, opts.seed)
     site.refs = M.natural_references(model, site, opts.n_natural)

@@ -24,14 +24,15 @@ from torch import Tensor, nn
 from mlpim import reuse
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis.rows import metric_rows
-from mlpim.engine.das import DasSettings, fit
+from mlpim.engine.das import DasSettings, fit, fit_many
 from mlpim.engine.family import family_of
+from mlpim.engine.fastpath import EndState
 from mlpim.engine.interventions import (
     Prepared,
     clean_metrics,
     evaluate,
+    guard,
     patched_end_logits,
-    prepare,
     prepared_key,
 )
 from mlpim.engine.metrics import fldd, logit_diff
@@ -152,34 +153,35 @@ class RandomMLPPatch(nn.Module):
 
 
 def with_resid_mid(model, prepared: list[Prepared], layer: int) -> list[Prepared]:
-    """`mlp_out`-prepared batches whose source acts also carry resid_mid of source and base."""
-    name = hook_name("resid_mid", layer)
+    """The same batches at `mlp_out` of `layer`, their source acts carrying [mlp_out | resid_mid
+    | base resid_mid] (`RandomMLPPatch` reads them), from batches prepared at `mlp_post` or
+    `mlp_out` of that layer: the base run's state and END logits are shared, not copied, and one
+    run of the base and one of the source prompts up to the layer read the two activations (a
+    source that is its base prompt takes the base's). The engine's guard checks the first."""
+    out_name, mid_name = hook_name("mlp_out", layer), hook_name("resid_mid", layer)
+    names, own = [out_name, mid_name], {hook_name(k, layer) for k in ("mlp_post", "mlp_out")}
     out = []
     for p in prepared:
-        base_mid = site_acts(model, p.pairs.base, [name])[name]
-        own = {name: base_mid}  # a source that is its base prompt: no run
-        src_mid = source_acts(model, p.pairs.base, p.pairs.source, [name], own)[name]
-        out.append(replace(p, source_act=torch.cat([p.source_act, src_mid, base_mid], -1)))
+        if p.name not in own:
+            raise ValueError(f"{p.name} is not the MLP of layer {layer}: prepare it at mlp_out")
+        base = site_acts(model, p.pairs.base, names)
+        src = source_acts(model, p.pairs.base, p.pairs.source, names, base)
+        act = torch.cat([src[out_name], src[mid_name], base[mid_name]], -1)
+        state = replace(p.state, kind="mlp_out") if isinstance(p.state, EndState) else p.state
+        out.append(replace(p, name=out_name, base_act=base[out_name], source_act=act, state=state))
+    if out:
+        guard(model, out[0])
     return out
 
 
 def augmented_splits(
     model, splits: dict[str, list[Prepared]], layer: int
 ) -> dict[str, list[Prepared]]:
-    """The same pairs prepared at `mlp_out` of `layer`, with resid_mid appended (`with_resid_mid`)."""
+    """The same pairs at `mlp_out` of `layer` with resid_mid appended (`with_resid_mid`), from
+    splits prepared at the MLP of that layer."""
     key = lambda: (tuple((s, prepared_key(model, p)) for s, p in splits.items()), layer)  # noqa: E731
-    return dict(reuse.memo("augmented", key, lambda: _augmented(model, splits, layer)))
-
-
-def _augmented(model, splits: dict[str, list[Prepared]], layer: int) -> dict[str, list[Prepared]]:
-    return {
-        s: with_resid_mid(
-            model,
-            prepare(model, [p.pairs for p in prepared], "mlp_out", layer, prepared[0].engine),
-            layer,
-        )
-        for s, prepared in splits.items()
-    }
+    make = lambda: {s: with_resid_mid(model, p, layer) for s, p in splits.items()}  # noqa: E731
+    return dict(reuse.memo("augmented", key, make))
 
 
 def split_acts(prepared: list[Prepared], d: int) -> tuple[Tensor, Tensor]:
@@ -217,6 +219,28 @@ def train_random_das(
     if not test and "test_iia" in history:
         history = history.drop(columns="test_iia")
     return patch, history
+
+
+def train_random_das_many(
+    model,
+    train: list[Prepared],
+    layer: int,
+    mlps: list[RandomMLP],
+    method: DasSettings,
+    seeds: list[int],
+    progress: bool = True,
+) -> tuple[list[RandomMLPPatch], list[pd.DataFrame]]:
+    """`train_random_das` (without test pairs) of one random MLP per seed, all trained together
+    (`mlpim.engine.das.fit_many`): each seed's basis is drawn as `train_random_das` draws it; the
+    batches come in one order for all, shuffled by a generator seeded with the first seed."""
+    patches = []
+    for mlp, seed in zip(mlps, seeds, strict=True):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        patches.append(RandomMLPPatch(mlp, method.dim, gen).to(train[0].base_act.device))
+    gen = torch.Generator().manual_seed(seeds[0])
+    desc = f"DAS {len(seeds)} random MLPs L{layer}"
+    return patches, fit_many(model, train, patches, method, gen, desc, progress)
 
 
 def random_mlp_run(

@@ -31,6 +31,7 @@ class CheckOptions:
     random_mlp_seeds: int
     seed: int
     k: int = 1  # the dimension of the subspaces checked (random references of the same k)
+    reference_mode: str = "batched"  # random-MLP seeds: one batched problem, or serial runs
 
 
 def check_site(
@@ -56,11 +57,10 @@ def check_site(
     hist = {}
     if kind == "mlp_post" and opts.random_mlp_seeds > 0:
         seeds = range(opts.seed, opts.seed + opts.random_mlp_seeds)
-        rand, hist = R.random_mlp_reference(model, splits, layer, method, seeds, store)
-        dim = f", dim {method.dim}" if method.dim > 1 else ""
-        name = f"random-MLP DAS ({len(rand)} seeds, {method.epochs} epochs{dim})"
-        site.refs = replace(site.refs, random_mlp=R.Reference(name, tuple(rand)))
-        site.random_mlp = mean_est(np.asarray(rand), th.n_boot, opts.seed)
+        mode = opts.reference_mode
+        ref, hist = R.random_mlp_reference(model, splits, layer, method, seeds, store, mode)
+        site.refs = replace(site.refs, random_mlp=ref)
+        site.random_mlp = mean_est(np.asarray(ref.values), th.n_boot, opts.seed)
     site.refs = M.natural_references(model, site, opts.n_natural)
     return site, hist
 

@@ -5,8 +5,9 @@ known:
 
 - random unit directions at the site (for a k-dim subspace, random k-dim subspaces): the effect
   (FLDD) that needs no mechanism (the gate);
-- DAS on norm-matched random MLPs over several seeds, trained as long as `method.epochs`
-  (`mlpim.analysis.controls`): the effect DAS reaches with no mechanism (a site check);
+- DAS on norm-matched random MLPs over several seeds, trained for up to `method.epochs`, all
+  seeds as one batched problem, each stopped once converged (`mlpim.analysis.controls`,
+  `mlpim.engine.das.fit_many`): the effect DAS reaches with no mechanism (a site check);
 - the site's directions of natural variation (top principal directions of source-minus-base
   activation differences on the train pairs): directions real prompts do move along, for the
   dormant ratio, nullspace bridging and the off-distribution measure.
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from mlpim.analysis import controls
 from mlpim.engine.das import DasSettings
-from mlpim.engine.interventions import Prepared, evaluate
+from mlpim.engine.interventions import Prepared, evaluate, prepare
 from mlpim.engine.models import fingerprint
 from mlpim.engine.patching import subspace, work_dtype
 
@@ -151,7 +152,8 @@ def random_direction_reference(
 def random_mlp_fldds(
     model, aug: dict[str, list[Prepared]], layer: int, method: DasSettings, seeds: range
 ) -> tuple[list[float], dict[int, pd.DataFrame]]:
-    """Per seed, the test FLDD of 1-D DAS on a norm-matched random MLP; the histories."""
+    """Per seed, the test FLDD of DAS on a norm-matched random MLP; the histories. One run per
+    seed, each batch order shuffled by its own seed (`reference_mode=serial`)."""
     d = model.cfg.d_model
     values, histories = [], {}
     for seed in tqdm(seeds, desc=f"reference: random-MLP DAS L{layer}", leave=False):
@@ -165,6 +167,21 @@ def random_mlp_fldds(
     return values, histories
 
 
+def random_mlp_fldds_batched(
+    model, aug: dict[str, list[Prepared]], layer: int, method: DasSettings, seeds: range
+) -> tuple[list[float], dict[int, pd.DataFrame]]:
+    """`random_mlp_fldds` with every seed trained in one batched problem, the batches in one
+    order for all (`controls.train_random_das_many`; `reference_mode=batched`)."""
+    mid, out = controls.split_acts(aug["train"], model.cfg.d_model)
+    mlps = [controls.matched_random_mlp(model, mid, out, seed) for seed in seeds]
+    patches, hists = controls.train_random_das_many(
+        model, aug["train"], layer, mlps, method, list(seeds)
+    )
+    with torch.no_grad():
+        values = [evaluate(model, aug["test"], p)["fldd"] for p in patches]
+    return values, dict(zip(seeds, hists, strict=True))
+
+
 class Store(Protocol):
     """Where measured references are kept between runs (the runner gives a file-backed one)."""
 
@@ -174,11 +191,17 @@ class Store(Protocol):
 
 
 def reference_key(
-    model, splits: dict[str, list[Prepared]], layer: int, method: DasSettings, seeds
+    model,
+    splits: dict[str, list[Prepared]],
+    layer: int,
+    method: DasSettings,
+    seeds,
+    mode: str = "batched",
 ) -> str:
-    """Content hash of a random-MLP reference's inputs: weights, layer, pairs, DAS, engine, seeds."""
+    """Content hash of a random-MLP reference's inputs: weights, layer, pairs, DAS, engine, seeds,
+    mode."""
     h = hashlib.sha256()
-    settings = asdict(method) | {"engine": splits["train"][0].engine}
+    settings = asdict(method) | {"engine": splits["train"][0].engine, "mode": mode}
     h.update(json.dumps([fingerprint(model), layer, settings, list(seeds)]).encode())
     for split in ("train", "test"):
         for p in splits[split]:
@@ -193,6 +216,31 @@ def reference_key(
     return h.hexdigest()[:24]
 
 
+def serial_splits(
+    model, splits: dict[str, list[Prepared]], layer: int
+) -> dict[str, list[Prepared]]:
+    """The pairs prepared again at `mlp_out` of `layer`, then with resid_mid appended: the
+    reference's preparation before the shared one (`reference_mode=serial`, for
+    `make bench-check`)."""
+    engine = splits["train"][0].engine
+    return {
+        s: controls.with_resid_mid(
+            model, prepare(model, [p.pairs for p in ps], "mlp_out", layer, engine), layer
+        )
+        for s, ps in splits.items()
+    }
+
+
+def random_mlp_name(n: int, method: DasSettings, epochs_run: list[int]) -> str:
+    """The reference's name: seeds, epochs (how many ran, where a run stopped early), dimension."""
+    epochs = f"{method.epochs} epochs"
+    if epochs_run and min(epochs_run) < method.epochs:
+        lo, hi = min(epochs_run), max(epochs_run)
+        epochs = f"{lo if lo == hi else f'{lo}-{hi}'} of {epochs}, stopped once converged"
+    dim = f", dim {method.dim}" if method.dim > 1 else ""
+    return f"random-MLP DAS ({n} seeds, {epochs}{dim})"
+
+
 def random_mlp_reference(
     model,
     splits: dict[str, list[Prepared]],
@@ -200,17 +248,24 @@ def random_mlp_reference(
     method: DasSettings,
     seeds: range,
     store: Store | None = None,
-) -> tuple[list[float], dict[int, pd.DataFrame]]:
-    """Per seed, the random-MLP DAS test FLDD (from `store` when it holds it); histories."""
-    key = reference_key(model, splits, layer, method, seeds)
+    mode: str = "batched",
+) -> tuple[Reference, dict[int, pd.DataFrame]]:
+    """The random-MLP DAS test FLDD of each seed (from `store` when it holds it); histories.
+    `mode`: batched (one problem for every seed, on the splits' own preparation) or serial (one
+    run per seed, on the pairs prepared again: the path before batching)."""
+    key = reference_key(model, splits, layer, method, seeds, mode)
     hit = store.get(key) if store is not None else None
     if hit is not None:
-        return list(hit["fldd"]), {}
-    aug = controls.augmented_splits(model, {k: splits[k] for k in ("train", "test")}, layer)
-    values, histories = random_mlp_fldds(model, aug, layer, method, seeds)
+        values, runs = list(hit["fldd"]), list(hit.get("epochs_run", []))
+        return Reference(random_mlp_name(len(values), method, runs), tuple(values)), {}
+    two = {k: splits[k] for k in ("train", "test")}
+    if mode == "serial":
+        aug, fldds = serial_splits(model, two, layer), random_mlp_fldds
+    else:
+        aug, fldds = controls.augmented_splits(model, two, layer), random_mlp_fldds_batched
+    values, histories = fldds(model, aug, layer, method, seeds)
+    runs = [len(h) for h in histories.values()]
     if store is not None:
-        store.put(
-            key,
-            {"fldd": values, "layer": layer, "seeds": list(seeds), "epochs": int(method.epochs)},
-        )
-    return values, histories
+        kept = {"fldd": values, "layer": layer, "seeds": list(seeds), "epochs": method.epochs}
+        store.put(key, kept | {"epochs_run": runs})
+    return Reference(random_mlp_name(len(values), method, runs), tuple(values)), histories

@@ -92,6 +92,16 @@ def cache_state(model, batch: PromptBatch) -> CacheState:
     return CacheState(start, past, batch.tokens[:, start:], batch.mask, batch.pos - start)
 
 
+def repeat_rows(state: CacheState, n: int) -> CacheState:
+    """The state with each row repeated n times in a row (row i·n + j is row i); its cache is a
+    copy (`Cache.batch_repeat_interleave` changes a cache in place)."""
+    past = copy.deepcopy(state.past)
+    if past is not None:
+        past.batch_repeat_interleave(n)
+    rep = lambda x: x.repeat_interleave(n, 0)  # noqa: E731
+    return CacheState(state.start, past, rep(state.tokens), rep(state.mask), rep(state.pos))
+
+
 def base_run(model, batch: PromptBatch, names) -> tuple[Float[Tensor, "b vocab"], dict, CacheState]:
     """(END logits, activation cache of `names`, CacheState) from ONE full forward of the base
     prompts: the model's own KV cache of the whole prompt, cropped (`Cache.crop`) to the columns

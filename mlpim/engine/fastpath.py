@@ -21,7 +21,7 @@ from torch import Tensor
 
 from mlpim.engine.batch import PromptBatch
 from mlpim.engine.family import family_of, post_attn_norm, post_mlp_norm
-from mlpim.engine.fused_ce import unembed_ce
+from mlpim.engine.fused_ce import unembed_ce, unembed_ce_rows
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import run_cache
 
@@ -126,6 +126,18 @@ def merge_states(parts: list[tuple[Tensor, EndState]], n: int, prefix: int) -> E
     resid = [stack(lambda st, a=a: getattr(st, a)) for a in ("resid_pre", "resid_mid")]
     key_mask = stack(lambda st: left(st.key_mask, 1))
     return EndState(first.kind, first.layer, *resid, keys, values, rot, key_mask)
+
+
+def repeat_rows(state: EndState, n: int) -> EndState:
+    """The state with each row repeated n times in a row (row i·n + j is row i)."""
+    rep = lambda x: x.repeat_interleave(n, 0)  # noqa: E731
+    rot = None
+    if state.rotary is not None:  # [b or 1, dh]: one row is shared by every row already
+        rot = {i: tuple(t if len(t) == 1 else rep(t) for t in cs) for i, cs in state.rotary.items()}
+    keys = {i: rep(k) for i, k in state.keys.items()}
+    values = {i: rep(v) for i, v in state.values.items()}
+    resid = rep(state.resid_pre), rep(state.resid_mid)
+    return EndState(state.kind, state.layer, *resid, keys, values, rot, rep(state.key_mask))
 
 
 def end_state(model, batch: PromptBatch, kind: str, layer: int) -> EndState:
@@ -329,3 +341,9 @@ def resume_loss(model, state: EndState, act: Tensor, labels: Int[Tensor, " b"]) 
     `cross_entropy(resume(...), labels)` and its gradient (tests/test_fastpath.py).
     """
     return unembed_ce(resume_hidden(model, state, act), *unembed_weights(model), labels)
+
+
+def resume_losses(model, state: EndState, act: Tensor, labels: Int[Tensor, " b"]) -> Tensor:
+    """Each row's cross-entropy over the vocabulary of the patched END logits (`resume_loss`
+    per row)."""
+    return unembed_ce_rows(resume_hidden(model, state, act), *unembed_weights(model), labels)

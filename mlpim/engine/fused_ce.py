@@ -17,13 +17,14 @@ from torch import Tensor
 CHUNK = 1024
 
 
-def _loss_and_grad(
+def _rows(
     h: Float[Tensor, "b d"],
     w_t: Float[Tensor, "vocab d"],
     bias: Float[Tensor, " vocab"],
     labels: Int[Tensor, " b"],
     chunk: int,
-) -> tuple[Tensor, Float[Tensor, "b d"]]:
+) -> tuple[Float[Tensor, " b"], Float[Tensor, "b d"]]:
+    """Each row's cross-entropy and its gradient with respect to the row's h."""
     b = h.shape[0]
     run_max = h.new_full((b, 1), -torch.inf)
     run_sum = h.new_zeros((b, 1))
@@ -39,21 +40,38 @@ def _loss_and_grad(
         run_max = new_max
     target = w_t[labels]
     label_logit = (h * target).sum(1) + bias[labels]
-    loss = (run_max[:, 0] + run_sum[:, 0].log() - label_logit).mean()
-    return loss, (acc / run_sum - target) / b
+    return run_max[:, 0] + run_sum[:, 0].log() - label_logit, acc / run_sum - target
 
 
 class _UnembedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w_t, bias, labels, chunk):  # noqa: D102
-        loss, grad = _loss_and_grad(h, w_t, bias, labels, chunk)
-        ctx.save_for_backward(grad)
-        return loss
+        rows, grad = _rows(h, w_t, bias, labels, chunk)
+        ctx.save_for_backward(grad / h.shape[0])
+        return rows.mean()
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         (grad,) = ctx.saved_tensors
         return grad_out * grad, None, None, None, None
+
+
+class _UnembedCERows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w_t, bias, labels, chunk):  # noqa: D102
+        rows, grad = _rows(h, w_t, bias, labels, chunk)
+        ctx.save_for_backward(grad)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        (grad,) = ctx.saved_tensors
+        return grad_out[:, None] * grad, None, None, None, None
+
+
+def _frozen(w_t: Tensor, bias: Tensor) -> None:
+    if w_t.requires_grad or bias.requires_grad:
+        raise ValueError("unembed_ce treats the unembedding as frozen; detach its weights")
 
 
 def unembed_ce(
@@ -64,6 +82,17 @@ def unembed_ce(
     chunk: int = CHUNK,
 ) -> Tensor:
     """Mean cross-entropy of `h @ w_tᵀ + bias` against `labels`; differentiable in `h` only."""
-    if w_t.requires_grad or bias.requires_grad:
-        raise ValueError("unembed_ce treats the unembedding as frozen; detach its weights")
+    _frozen(w_t, bias)
     return _UnembedCE.apply(h, w_t, bias, labels, chunk)
+
+
+def unembed_ce_rows(
+    h: Float[Tensor, "b d"],
+    w_t: Float[Tensor, "vocab d"],
+    bias: Float[Tensor, " vocab"],
+    labels: Int[Tensor, " b"],
+    chunk: int = CHUNK,
+) -> Float[Tensor, " b"]:
+    """Each row's cross-entropy of `h @ w_tᵀ + bias` against `labels`; differentiable in `h`."""
+    _frozen(w_t, bias)
+    return _UnembedCERows.apply(h, w_t, bias, labels, chunk)

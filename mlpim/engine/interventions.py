@@ -23,7 +23,7 @@ from mlpim import reuse
 from mlpim.engine import cache, fastpath, metrics
 from mlpim.engine.batch import PairBatch, PromptBatch
 from mlpim.engine.family import family_of
-from mlpim.engine.fused_ce import unembed_ce
+from mlpim.engine.fused_ce import unembed_ce, unembed_ce_rows
 from mlpim.engine.models import ConfigError, validate_site
 from mlpim.engine.patching import (
     Setter,
@@ -256,6 +256,50 @@ def patched_end_loss(model, prep: Prepared, setter: Setter) -> Tensor:
         return unembed_ce(h, *fastpath.unembed_weights(model), prep.pairs.label)
     logits = patched_end_logits(model, prep, setter)
     return torch.nn.functional.cross_entropy(logits, prep.pairs.label)
+
+
+def interleaved(setters: list[Setter]) -> Setter:
+    """One setter for a batch whose rows are repeated once per setter (row i·n + j: row i of
+    the source, patched by setter j); the sources are the batch's own, not repeated."""
+    n = len(setters)
+
+    def setter(base: Float[Tensor, "bn ..."], source: Float[Tensor, "b ..."]) -> Tensor:
+        rows = base.view(source.shape[0], n, *base.shape[1:])
+        return torch.stack([s(rows[:, j], source) for j, s in enumerate(setters)], 1).flatten(0, 1)
+
+    return setter
+
+
+def patched_end_losses(model, prep: Prepared, setters: list[Setter]) -> Float[Tensor, " n"]:
+    """Each setter's `patched_end_loss`, from ONE resume over the batch's rows repeated once per
+    setter (the weights are read once for all of them); differentiable in each setter's own
+    parameters."""
+    n, setter = len(setters), interleaved(setters)
+    labels = prep.pairs.label.repeat_interleave(n)
+    if prep.engine == "kernel":
+        acts = torch.stack([patched_act(prep, s) for s in setters], 1).flatten(0, 1)
+        rows = fastpath.resume_losses(model, fastpath.repeat_rows(prep.state, n), acts, labels)
+    elif prep.engine == "cache" and linear_unembed(model, prep):
+        state = cache.repeat_rows(prep.state, n)
+        h = cache.resume_hidden(model, state, prep.name, setter, prep.source_act)
+        rows = unembed_ce_rows(h, *fastpath.unembed_weights(model), labels)
+    elif prep.engine == "cache":
+        state = cache.repeat_rows(prep.state, n)
+        logits = cache.resume(model, state, prep.name, setter, prep.source_act)
+        rows = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    else:
+        base = repeat_prompts(prep.pairs.base, n)
+        logits = patched_logits(model, base, {prep.name: prep.source_act}, {prep.name: setter})
+        rows = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    return rows.view(-1, n).mean(0)
+
+
+def repeat_prompts(batch: PromptBatch, n: int) -> PromptBatch:
+    """The batch with each row repeated n times in a row (row i·n + j is row i)."""
+    rep = lambda x: x.repeat_interleave(n, 0)  # noqa: E731
+    return PromptBatch(
+        rep(batch.tokens), rep(batch.mask), rep(batch.pos), rep(batch.answer), rep(batch.other)
+    )
 
 
 def linear_unembed(model, prep: Prepared) -> bool:

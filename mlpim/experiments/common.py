@@ -35,10 +35,13 @@ def model_spec(cfg: DictConfig) -> ModelSpec:
     return ModelSpec.from_mapping(OmegaConf.to_container(cfg.model, resolve=True))
 
 
-def das_settings(cfg: DictConfig, **changes) -> DasSettings:
-    """The config's `method.*` as the engine's `DasSettings`, with `changes` applied."""
+def das_settings(cfg: DictConfig, reference: bool = False, **changes) -> DasSettings:
+    """The config's `method.*` as the engine's `DasSettings`, with `changes` applied; runs stop
+    once converged where `method.early_stop` says so (`reference`: a random-MLP reference run)."""
     m = cfg.method
     values = {"dim": m.dim, "lr": m.lr, "lr_end_factor": m.lr_end_factor, "epochs": m.epochs}
+    if m.early_stop in (("reference", "all") if reference else ("all",)):
+        values |= {"stop_tol": m.stop_tol, "stop_patience": m.stop_patience}
     return DasSettings(**(values | changes))
 
 

@@ -108,7 +108,8 @@ def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> 
     th, opts = Thresholds.from_mapping(cfg.check), bench_options(cfg, extra)
     layers = bench_layers(cfg, model, extra.bench_layer_offsets)
     method = das_settings(cfg, dim=1)
-    random_method = das_settings(cfg, dim=1, epochs=int(extra.random_mlp_epochs or method.epochs))
+    epochs = int(extra.random_mlp_epochs or method.epochs)
+    random_method = das_settings(cfg, reference=True, dim=1, epochs=epochs)
     batches, store = pair_batches(cfg, model), reference_store(extra.reference_cache)
     n = extra.n_natural_prompts
     train = natural_hidden(cfg, model, batches, layers, n, "train")

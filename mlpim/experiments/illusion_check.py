@@ -58,13 +58,15 @@ def check_options(cfg: DictConfig, opts: IllusionCheckOptions, k: int) -> S.Chec
         random_mlp_seeds=opts.random_mlp_seeds,
         seed=int(cfg.seed),
         k=k,
+        reference_mode=opts.reference_mode,
     )
 
 
 def random_mlp_method(cfg: DictConfig, opts: IllusionCheckOptions, k: int) -> DasSettings:
     """DAS for the random-MLP runs: of the subspace's dimension k, as many epochs as the
-    direction's training."""
-    return das_settings(cfg, dim=k, epochs=int(opts.random_mlp_epochs or cfg.method.epochs))
+    direction's training, stopped once converged (`method.early_stop`)."""
+    epochs = int(opts.random_mlp_epochs or cfg.method.epochs)
+    return das_settings(cfg, reference=True, dim=k, epochs=epochs)
 
 
 def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:

@@ -1,0 +1,57 @@
+"""`make bench-check`'s logic on the tiny model: both paths, cold and warm, their tables compared
+(the runs in this process; `scripts/bench_check.py` runs each in its own; never timings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import pandas as pd
+from helpers import FAST, REFS
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_check.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_check_compares_both_paths_cold_and_warm(tmp_path, monkeypatch, capsys):
+    bench = load_script()
+    from mlpim.cli import main
+
+    def in_process(args, log, env):  # `python -m mlpim ARGS`, here
+        start = time.perf_counter()
+        main(list(args))
+        return time.perf_counter() - start, float("nan")
+
+    monkeypatch.setattr(bench, "timed", in_process)
+    overrides = [*FAST, *REFS, "extra.n_natural_prompts=40"]
+    runs = bench.main(["--out", str(tmp_path), *overrides])
+    out = capsys.readouterr().out
+    assert list(zip(runs.path, runs.cache, strict=True)) == bench.ORDER
+    assert list(runs.reference) == ["trained", "trained", "cached", "cached"]
+    assert runs.verdict.nunique() == 1  # the label never moves
+    for _, run in runs.iloc[1:].iterrows():  # only the random-MLP site note may move
+        cells = bench.differences(runs.table.iloc[0], run.table)
+        assert all(c.startswith("random_mlp.") for c in cells), cells
+        assert f"{run.path} {run.cache} vs serial cold: " in out
+    assert (runs.differs[runs.path == "serial"] == 0).all()  # warm = cold
+    saved = pd.read_csv(tmp_path / "bench_check.csv")
+    assert set(saved.path) == {"serial", "batched"} and (saved.model == "tiny").all()
+    assert "finding the direction (ioi_mlp8_das) took" in out
+
+
+def test_differences_name_each_printed_cell():
+    bench = load_script()
+    a = pd.DataFrame({"value": [0.5, 1.0], "warning": ["no", "x"]}, index=["effect", "verdict"])
+    b = a.copy()
+    assert bench.differences(a, b) == []
+    b.loc["effect", "value"], b.loc["verdict", "warning"] = 0.501, "y"
+    assert bench.differences(a, b) == ["effect.value: 0.5 -> 0.501", "verdict.warning: x -> y"]
+    nan = a.assign(value=float("nan"))
+    assert bench.differences(nan, nan.copy()) == []
