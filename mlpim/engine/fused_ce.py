@@ -63,7 +63,8 @@ def unembed_ce(
     labels: Int[Tensor, " b"],
     chunk: int = CHUNK,
 ) -> Tensor:
-    """Mean cross-entropy of `h @ w_tᵀ + bias` against `labels`; differentiable in `h` only."""
+    """Mean cross-entropy of `h @ w_tᵀ + bias` against `labels`, on the unembedding's device;
+    differentiable in `h` only."""
     if w_t.requires_grad or bias.requires_grad:
         raise ValueError("unembed_ce treats the unembedding as frozen; detach its weights")
-    return _UnembedCE.apply(h, w_t, bias, labels, chunk)
+    return _UnembedCE.apply(h.to(w_t.device), w_t, bias, labels.to(w_t.device), chunk)
