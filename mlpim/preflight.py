@@ -237,8 +237,8 @@ def placement(cfg: DictConfig) -> list[str]:
         return [resolve_device(cfg.device)]
     if device_map == "auto":
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
-    where = [f"cuda:{v}" if isinstance(v, int) else str(v) for v in device_map.values()]
-    return sorted({str(torch.device(w)) for w in where})
+    named = [torch.device(f"cuda:{v}" if isinstance(v, int) else v) for v in device_map.values()]
+    return sorted({f"cuda:{d.index or 0}" if d.type == "cuda" else d.type for d in named})
 
 
 def free_on(devices: list[str]) -> int | None:

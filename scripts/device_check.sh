@@ -44,6 +44,8 @@ step() {  # step SECONDS NAME COMMAND...: run within its limit and the deadline,
     $PY -c "import torch; from importlib.metadata import version as v; print('torch',
 torch.__version__, 'cuda', torch.version.cuda, 'bf16', torch.cuda.is_bf16_supported(),
 torch.cuda.get_device_name(), *(f'{p} {v(p)}' for p in ('transformers', 'transformer-lens')))"
+    $PY -m pip list 2>/dev/null | grep -iE "^(accelerate|datasets|fsspec|huggingface.hub|hydra.core|\
+omegaconf|pyarrow|safetensors|tokenizers|transformer.lens) "  # what came with the image or .whl/
     git log -1 --format='mlpim commit %h %s' 2>/dev/null
 } >"$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"

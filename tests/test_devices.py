@@ -24,7 +24,7 @@ from mlpim.engine.models import block_device, load_model, module_device, place, 
 from mlpim.engine.patching import full
 from mlpim.errors import ConfigError, MlpimError
 from mlpim.experiments.common import model_for, model_spec
-from mlpim.preflight import preflight
+from mlpim.preflight import placement, preflight
 from mlpim.run import run
 from mlpim.tasks import task_vocabulary
 from mlpim.tasks.ioi import paper_pairs
@@ -56,6 +56,17 @@ def test_preflight_estimates_memory_in_the_dtype_auto_resolves_to(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     with pytest.raises(MlpimError, match=r"tiny \(float32\) needs about"):
         preflight(compose(["model=tiny", "experiment=ioi_mlp8_das"]))
+
+
+def test_the_memory_check_counts_every_device_of_the_map(monkeypatch):
+    """A map's devices, each once (cuda, 0 and cuda:0 are one GPU); auto: every GPU, else the
+    CPU."""
+    given = compose(["model=tiny", "model.device_map={a:cuda,b:0,c:1,d:cuda:1}"])
+    assert placement(given) == ["cuda:0", "cuda:1"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert placement(compose(["model=tiny", "model.device_map=auto"])) == ["cpu"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert placement(compose(["model=tiny", "model.device_map=auto"])) == ["cuda:0", "cuda:1"]
 
 
 def test_device_helpers_name_the_device_of_the_weights():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field, fields, replace
@@ -79,9 +80,8 @@ def resolve_dtype(name: str, device: str) -> str:
 def module_device(module) -> torch.device:
     """The device a module's weights live on (its first parameter's, else its first
     buffer's; cpu for a module with neither)."""
-    for t in (*module.parameters(), *module.buffers()):
-        return t.device
-    return torch.device("cpu")
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def block_device(model, layer: int) -> torch.device:
@@ -214,8 +214,8 @@ def _device_kind(value) -> str | None:
 
 
 def place(hf_model, device_map):
-    """`hf_model` dispatched by accelerate as `device_map` says (`auto`: the GPUs, as much as
-    each has free, then the CPU), checked first (`check_device_map`)."""
+    """`hf_model` dispatched by accelerate as `device_map` says (`auto`: over the GPUs, as much
+    as each has free; all on the CPU on a machine without one), checked (`check_device_map`)."""
     from accelerate import dispatch_model, infer_auto_device_map  # slow: only with a map
 
     if device_map == "auto":
