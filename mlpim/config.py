@@ -37,7 +37,9 @@ class ModelConfig:
     bos_token: str | None = None  # token prepended to prompts; default: the tokenizer's BOS
     compat: bool = False  # TransformerLens processing: fold LN, center writing weights/unembed
     refactor_factored_attn_matrices: bool = False
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | float64 (directions stay >= float32)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | float64 (directions stay >=
+    # float32); auto: bfloat16 on a CUDA card that supports it, else float32
+    device_map: Any = None  # auto | {module prefix: device}: the model across devices
     tiny: dict[str, Any] = field(default_factory=dict)  # sizes of the random tiny model
     sizes: dict[str, int] = field(default_factory=dict)  # d_model, d_mlp, n_layers of a fixed
     # model, so that preflight refuses a bad site.layer or method.dim before loading it

@@ -24,7 +24,13 @@ from mlpim.config import check_unknown_keys
 from mlpim.engine import memory
 from mlpim.engine.direction import OPTION_NAMES, Direction, load_direction
 from mlpim.engine.interventions import ENGINES
-from mlpim.engine.models import ModelSpec, gguf_path, resolve_device
+from mlpim.engine.models import (
+    ModelSpec,
+    check_device_map,
+    gguf_path,
+    resolve_device,
+    resolve_dtype,
+)
 from mlpim.errors import ConfigError, MlpimError
 from mlpim.experiments import Experiment, get_experiment, runner_names
 from mlpim.options import REFERENCE_MODES
@@ -205,11 +211,12 @@ def check_memory(cfg: DictConfig, model_file: Path | None) -> None:
     its device has free (or `MLPIM_MEMORY_BUDGET`); silent where the model's shape or the free
     memory is unknown."""
     shape = None if "model" in (cfg.get("ignores") or []) else model_shape(cfg, model_file)
-    budget, device = os.environ.get(MEMORY_BUDGET), resolve_device(cfg.device)
-    free = memory.parse_size(budget, MEMORY_BUDGET) if budget else memory.free_bytes(device)
+    budget, devices = os.environ.get(MEMORY_BUDGET), placement(cfg)
+    free = memory.parse_size(budget, MEMORY_BUDGET) if budget else free_on(devices)
     if shape is None or free is None:
         return
-    dtype = cfg.model.get("dtype", "float32")
+    device = ", ".join(devices)
+    dtype = resolve_dtype(cfg.model.get("dtype", "auto"), devices[0])
     need = memory.estimate(shape, memory.DTYPE_BYTES[dtype], workload(cfg))
     if sum(need.values()) <= free:
         return
@@ -221,6 +228,24 @@ def check_memory(cfg: DictConfig, model_file: Path | None) -> None:
         f"{memory.size_text(free)} free {where}: it cannot fit ({parts}); try fewer pairs"
         f"{smaller} or a larger machine (docs/engine.md, Memory)"
     )
+
+
+def placement(cfg: DictConfig) -> list[str]:
+    """The devices the model's weights go to: `device=`, or those `model.device_map` names
+    (auto: every GPU, else the CPU)."""
+    device_map = cfg.model.get("device_map")
+    if device_map is None:
+        return [resolve_device(cfg.device)]
+    if device_map == "auto":
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+    named = [torch.device(f"cuda:{v}" if isinstance(v, int) else v) for v in device_map.values()]
+    return sorted({f"cuda:{d.index or 0}" if d.type == "cuda" else d.type for d in named})
+
+
+def free_on(devices: list[str]) -> int | None:
+    """The memory free on all of `devices` together; None where one's is unknown."""
+    free = [memory.free_bytes(d) for d in devices]
+    return None if None in free else sum(free)
 
 
 def model_shape(cfg: DictConfig, model_file: Path | None) -> memory.ModelShape | None:
@@ -334,14 +359,36 @@ def check_method_values(method: DictConfig) -> None:
 
 
 EARLY_STOP = ("none", "reference", "all")  # `method.early_stop`: which DAS runs may stop early
-DTYPES = ("float32", "bfloat16", "float16", "float64")  # what `model.dtype` may name
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # what `model.dtype` may name
 
 
 def check_dtype(cfg: DictConfig) -> None:
-    """`model.dtype` names a floating-point torch dtype."""
-    dtype = cfg.model.get("dtype", "float32")
+    """`model.dtype` names a floating-point torch dtype (or auto)."""
+    dtype = cfg.model.get("dtype", "auto")
     if dtype not in DTYPES:
         raise MlpimError(f"model.dtype={dtype}: allowed: {', '.join(DTYPES)}")
+
+
+def check_placement(cfg: DictConfig) -> None:
+    """`model.device_map`: auto or a map of CPU or GPU devices (`check_device_map`), with
+    device=auto (both would place the model) and without TransformerLens's weight processing
+    (`model.compat`), untried on a model split across devices."""
+    device_map = cfg.model.get("device_map")
+    if device_map is None or "model" in (cfg.get("ignores") or []):
+        return
+    if OmegaConf.is_config(device_map):
+        device_map = OmegaConf.to_container(device_map)
+    check_device_map(device_map)
+    if cfg.device != "auto":
+        raise MlpimError(
+            f"device={cfg.device} and model.device_map both place the model: give one of them"
+        )
+    if cfg.model.get("compat"):
+        raise MlpimError(
+            f"model.device_map does not combine with model.compat=true ({cfg.model.name}: "
+            "TransformerLens's weight processing of a model split across devices is untried); "
+            "load it on one device"
+        )
 
 
 def check_site_and_dim(cfg: DictConfig) -> None:
@@ -384,6 +431,7 @@ def preflight(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, 
     check_positive(cfg)
     check_device(cfg)
     check_dtype(cfg)
+    check_placement(cfg)
     check_values(cfg)
     directions = load_directions(cfg)
     check_site_and_dim(cfg)

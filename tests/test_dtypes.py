@@ -92,7 +92,7 @@ def test_float32_direction_patches_a_bfloat16_activation():
 
 
 def test_unknown_dtype_is_refused_before_the_model_loads():
-    with pytest.raises(MlpimError, match=r"model.dtype=bf16: allowed: float32, bfloat16"):
+    with pytest.raises(MlpimError, match=r"model.dtype=bf16: allowed: auto, float32, bfloat16"):
         preflight(compose(["model=tiny", "model.dtype=bf16"]))
 
 

@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -44,6 +45,7 @@ class Direction(readers.ForeignDirection):
 
     model: str | None = None
     fingerprint: str | None = None
+    fingerprint_bf16: str | None = None  # of the weights rounded to bfloat16 (`fingerprint`)
 
     def placed(self, site: str | None, layer: int | None) -> Direction:
         """This direction, at `site`/`layer` where the file does not say its own."""
@@ -115,8 +117,12 @@ class Direction(readers.ForeignDirection):
         return placed.basis
 
     def check_weights(self, model) -> None:
-        """A clear error when this direction was found on other weights than `model`'s."""
-        if self.fingerprint is not None and self.fingerprint != fingerprint(model):
+        """A clear error when this direction was found on other weights than `model`'s: the
+        same weights, or the same rounded to bfloat16 (one found in float32, checked on the
+        model loaded in bfloat16, or the other way round)."""
+        if self.fingerprint is None or self.fingerprint == fingerprint(model):
+            return
+        if self.fingerprint_bf16 != fingerprint(model, torch.bfloat16):
             raise ConfigError(
                 f"{self.path} was found on model {self.model!r} (weights {self.fingerprint}), "
                 f"not on {model.cfg.model_name!r} (weights {fingerprint(model)})"
@@ -164,7 +170,8 @@ def load_direction(
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     saved = loaded if fmt == "mlpim" else {}
     read = {f.name: getattr(rec, f.name) for f in fields(rec)}
-    found = Direction(**read, model=saved.get("model"), fingerprint=saved.get("fingerprint"))
+    marks = {k: saved.get(k) for k in ("model", "fingerprint", "fingerprint_bf16")}
+    found = Direction(**read, **marks)
     direction = found.given(site, layer)
     direction.check_declared(sizes or {}, model_name, max_k, experiment)
     return direction

@@ -22,7 +22,7 @@ from torch import Tensor
 from mlpim.engine.batch import PromptBatch
 from mlpim.engine.family import family_of, post_attn_norm, post_mlp_norm
 from mlpim.engine.fused_ce import unembed_ce, unembed_ce_rows
-from mlpim.engine.models import hook_name
+from mlpim.engine.models import block_device, hook_name, module_device
 from mlpim.engine.patching import run_cache
 
 MLP_SITES = ("mlp_post", "mlp_out")
@@ -80,7 +80,8 @@ def state_from_cache(model, cache, kind: str, layer: int, mask: Tensor) -> EndSt
     def prefix(name: str, *order: int) -> Tensor:
         """[b, seq, kv, dh] prefix columns, permuted to `order`; padding gets weight 0, but
         0 * NaN is NaN: padded rows may hold anything, so they are zeroed."""
-        x = cache[name][:, :-1].masked_fill(~keep[:, :, None, None], 0.0)
+        x = cache[name][:, :-1]
+        x = x.masked_fill(~keep.to(x.device)[:, :, None, None], 0.0)
         return x.permute(*order).contiguous()
 
     return EndState(
@@ -104,7 +105,7 @@ def merge_states(parts: list[tuple[Tensor, EndState]], n: int, prefix: int) -> E
         """Each group's tensor `get(state)` put at its rows of an n-row tensor."""
         out = get(first).new_zeros(n, *get(first).shape[1:])
         for rows, st in parts:
-            out[rows] = get(st)
+            out[rows.to(out.device)] = get(st)
         return out
 
     def left(x: Tensor, dim: int) -> Tensor:
@@ -237,7 +238,7 @@ def key_mask(model, i: int, state: EndState) -> Bool[Tensor, "b prefix"]:
     w, keep = family_of(model).windows[i], state.key_mask
     if w is None or keep.shape[1] < w:
         return keep
-    return keep & (torch.arange(keep.shape[1]) > keep.shape[1] - w)
+    return keep & (torch.arange(keep.shape[1], device=keep.device) > keep.shape[1] - w)
 
 
 def attn_end(
@@ -252,6 +253,7 @@ def attn_end(
     q = q.view(b, g, w.n_heads // g, -1) / query_divisor(model, q.shape[-1])  # grouped by kv head
     scores = torch.cat([q @ state.keys[i], (q * k[:, :, None]).sum(-1, keepdim=True)], dim=-1)
     keep = torch.cat([key_mask(model, i, state), state.key_mask.new_ones(b, 1)], dim=1)
+    keep = keep.to(scores.device)  # the batch's device; scores are on block i's
     p = scores.masked_fill(~keep[:, None, None], float("-inf")).softmax(-1)
     z = p[..., :-1] @ state.values[i] + p[..., -1:] * v[:, :, None]
     return z.reshape(b, w.n_heads, -1)
@@ -294,7 +296,8 @@ def mlp_end(model, i: int, mid: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
 
 
 def block_end(model, i: int, h: Float[Tensor, "b d"], state: EndState) -> Float[Tensor, "b d"]:
-    """One whole block for the END token."""
+    """One whole block for the END token, on the block's device."""
+    h = h.to(block_device(model, i))
     z = attn_end(model, i, _norm(model.blocks[i].ln1, h), state)
     return mlp_end(model, i, h + attn_out_from_z(model, i, z))
 
@@ -315,12 +318,13 @@ def resume_hidden(model, state: EndState, act: Tensor) -> Float[Tensor, "b d"]:
         raise ValueError(f"fast path has no site kind {kind!r}")
     for i in range(first_block(kind, layer), model.cfg.n_layers):
         h = block_end(model, i, h, state)
-    return _norm(model.ln_final, h)
+    return _norm(model.ln_final, h.to(module_device(model.ln_final)))
 
 
 def resume(model, state: EndState, act: Tensor) -> Float[Tensor, "b vocab"]:
     """END logits when the site's END activation is `act` (patched) and everything else is base."""
-    return model.unembed(resume_hidden(model, state, act)[:, None])[:, 0]
+    h = resume_hidden(model, state, act)
+    return model.unembed(h.to(module_device(model.unembed))[:, None])[:, 0]
 
 
 def unembed_weights(model) -> tuple[Float[Tensor, "vocab d"], Float[Tensor, " vocab"]]:

@@ -81,9 +81,10 @@ def unembed_ce(
     labels: Int[Tensor, " b"],
     chunk: int = CHUNK,
 ) -> Tensor:
-    """Mean cross-entropy of `h @ w_tᵀ + bias` against `labels`; differentiable in `h` only."""
+    """Mean cross-entropy of `h @ w_tᵀ + bias` against `labels`, on the unembedding's device;
+    differentiable in `h` only."""
     _frozen(w_t, bias)
-    return _UnembedCE.apply(h, w_t, bias, labels, chunk)
+    return _UnembedCE.apply(h.to(w_t.device), w_t, bias, labels.to(w_t.device), chunk)
 
 
 def unembed_ce_rows(
@@ -93,6 +94,7 @@ def unembed_ce_rows(
     labels: Int[Tensor, " b"],
     chunk: int = CHUNK,
 ) -> Float[Tensor, " b"]:
-    """Each row's cross-entropy of `h @ w_tᵀ + bias` against `labels`; differentiable in `h`."""
+    """Each row's cross-entropy of `h @ w_tᵀ + bias` against `labels`, on the unembedding's
+    device; differentiable in `h`."""
     _frozen(w_t, bias)
-    return _UnembedCERows.apply(h, w_t, bias, labels, chunk)
+    return _UnembedCERows.apply(h.to(w_t.device), w_t, bias, labels.to(w_t.device), chunk)

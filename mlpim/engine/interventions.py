@@ -49,12 +49,13 @@ class EngineMismatchError(ConfigError):
 class Prepared:
     """One pair batch with its site activations and unpatched END logits."""
 
-    pairs: PairBatch
+    pairs: PairBatch  # on the model's input device (`model.cfg.device`)
     name: str  # hook name of the site
     engine: str  # kernel | cache | full
-    base_act: Float[Tensor, "b ..."]  # at each base prompt's patch position
-    source_act: Float[Tensor, "b ..."]  # at each source prompt's patch position
-    clean_logits: Float[Tensor, "b vocab"]  # the model's own END logits of the base prompts
+    base_act: Float[Tensor, "b ..."]  # at each base prompt's patch position (site's device)
+    source_act: Float[Tensor, "b ..."]  # at each source prompt's patch position (site's device)
+    clean_logits: Float[Tensor, "b vocab"]  # the model's own END logits of the base prompts,
+    # on the pairs' device, as every engine's patched logits are returned
     state: fastpath.EndState | cache.CacheState | None
 
     @property
@@ -94,6 +95,7 @@ def prepare_sites(model, pb: PairBatch, sites: list[Site], engine: str) -> dict[
         logits, acts, states = grouped_base(model, pb.base, names, kernel=engine == "kernel")
     own = {n: acts[s] for s, n in names.items()}  # a source that is its base prompt: no run
     source = source_acts(model, pb.base, pb.source, sorted(own), own)
+    logits = logits.to(pb.base.tokens.device)
     return {
         site: Prepared(pb, name, engine, acts[site], source[name], logits, states[site])
         for site, name in names.items()
@@ -123,13 +125,19 @@ def grouped_base(
         states = {s: fastpath.state_from_cache(model, run, *s, sub.mask) for s in names if kernel}
         parts.append((rows, logits, acts, states))
     order = torch.cat([p[0] for p in parts]).argsort()  # row i of the batch
-    logits = torch.cat([p[1] for p in parts])[order]
-    acts = {s: torch.cat([p[2][s] for p in parts])[order] for s in names}
+    logits = _in_order([p[1] for p in parts], order)
+    acts = {s: _in_order([p[2][s] for p in parts], order) for s in names}
     states = dict.fromkeys(names)
     for s in names if kernel else ():
         parts_s = [(p[0], p[3][s]) for p in parts]
         states[s] = fastpath.merge_states(parts_s, len(base), base.tokens.shape[1] - 1)
     return logits, acts, states
+
+
+def _in_order(parts: list[Tensor], order: Tensor) -> Tensor:
+    """The row groups' tensors concatenated, rows put back in `order`, on their own device."""
+    x = torch.cat(parts)
+    return x[order.to(x.device)]
 
 
 def prepare(
@@ -237,13 +245,15 @@ def patched_act(prep: Prepared, setter: Setter) -> Float[Tensor, "b d"]:
 
 
 def patched_end_logits(model, prep: Prepared, setter: Setter) -> Float[Tensor, "b vocab"]:
-    """END logits of the base prompts with the site patched by `setter`."""
-    if prep.engine == "kernel":
-        return fastpath.resume(model, prep.state, patched_act(prep, setter))
-    if prep.engine == "cache":
-        return cache.resume(model, prep.state, prep.name, setter, prep.source_act)
+    """END logits of the base prompts with the site patched by `setter`, on the pairs' device."""
     base = prep.pairs.base
-    return patched_logits(model, base, {prep.name: prep.source_act}, {prep.name: setter})
+    if prep.engine == "kernel":
+        logits = fastpath.resume(model, prep.state, patched_act(prep, setter))
+    elif prep.engine == "cache":
+        logits = cache.resume(model, prep.state, prep.name, setter, prep.source_act)
+    else:
+        logits = patched_logits(model, base, {prep.name: prep.source_act}, {prep.name: setter})
+    return logits.to(base.tokens.device)
 
 
 def patched_end_loss(model, prep: Prepared, setter: Setter) -> Tensor:
@@ -314,7 +324,8 @@ def linear_unembed(model, prep: Prepared) -> bool:
                 h = cache.resume_hidden(model, prep.state, prep.name, keep, prep.source_act)
                 logits = cache.resume(model, prep.state, prep.name, keep, prep.source_act)
             w_t, b = fastpath.unembed_weights(model)
-            ok = (h @ w_t.T + b - logits).abs().max().item() <= tolerance(logits)
+            ours = h.to(w_t.device) @ w_t.T + b
+            ok = (ours - logits.to(w_t.device)).abs().max().item() <= tolerance(logits)
         model.__dict__[key] = ok
     return model.__dict__[key]
 

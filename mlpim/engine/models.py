@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import itertools
 import logging
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_model
@@ -49,7 +51,8 @@ class ModelSpec:
     bos_token: str | None = None  # token prepended to prompts; default: the tokenizer's BOS
     compat: bool = False  # TransformerLens processing: fold LN, center writing weights/unembed
     refactor_factored_attn_matrices: bool = False
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: `resolve_dtype`
+    device_map: Any = None  # None | "auto" | {module prefix: device}: accelerate's placement
     tiny: dict[str, int] = field(default_factory=dict)  # sizes of the random tiny model
 
     @classmethod
@@ -63,6 +66,29 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """`model.dtype=auto` -> bfloat16 on a CUDA device whose card supports it, else float32
+    (CPU and MPS: float32, the fast choice on a CPU without 16-bit units); others as given."""
+    if name != "auto":
+        return name
+    cuda = torch.device(device).type == "cuda"
+    return "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+
+
+def module_device(module) -> torch.device:
+    """The device a module's weights live on (its first parameter's, else its first
+    buffer's; cpu for a module with neither)."""
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
+def block_device(model, layer: int) -> torch.device:
+    """The device of block `layer`'s weights: a model placed with `model.device_map` may spread
+    its blocks over several devices, and an activation is combined with a block's weights on
+    the block's device."""
+    return module_device(model.blocks[layer])
 
 
 def hook_name(kind: str, layer: int) -> str:
@@ -91,10 +117,13 @@ def validate_site(model, kind: str, layer: int) -> str:
 def load_model(cfg: ModelSpec, device: str = "cpu", vocab: list[str] | None = None):
     """Load the model `cfg` describes as a TransformerBridge in eval mode with frozen weights.
 
+    `cfg.dtype=auto` is resolved for `device` (`resolve_dtype`). With `cfg.device_map` the
+    weights are placed by accelerate (`place`) and `device` only resolves the dtype.
     The caller's torch RNG is left as it was: TransformerLens draws from it while it builds the
     bridge (layers it creates and then fills with the model's weights), the tiny model seeds it.
     In a `mlpim.reuse` session the model is loaded once, and handed out again only while its
     weights are as loaded, with no hooks left on it."""
+    cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
 
     def load():
         with torch.random.fork_rng(devices=[]):
@@ -116,7 +145,7 @@ def load_hf(cfg: ModelSpec, vocab: list[str] | None = None):
     if cfg.source not in loaders:
         raise ConfigError(f"unknown model source {cfg.source!r}; allowed: {', '.join(loaders)}")
     hf_model, tokenizer = loaders[cfg.source](cfg)
-    hf_model = hf_model.to(getattr(torch, cfg.dtype)).eval()
+    hf_model = hf_model.to(getattr(torch, resolve_dtype(cfg.dtype, "cpu"))).eval()
     if not getattr(hf_model.config, "architectures", None):
         hf_model.config.architectures = [type(hf_model).__name__]
     return hf_model, tokenizer
@@ -126,11 +155,13 @@ def _load_model(cfg: ModelSpec, device: str, vocab: list[str] | None):
     hf_model, tokenizer = load_hf(cfg, vocab)
     from transformer_lens.model_bridge import TransformerBridge  # slow: after preflight's checks
 
+    # the bridge takes a given model where it is: placed here, on `device` or by the map
+    hf_model = place(hf_model, cfg.device_map) if cfg.device_map else hf_model.to(device)
     bridge = TransformerBridge.boot_transformers(
         cfg.hf_name or hf_model.config.model_type,
         hf_model=hf_model,
         tokenizer=tokenizer,
-        device=device,
+        device=None if cfg.device_map else device,
     )
     if cfg.compat:
         bridge.enable_compatibility_mode(
@@ -144,6 +175,61 @@ def _load_model(cfg: ModelSpec, device: str, vocab: list[str] | None):
     if cfg.bos_token:
         bridge.tokenizer.bos_token = cfg.bos_token
     return bridge
+
+
+def check_device_map(device_map) -> None:
+    """`model.device_map` is `auto` or {module prefix: device} with every device the CPU or a
+    GPU, not both (an accelerate CPU offload leaves the GPU's modules' weights on the meta
+    device, which TransformerLens's bridge and the kernel read directly); else one line."""
+    if device_map == "auto":
+        return
+    if not isinstance(device_map, dict) or not device_map:
+        raise ConfigError(
+            f"model.device_map={device_map}: give auto or a mapping {{module prefix: device}}"
+        )
+    kinds = {_device_kind(v) for v in device_map.values()}
+    if None in kinds:
+        bad = next(v for v in device_map.values() if _device_kind(v) is None)
+        raise ConfigError(
+            f"model.device_map: {bad!r} is not a device mlpim places weights on; use cpu, cuda, "
+            "cuda:N or a GPU index (no disk or meta offload)"
+        )
+    if kinds == {"cpu", "cuda"}:
+        raise ConfigError(
+            "model.device_map puts part of the model on the CPU and part on GPUs (accelerate "
+            "would offload the CPU part, which the bridge and the kernel cannot read); map "
+            "every module to a GPU, or load on one device with device="
+        )
+
+
+def _device_kind(value) -> str | None:
+    """cpu or cuda for a device_map value (an int is a GPU index), None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "cuda" if value >= 0 else None
+    try:
+        kind = torch.device(value).type
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    return kind if kind in ("cpu", "cuda") else None
+
+
+def place(hf_model, device_map):
+    """`hf_model` dispatched by accelerate as `device_map` says (`auto`: over the GPUs, as much
+    as each has free; all on the CPU on a machine without one), checked (`check_device_map`)."""
+    from accelerate import dispatch_model, infer_auto_device_map  # slow: only with a map
+
+    if device_map == "auto":
+        splits = getattr(hf_model, "_no_split_modules", None) or []
+        device_map = infer_auto_device_map(hf_model, no_split_module_classes=list(splits))
+        if {_device_kind(v) for v in device_map.values()} not in ({"cpu"}, {"cuda"}):
+            raise ConfigError(
+                "model.device_map=auto: the model does not fit in the GPUs' free memory "
+                f"(accelerate would offload part of it: {sorted(set(map(str, device_map.values())))}"
+                "), which the bridge and the kernel cannot read; free GPU memory, use "
+                "model.dtype=bfloat16 or more GPUs"
+            )
+    check_device_map(device_map)
+    return dispatch_model(hf_model, device_map=dict(device_map))
 
 
 def model_name(cfg: ModelSpec) -> str:
@@ -165,12 +251,16 @@ def processing(cfg: ModelSpec) -> dict[str, bool]:
     }
 
 
-def fingerprint(model) -> str:
-    """A short hash of the model's weights (shapes and a slice of every parameter)."""
+def fingerprint(model, rounded: torch.dtype | None = None) -> str:
+    """A short hash of the model's weights (shapes and a slice of every parameter); `rounded`:
+    of the weights rounded to that dtype (bfloat16: the same for a float32 model and its
+    bfloat16 copy, as rounding twice to bfloat16 rounds once)."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(p.detach().flatten()[:256].to(torch.float32).cpu().numpy().tobytes())
+        w = p.detach().flatten()[:256]
+        w = w.to(rounded) if rounded is not None else w
+        h.update(w.to(torch.float32).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

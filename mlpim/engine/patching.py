@@ -45,7 +45,9 @@ def subspace_patch(
     base: Float[Tensor, "b d"], source: Float[Tensor, "b d"], basis: Float[Tensor, "d k"]
 ) -> Float[Tensor, "b d"]:
     """x' = x_base + (x_source - x_base) V Vᵀ for a basis V with orthonormal columns; computed
-    in the wider of the two dtypes (a float32 basis in a bfloat16 model), returned in base's."""
+    in the wider of the two dtypes (a float32 basis in a bfloat16 model), returned in base's,
+    on base's device (the site's layer's, where a model is split across devices)."""
+    basis = basis.to(base.device)
     dtype = torch.promote_types(base.dtype, basis.dtype)
     if dtype == base.dtype == basis.dtype:
         return base + ((source - base) @ basis) @ basis.T
@@ -60,13 +62,13 @@ def subspace(basis: Float[Tensor, "d k"]) -> Setter:
 
 def at(x: Float[Tensor, "b seq ..."], pos: Int[Tensor, " b"]) -> Float[Tensor, "b ..."]:
     """Each row's activation at its own column `pos`."""
-    return x[torch.arange(x.shape[0], device=x.device), pos]
+    return x[torch.arange(x.shape[0], device=x.device), pos.to(x.device)]
 
 
 def put(x: Tensor, pos: Int[Tensor, " b"], value: Tensor) -> Tensor:
     """A copy of x with each row's column `pos` set to `value` (differentiable)."""
     out = x.clone()
-    out[torch.arange(x.shape[0], device=x.device), pos] = value.to(x.dtype)
+    out[torch.arange(x.shape[0], device=x.device), pos.to(x.device)] = value.to(x.device, x.dtype)
     return out
 
 
@@ -133,7 +135,8 @@ def site_acts(model, batch: PromptBatch, names: list[str]) -> dict[str, Float[Te
         _, cache = cached_run(model, sub, names, **kwargs)
         for n in names:
             act = at(cache[n], sub.pos)
-            out.setdefault(n, act.new_empty(len(batch), *act.shape[1:]))[rows] = act
+            whole = out.setdefault(n, act.new_empty(len(batch), *act.shape[1:]))
+            whole[rows.to(act.device)] = act
     return out
 
 

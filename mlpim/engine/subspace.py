@@ -51,6 +51,8 @@ def direction_meta(model, spec, kind: str, layer: int, position: str = "end") ->
     return {
         "model": model.cfg.model_name,
         "fingerprint": fingerprint(model),
+        "fingerprint_bf16": fingerprint(model, torch.bfloat16),  # a float32 direction checked
+        # on the model in bfloat16 (model.dtype=auto on a GPU), or the other way round
         "processing": processing(spec),
         "site": kind,
         "layer": layer,
