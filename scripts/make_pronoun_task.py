@@ -1,9 +1,10 @@
 """Write mlpim/tasks/data/pronouns.jsonl: the bundled pronoun task (`dataset=pronouns`).
 
 A binary attribute variable, unlike IOI's positions and the fact set's entities: the subject's
-grammatical gender, read at END where the model predicts " he" or " she". Each pair swaps a
-male and a female first name in one template; meta.group is the template, so the test split
-holds out whole templates. Deterministic (seed 0): re-running it rewrites the same file.
+grammatical gender, patched at the name's token (`base_span`/`source_span`), answered at END where
+the model predicts " he" or " she" (at END itself SmolLM2's residual hardly carries it at layer
+20: its later layers read the name back by attention). Each pair swaps a male and a female first
+name in one template; meta.group is the template, so the test split holds out whole templates. Deterministic (seed 0): re-running it rewrites the same file.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def pairs(rng: random.Random) -> list[dict]:
                     "source": t.format(s),
                     "base_answer": ba,
                     "source_answer": sa,
+                    "base_span": b,
+                    "source_span": s,
                     "meta": {"group": f"template {g}"},
                 }
             )

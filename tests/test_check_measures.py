@@ -168,3 +168,17 @@ def test_bridging_compares_v_with_its_read_part_alone():
     assert nullspace_check(0.1, -0.2, 0.2, R.Refs(), TH).margin == pytest.approx(0.1)
     assert not nullspace_check(0.5, 0.1, 0.05, R.Refs(), TH).warning  # too small a null part
     assert bridging_margin(0.5, 0.3, 1.5) == pytest.approx(0.05)
+
+
+def test_quantiles_are_numpys_linear_method_to_the_bit():
+    """The sort-based quantiles equal np.quantile's (linear method) bit for bit, 1-D and 2-D."""
+    from mlpim.analysis.stats import quantiles
+
+    rng = np.random.default_rng(0)
+    for shape in [(1,), (2,), (7,), (60,), (2000,), (50, 60), (30, 2000), (3, 1)]:
+        x = rng.standard_normal(shape) * rng.uniform(0.1, 100)
+        ref = np.quantile(x, (np.arange(512) + 0.5) / 512, axis=-1).T
+        got = quantiles(x)
+        assert got.shape == ref.shape and np.array_equal(got, ref), shape
+    x = np.array([1.0, np.nan, 2.0])
+    assert np.isnan(quantiles(x)).all()

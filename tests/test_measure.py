@@ -239,7 +239,9 @@ def test_benchmark_takes_any_task(tmp_path):
     run(compose([*BENCH, *SMALL, "dataset=pronouns", "extra.bench_toy=false"]), tmp_path)
     cases = pd.read_csv(tmp_path / CASES)
     assert (cases.task == "pronouns").all() and (cases.split == "held-out").all()
-    assert {"pathway", "mixing", "edit", "hard negative", "Wu control", "residual"} <= set(cases.kind)
+    assert {"pathway", "mixing", "edit", "hard negative", "Wu control", "residual"} <= set(
+        cases.kind
+    )
 
 
 @pytest.mark.slow
