@@ -62,8 +62,10 @@ def test_paper_with_reuse_writes_the_same_tables(tmp_path, monkeypatch):
         for name in a:
             if isinstance(a[name], torch.Tensor):
                 assert torch.equal(a[name], b[name]), (k, name)
-    # and reuse happened: the model, prepared pairs, DAS runs, random-MLP runs
-    assert {"model", "prepare", "das", "random_das"} <= set(hits), hits
+    # and reuse happened: the model, prepared pairs, DAS runs. The check's random-MLP reference
+    # (seeds batched, early-stopped: issue 33) is no longer the paper's ioi_random_mlp runs
+    # (serial, every epoch), so those are not shared between the two steps any more.
+    assert {"model", "prepare", "das"} <= set(hits), hits
 
 
 def test_digest_tells_apart_what_differs():
