@@ -145,15 +145,12 @@ def refused_row(name: str, kind: str, layer: int, ratio: float, n_cases: int) ->
     }
 
 
-def site_at(ctx: Layer, refs: R.Refs | None = None) -> M.SiteData:
+def site_at(ctx: Layer) -> M.SiteData:
     """The MLP site of the model as it is now (edited or not), with random-direction refs."""
     model, opts = ctx.model, ctx.opts
     splits = {k: prepare(model, b, "mlp_post", ctx.layer, ctx.engine) for k, b in ctx.pairs.items()}
-    if refs is None:
-        rand = R.random_direction_reference(
-            model, splits["test"], opts.n_random_directions, opts.seed
-        )
-        refs = R.Refs(random_dirs=rand, random_mlp=ctx.site.refs.random_mlp)
+    rand = R.random_direction_reference(model, splits["test"], opts.n_random_directions, opts.seed)
+    refs = R.Refs(random_dirs=rand, random_mlp=ctx.site.refs.random_mlp)
     rand_mlp = list(ctx.site.refs.random_mlp.values) or None
     return M.site_data(
         model,

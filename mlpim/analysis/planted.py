@@ -19,32 +19,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mlpim.analysis import nullspace as ns
 from mlpim.engine.interventions import Prepared
-from mlpim.engine.patching import work_dtype
 
 NAN = float("nan")
-
-
-def pattern_mean_diff(prepared: list[Prepared], which: str = "base_act") -> Tensor:
-    """mean(ABB) − mean(BAB) of the base prompts' site activations (not normalised)."""
-    x = torch.cat([getattr(p, which) for p in prepared])
-    x = x.to(work_dtype(x))
-    pats = [pat for p in prepared for pat in p.pairs.base.pattern]
-    abb = torch.tensor([q == "ABB" for q in pats], device=x.device)
-    bab = torch.tensor([q == "BAB" for q in pats], device=x.device)
-    return x[abb].mean(0) - x[bab].mean(0)
-
-
-def irrelevant_direction(w_out: Tensor, mean_diff: Tensor) -> Tensor:
-    """The unit W_out-nullspace part of the hidden mean difference."""
-    _, null = ns.split(mean_diff, w_out)
-    return null / null.norm()
 
 
 def covariance(natural: Float[Tensor, "n m"], ridge: float) -> Float[Tensor, "m m"]:
@@ -119,22 +101,6 @@ def edit_alpha(train: list[Prepared], u: Tensor, resid_gap: float, strength: flo
     source = torch.cat([p.source_act for p in train]).double()
     moved = float(((source - base) @ u.double()).abs().mean())
     return strength * resid_gap / max(moved, 1e-12)
-
-
-def residual_gap(train: list[Prepared], target: Tensor) -> float:
-    """mean |(source − base)·unit(target)| of the residual over the pairs."""
-    base = torch.cat([p.base_act for p in train]).double()
-    source = torch.cat([p.source_act for p in train]).double()
-    t = target.double() / target.double().norm()
-    return float(((source - base) @ t).abs().mean())
-
-
-def separation(prepared: list[Prepared], u: Tensor) -> float:
-    """|mean(ABB) − mean(BAB)| / pooled sd of the base activations' projections on u."""
-    x = torch.cat([p.base_act for p in prepared]).double() @ u.double()
-    pats = np.array([pat for p in prepared for pat in p.pairs.base.pattern])
-    a, b = x[torch.from_numpy(pats == "ABB")], x[torch.from_numpy(pats == "BAB")]
-    return ns.separation(a, b)
 
 
 # ---------------------------------------------------------------- any task: the variable's movement
