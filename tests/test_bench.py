@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import SMALL, end_token_pairs, ld_gradient
+from helpers import SMALL, TINY, end_token_pairs, ld_gradient
 
 from mlpim.analysis import bench_table as T
 from mlpim.analysis import benchmark as B
@@ -267,3 +267,43 @@ def test_verdict_bench_runs_parts_resumes_and_merges(tmp_path, capsys):
     vb.main(argv)
     assert capsys.readouterr().out.count("skipped") == 2
     assert (tmp_path / "REPORT.md").read_text() == text
+
+
+def _tiny_cases(tmp_path, name: str, strengths: str, edits: str, norms: str) -> pd.DataFrame:
+    """The tiny model's IOI benchmark cases with these sweeps (every other option fixed)."""
+    from mlpim.run import run
+
+    cfg = compose(
+        [
+            "experiment=illusion_benchmark",
+            *TINY,
+            "dataset.n_train_pairs=20",
+            "method.epochs=1",
+            "extra.bench_layer_offsets=[0]",
+            "extra.bench_toy=false",
+            "extra.reference_cache=null",
+            "extra.n_random_directions=2",
+            "extra.n_natural=0",
+            "extra.n_natural_prompts=100",
+            "extra.pathway_angles=[45]",
+            "extra.bench_angles=[45]",
+            "extra.bench_k=[2]",
+            f"extra.pathway_strengths={strengths}",
+            f"extra.edit_strengths={edits}",
+            f"extra.null_norms={norms}",
+        ]
+    )
+    run(cfg, tmp_path / name)
+    return pd.read_csv(tmp_path / name / "cases.csv").set_index("case")
+
+
+def test_a_subset_of_cases_rerun_alone_gives_the_same_verdicts(tmp_path):
+    """Issue 30: re-running a few cases with the same seed (a narrower sweep) gives each shared
+    case the same verdict, score and effect as the full run: no case depends on the others."""
+    full = _tiny_cases(tmp_path, "full", "[0.5,1.0]", "[0.5,1.0]", "[0.1,0.3]")
+    some = _tiny_cases(tmp_path, "some", "[1.0]", "[1.0]", "[0.3]")
+    assert len(some) < len(full) and set(some.index) <= set(full.index)
+    shared = full.loc[some.index]
+    assert (shared.verdict == some.verdict).all()
+    assert np.allclose(shared.score, some.score, equal_nan=True)
+    assert np.allclose(shared.fldd, some.fldd, equal_nan=True)
