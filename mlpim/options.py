@@ -176,6 +176,7 @@ class IllusionCheckOptions:
 class IllusionBenchmarkOptions:
     """illusion_benchmark's options (`conf/experiment/illusion_benchmark.yaml`)."""
 
+    layers: list[int] | None = None  # absolute MLP layers (any task); None: the landmark + offsets
     bench_layer_offsets: list[int] = field(default_factory=lambda: [-1, 0, 1])
     bench_angles: list[float] = field(default_factory=lambda: [25.0, 45.0, 65.0])  # mixing
     pathway_strengths: list[float] = field(default_factory=lambda: [0.25, 0.3, 0.4, 0.6, 1.0, 2.0])

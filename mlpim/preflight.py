@@ -418,6 +418,18 @@ def check_site_and_dim(cfg: DictConfig) -> None:
         )
 
 
+def check_layer_options(cfg: DictConfig) -> None:
+    """An experiment's `extra.layers` inside the model, where the model config gives its depth."""
+    n_layers = model_sizes(cfg).get("n_layers")
+    layers = list((cfg.get("extra") or {}).get("layers") or [])
+    outside = [x for x in layers if n_layers and not 0 <= x < n_layers]
+    if outside:
+        raise MlpimError(
+            f"extra.layers={layers}: layer {outside[0]} is outside the model: "
+            f"{cfg.model.name} has layers 0..{n_layers - 1}"
+        )
+
+
 def preflight(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Direction]:
     """Check `cfg` (and the command line's `overrides`) before any model is loaded; the
     directions it names, loaded (`load_directions`: what the runner receives)."""
@@ -435,6 +447,7 @@ def preflight(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, 
     check_values(cfg)
     directions = load_directions(cfg)
     check_site_and_dim(cfg)
+    check_layer_options(cfg)
     check_task_file(cfg)
     check_memory(cfg, check_model_file(cfg))
     return directions

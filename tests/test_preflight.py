@@ -528,3 +528,27 @@ def test_check_takes_one_direction(tmp_path, capsys, monkeypatch):
 
 def test_list_takes_no_arguments(capsys):
     assert_one_line_error(*cli(capsys, "list", "junk", "--x"), "takes no arguments", "junk --x")
+
+
+@pytest.mark.parametrize("experiment", ["illusion_benchmark", "fact_patching"])
+def test_layers_outside_the_model_are_one_line(experiment, tmp_path, capsys):
+    """`extra.layers` naming a layer the model lacks is refused before any work."""
+    args = [f"experiment={experiment}", *PROBE, "extra.layers=[1,5]", f"hydra.run.dir={tmp_path}/r"]
+    code, out = cli(capsys, "run", *args)
+    assert_one_line_error(code, out, "extra.layers=[1, 5]", "layer 5 is outside", "layers 0..2")
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_benchmark_plants_at_the_layers_given_or_around_the_landmark():
+    """`extra.layers` (absolute, any task) wins over the offsets around IOI's landmark."""
+    from types import SimpleNamespace
+
+    from mlpim.experiments.illusion_benchmark import bench_layers
+    from mlpim.options import IllusionBenchmarkOptions
+
+    cfg = compose(["experiment=illusion_benchmark", *PROBE])
+    model = SimpleNamespace(cfg=SimpleNamespace(n_layers=3))
+    around = IllusionBenchmarkOptions(bench_layer_offsets=[-1, 0, 1, 2])
+    assert bench_layers(cfg, model, around) == [0, 1, 2]
+    given = IllusionBenchmarkOptions(layers=[2, 0, 2], bench_layer_offsets=[0])
+    assert bench_layers(cfg, model, given) == [0, 2]

@@ -1,6 +1,7 @@
 """illusion_benchmark: how often is illusion_check's verdict right on cases whose truth is planted?
 
-On any task (`dataset=`), at the MLPs `extra.bench_layer_offsets` around the landmark,
+On any task (`dataset=`), at the MLPs `extra.layers` (default: `extra.bench_layer_offsets` around
+the IOI landmark),
 `mlpim.analysis.bench_cases` plants illusions (dormant pathways opened by a rank-1 edit, and
 today's mixing construction), real MLP directions (rank-1 edits), hard negatives and Wu et al.'s
 controls, and checks each one with the thresholds `check.*` as set: the rates are measured, never
@@ -69,10 +70,14 @@ def bench_options(cfg: DictConfig, opts: IllusionBenchmarkOptions) -> B.BenchOpt
     )
 
 
-def bench_layers(cfg: DictConfig, model, offsets: list[int]) -> list[int]:
-    """The landmark MLP plus `offsets` (`extra.bench_layer_offsets`), inside the model."""
+def bench_layers(cfg: DictConfig, model, opts: IllusionBenchmarkOptions) -> list[int]:
+    """`extra.layers` where given (preflight checked them), else the landmark MLP plus
+    `extra.bench_layer_offsets` inside the model: the landmark is IOI's, so another task names
+    the layers where its variable lives."""
+    if opts.layers is not None:
+        return sorted({int(layer) for layer in opts.layers})
     mid = int(cfg.model.landmarks.mlp_in_the_middle)
-    return [mid + o for o in offsets if 0 <= mid + o < model.cfg.n_layers]
+    return [mid + o for o in opts.bench_layer_offsets if 0 <= mid + o < model.cfg.n_layers]
 
 
 def pair_batches(cfg: DictConfig, model) -> dict[str, list]:
@@ -106,7 +111,7 @@ def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> 
     model = model_for(cfg)
     extra = options(cfg, IllusionBenchmarkOptions)
     th, opts = Thresholds.from_mapping(cfg.check), bench_options(cfg, extra)
-    layers = bench_layers(cfg, model, extra.bench_layer_offsets)
+    layers = bench_layers(cfg, model, extra)
     method = das_settings(cfg, dim=1)
     epochs = int(extra.random_mlp_epochs or method.epochs)
     random_method = das_settings(cfg, reference=True, dim=1, epochs=epochs)
