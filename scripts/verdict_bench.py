@@ -79,11 +79,14 @@ def report(out: Path) -> Path:
     if cases.empty:
         sys.exit(f"verdict-bench: error: no finished part under {out}")
     write_csv(cases, out, CASES)
-    pages = []
+    pages, rules = [], cases.rule.unique()
     for rule, table in cases.groupby("rule"):
-        hdr = f"rule hash {rule}: parts {', '.join(parts[parts['rule hash'] == rule].part)}"
-        pages.append(bench.markdown(hdr, table).replace("# illusion_benchmark\n\n", "", 1))
-        bench.plots(table, out, f"verdict benchmark ({rule})")
+        names = ", ".join(parts[parts["rule hash"] == rule].part)
+        page = bench.markdown(f"parts: {names}", table).replace("# illusion_benchmark\n\n", "", 1)
+        pages.append(f"## Rule hash {rule}\n\n" + page.replace("\n#", "\n##"))
+        where = out if len(rules) == 1 else out / f"rule-{rule}"  # plots of each hash apart
+        where.mkdir(exist_ok=True)
+        bench.plots(table, where, f"verdict benchmark ({rule})")
     text = "# The verdict's power: illusion_benchmark over models × tasks\n\n## Parts\n\n"
     text += markdown_table(parts.set_index("part")) + "\n\n" + "\n\n".join(pages)
     write_text(text, out, "REPORT.md")

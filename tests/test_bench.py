@@ -262,11 +262,20 @@ def test_verdict_bench_runs_parts_resumes_and_merges(tmp_path, capsys):
     assert "tiny-ioi" in text and "tiny-pronouns" in text and T.rule_hash() in text
     merged = pd.read_csv(tmp_path / "cases.csv")
     assert set(merged.task) == {"ioi", "pronouns"}
+    assert "| pooled | held-out |" in text  # tiny × both tasks: held-out, pooled under one hash
     assert (tmp_path / "roc.png").exists() and (tmp_path / "scores.png").exists()
     capsys.readouterr()
     vb.main(argv)
     assert capsys.readouterr().out.count("skipped") == 2
     assert (tmp_path / "REPORT.md").read_text() == text
+    other = tmp_path / "tiny-pronouns" / "cases.csv"  # as if made under another rule
+    pd.read_csv(other).assign(rule="b" * 12).to_csv(other, index=False)
+    vb.main(["--report-only", "--out", str(tmp_path)])
+    text = (tmp_path / "REPORT.md").read_text()
+    assert f"## Rule hash {T.rule_hash()}" in text and f"## Rule hash {'b' * 12}" in text
+    assert "| pooled | held-out |" not in text  # one task per hash: nothing pooled across hashes
+    for rule in (T.rule_hash(), "b" * 12):
+        assert (tmp_path / f"rule-{rule}" / "roc.png").exists()
 
 
 def _tiny_cases(tmp_path, name: str, strengths: str, edits: str, norms: str) -> pd.DataFrame:
