@@ -234,29 +234,36 @@ def _script():
     return module
 
 
+# the tiny model's benchmark at one layer, as few references as still measure each check
+BENCH_TINY = [
+    "dataset.n_train_pairs=20",
+    "method.epochs=1",
+    "extra.bench_layer_offsets=[0]",
+    "extra.bench_toy=false",
+    "extra.reference_cache=null",
+    "extra.n_random_directions=2",
+    "extra.n_natural=0",
+    "extra.n_natural_prompts=100",
+    "extra.pathway_angles=[45]",
+    "extra.bench_angles=[45]",
+]
+ONE_EACH = ["extra.pathway_strengths=[1.0]", "extra.edit_strengths=[1.0]", "extra.null_norms=[0.3]"]
+
+
 def test_verdict_bench_runs_parts_resumes_and_merges(tmp_path, capsys):
     """Two parts (IOI, pronouns) on the tiny model, merged into one report with one row per
     task; a second call skips both finished parts and rewrites the same report."""
     vb = _script()
-    small = [
-        "model.name=tiny",
-        "device=cpu",
-        "dataset.n_train_pairs=20",
-        "method.epochs=1",
-        "extra.bench_layer_offsets=[0]",
-        "extra.bench_toy=false",
-        "extra.reference_cache=null",
-        "extra.n_random_directions=2",
-        "extra.n_natural=0",
-        "extra.n_natural_prompts=100",
-        "extra.pathway_strengths=[1.0]",
-        "extra.pathway_angles=[45]",
-        "extra.bench_angles=[45]",
-        "extra.bench_edits=[0]",
-        "extra.edit_strengths=[1.0]",
-        "extra.null_norms=[0.3]",
+    argv = [
+        "--models",
+        "tiny",
+        "--tasks",
+        "ioi,pronouns",
+        "--out",
+        str(tmp_path),
+        *BENCH_TINY,
+        *ONE_EACH,
     ]
-    argv = ["--models", "tiny", "--tasks", "ioi,pronouns", "--out", str(tmp_path), *small]
     vb.main(argv)
     text = (tmp_path / "REPORT.md").read_text()
     assert "tiny-ioi" in text and "tiny-pronouns" in text and T.rule_hash() in text
@@ -282,25 +289,13 @@ def _tiny_cases(tmp_path, name: str, strengths: str, edits: str, norms: str) -> 
     """The tiny model's IOI benchmark cases with these sweeps (every other option fixed)."""
     from mlpim.run import run
 
+    sweeps = [
+        f"extra.pathway_strengths={strengths}",
+        f"extra.edit_strengths={edits}",
+        f"extra.null_norms={norms}",
+    ]
     cfg = compose(
-        [
-            "experiment=illusion_benchmark",
-            *TINY,
-            "dataset.n_train_pairs=20",
-            "method.epochs=1",
-            "extra.bench_layer_offsets=[0]",
-            "extra.bench_toy=false",
-            "extra.reference_cache=null",
-            "extra.n_random_directions=2",
-            "extra.n_natural=0",
-            "extra.n_natural_prompts=100",
-            "extra.pathway_angles=[45]",
-            "extra.bench_angles=[45]",
-            "extra.bench_k=[2]",
-            f"extra.pathway_strengths={strengths}",
-            f"extra.edit_strengths={edits}",
-            f"extra.null_norms={norms}",
-        ]
+        ["experiment=illusion_benchmark", *TINY, *BENCH_TINY, "extra.bench_k=[2]", *sweeps]
     )
     run(cfg, tmp_path / name)
     return pd.read_csv(tmp_path / name / "cases.csv").set_index("case")
