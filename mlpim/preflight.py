@@ -422,7 +422,7 @@ def check_layer_options(cfg: DictConfig) -> None:
     """An experiment's `extra.layers` inside the model, where the model config gives its depth."""
     n_layers = model_sizes(cfg).get("n_layers")
     layers = list((cfg.get("extra") or {}).get("layers") or [])
-    outside = [x for x in layers if n_layers and not 0 <= x < n_layers]
+    outside = [x for x in layers if not 0 <= x < n_layers] if n_layers else []
     if outside:
         raise MlpimError(
             f"extra.layers={layers}: layer {outside[0]} is outside the model: "

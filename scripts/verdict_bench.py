@@ -79,12 +79,12 @@ def report(out: Path) -> Path:
     if cases.empty:
         sys.exit(f"verdict-bench: error: no finished part under {out}")
     write_csv(cases, out, CASES)
-    pages, rules = [], cases.rule.unique()
+    pages, apart = [], cases.rule.nunique() > 1  # several hashes: each its own plots
     for rule, table in cases.groupby("rule"):
         names = ", ".join(parts[parts["rule hash"] == rule].part)
         page = bench.markdown(f"parts: {names}", table).replace("# illusion_benchmark\n\n", "", 1)
         pages.append(f"## Rule hash {rule}\n\n" + page.replace("\n#", "\n##"))
-        where = out if len(rules) == 1 else out / f"rule-{rule}"  # plots of each hash apart
+        where = out / f"rule-{rule}" if apart else out
         where.mkdir(exist_ok=True)
         bench.plots(table, where, f"verdict benchmark ({rule})")
     text = "# The verdict's power: illusion_benchmark over models × tasks\n\n## Parts\n\n"

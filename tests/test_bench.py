@@ -261,6 +261,7 @@ def test_verdict_bench_runs_parts_resumes_and_merges(tmp_path, capsys):
         "ioi,pronouns",
         "--out",
         str(tmp_path),
+        "device=cpu",
         *BENCH_TINY,
         *ONE_EACH,
     ]
