@@ -33,6 +33,7 @@ from mlpim.engine.models import (
 )
 from mlpim.errors import ConfigError, MlpimError
 from mlpim.experiments import Experiment, get_experiment, runner_names
+from mlpim.experiments.common import no_landmark
 from mlpim.options import REFERENCE_MODES
 from mlpim.tasks import FILE_TASKS, task_vocabulary
 from mlpim.tasks.mib import check_mib_task
@@ -418,6 +419,16 @@ def check_site_and_dim(cfg: DictConfig) -> None:
         )
 
 
+def check_landmarks(cfg: DictConfig) -> None:
+    """A layer for the site, and for the benchmark's offsets, where the model has no landmark."""
+    extra = cfg.get("extra") or {}
+    if "site" not in (cfg.get("ignores") or []) and cfg.site.get("layer") is None:
+        raise no_landmark(cfg, cfg.site.kind, "site.layer={}")
+    mid = cfg.model.landmarks.get("mlp_in_the_middle")
+    if "bench_layer_offsets" in extra and extra.get("layers") is None and mid is None:
+        raise no_landmark(cfg, "the benchmark's layer offsets", "extra.layers=[{}]")
+
+
 def check_layer_options(cfg: DictConfig) -> None:
     """An experiment's `extra.layers` inside the model, where the model config gives its depth."""
     n_layers = model_sizes(cfg).get("n_layers")
@@ -447,6 +458,7 @@ def preflight(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, 
     check_values(cfg)
     directions = load_directions(cfg)
     check_site_and_dim(cfg)
+    check_landmarks(cfg)
     check_layer_options(cfg)
     check_task_file(cfg)
     check_memory(cfg, check_model_file(cfg))

@@ -367,13 +367,17 @@ def test_empty_sweep_is_refused(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
-def test_no_landmark_names_the_signal_block():
-    """A model without landmarks whose config names its signal block says so (gemma3-270m)."""
-    from mlpim.experiments.common import site_of
-
-    cfg = compose(["model=gemma3-270m"])
-    with pytest.raises(MlpimError, match=r"signal block 10 \(signal_peak\): set site.layer=10"):
-        site_of(cfg, None)
+@pytest.mark.parametrize(
+    ("experiment", "setting"),
+    [("ioi_mlp8_das", "site.layer=10"), ("illusion_benchmark", "extra.layers=[10]")],
+)
+def test_no_landmark_names_the_signal_block(experiment, setting, tmp_path, capsys):
+    """A model without landmarks is refused before it loads, with the layer its config names as
+    the signal block (gemma3-270m: the benchmark's offsets failed after the model had loaded)."""
+    args = [f"experiment={experiment}", "model=gemma3-270m", f"hydra.run.dir={tmp_path}/r"]
+    code, out = cli(capsys, "run", *args)
+    assert_one_line_error(code, out, "'gemma3-270m' has no landmark", f"set {setting}")
+    assert not (tmp_path / "r").exists()
 
 
 PYVENE_KEY = "layer_1_comp_block_output_unit_pos_nunit_1#0"

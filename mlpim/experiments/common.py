@@ -77,16 +77,21 @@ def predictor(model, batch_size: int = 32):
     return predict
 
 
+def no_landmark(cfg: DictConfig, what: str, setting: str) -> ConfigError:
+    """The refusal for a model config without a landmark for `what`; `setting` takes the layer."""
+    peak = cfg.model.get("signal_peak")
+    hint = (
+        f"its config names the signal block {peak} (signal_peak): set {setting.format(peak)}"
+        if peak is not None
+        else f"set {setting.format('...')} (experiment=ioi_locate suggests one)"
+    )
+    return ConfigError(f"model {cfg.model.name!r} has no landmark for {what}; {hint}")
+
+
 def site_of(cfg: DictConfig, model) -> tuple[str, int]:
     """(kind, layer) of the configured site, checked against the model."""
     if cfg.site.layer is None:
-        peak = cfg.model.get("signal_peak")
-        hint = (
-            f"its config names the signal block {peak} (signal_peak): set site.layer={peak}"
-            if peak is not None
-            else "set site.layer=... (experiment=ioi_locate suggests one)"
-        )
-        raise ConfigError(f"model {cfg.model.name!r} has no landmark for {cfg.site.kind}; {hint}")
+        raise no_landmark(cfg, cfg.site.kind, "site.layer={}")
     validate_site(model, cfg.site.kind, cfg.site.layer)
     return cfg.site.kind, int(cfg.site.layer)
 
