@@ -170,6 +170,8 @@ class IllusionCheckOptions:
     random_mlp_epochs: int | None = None  # DAS epochs per random MLP; None: method.epochs
     reference_cache: str | None = "outputs/.cache/references"  # random-MLP references by hash
     reference_mode: str = "batched"  # random-MLP seeds: batched (one problem) | serial (runs)
+    activation_cache: str | None = "outputs/.cache/activations"  # the site's prepared pairs,
+    # natural activations and references, by content hash (null: none)
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Time `mlpim check` on one direction, side by side in one run: the path before 2026-12-07 (the
 random-MLP reference's seeds trained one after another for every epoch, on the pairs prepared a
-second time) against today's (the seeds as one batched problem, stopped once converged, on the
-check's own preparation); each cold (an empty reference cache) and warm (the reference cached).
+second time; only that reference cached) against today's (the seeds as one batched problem,
+stopped once converged, on the check's own preparation; the site's prepared pairs, natural
+activations and references cached too, `extra.activation_cache`); each cold (empty caches) and
+warm (the second check of the direction).
 
 Usage (flags first, then Hydra overrides for both paths):
 
@@ -39,8 +41,12 @@ from mlpim.experiments.common import model_for
 from mlpim.experiments.illusion_check import summarize
 
 ROOT = Path(mlpim.__file__).resolve().parents[1]
-PATHS = {  # path -> its overrides
-    "serial": ["extra.reference_mode=serial", "method.early_stop=none"],
+PATHS = {  # path -> its overrides (the serial path keeps the random-MLP reference only)
+    "serial": [
+        "extra.reference_mode=serial",
+        "method.early_stop=none",
+        "extra.activation_cache=null",
+    ],
     "batched": [],
 }
 ORDER = [("serial", "cold"), ("batched", "cold"), ("serial", "warm"), ("batched", "warm")]
@@ -116,7 +122,10 @@ def check_runs(direction: Path, overrides: list[str], out: Path, env: dict) -> p
     for path, cache in ORDER:
         run_dir = out / f"{path}_{cache}"
         args = ["check", str(direction), *overrides, *PATHS[path]]
-        args += [f"extra.reference_cache={out / f'cache_{path}'}", f"hydra.run.dir={run_dir}"]
+        args += [f"extra.reference_cache={out / f'cache_{path}' / 'references'}"]
+        if path != "serial":
+            args += [f"extra.activation_cache={out / f'cache_{path}' / 'activations'}"]
+        args += [f"hydra.run.dir={run_dir}"]
         seconds, rss = timed(args, out / "logs" / f"{path}_{cache}.log", env)
         table = summarize(pd.read_csv(run_dir / C.METRICS)).round(3)
         trained = any(run_dir.glob("history_random_mlp_seed*.csv"))

@@ -4,6 +4,7 @@ thresholds on the paper's numbers, and the runner end to end on `model=tiny`."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -269,6 +270,32 @@ def test_illusion_check_end_to_end_mlp(directions, tmp_path):
     assert table.loc["alignment", "warning"] == "info"
     word = table.loc["verdict", "warning"]
     assert word.split(" (")[0] in illusion.LABELS or word.startswith("borderline")
+
+
+def test_a_second_check_reads_its_site_from_the_activation_cache(directions, tmp_path, caplog):
+    """`extra.activation_cache`: a second check reads the site's prepared pairs, natural
+    activations and references from disk and writes the same metrics; a kept entry that no
+    longer agrees with the model is recomputed, with a warning, and changes no number."""
+    cache = tmp_path / "cache"
+    args = ["experiment=illusion_check", *SMALL_REFS, *CHECK_FAST]
+    args += [f"direction={directions['mlp']}", f"extra.activation_cache={cache}"]
+    run(compose(args), tmp_path / "cold")
+    kinds = {"prepare", "natural", "random_dirs", "natural_refs"}
+    assert {p.parent.name for p in cache.rglob("*.pt")} == kinds
+    metrics = lambda name: (tmp_path / name / C.METRICS).read_text().replace(name, "X")  # noqa: E731
+    with caplog.at_level(logging.INFO, logger="mlpim.reuse"):
+        run(compose(args), tmp_path / "warm")
+    read = {r.getMessage().split()[0] for r in caplog.records if "read from the cache" in r.message}
+    assert read == kinds and metrics("warm") == metrics("cold")
+    entry = next((cache / "prepare").glob("*.pt"))
+    kept = torch.load(entry, weights_only=False)
+    kept[0].clean_logits[0] += 1.0  # no longer what the model computes
+    torch.save(kept, entry)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mlpim.reuse"):
+        run(compose(args), tmp_path / "stale")
+    assert any("differs from what this model computes" in r.message for r in caplog.records)
+    assert metrics("stale") == metrics("cold")
 
 
 def test_illusion_check_residual_site(directions, tmp_path):

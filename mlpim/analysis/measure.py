@@ -36,7 +36,7 @@ from mlpim.analysis.mlp_write import residual_w_out
 from mlpim.analysis.rows import metric_rows
 from mlpim.analysis.stats import Est, fldd_est, mean_est, resample
 from mlpim.engine import metrics
-from mlpim.engine.interventions import Prepared, patched_end_logits
+from mlpim.engine.interventions import Prepared, patched_end_logits, tolerance
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import at, full, subspace
 
@@ -286,6 +286,11 @@ def natural_references(model, site: SiteData, k: int) -> R.Refs:
     """The site's references plus the natural directions' dormant, bridging and off values."""
     if site.kind != "mlp_post" or k <= 0:
         return site.refs
+    key = lambda: (*site_key(model, site), k)  # noqa: E731
+    return replace(site.refs, **reuse.memo("natural_refs", key, lambda: _natural(model, site, k)))
+
+
+def _natural(model, site: SiteData, k: int) -> dict[str, R.Reference]:
     nat = R.natural_directions(*acts(site.splits["train"]), k).to(site.w_out)
     base, source = acts(site.splits["test"])
     idx, th = site.idx["test"], site.th
@@ -298,12 +303,20 @@ def natural_references(model, site: SiteData, k: int) -> R.Refs:
         off.append(net_off(*off_distances(site, u)).value)
     name = f"natural directions (n={nat.shape[0]})"
     ref = lambda xs: R.Reference(name, tuple(xs))  # noqa: E731
-    return replace(
-        site.refs,
-        natural_dormant=ref(dormant),
-        natural_bridging=ref(bridging),
-        natural_off=ref(off),
-    )
+    return {
+        "natural_dormant": ref(dormant),
+        "natural_bridging": ref(bridging),
+        "natural_off": ref(off),
+    }
+
+
+def site_key(model, site: SiteData) -> tuple:
+    """What a site's references depend on: weights, pairs, site, engine, natural sample,
+    resampling and thresholds (everything else is computed from these)."""
+    first = next(iter(site.splits.values()))[0]
+    pairs = {s: [p.pairs for p in ps] for s, ps in site.splits.items()}
+    sample = reuse.digest(pairs, site.natural, site.idx, site.natural_idx, site.th)
+    return (reuse.weights_hash(model), reuse.placement(model), sample, first.name, first.engine)
 
 
 # ---------------------------------------------------------------- natural activations
@@ -324,9 +337,25 @@ def _reader(out: list, pos: Tensor, stop: bool):
 
 def natural_acts(model, batches: list, kind: str, layers: list[int]) -> dict[int, Tensor]:
     """Per layer, the site's activations at each prompt's END over prompt batches (no grad)."""
-    key = lambda: (reuse.weights_hash(model), reuse.digest(batches), kind, tuple(layers))  # noqa: E731
-    kept = reuse.memo("natural", key, lambda: _natural_acts(model, batches, kind, layers))
+    key = lambda: (  # noqa: E731
+        reuse.weights_hash(model),
+        reuse.placement(model),
+        reuse.digest(batches),
+        kind,
+        tuple(layers),
+    )
+    compute = lambda: _natural_acts(model, batches, kind, layers)  # noqa: E731
+    verify = lambda kept: natural_agrees(model, batches, kind, kept)  # noqa: E731
+    kept = reuse.memo("natural", key, compute, verify=verify)
     return {L: t.clone() for L, t in kept.items()}
+
+
+def natural_agrees(model, batches: list, kind: str, kept: dict[int, Tensor], rows: int = 4) -> bool:
+    """Whether natural activations read from disk are what this model computes: the first
+    batch's first `rows` prompts read again agree within `tolerance`."""
+    fresh = _natural_acts(model, [batches[0].head(rows)], kind, sorted(kept))
+    n = len(next(iter(fresh.values())))
+    return all((fresh[L] - kept[L][:n]).abs().max().item() <= tolerance(kept[L]) for L in kept)
 
 
 def _natural_acts(model, batches: list, kind: str, layers: list[int]) -> dict[int, Tensor]:

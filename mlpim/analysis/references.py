@@ -30,6 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mlpim import reuse
 from mlpim.analysis import controls
 from mlpim.engine.das import DasSettings
 from mlpim.engine.interventions import Prepared, evaluate, prepare
@@ -139,6 +140,20 @@ def random_direction_reference(
 ) -> Reference:
     """FLDD of n random unit directions at the site (k > 1: random k-dim subspaces), on the test
     pairs."""
+    key = lambda: (  # noqa: E731
+        reuse.weights_hash(model),
+        reuse.placement(model),
+        reuse.digest([p.pairs for p in test]),
+        test[0].name,
+        test[0].engine,
+        n,
+        seed,
+        k,
+    )
+    return reuse.memo("random_dirs", key, lambda: _random_dirs(model, test, n, seed, k))
+
+
+def _random_dirs(model, test: list[Prepared], n: int, seed: int, k: int) -> Reference:
     m = test[0].base_act.shape[-1]
     if k == 1:
         dirs = random_unit_directions(m, n, seed)

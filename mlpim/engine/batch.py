@@ -43,6 +43,10 @@ class PromptBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: v.to(device) for k, v in moved.items() if torch.is_tensor(v)})
 
+    def head(self, n: int) -> PromptBatch:
+        """The first `n` rows, padded as they are (every per-row field cut, in a subclass too)."""
+        return replace(self, **{f.name: getattr(self, f.name)[:n] for f in fields(self)})
+
 
 @dataclass(frozen=True)
 class PairBatch:
@@ -68,6 +72,11 @@ class PairBatch:
             source=self.source.to(device),
             label=self.label.to(device),
         )
+
+    def head(self, n: int) -> PairBatch:
+        """The first `n` pairs, padded as they are."""
+        cluster = None if self.cluster is None else self.cluster[:n]
+        return PairBatch(self.base.head(n), self.source.head(n), self.label[:n], cluster)
 
 
 def left_pad(

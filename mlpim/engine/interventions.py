@@ -150,8 +150,37 @@ def prepare(
             "resid_mid cannot be patched: TransformerBridge's hook_resid_mid only feeds the MLP's input; patch resid_post of layer-1 or attn_out instead"
         )
     chosen = choose_engine(model, engine, batches, kind)
-    key = lambda: (reuse.weights_hash(model), reuse.digest(batches), kind, layer, chosen)  # noqa: E731
-    return list(reuse.memo("prepare", key, lambda: _prepare(model, batches, kind, layer, chosen)))
+    key = lambda: (  # noqa: E731
+        reuse.weights_hash(model),
+        reuse.placement(model),
+        reuse.digest(batches),
+        kind,
+        layer,
+        chosen,
+    )
+    compute = lambda: _prepare(model, batches, kind, layer, chosen)  # noqa: E731
+    verify = lambda kept: agrees(model, kept, kind, layer)  # noqa: E731
+    return list(reuse.memo("prepare", key, compute, verify=verify))
+
+
+def agrees(model, kept: list[Prepared], kind: str, layer: int, rows: int = 4) -> bool:
+    """Whether kept preparations (read from disk) are what this model computes: the first batch's
+    first `rows` pairs prepared again agree within `tolerance`, and the engine resumes the
+    first batch to its kept clean logits (`guard`)."""
+    if not kept:
+        return True
+    p = kept[0]
+    n = min(rows, len(p.pairs))
+    fresh = prepare_sites(model, p.pairs.head(n), [(kind, layer)], p.engine)[(kind, layer)]
+    pairs = [(fresh.clean_logits, p.clean_logits), (fresh.base_act, p.base_act)]
+    pairs.append((fresh.source_act, p.source_act))
+    if not all((a - b[:n]).abs().max().item() <= tolerance(b) for a, b in pairs):
+        return False
+    try:
+        guard(model, p)
+    except EngineMismatchError:
+        return False
+    return True
 
 
 def _prepare(model, batches: list[PairBatch], kind: str, layer: int, engine: str) -> list[Prepared]:

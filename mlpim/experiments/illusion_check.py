@@ -7,7 +7,8 @@ the task's test pairs, each with a bootstrap interval over the pairs and placed 
 measured on the same model, site and task (`mlpim.analysis.illusion_site`). The direction checks
 decide the verdict; the site checks describe the site (docs/verdict-rule.md). The random-MLP
 reference is kept by content hash in `extra.reference_cache` and shared by every direction
-checked at that site. Writes metrics.csv, verdict.md (also summary.md), illusion_check.png; for
+checked at that site; the site's prepared pairs, natural activations and random and natural
+references are kept the same way in `extra.activation_cache` (`mlpim.reuse.persist`). Writes metrics.csv, verdict.md (also summary.md), illusion_check.png; for
 a k-dim subspace (k ≥ 2) also which part of V does it (`mlpim.analysis.breakdown`, a table and no
 verdict): breakdown.csv, breakdown.png and a section of verdict.md.
 """
@@ -23,6 +24,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from mlpim import constants as C
+from mlpim import reuse
 from mlpim.analysis import illusion
 from mlpim.analysis import illusion_site as S
 from mlpim.analysis.breakdown import breakdown
@@ -47,6 +49,7 @@ from mlpim.report import io
 log = logging.getLogger(__name__)
 PLOT = report.CHECK_PLOT
 RESID_KINDS = ("resid_pre", "resid_post")
+KEPT = ("prepare", "natural", "random_dirs", "natural_refs")  # on disk: extra.activation_cache
 MAX_K = 16  # the largest subspace checked whole (the dormant check's covariance is k×k)
 
 
@@ -69,6 +72,29 @@ def random_mlp_method(cfg: DictConfig, opts: IllusionCheckOptions, k: int) -> Da
     return das_settings(cfg, reference=True, dim=k, epochs=epochs)
 
 
+def site_of_check(
+    cfg: DictConfig, opts: IllusionCheckOptions, model, kind: str, layer: int, th, k: int
+) -> tuple[SiteData, dict]:
+    """The site's pairs, natural activations and references (`S.check_site`); the random-MLP
+    runs' histories."""
+    splits = paper_splits(cfg, model, kind, layer, held_out=True)
+    natural = None
+    if kind == "mlp_post":
+        natural = natural_site_acts(cfg, model, kind, [layer], opts.n_natural_prompts, splits)
+        natural = natural[layer]
+    return S.check_site(
+        model,
+        splits,
+        kind,
+        layer,
+        th,
+        check_options(cfg, opts, k),
+        natural,
+        random_mlp_method(cfg, opts, k),
+        reference_store(opts.reference_cache),
+    )
+
+
 def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> pd.DataFrame:
     """The checks and the verdict for `direction=`; the metrics."""
     if "direction" not in directions:
@@ -81,23 +107,8 @@ def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> 
     v_ref = reference_direction(directions.get("extra.resid_direction"), model, cfg.model.name)
     k = v.shape[1]
     th, keys = Thresholds.from_mapping(cfg.check), {"site": kind, "layer": layer, "dim": k}
-    splits = paper_splits(cfg, model, kind, layer, held_out=True)
-    natural = None
-    if kind == "mlp_post":
-        natural = natural_site_acts(cfg, model, kind, [layer], opts.n_natural_prompts, splits)[
-            layer
-        ]
-    site, histories = S.check_site(
-        model,
-        splits,
-        kind,
-        layer,
-        th,
-        check_options(cfg, opts, k),
-        natural,
-        random_mlp_method(cfg, opts, k),
-        reference_store(opts.reference_cache),
-    )
+    with reuse.persist(opts.activation_cache, KEPT):
+        site, histories = site_of_check(cfg, opts, model, kind, layer, th, k)
     for seed, hist in histories.items():
         io.write_csv(hist, run_dir, f"history_random_mlp_seed{seed}.csv")
     rows, checks = measure_checks(model, site, v, keys, v_ref, opts.n_random)
