@@ -458,8 +458,9 @@ def preflight(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, 
     check_values(cfg)
     directions = load_directions(cfg)
     check_site_and_dim(cfg)
-    check_landmarks(cfg)
     check_layer_options(cfg)
     check_task_file(cfg)
-    check_memory(cfg, check_model_file(cfg))
+    model_file = check_model_file(cfg)
+    check_landmarks(cfg)
+    check_memory(cfg, model_file)
     return directions

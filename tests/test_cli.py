@@ -38,7 +38,6 @@ CASES = {  # name -> (args, extra environment); run concurrently, two at a time 
         [
             "run",
             "model=gemma3-270m",
-            "site.layer=10",  # no landmark: refused first otherwise
             f"model.gguf_assemble={NO_PACKAGE}:assemble",
             "hydra.run.dir={tmp}/run",
         ],
