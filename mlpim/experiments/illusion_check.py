@@ -73,7 +73,13 @@ def random_mlp_method(cfg: DictConfig, opts: IllusionCheckOptions, k: int) -> Da
 
 
 def site_of_check(
-    cfg: DictConfig, opts: IllusionCheckOptions, model, kind: str, layer: int, th, k: int
+    cfg: DictConfig,
+    opts: IllusionCheckOptions,
+    model,
+    kind: str,
+    layer: int,
+    th: Thresholds,
+    k: int,
 ) -> tuple[SiteData, dict]:
     """The site's pairs, natural activations and references (`S.check_site`); the random-MLP
     runs' histories."""
