@@ -221,9 +221,11 @@ def _feed(h, x: Any) -> None:
         h.update(repr(x).encode())
 
 
-def placement(model) -> tuple[str, ...]:
-    """The devices the model's inputs and parameters are on (a key part of values on disk)."""
-    return (str(model.cfg.device), *sorted({str(p.device) for p in model.parameters()}))
+def model_key(model) -> tuple[str, ...]:
+    """The model's part of a key: its weights' hash, and the devices its inputs and parameters
+    are on (a value read from disk must land where the model is)."""
+    devices = sorted({str(p.device) for p in model.parameters()})
+    return (weights_hash(model), str(model.cfg.device), *devices)
 
 
 def weights_hash(model) -> str:

@@ -36,7 +36,7 @@ from mlpim.analysis.mlp_write import residual_w_out
 from mlpim.analysis.rows import metric_rows
 from mlpim.analysis.stats import Est, fldd_est, mean_est, resample
 from mlpim.engine import metrics
-from mlpim.engine.interventions import Prepared, patched_end_logits, tolerance
+from mlpim.engine.interventions import Prepared, leads, patched_end_logits
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import at, full, subspace
 
@@ -316,7 +316,7 @@ def site_key(model, site: SiteData) -> tuple:
     first = next(iter(site.splits.values()))[0]
     pairs = {s: [p.pairs for p in ps] for s, ps in site.splits.items()}
     sample = reuse.digest(pairs, site.natural, site.idx, site.natural_idx, site.th)
-    return (reuse.weights_hash(model), reuse.placement(model), sample, first.name, first.engine)
+    return (*reuse.model_key(model), sample, first.name, first.engine)
 
 
 # ---------------------------------------------------------------- natural activations
@@ -337,13 +337,7 @@ def _reader(out: list, pos: Tensor, stop: bool):
 
 def natural_acts(model, batches: list, kind: str, layers: list[int]) -> dict[int, Tensor]:
     """Per layer, the site's activations at each prompt's END over prompt batches (no grad)."""
-    key = lambda: (  # noqa: E731
-        reuse.weights_hash(model),
-        reuse.placement(model),
-        reuse.digest(batches),
-        kind,
-        tuple(layers),
-    )
+    key = lambda: (*reuse.model_key(model), reuse.digest(batches), kind, tuple(layers))  # noqa: E731
     compute = lambda: _natural_acts(model, batches, kind, layers)  # noqa: E731
     verify = lambda kept: natural_agrees(model, batches, kind, kept)  # noqa: E731
     kept = reuse.memo("natural", key, compute, verify=verify)
@@ -354,8 +348,7 @@ def natural_agrees(model, batches: list, kind: str, kept: dict[int, Tensor], row
     """Whether natural activations read from disk are what this model computes: the first
     batch's first `rows` prompts read again agree within `tolerance`."""
     fresh = _natural_acts(model, [batches[0].head(rows)], kind, sorted(kept))
-    n = len(next(iter(fresh.values())))
-    return all((fresh[L] - kept[L][:n]).abs().max().item() <= tolerance(kept[L]) for L in kept)
+    return all(leads(fresh[L], kept[L]) for L in kept)
 
 
 def _natural_acts(model, batches: list, kind: str, layers: list[int]) -> dict[int, Tensor]:

@@ -140,16 +140,8 @@ def random_direction_reference(
 ) -> Reference:
     """FLDD of n random unit directions at the site (k > 1: random k-dim subspaces), on the test
     pairs."""
-    key = lambda: (  # noqa: E731
-        reuse.weights_hash(model),
-        reuse.placement(model),
-        reuse.digest([p.pairs for p in test]),
-        test[0].name,
-        test[0].engine,
-        n,
-        seed,
-        k,
-    )
+    pairs = lambda: reuse.digest([p.pairs for p in test])  # noqa: E731
+    key = lambda: (*reuse.model_key(model), pairs(), test[0].name, test[0].engine, n, seed, k)  # noqa: E731
     return reuse.memo("random_dirs", key, lambda: _random_dirs(model, test, n, seed, k))
 
 

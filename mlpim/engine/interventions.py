@@ -150,14 +150,7 @@ def prepare(
             "resid_mid cannot be patched: TransformerBridge's hook_resid_mid only feeds the MLP's input; patch resid_post of layer-1 or attn_out instead"
         )
     chosen = choose_engine(model, engine, batches, kind)
-    key = lambda: (  # noqa: E731
-        reuse.weights_hash(model),
-        reuse.placement(model),
-        reuse.digest(batches),
-        kind,
-        layer,
-        chosen,
-    )
+    key = lambda: (*reuse.model_key(model), reuse.digest(batches), kind, layer, chosen)  # noqa: E731
     compute = lambda: _prepare(model, batches, kind, layer, chosen)  # noqa: E731
     verify = lambda kept: agrees(model, kept, kind, layer)  # noqa: E731
     return list(reuse.memo("prepare", key, compute, verify=verify))
@@ -170,11 +163,9 @@ def agrees(model, kept: list[Prepared], kind: str, layer: int, rows: int = 4) ->
     if not kept:
         return True
     p = kept[0]
-    n = min(rows, len(p.pairs))
-    fresh = prepare_sites(model, p.pairs.head(n), [(kind, layer)], p.engine)[(kind, layer)]
-    pairs = [(fresh.clean_logits, p.clean_logits), (fresh.base_act, p.base_act)]
-    pairs.append((fresh.source_act, p.source_act))
-    if not all((a - b[:n]).abs().max().item() <= tolerance(b) for a, b in pairs):
+    fresh = prepare_sites(model, p.pairs.head(rows), [(kind, layer)], p.engine)[(kind, layer)]
+    kept_parts = ("clean_logits", "base_act", "source_act")
+    if not all(leads(getattr(fresh, f), getattr(p, f)) for f in kept_parts):
         return False
     try:
         guard(model, p)
@@ -244,6 +235,11 @@ def tolerance(logits: Tensor) -> float:
     if logits.dtype == torch.float32 or logits.dtype == torch.float64:
         return 1e-3 * scale + 1e-4
     return 2e-2 * scale + 1e-2  # bfloat16 / float16
+
+
+def leads(fresh: Tensor, kept: Tensor) -> bool:
+    """Whether `fresh` equals the first rows of `kept` within `tolerance`."""
+    return (fresh - kept[: len(fresh)]).abs().max().item() <= tolerance(kept)
 
 
 def _other_engines(failed: str) -> str:

@@ -2,15 +2,17 @@
 
 The direction (`direction=path/to/subspace.pt`, required) is checked whole: one direction or a
 subspace of up to `MAX_K` dimensions (one verdict on the subspace; k = 1 is a direction); its site
-and layer are read from the file. The checks (`mlpim.analysis.checks`, measured by `mlpim.analysis.measure`) run on
-the task's test pairs, each with a bootstrap interval over the pairs and placed in a reference
-measured on the same model, site and task (`mlpim.analysis.illusion_site`). The direction checks
-decide the verdict; the site checks describe the site (docs/verdict-rule.md). The random-MLP
-reference is kept by content hash in `extra.reference_cache` and shared by every direction
-checked at that site; the site's prepared pairs, natural activations and random and natural
-references are kept the same way in `extra.activation_cache` (`mlpim.reuse.persist`). Writes metrics.csv, verdict.md (also summary.md), illusion_check.png; for
-a k-dim subspace (k ≥ 2) also which part of V does it (`mlpim.analysis.breakdown`, a table and no
-verdict): breakdown.csv, breakdown.png and a section of verdict.md.
+and layer are read from the file. The checks (`mlpim.analysis.checks`, measured by
+`mlpim.analysis.measure`) run on the task's test pairs, each with a bootstrap interval over the
+pairs and placed in a reference measured on the same model, site and task
+(`mlpim.analysis.illusion_site`). The direction checks decide the verdict; the site checks
+describe the site (docs/verdict-rule.md). The random-MLP reference is kept by content hash in
+`extra.reference_cache` and shared by every direction checked at that site; the site's prepared
+pairs, natural activations and random and natural references are kept the same way in
+`extra.activation_cache` (`mlpim.reuse.persist`). Writes metrics.csv, verdict.md (also
+summary.md), illusion_check.png; for a k-dim subspace (k ≥ 2) also which part of V does it
+(`mlpim.analysis.breakdown`, a table and no verdict): breakdown.csv, breakdown.png and a section
+of verdict.md.
 """
 
 from __future__ import annotations
