@@ -19,6 +19,7 @@ from mlpim.analysis import measure as M
 from mlpim.analysis import nullspace as ns
 from mlpim.analysis import planted
 from mlpim.analysis.editing import edited_w_out
+from mlpim.analysis.mlp_write import residual_jacobian
 from mlpim.analysis.stats import resample
 from mlpim.config import compose
 from mlpim.engine.interventions import prepare
@@ -217,11 +218,74 @@ def test_an_edit_that_breaks_the_task_is_refused(tiny_gpt2):
         None,
         opts,
         "auto",
+        None,
+        B.pair_writes(model, layer, pairs),
     )
     called = []
     _, rows = B.in_edit(ctx, delta, "bad edit", "edit", 7, lambda site: called.append(1))
     assert not called and rows[0]["refused"] and rows[0]["n_cases"] == 7
-    assert rows[0]["clean_ratio"] < 0.5
+    assert rows[0]["clean_ratio"] < 0.5 and rows[0]["edit_write"] > 0
+
+
+def _post_norm_model(layer: int):
+    """A tiny Gemma 3 whose post-feedforward norm has a large, uneven gain, as trained ones have
+    (positive, ~20 ± 3; Gemma 3 270M's reaches ~3·10³ at layer 10)."""
+    from mlpim.experiments.common import model_for
+
+    model = model_for(compose(["model=tiny", "model.arch=gemma3", "device=cpu"]))
+    with torch.no_grad():
+        for p in model.blocks[layer].ln2_post.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 3 + 20)
+    return model
+
+
+def test_behind_a_post_norm_an_edit_writes_its_strength_into_the_residual():
+    """An edit sized in the residual's units but written before Gemma's post-feedforward norm
+    misses its strength; built through the norm's Jacobian (`residual_jacobian`), it writes
+    α (h·u) along t̂, measured through the model's own forward (`edit_write`), to first order."""
+    layer, strength = 1, 0.2
+    model = _post_norm_model(layer)
+    pairs, target = _tiny_site(model, layer)
+    t = target.double() / target.double().norm()
+    prep = prepare(model, pairs, "mlp_post", layer, "auto")
+    resid = prepare(model, pairs, "resid_post", layer, "auto")
+    gap = float((planted.differences(resid) @ t).abs().mean())
+    u = planted.variable_direction(prep)
+    jac = residual_jacobian(model, layer, [p.base for p in pairs[:2]])
+    writes = B.pair_writes(model, layer, pairs)
+    ctx = B.Layer(
+        model,
+        layer,
+        {"train": pairs},
+        None,
+        t,
+        gap,
+        None,
+        1.0,
+        None,
+        None,
+        None,
+        "auto",
+        jac,
+        writes,
+    )
+    alpha = planted.edit_alpha(prep, u, gap, strength)
+    measured = {}
+    for through in (jac, None):
+        with edited_w_out(model, layer, planted.edit_delta(u, t, alpha, through)):
+            measured[through is None] = B.edit_write(ctx)
+    assert jac is not None and measured[False] == pytest.approx(strength, rel=0.1)
+    assert abs(measured[True] - strength) > 2 * strength  # measured 0.184 and 1.21
+
+
+def test_without_a_post_norm_the_edit_is_u_times_the_unit_target(tiny_llama):
+    """Where the block adds the MLP's output as it is, there is no Jacobian and the edit is
+    α u ⊗ t̂ exactly."""
+    pairs, target = _tiny_site(tiny_llama, 1)
+    assert residual_jacobian(tiny_llama, 1, [p.base for p in pairs[:2]]) is None
+    u = torch.randn(tiny_llama.cfg.d_mlp, dtype=torch.float64)
+    t = target.double() / target.double().norm()
+    assert torch.equal(planted.edit_delta(u, target, 2.0), 2.0 * torch.outer(u, t))
 
 
 def _script():

@@ -32,10 +32,12 @@ from mlpim.analysis.benchmark import (
     clean_ld,
     in_edit,
     measured_case,
+    pair_writes,
     refused_row,
     resid_cases,
     trained_v_resid,
 )
+from mlpim.analysis.mlp_write import residual_jacobian
 from mlpim.engine.das import DasSettings
 from mlpim.engine.interventions import prepare
 
@@ -117,7 +119,7 @@ def pathway_cases(ctx: Layer) -> tuple[list, list]:
     parts = []
     for s in tqdm(opts.pathway_strengths, desc=f"dormant pathways L{ctx.layer}", leave=False):
         beta = planted.pathway_beta(moved @ n, ctx.gap, s)
-        delta = planted.edit_delta(d, ctx.target, beta)
+        delta = planted.edit_delta(d, ctx.target, beta, ctx.jac)
         name = f"pathway ×{s:g}"
         props = {"kind": "pathway", "strength": s, "beta": beta, "d_pct": d_pct}
         each = lambda es, name=name, props=props: pathway_angles(ctx, es, n, d, name, props)  # noqa: E731
@@ -185,7 +187,7 @@ def edit_cases(ctx: Layer) -> tuple[list, list]:
             continue
         for s in opts.edit_strengths:
             alpha = planted.edit_alpha(ctx.site.splits["train"], u, ctx.gap, s)
-            delta = planted.edit_delta(u, ctx.target, alpha)
+            delta = planted.edit_delta(u, ctx.target, alpha, ctx.jac)
             name = f"edit (natural {rank}, ×{s:g})"
             each = lambda es, name=name, u=u: real_family(ctx, es, u, name)  # noqa: E731
             parts.append(in_edit(ctx, delta, name, "edit", n_cases, each))
@@ -271,6 +273,8 @@ def layer_result(
         naturals[1],
         opts,
         engine,
+        residual_jacobian(model, layer, [p.pairs.base for p in mlp["train"][:2]]),
+        pair_writes(model, layer, batches["train"]),
     )
     for family in FAMILIES:
         out.add(family(ctx))

@@ -29,6 +29,7 @@ FROZEN = (  # the rule and its inputs, and the planted construction: hashed into
     "analysis/planted.py",
     "analysis/benchmark.py",
     "analysis/bench_cases.py",
+    "analysis/mlp_write.py",  # what an MLP writes through a post-norm: the checks and the edits
 )
 
 

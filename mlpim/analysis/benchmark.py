@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mlpim.analysis import illusion, planted
@@ -24,6 +25,7 @@ from mlpim.analysis import references as R
 from mlpim.analysis.bench_table import gate_position
 from mlpim.analysis.checks import Thresholds
 from mlpim.analysis.editing import edited_w_out
+from mlpim.analysis.mlp_write import end_outputs
 from mlpim.analysis.toy_cases import toy_cases, toy_checks
 from mlpim.engine.das import DasSettings, train_das
 from mlpim.engine.interventions import prepare
@@ -81,6 +83,23 @@ class Layer:
     held_out: Tensor  # natural hidden activations of held-out prompts (dormancy percentiles)
     opts: BenchOptions
     engine: str
+    jac: Tensor | None  # the block's post-MLP norm's mean Jacobian (None: no such norm)
+    writes: Tensor  # the unedited block's source − base write per train pair (`pair_writes`)
+
+
+def pair_writes(model, layer: int, pairs: list) -> Float[Tensor, "n d"]:
+    """What block `layer` adds to the residual at each pair's source minus at its base (float64)."""
+    base = end_outputs(model, layer, [p.base for p in pairs])[2]
+    return end_outputs(model, layer, [p.source for p in pairs])[2].double() - base.double()
+
+
+def edit_write(ctx: Layer) -> float:
+    """What the edit in place adds along t between source and base, over the train pairs,
+    measured through the model in units of the residual's gap (a real edit: its strength, to
+    first order; a dormant pathway: near 0)."""
+    added = pair_writes(ctx.model, ctx.layer, ctx.pairs["train"]) - ctx.writes
+    t = ctx.target.double() / ctx.target.double().norm()
+    return float((added @ t).abs().mean()) / ctx.gap
 
 
 def case_row(name: str, truth: str, layer: int, site: str, checks, **extra) -> dict:
@@ -176,6 +195,7 @@ def in_edit(ctx: Layer, delta: Tensor, name: str, kind: str, n_cases: int, cases
     with edited_w_out(ctx.model, ctx.layer, delta):
         test = prepare(ctx.model, ctx.pairs["test"], "mlp_post", ctx.layer, ctx.engine)
         ratio = float(torch.cat([p.clean_ld for p in test]).double().mean()) / ctx.clean
+        measured = {"clean_ratio": ratio, "edit_write": edit_write(ctx)}
         if ratio < ctx.opts.min_clean_ratio:
             log.warning(
                 "MLP%d %s: the edit breaks the task (clean LD × %.2f); refused",
@@ -183,9 +203,9 @@ def in_edit(ctx: Layer, delta: Tensor, name: str, kind: str, n_cases: int, cases
                 name,
                 ratio,
             )
-            return [], [refused_row(name, kind, ctx.layer, ratio, n_cases)]
+            return [], [refused_row(name, kind, ctx.layer, ratio, n_cases) | measured]
         rows, out = cases(site_at(ctx))
-    return rows, [c | {"clean_ratio": ratio} for c in out]
+    return rows, [c | measured for c in out]
 
 
 def trained_v_resid(model, resid: M.Splits, method: DasSettings, seed: int):

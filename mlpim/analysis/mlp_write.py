@@ -63,14 +63,16 @@ def check_hidden_writes(model, layer: int, hidden: Tensor, pre: Tensor) -> float
     return err
 
 
-def residual_w_out(model, layer: int, batches: list) -> Float[Tensor, "m d"]:
-    """W_out as the residual stream sees it, measured on `batches` (see the module docstring)."""
-    w = mlp_w_out(model, layer)
+def residual_jacobian(model, layer: int, batches: list) -> Float[Tensor, "d d"] | None:
+    """The Jacobian of what block `layer` adds to the residual with respect to its MLP's output,
+    averaged over `batches`' patched positions (float64); None where the block adds that output
+    as it is. Checks first that the MLP writes hidden @ W_out (+ b_out) and that the block adds
+    that output or its own norm of it (one MlpimError line otherwise)."""
     hidden, pre, post = end_outputs(model, layer, batches)
     check_hidden_writes(model, layer, hidden, pre)
     tol = 1e-4 * max(post.abs().max().item(), 1.0)
     if (pre - post).abs().max().item() <= tol:
-        return w
+        return None
     norm = post_mlp_norm(model, layer)
     with torch.no_grad():
         normed = norm(pre) if norm is not None else None
@@ -81,4 +83,11 @@ def residual_w_out(model, layer: int, batches: list) -> Float[Tensor, "m d"]:
         )
     mean_norm = lambda e: norm(pre + e).mean(0)  # noqa: E731
     jac = torch.autograd.functional.jacobian(mean_norm, torch.zeros_like(pre[0]), vectorize=True)
-    return (w.double() @ jac.double().T).to(w.dtype)
+    return jac.double()
+
+
+def residual_w_out(model, layer: int, batches: list) -> Float[Tensor, "m d"]:
+    """W_out as the residual stream sees it, measured on `batches` (see the module docstring)."""
+    w = mlp_w_out(model, layer)
+    jac = residual_jacobian(model, layer, batches)
+    return w if jac is None else (w.double() @ jac.T).to(w.dtype)

@@ -88,11 +88,14 @@ def centred(u: Tensor, mean_act: Tensor) -> Tensor:
 
 
 def edit_delta(
-    u: Float[Tensor, " m"], target: Float[Tensor, " d"], alpha: float
+    u: Float[Tensor, " m"], target: Float[Tensor, " d"], alpha: float, jac: Tensor | None = None
 ) -> Float[Tensor, "m d"]:
-    """ΔW_out = α · u ⊗ unit(target): the MLP then writes α (h·u) along the target."""
+    """ΔW_out = α · u ⊗ p: the block then writes α (h·u) along unit(target) into the residual.
+    p = unit(target) where the block adds its MLP's output as it is; behind a norm, p solves
+    J p = unit(target), J the norm's mean Jacobian (`mlp_write.residual_jacobian`): to first order."""
     t = target.double() / target.double().norm()
-    return alpha * torch.outer(u.double(), t)
+    p = t if jac is None else torch.linalg.lstsq(jac.double(), t[:, None]).solution[:, 0]
+    return alpha * torch.outer(u.double(), p)
 
 
 def edit_alpha(train: list[Prepared], u: Tensor, resid_gap: float, strength: float) -> float:
