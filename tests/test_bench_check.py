@@ -55,3 +55,16 @@ def test_differences_name_each_printed_cell():
     assert bench.differences(a, b) == ["effect.value: 0.5 -> 0.501", "verdict.warning: x -> y"]
     nan = a.assign(value=float("nan"))
     assert bench.differences(nan, nan.copy()) == []
+
+
+def test_bench_lds_times_both_paths_on_each_engine_and_they_agree(tmp_path):
+    """`make bench`'s second table on the tiny model: per engine, the whole-vocabulary path and
+    the two-column path, their FLDDs within 1e-4 (never timings)."""
+    path = SCRIPT.with_name("bench_lds.py")
+    spec = importlib.util.spec_from_file_location("bench_lds", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    table = bench.main(["--directions", "2", "--out", str(tmp_path / "t.csv"), "model=tiny"])
+    assert set(table.engine) == {"kernel", "cache"} and len(table) == 4
+    assert (table.max_fldd_diff <= 1e-4).all() and (tmp_path / "t.csv").exists()
+    assert (table.groupby("engine").vs_before.first() == 1.0).all()

@@ -410,6 +410,53 @@ def test_cache_engine_falls_back_where_the_unembedding_is_not_linear(tiny_llama,
     tiny_llama.__dict__.pop("_mlpim_linear_unembed", None)
 
 
+def _lds_agree(model, pb: PairBatch, engines: tuple[str, ...]) -> None:
+    """Each engine's `patched_end_lds` equals its whole-vocabulary logits' differences, and the
+    first engine's (the full forward's)."""
+    rot = RotatedSubspace(model.cfg.d_mlp, 2, generator=torch.Generator().manual_seed(0))
+    a, o = pb.base.answer[:, None], pb.base.other[:, None]
+    ref = None
+    with torch.no_grad():
+        for engine in engines:
+            prep = prepare_sites(model, pb, [("mlp_post", 1)], engine)[("mlp_post", 1)]
+            lds = interventions.patched_end_lds(model, prep, rot)
+            logits = patched_end_logits(model, prep, rot)
+            ref = lds if ref is None else ref
+            assert max_diff(lds, logits.gather(1, a)[:, 0] - logits.gather(1, o)[:, 0]) <= TOL
+            assert max_diff(lds, ref) <= TOL
+
+
+@pytest.mark.parametrize("mid", (False, True))
+def test_patched_lds_from_two_columns_equal_the_full_logits(any_model, mid):
+    """`patched_end_lds` reads two unembedding columns where the unembedding is linear: the
+    cache engine's equal the full forward's, on every family, at END and mid-prompt."""
+    _lds_agree(any_model, pair(any_model, mid=mid), ("full", "cache"))
+
+
+def test_patched_lds_of_the_kernel_equal_the_full_logits(model):
+    """The kernel's two-column logit differences equal the full forward's (patched at END)."""
+    _lds_agree(model, pair(model), ("full", "kernel"))
+
+
+def test_patched_lds_fall_back_to_the_logits_where_the_unembedding_is_not_linear(
+    tiny_llama, monkeypatch
+):
+    """With the linearity check failing, the logit differences come from the model's own logits."""
+    pb = pair(tiny_llama, mid=True)
+    prep = prepare_sites(tiny_llama, pb, [("mlp_post", 1)], "cache")[("mlp_post", 1)]
+    w_t, b = fastpath.unembed_weights(tiny_llama)
+    monkeypatch.setitem(tiny_llama.__dict__, "_mlpim_unembed", (2 * w_t, b))
+    monkeypatch.setitem(tiny_llama.__dict__, "_mlpim_linear_unembed", False)
+    rot = RotatedSubspace(tiny_llama.cfg.d_mlp, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lds = interventions.patched_end_lds(tiny_llama, prep, rot)
+        logits = patched_end_logits(tiny_llama, prep, rot)
+    a, o = pb.base.answer, pb.base.other
+    assert torch.equal(lds, logits.gather(1, a[:, None])[:, 0] - logits.gather(1, o[:, None])[:, 0])
+    monkeypatch.undo()
+    tiny_llama.__dict__.pop("_mlpim_linear_unembed", None)
+
+
 @pytest.mark.slow
 def test_gemma3_engines_on_ioi_pairs(gemma3):
     """Gemma 3 270M (sliding windows, QK norm, sandwich norms, 262k vocabulary), one IOI batch

@@ -32,10 +32,10 @@ from mlpim.engine.interventions import (
     clean_metrics,
     evaluate,
     guard,
-    patched_end_logits,
+    patched_end_lds,
     prepared_key,
 )
-from mlpim.engine.metrics import fldd, logit_diff
+from mlpim.engine.metrics import fldd
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import (
     full,
@@ -310,8 +310,6 @@ def changing_fldd(model, prepared: list[Prepared], setter) -> float:
         for p in prepared:
             keep = p.pairs.label != p.pairs.base.answer
             if keep.any():
-                logits = patched_end_logits(model, p, setter)[keep]
-                b = p.pairs.base
-                lds.append(logit_diff(logits, b.answer[keep], b.other[keep]))
+                lds.append(patched_end_lds(model, p, setter)[keep])
                 clean.append(p.clean_ld[keep])
     return fldd(torch.cat(lds), torch.cat(clean)) if lds else float("nan")

@@ -35,8 +35,7 @@ from mlpim.analysis.checks.random_mlp import random_mlp_check
 from mlpim.analysis.mlp_write import residual_w_out
 from mlpim.analysis.rows import metric_rows
 from mlpim.analysis.stats import Est, fldd_est, mean_est, resample
-from mlpim.engine import metrics
-from mlpim.engine.interventions import Prepared, leads, patched_end_logits
+from mlpim.engine.interventions import Prepared, leads, patched_end_lds
 from mlpim.engine.models import hook_name
 from mlpim.engine.patching import at, full, subspace
 
@@ -64,9 +63,7 @@ def pair_lds(model, prepared: list[Prepared], setter, changing: bool = False) ->
     with torch.no_grad():
         for p in prepared:
             keep = p.pairs.label != p.pairs.base.answer if changing else slice(None)
-            b = p.pairs.base
-            logits = patched_end_logits(model, p, setter)[keep]
-            lds.append(metrics.logit_diff(logits, b.answer[keep], b.other[keep]))
+            lds.append(patched_end_lds(model, p, setter)[keep])
             clean.append(p.clean_ld[keep])
     return PairLDs(torch.cat(lds), torch.cat(clean))
 

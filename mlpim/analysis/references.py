@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from mlpim import reuse
 from mlpim.analysis import controls
 from mlpim.engine.das import DasSettings
-from mlpim.engine.interventions import Prepared, evaluate, prepare
+from mlpim.engine.interventions import Prepared, patched_fldd, prepare
 from mlpim.engine.models import fingerprint
 from mlpim.engine.patching import subspace, work_dtype
 
@@ -116,7 +116,7 @@ def direction_fldds(
     act = prepared[0].base_act
     dirs = dirs.to(act.device, work_dtype(act))
     bar = tqdm(dirs, desc=desc, leave=False)
-    return [evaluate(model, prepared, subspace(u[:, None] / u.norm()))["fldd"] for u in bar]
+    return [patched_fldd(model, prepared, subspace(u[:, None] / u.norm())) for u in bar]
 
 
 def random_subspaces(m: int, n: int, k: int, seed: int) -> Float[Tensor, "n m k"]:
@@ -132,7 +132,7 @@ def subspace_fldds(
     act = prepared[0].base_act
     bases = bases.to(act.device, work_dtype(act))
     bar = tqdm(bases, desc=desc, leave=False)
-    return [evaluate(model, prepared, subspace(b))["fldd"] for b in bar]
+    return [patched_fldd(model, prepared, subspace(b)) for b in bar]
 
 
 def random_direction_reference(
@@ -169,7 +169,7 @@ def random_mlp_fldds(
             model, aug["train"], None, layer, mlp, method, seed, progress=False
         )
         with torch.no_grad():
-            values.append(evaluate(model, aug["test"], patch)["fldd"])
+            values.append(patched_fldd(model, aug["test"], patch))
         histories[seed] = hist
     return values, histories
 
@@ -185,7 +185,7 @@ def random_mlp_fldds_batched(
         model, aug["train"], layer, mlps, method, list(seeds)
     )
     with torch.no_grad():
-        values = [evaluate(model, aug["test"], p)["fldd"] for p in patches]
+        values = [patched_fldd(model, aug["test"], p) for p in patches]
     return values, dict(zip(seeds, hists, strict=True))
 
 

@@ -281,6 +281,23 @@ def patched_end_logits(model, prep: Prepared, setter: Setter) -> Float[Tensor, "
     return logits.to(base.tokens.device)
 
 
+def patched_end_lds(model, prep: Prepared, setter: Setter) -> Float[Tensor, " b"]:
+    """Per base prompt, the patched END logit difference (answer − other), on the pairs' device.
+    Where the unembedding is linear (the kernel's; the cache engine's where `linear_unembed`
+    holds) it reads two unembedding columns, not the whole vocabulary."""
+    b = prep.pairs.base
+    if prep.engine == "kernel":
+        h = fastpath.resume_hidden(model, prep.state, patched_act(prep, setter))
+    elif prep.engine == "cache" and linear_unembed(model, prep):
+        h = cache.resume_hidden(model, prep.state, prep.name, setter, prep.source_act)
+    else:
+        return metrics.logit_diff(patched_end_logits(model, prep, setter), b.answer, b.other)
+    w_t, bias = fastpath.unembed_weights(model)
+    answer, other = b.answer.to(w_t.device), b.other.to(w_t.device)
+    lds = metrics.column_diff(h.to(w_t.device), w_t, bias, answer, other)
+    return lds.to(b.tokens.device)
+
+
 def patched_end_loss(model, prep: Prepared, setter: Setter) -> Tensor:
     """Mean cross-entropy of the patched END logits against the counterfactual labels. The
     kernel, and the cache engine where `linear_unembed` holds, fuse the unembedding with it."""
@@ -353,6 +370,13 @@ def linear_unembed(model, prep: Prepared) -> bool:
             ok = (ours - logits.to(w_t.device)).abs().max().item() <= tolerance(logits)
         model.__dict__[key] = ok
     return model.__dict__[key]
+
+
+def patched_fldd(model, prepared: list[Prepared], setter: Setter) -> float:
+    """`evaluate`'s FLDD alone, from the patched logit differences (`patched_end_lds`)."""
+    with torch.no_grad():
+        ld = torch.cat([patched_end_lds(model, p, setter) for p in prepared])
+    return metrics.fldd(ld, torch.cat([p.clean_ld for p in prepared]))
 
 
 def evaluate(model, prepared: list[Prepared], setter: Setter) -> dict[str, float]:

@@ -13,6 +13,18 @@ def logit_diff(
     return logits.gather(1, io[:, None])[:, 0] - logits.gather(1, s[:, None])[:, 0]
 
 
+def column_diff(
+    h: Float[Tensor, "b d"],
+    w_t: Float[Tensor, "vocab d"],
+    bias: Float[Tensor, " vocab"],
+    io: Int[Tensor, b],
+    s: Int[Tensor, b],
+) -> Float[Tensor, b]:
+    """logit(IO) − logit(S) per row of `h @ w_tᵀ + bias`, from those two columns only."""
+    logit = lambda t: (h * w_t[t]).sum(-1) + bias[t]  # noqa: E731
+    return logit(io) - logit(s)
+
+
 def accuracy(logits: Float[Tensor, "b vocab"], target: Int[Tensor, b]) -> float:
     """Share of prompts whose argmax over the whole vocabulary is `target`."""
     return (logits.argmax(-1) == target).float().mean().item()
