@@ -50,7 +50,11 @@ def test_one_direction_gives_the_numbers_it_gave_before(tmp_path, capsys):
     (2026-12-07) regenerated it on purpose: the cluster bootstrap moved the intervals, the natural
     sample from the test split moved the off-distribution distance, which is now net of the
     whole-site patch; with the train split and the plain bootstrap every other number is the
-    table's before, the bridging margin's replicates to 2e-7 (the null part's FLDD left out)."""
+    table's before, the bridging margin's replicates to 2e-7 (the null part's FLDD left out).
+    Session 5 (2026-12-07) regenerated it again: the logit differences now come from two
+    unembedding columns (`patched_end_lds`), which moved 57 of 135 values by float32 rounding,
+    at most 9e-4 outside generalisation, whose ratio over a near-zero FLDD on this random model
+    moved its check value from −22.040 to −21.972."""
     g = torch.Generator().manual_seed(7)
     v = torch.randn(D_MLP, 1, generator=g)
     save_subspace(tmp_path / "v.pt", v / v.norm(), model="tiny", site="mlp_post", layer=1, k=1)
