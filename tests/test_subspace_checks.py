@@ -1,6 +1,6 @@
 """Issue 31: the illusion checks on a k-dim subspace, checked whole.
 
-k = 1 gives today's numbers bit for bit (a golden metrics table captured from the code before the
+k = 1 gives today's numbers to float32 rounding (a golden metrics table captured from the code before the
 change); a k-dim subspace's checks do not depend on the basis chosen for it, nor on the format it
 is saved in; the k-dim measures reduce to the 1-D ones; every reader reads a k = 3 basis whole.
 """
@@ -44,9 +44,17 @@ def check(capsys, tmp_path: Path, direction: Path, *overrides: str) -> pd.DataFr
     return pd.read_csv(out / C.METRICS)
 
 
+def _close(got: pd.DataFrame, want: pd.DataFrame, rows: pd.Series, rtol: float) -> None:
+    """The values of `rows` agree to `rtol` (and 1e-5 absolute, for FLDDs near zero)."""
+    names = want.intervention[rows] + "/" + want.metric[rows]
+    np.testing.assert_allclose(
+        got.value[rows], want.value[rows], rtol, 1e-5, err_msg=str(list(names))
+    )
+
+
 def test_one_direction_gives_the_numbers_it_gave_before(tmp_path, capsys):
     """The golden table: `mlpim check` of a 1-D subspace.pt on the tiny model, captured from the
-    code before k-dim subspaces (2026-12-07), equals today's metrics.csv value for value. Issue 30
+    code before k-dim subspaces (2026-12-07), equals today's metrics.csv (see below). Issue 30
     (2026-12-07) regenerated it on purpose: the cluster bootstrap moved the intervals, the natural
     sample from the test split moved the off-distribution distance, which is now net of the
     whole-site patch; with the train split and the plain bootstrap every other number is the
@@ -54,12 +62,19 @@ def test_one_direction_gives_the_numbers_it_gave_before(tmp_path, capsys):
     Session 5 (2026-12-07) regenerated it again: the logit differences now come from two
     unembedding columns (`patched_end_lds`), which moved 57 of 135 values by float32 rounding,
     at most 9e-4 outside generalisation, whose ratio over a near-zero FLDD on this random model
-    moved its check value from −22.040 to −21.972."""
+    moved its check value from −22.040 to −21.972. Compared to float32 rounding since session 6:
+    bit for bit failed on CI's CPU (4 of 135 values), and torch's kernels without SIMD
+    (ATEN_CPU_CAPABILITY=default) move FLDDs by up to 1e-5 and z-scores by 6e-3 relative; the
+    generalisation ratio's train FLDD is 4e-6 here, so its bounds move 5%, its value 0.7%."""
     g = torch.Generator().manual_seed(7)
     v = torch.randn(D_MLP, 1, generator=g)
     save_subspace(tmp_path / "v.pt", v / v.norm(), model="tiny", site="mlp_post", layer=1, k=1)
     got, want = check(capsys, tmp_path, tmp_path / "v.pt"), pd.read_csv(GOLDEN)
-    pd.testing.assert_frame_equal(got, want, check_exact=True)
+    pd.testing.assert_frame_equal(got.drop(columns="value"), want.drop(columns="value"))
+    ratio = want.intervention.eq("generalisation")
+    bounds = ratio & want.metric.str.contains("_low|_high|_se")
+    _close(got, want, ~ratio, 1e-2)
+    _close(got, want, ratio & ~bounds, 2e-2)
 
 
 def test_a_subspace_is_checked_whole_whatever_its_basis_or_file(tmp_path, capsys):
