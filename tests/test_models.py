@@ -103,3 +103,22 @@ def test_direction_file_never_runs_code(tmp_path):
     torch.save({"basis": torch.eye(3)[:, :1], "x": Evil()}, path)
     with pytest.raises(ConfigError, match="cannot load as tensors.*never runs code"):
         load_direction(path)
+
+
+def test_a_second_process_dequantizing_at_once_keeps_the_first_copy(tmp_path):
+    """Two processes that dequantize one GGUF at once (a joblib sweep's first run, pytest-xdist)
+    each write their own folder; the later rename keeps the copy already in place and drops its
+    own, and a folder that is not a finished copy still raises."""
+    from mlpim.engine.models import _settle
+
+    cache, mine = tmp_path / "m", tmp_path / "m.tmp2"
+    (cache / "sub").mkdir(parents=True)
+    (cache / "config.json").write_text("{}")
+    mine.mkdir()
+    (mine / "config.json").write_text('{"ours": 1}')
+    _settle(mine, cache)
+    assert (cache / "config.json").read_text() == "{}" and not mine.exists()
+    (cache / "config.json").unlink()
+    mine.mkdir()
+    with pytest.raises(OSError):
+        _settle(mine, cache)

@@ -8,6 +8,7 @@ import importlib.util
 import itertools
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -345,15 +346,26 @@ def _load_gguf(cfg: ModelSpec):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
         if not getattr(model.config, "architectures", None):  # some GGUF configs lack it
             model.config.architectures = [type(model).__name__]
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")  # two processes may dequantize at once
         tmp.mkdir(parents=True, exist_ok=True)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config  # weights are plain float32 now
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding
         tok.save_pretrained(tmp)
-        tmp.rename(cache)
+        _settle(tmp, cache)
     return _from_dir(cache)
+
+
+def _settle(tmp: Path, cache: Path) -> None:
+    """Rename a finished `tmp` folder to `cache`; where another process got there first, keep
+    its copy (the same weights) and drop ours."""
+    try:
+        tmp.rename(cache)
+    except OSError:
+        if not (cache / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _from_dir(path: Path):
