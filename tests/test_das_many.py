@@ -191,6 +191,33 @@ def test_shared_preparation_equals_a_second_one_and_holds_nothing_twice(case, mo
                 assert a.state is p.state
 
 
+def test_reads_taken_with_the_preparation_run_no_prompt_again(case, monkeypatch):
+    """Prepared with `also=mlp_reads(LAYER)` (as `mlpim check` prepares an MLP site), the
+    reference's pairs at mlp_out run no forward pass, and equal the ones read by running again:
+    to the bit where the preparation runs rows grouped by length as the second run does (kernel
+    and full engines), within float32 rounding for the cache engine, whose base run is the whole
+    batch at once."""
+    model, engine = case
+    batches = {s: [p.pairs for p in ps] for s, ps in splits(model, engine).items()}
+    also = controls.mlp_reads(LAYER)
+    with_reads = {s: prepare(model, b, "mlp_post", LAYER, engine, also) for s, b in batches.items()}
+    plain = {s: prepare(model, b, "mlp_post", LAYER, engine) for s, b in batches.items()}
+    runs = []
+    real = patching.cached_run
+    monkeypatch.setattr(patching, "cached_run", lambda *a, **k: runs.append(1) or real(*a, **k))
+    shared = controls.augmented_splits(model, with_reads, LAYER)
+    assert runs == []
+    again = controls.augmented_splits(model, plain, LAYER)
+    assert runs
+    exact = with_reads["train"][0].engine != "cache"
+    for split, batches_ in shared.items():
+        for a, b in zip(batches_, again[split], strict=True):
+            for x, y in ((a.base_act, b.base_act), (a.source_act, b.source_act)):
+                assert torch.equal(x, y) if exact else torch.allclose(x, y, atol=1e-5, rtol=1e-5)
+    p, q = with_reads["test"][0], plain["test"][0]
+    assert torch.equal(p.base_act, q.base_act) and torch.equal(p.clean_logits, q.clean_logits)
+
+
 class DictStore(dict):
     def put(self, key: str, value: dict) -> None:
         self[key] = value

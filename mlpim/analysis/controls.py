@@ -152,26 +152,39 @@ class RandomMLPPatch(nn.Module):
         return random_patch(self.mlp, self.rot.basis, base, mid_base, mid_src)
 
 
+def mlp_reads(layer: int) -> tuple[str, str]:
+    """The hooks `with_resid_mid` reads: the MLP's output and its input residual at `layer`."""
+    return hook_name("mlp_out", layer), hook_name("resid_mid", layer)
+
+
 def with_resid_mid(model, prepared: list[Prepared], layer: int) -> list[Prepared]:
     """The same batches at `mlp_out` of `layer`, their source acts carrying [mlp_out | resid_mid
     | base resid_mid] (`RandomMLPPatch` reads them), from batches prepared at `mlp_post` or
-    `mlp_out` of that layer: the base run's state and END logits are shared, not copied, and one
-    run of the base and one of the source prompts up to the layer read the two activations (a
-    source that is its base prompt takes the base's). The engine's guard checks the first."""
-    out_name, mid_name = hook_name("mlp_out", layer), hook_name("resid_mid", layer)
-    names, own = [out_name, mid_name], {hook_name(k, layer) for k in ("mlp_post", "mlp_out")}
+    `mlp_out` of that layer: the base run's state and END logits are shared, not copied. The two
+    activations come from the preparation's own runs where it read them (`prepare(...,
+    also=mlp_reads(layer))`), else from one run of the base and one of the source prompts up to
+    the layer (a source that is its base prompt takes the base's). The guard checks the first."""
+    out_name, mid_name = names = mlp_reads(layer)
+    own = {hook_name(k, layer) for k in ("mlp_post", "mlp_out")}
     out = []
     for p in prepared:
         if p.name not in own:
             raise ValueError(f"{p.name} is not the MLP of layer {layer}: prepare it at mlp_out")
-        base = site_acts(model, p.pairs.base, names)
-        src = source_acts(model, p.pairs.base, p.pairs.source, names, base)
+        base, src = _mlp_reads(model, p, names)
         act = torch.cat([src[out_name], src[mid_name], base[mid_name]], -1)
         state = replace(p.state, kind="mlp_out") if isinstance(p.state, EndState) else p.state
         out.append(replace(p, name=out_name, base_act=base[out_name], source_act=act, state=state))
     if out:
         guard(model, out[0])
     return out
+
+
+def _mlp_reads(model, p: Prepared, names: tuple[str, str]) -> tuple[dict, dict]:
+    """(base, source) activations of `names` for a prepared batch: read with it, or run now."""
+    if all(n in p.extra for n in names):
+        return {n: p.extra[n][0] for n in names}, {n: p.extra[n][1] for n in names}
+    base = site_acts(model, p.pairs.base, list(names))
+    return base, source_acts(model, p.pairs.base, p.pairs.source, list(names), base)
 
 
 def augmented_splits(

@@ -12,7 +12,7 @@ before any training when they differ.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
@@ -57,6 +57,8 @@ class Prepared:
     clean_logits: Float[Tensor, "b vocab"]  # the model's own END logits of the base prompts,
     # on the pairs' device, as every engine's patched logits are returned
     state: fastpath.EndState | cache.CacheState | None
+    # (base, source) activations of other hooks read in the same runs (`prepare`'s `also`)
+    extra: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @property
     def clean_ld(self) -> Float[Tensor, " b"]:
@@ -83,50 +85,55 @@ def choose_engine(model, engine: str, batches: list[PairBatch], kind: str) -> st
 Site = tuple[str, int]  # (kind, layer)
 
 
-def prepare_sites(model, pb: PairBatch, sites: list[Site], engine: str) -> dict[Site, Prepared]:
+def prepare_sites(
+    model, pb: PairBatch, sites: list[Site], engine: str, also: tuple[str, ...] = ()
+) -> dict[Site, Prepared]:
     """For several sites of one batch: the base runs (END logits, site activations, and the
     kernel's state or the model's own KV cache) and the source runs up to the last site's block
     (a source that is its own base prompt, as IOI's same-pattern pairs, takes the base run's
-    activations), all without gradients."""
+    activations), all without gradients. The hooks `also` are read in the same runs (`extra`)."""
     names = {s: validate_site(model, *s) for s in sites}
+    read = sorted(set(names.values()) | set(also))
     if engine == "cache":
-        logits, acts, states = cache_base(model, pb.base, names)
+        logits, acts, states = cache_base(model, pb.base, names, read)
     else:
-        logits, acts, states = grouped_base(model, pb.base, names, kernel=engine == "kernel")
-    own = {n: acts[s] for s, n in names.items()}  # a source that is its base prompt: no run
-    source = source_acts(model, pb.base, pb.source, sorted(own), own)
+        logits, acts, states = grouped_base(model, pb.base, names, read, engine == "kernel")
+    source = source_acts(model, pb.base, pb.source, read, acts)  # own rows: no run
     logits = logits.to(pb.base.tokens.device)
+    extra = {n: (acts[n], source[n]) for n in also}
     return {
-        site: Prepared(pb, name, engine, acts[site], source[name], logits, states[site])
+        site: Prepared(pb, name, engine, acts[name], source[name], logits, states[site], extra)
         for site, name in names.items()
     }
 
 
-def cache_base(model, base: PromptBatch, names: dict[Site, str]) -> tuple[Tensor, dict, dict]:
-    """The cache engine's base run: (END logits, site -> activation, site -> the shared
-    CacheState), from one full forward of the whole batch (its KV cache is the model's own)."""
-    logits, acts, state = cache.base_run(model, base, set(names.values()))
-    return logits, {s: at(acts[n], base.pos) for s, n in names.items()}, dict.fromkeys(names, state)
+def cache_base(
+    model, base: PromptBatch, names: dict[Site, str], read: list[str]
+) -> tuple[Tensor, dict, dict]:
+    """The cache engine's base run: (END logits, hook -> activation of each of `read`, site ->
+    the shared CacheState), from one full forward of the whole batch (the model's own KV cache)."""
+    logits, acts, state = cache.base_run(model, base, set(read))
+    return logits, {n: at(acts[n], base.pos) for n in read}, dict.fromkeys(names, state)
 
 
 def grouped_base(
-    model, base: PromptBatch, names: dict[Site, str], kernel: bool
+    model, base: PromptBatch, names: dict[Site, str], read: list[str], kernel: bool
 ) -> tuple[Tensor, dict, dict]:
-    """Base runs of row groups of similar length (`length_groups`): (END logits, site ->
-    activation, site -> the kernel's EndState or None), put back in the batch's row order."""
-    wanted = set(names.values())
+    """Base runs of row groups of similar length (`length_groups`): (END logits, hook ->
+    activation of each of `read`, site -> the kernel's EndState or None), in the batch's order."""
+    wanted = set(read)
     if kernel:
         wanted |= set().union(*(fastpath.state_names(model, *s) for s in names))
     parts = []
     for rows in length_groups(base.mask):
         sub = select_rows(base, rows)
         logits, run = run_cache(model, sub, wanted)
-        acts = {s: at(run[n], sub.pos) for s, n in names.items()}
+        acts = {n: at(run[n], sub.pos) for n in read}
         states = {s: fastpath.state_from_cache(model, run, *s, sub.mask) for s in names if kernel}
         parts.append((rows, logits, acts, states))
     order = torch.cat([p[0] for p in parts]).argsort()  # row i of the batch
     logits = _in_order([p[1] for p in parts], order)
-    acts = {s: _in_order([p[2][s] for p in parts], order) for s in names}
+    acts = {n: _in_order([p[2][n] for p in parts], order) for n in read}
     states = dict.fromkeys(names)
     for s in names if kernel else ():
         parts_s = [(p[0], p[3][s]) for p in parts]
@@ -141,17 +148,23 @@ def _in_order(parts: list[Tensor], order: Tensor) -> Tensor:
 
 
 def prepare(
-    model, batches: list[PairBatch], kind: str, layer: int, engine: str = "auto"
+    model,
+    batches: list[PairBatch],
+    kind: str,
+    layer: int,
+    engine: str = "auto",
+    also: tuple[str, ...] = (),
 ) -> list[Prepared]:
-    """Prepare every batch at site (kind, layer), then check the engine (`guard`)."""
+    """Prepare every batch at site (kind, layer), then check the engine (`guard`); the hooks
+    `also` are read in the same runs (`Prepared.extra`)."""
     validate_site(model, kind, layer)
     if kind == "resid_mid":
         raise ConfigError(
             "resid_mid cannot be patched: TransformerBridge's hook_resid_mid only feeds the MLP's input; patch resid_post of layer-1 or attn_out instead"
         )
     chosen = choose_engine(model, engine, batches, kind)
-    key = lambda: (*reuse.model_key(model), reuse.digest(batches), kind, layer, chosen)  # noqa: E731
-    compute = lambda: _prepare(model, batches, kind, layer, chosen)  # noqa: E731
+    key = lambda: (*reuse.model_key(model), reuse.digest(batches), kind, layer, chosen, also)  # noqa: E731
+    compute = lambda: _prepare(model, batches, (kind, layer), chosen, also)  # noqa: E731
     verify = lambda kept: agrees(model, kept, kind, layer)  # noqa: E731
     return list(reuse.memo("prepare", key, compute, verify=verify))
 
@@ -163,9 +176,12 @@ def agrees(model, kept: list[Prepared], kind: str, layer: int, rows: int = 4) ->
     if not kept:
         return True
     p = kept[0]
-    fresh = prepare_sites(model, p.pairs.head(rows), [(kind, layer)], p.engine)[(kind, layer)]
+    first = p.pairs.head(rows)
+    fresh = prepare_sites(model, first, [(kind, layer)], p.engine, tuple(p.extra))[(kind, layer)]
     kept_parts = ("clean_logits", "base_act", "source_act")
-    if not all(leads(getattr(fresh, f), getattr(p, f)) for f in kept_parts):
+    pairs = [(getattr(fresh, f), getattr(p, f)) for f in kept_parts]
+    pairs += [(a, b) for n in p.extra for a, b in zip(fresh.extra[n], p.extra[n], strict=True)]
+    if not all(leads(a, b) for a, b in pairs):
         return False
     try:
         guard(model, p)
@@ -174,11 +190,12 @@ def agrees(model, kept: list[Prepared], kind: str, layer: int, rows: int = 4) ->
     return True
 
 
-def _prepare(model, batches: list[PairBatch], kind: str, layer: int, engine: str) -> list[Prepared]:
-    bar = tqdm(
-        batches, desc=f"prepare {kind} L{layer} ({engine})", leave=False, disable=len(batches) < 4
-    )
-    prepared = [prepare_sites(model, pb, [(kind, layer)], engine)[(kind, layer)] for pb in bar]
+def _prepare(
+    model, batches: list[PairBatch], site: Site, engine: str, also: tuple[str, ...]
+) -> list[Prepared]:
+    desc = f"prepare {site[0]} L{site[1]} ({engine})"
+    bar = tqdm(batches, desc=desc, leave=False, disable=len(batches) < 4)
+    prepared = [prepare_sites(model, pb, [site], engine, also)[site] for pb in bar]
     if prepared:
         guard(model, prepared[0])
     return prepared

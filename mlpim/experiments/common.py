@@ -103,18 +103,24 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def paper_splits(
-    cfg: DictConfig, model, kind: str, layer: int, held_out: bool = False
+    cfg: DictConfig,
+    model,
+    kind: str,
+    layer: int,
+    held_out: bool = False,
+    also: tuple[str, ...] = (),
 ) -> dict[str, list[Prepared]]:
     """The task's train and test pairs (IOI: the paper's DAS data), prepared at (kind, layer)
-    with `method.engine`. `held_out` adds, for IOI, "new templates" and "new names" (pairs that
-    hold out one of the two at a time; `mlpim.tasks.ioi.held_out_pairs`)."""
+    with `method.engine`, reading the hooks `also` in the same runs. `held_out` adds, for IOI,
+    "new templates" and "new names" (pairs that hold out one of the two at a time;
+    `mlpim.tasks.ioi.held_out_pairs`)."""
     n_ctx = model.cfg.n_ctx
     batches = task_splits(model.tokenizer, cfg.dataset, cfg.seed, predictor(model), n_ctx)
     if held_out and cfg.dataset.name == "ioi":
         batches |= held_out_pairs(model.tokenizer, cfg.dataset, cfg.seed)
     dev = model.cfg.device
     prepared = {
-        s: prepare(model, [b.to(dev) for b in bs], kind, layer, cfg.method.engine)
+        s: prepare(model, [b.to(dev) for b in bs], kind, layer, cfg.method.engine, also)
         for s, bs in batches.items()
     }
     if cfg.dataset.name in FILE_TASKS:

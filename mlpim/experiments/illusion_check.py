@@ -31,6 +31,7 @@ from mlpim.analysis import illusion
 from mlpim.analysis import illusion_site as S
 from mlpim.analysis.breakdown import breakdown
 from mlpim.analysis.checks import Thresholds
+from mlpim.analysis.controls import mlp_reads
 from mlpim.analysis.measure import SiteData, measure_checks
 from mlpim.engine.das import DasSettings
 from mlpim.engine.direction import Direction
@@ -84,8 +85,11 @@ def site_of_check(
     k: int,
 ) -> tuple[SiteData, dict]:
     """The site's pairs, natural activations and references (`S.check_site`); the random-MLP
-    runs' histories."""
-    splits = paper_splits(cfg, model, kind, layer, held_out=True)
+    runs' histories. At an MLP the preparation also reads what the random-MLP reference needs
+    (`mlp_reads`), so that the batched reference runs no prompt again."""
+    shared = kind == "mlp_post" and opts.random_mlp_seeds > 0 and opts.reference_mode == "batched"
+    also = mlp_reads(layer) if shared else ()
+    splits = paper_splits(cfg, model, kind, layer, held_out=True, also=also)
     natural = None
     if kind == "mlp_post":
         natural = natural_site_acts(cfg, model, kind, [layer], opts.n_natural_prompts, splits)
