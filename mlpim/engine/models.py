@@ -346,7 +346,7 @@ def _load_gguf(cfg: ModelSpec):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
         if not getattr(model.config, "architectures", None):  # some GGUF configs lack it
             model.config.architectures = [type(model).__name__]
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")  # two processes may dequantize at once
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")  # two processes may run at once
         tmp.mkdir(parents=True, exist_ok=True)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config  # weights are plain float32 now
