@@ -31,6 +31,7 @@ from mlpim.run import RunDirError, read_done, run
 MODELS = ("smollm2-135m", "gemma3-270m")
 TASKS = ("ioi", "facts", "pronouns")
 CASES = "cases.csv"
+SAME_CASE = ["model", "task", "rule", "layer", "site", "case"]  # one case, whichever part ran it
 
 
 def run_part(model: str, task: str, out: Path, overrides: list[str]) -> float:
@@ -70,7 +71,24 @@ def merged(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             }
         )
     cases = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    return cases, pd.DataFrame(parts)
+    return once(cases), pd.DataFrame(parts)
+
+
+def once(cases: pd.DataFrame) -> pd.DataFrame:
+    """Each case counted once: a case that several parts measured (the same model, task, rule,
+    layer, site and name, as a part re-run with other sweeps repeats its unedited cases) keeps
+    its first part's row; repeats that disagree on the verdict stop the report."""
+    if cases.empty:
+        return cases
+    repeats = cases[cases.duplicated(SAME_CASE, keep=False)]
+    labels = repeats.fillna({"verdict": ""}).groupby(SAME_CASE).verdict.nunique()
+    if (labels > 1).any():
+        names = ", ".join(str(k[-1]) for k in labels[labels > 1].index[:3])
+        sys.exit(f"verdict-bench: error: parts measured the same case with other verdicts: {names}")
+    kept = cases.drop_duplicates(SAME_CASE, ignore_index=True)
+    if len(kept) < len(cases):
+        print(f"{len(cases) - len(kept)} repeated cases counted once", flush=True)
+    return kept
 
 
 def report(out: Path) -> Path:
@@ -88,7 +106,11 @@ def report(out: Path) -> Path:
         where.mkdir(exist_ok=True)
         bench.plots(table, where, f"verdict benchmark ({rule})")
     text = "# The verdict's power: illusion_benchmark over models × tasks\n\n## Parts\n\n"
-    text += markdown_table(parts.set_index("part")) + "\n\n" + "\n\n".join(pages)
+    text += markdown_table(parts.set_index("part")) + "\n\n"
+    if (repeats := int(parts.cases.sum()) - len(cases)) > 0:
+        text += f"{repeats} cases measured by more than one part (the same model, task, rule,"
+        text += " layer, site and name, with the same verdict) are counted once.\n\n"
+    text += "\n\n".join(pages)
     write_text(text, out, "REPORT.md")
     return out / "REPORT.md"
 

@@ -350,6 +350,22 @@ def test_verdict_bench_runs_parts_resumes_and_merges(tmp_path, capsys):
         assert (tmp_path / f"rule-{rule}" / "roc.png").exists()
 
 
+def test_a_case_two_parts_measured_counts_once():
+    """A part re-run with other sweeps repeats its unedited cases: the merged table keeps one row
+    per case; repeats with other verdicts stop the report with one line."""
+    row = dict(model="m", task="t", rule="r", layer=3, site="mlp_post", verdict="no warning signs")
+    first = pd.DataFrame([{**row, "case": "unedited read part"}, {**row, "case": "edit ×0.5"}])
+    second = pd.DataFrame([{**row, "case": "unedited read part"}, {**row, "case": "edit ×0.2"}])
+    vb = _script()
+    kept = vb.once(pd.concat([first, second], ignore_index=True))
+    assert list(kept.case) == ["unedited read part", "edit ×0.5", "edit ×0.2"]
+    other = second.assign(verdict="likely illusory")
+    with pytest.raises(SystemExit, match="other verdicts: unedited read part"):
+        vb.once(pd.concat([first, other], ignore_index=True))
+    other_layer = second.assign(layer=7)
+    assert len(vb.once(pd.concat([first, other_layer], ignore_index=True))) == 4
+
+
 def _tiny_cases(tmp_path, name: str, strengths: str, edits: str, norms: str) -> pd.DataFrame:
     """The tiny model's IOI benchmark cases with these sweeps (every other option fixed)."""
     from mlpim.run import run
