@@ -257,7 +257,7 @@ def _draw_prompt(tokenizer, pools: _Pools, rng: random.Random, pattern: str) -> 
 def make_prompts(
     tokenizer, cfg, split: str, patterns: Sequence[str], n: int, seed: int
 ) -> list[IOIBatch]:
-    """n prompts of the split (patterns round robin), grouped by token length, in batches.
+    """n prompts of the split (patterns round robin), shuffled, in batches (left-padded).
 
     Raises ValueError if fewer than min(n, cfg.min_prompts) prompts or fewer than 3 names survive.
     """
