@@ -31,7 +31,7 @@ from mlpim.run import RunDirError, read_done, run
 MODELS = ("smollm2-135m", "gemma3-270m")
 TASKS = ("ioi", "facts", "pronouns")
 CASES = "cases.csv"
-SAME_CASE = ["model", "task", "rule", "layer", "site", "case"]  # one case, whichever part ran it
+SAME_CASE = ["model", "task", "seed", "rule", "layer", "site", "case"]  # whichever part ran it
 
 
 def run_part(model: str, task: str, out: Path, overrides: list[str]) -> float:
@@ -75,11 +75,12 @@ def merged(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def once(cases: pd.DataFrame) -> pd.DataFrame:
-    """Each case counted once: a case that several parts measured (the same model, task, rule,
-    layer, site and name, as a part re-run with other sweeps repeats its unedited cases) keeps
+    """Each case counted once: a case that several parts measured (the same model, task, seed,
+    rule, layer, site and name, as a part re-run with other sweeps repeats its unedited cases) keeps
     its first part's row; repeats that disagree on the verdict stop the report."""
     if cases.empty:
         return cases
+    cases = cases.assign(seed=cases.get("seed", pd.Series(0, index=cases.index)).fillna(0))
     repeats = cases[cases.duplicated(SAME_CASE, keep=False)]
     labels = repeats.fillna({"verdict": ""}).groupby(SAME_CASE).verdict.nunique()
     if (labels > 1).any():
@@ -108,8 +109,8 @@ def report(out: Path) -> Path:
     text = "# The verdict's power: illusion_benchmark over models × tasks\n\n## Parts\n\n"
     text += markdown_table(parts.set_index("part")) + "\n\n"
     if (repeats := int(parts.cases.sum()) - len(cases)) > 0:
-        text += f"{repeats} cases measured by more than one part (the same model, task, rule,"
-        text += " layer, site and name, with the same verdict) are counted once.\n\n"
+        text += f"{repeats} cases measured by more than one part (the same model, task, seed,"
+        text += " rule, layer, site and name, with the same verdict) are counted once.\n\n"
     text += "\n\n".join(pages)
     write_text(text, out, "REPORT.md")
     return out / "REPORT.md"

@@ -333,7 +333,7 @@ def test_verdict_bench_runs_parts_resumes_and_merges(tmp_path, capsys):
     text = (tmp_path / "REPORT.md").read_text()
     assert "tiny-ioi" in text and "tiny-pronouns" in text and T.rule_hash() in text
     merged = pd.read_csv(tmp_path / "cases.csv")
-    assert set(merged.task) == {"ioi", "pronouns"}
+    assert set(merged.task) == {"ioi", "pronouns"} and set(merged.seed) == {0}
     assert "| pooled | held-out |" in text  # tiny × both tasks: held-out, pooled under one hash
     assert (tmp_path / "roc.png").exists() and (tmp_path / "scores.png").exists()
     capsys.readouterr()
@@ -352,7 +352,8 @@ def test_verdict_bench_runs_parts_resumes_and_merges(tmp_path, capsys):
 
 def test_a_case_two_parts_measured_counts_once():
     """A part re-run with other sweeps repeats its unedited cases: the merged table keeps one row
-    per case; repeats with other verdicts stop the report with one line."""
+    per case (a part without a seed column ran seed 0); repeats with other verdicts stop the
+    report with one line; another layer or seed is another case."""
     row = dict(model="m", task="t", rule="r", layer=3, site="mlp_post", verdict="no warning signs")
     first = pd.DataFrame([{**row, "case": "unedited read part"}, {**row, "case": "edit ×0.5"}])
     second = pd.DataFrame([{**row, "case": "unedited read part"}, {**row, "case": "edit ×0.2"}])
@@ -362,8 +363,8 @@ def test_a_case_two_parts_measured_counts_once():
     other = second.assign(verdict="likely illusory")
     with pytest.raises(SystemExit, match="other verdicts: unedited read part"):
         vb.once(pd.concat([first, other], ignore_index=True))
-    other_layer = second.assign(layer=7)
-    assert len(vb.once(pd.concat([first, other_layer], ignore_index=True))) == 4
+    for elsewhere in (second.assign(layer=7), second.assign(seed=1)):  # other cases
+        assert len(vb.once(pd.concat([first, elsewhere], ignore_index=True))) == 4
 
 
 def _tiny_cases(tmp_path, name: str, strengths: str, edits: str, norms: str) -> pd.DataFrame:

@@ -145,9 +145,10 @@ def run(cfg: DictConfig, run_dir: Path, directions: Mapping[str, Direction]) -> 
 
 
 def labelled(table: pd.DataFrame, cfg: DictConfig) -> pd.DataFrame:
-    """The case table with its model, task, split and the frozen rule's hash on every row."""
+    """The case table with its model, task, seed, split and the frozen rule's hash on every row."""
     model, task = str(cfg.model.name), task_name(cfg)
-    return table.assign(model=model, task=task, split=T.split_of(model, task), rule=T.rule_hash())
+    split, rule = T.split_of(model, task), T.rule_hash()
+    return table.assign(model=model, task=task, seed=int(cfg.seed), split=split, rule=rule)
 
 
 def task_name(cfg: DictConfig) -> str:
