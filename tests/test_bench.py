@@ -82,6 +82,15 @@ def test_rates_count_only_mlp_cases_above_the_gate():
     assert list(table.task) == ["facts", "ioi", "pronouns", "pooled"]
     assert table.set_index("task").loc["pooled", "detection_n"] == 8  # held-out tasks only
     assert len(T.misses(pd.DataFrame(rows))) == 1
+    principle = ["illusory", "real", "illusory", "illusory"] + ["real"] * (len(rows) - 4)
+    by_m = T.rates(pd.DataFrame(rows).assign(principle=principle))["detection_m"]
+    assert (by_m["k"], by_m["n"]) == (2, 3)  # the principle's illusions among those above
+
+
+def test_a_miss_says_its_m():
+    """A missed illusion's row carries m, so the reader sees when the principle calls it real."""
+    row = _case("illusory", "no warning signs") | {"m": 1.3, "principle": "real"}
+    assert T.misses(pd.DataFrame([row])).m.tolist() == [1.3]
 
 
 def test_rule_hash_follows_the_frozen_files(tmp_path, monkeypatch):

@@ -138,8 +138,10 @@ def rates(table: pd.DataFrame, k_dim: bool = False) -> dict[str, dict[str, float
     ill, real = mlp_above(table, k_dim)
     likely = illusion.LIKELY_ILLUSORY
     lm = scored(table)
+    by_m = ill[ill.get("principle", pd.Series("illusory", ill.index)) == "illusory"]
     return {
         "detection": rate(ill.label == likely),
+        "detection_m": rate(by_m.label == likely),  # those whose m > 2 (the truth principle)
         "false_positive": rate(real.label == likely),
         "residual_false_positive": rate(lm[lm.site == "resid_post"].label == likely),
         "auc": {"value": auc(ill.score.to_numpy(), real.score.to_numpy())},
@@ -165,7 +167,7 @@ def rates_row(model: str, task: str, split: str, g: pd.DataFrame, k_dim: bool = 
     """The rates of one group of cases as one flat row."""
     r = rates(g, k_dim)
     row = {"model": model, "task": task, "split": split}
-    for key in ("detection", "false_positive"):
+    for key in ("detection", "detection_m", "false_positive"):
         x = r[key]
         row |= {f"{key}_k": x["k"], f"{key}_n": x["n"], key: x["rate"]}
         row |= {f"{key}_low": x["low"], f"{key}_high": x["high"]}
@@ -185,5 +187,5 @@ def misses(table: pd.DataFrame) -> pd.DataFrame:
         ill, real = mlp_above(table, k_dim)
         wrong += [ill[ill.label != likely], real[real.label == likely]]
     wrong = pd.concat(wrong)
-    cols = ["model", "task", "case", "layer", "kind", "k", "fldd", "label", "reason"]
+    cols = ["model", "task", "seed", "case", "layer", "kind", "k", "fldd", "m", "label", "reason"]
     return wrong[[c for c in cols if c in wrong.columns]]

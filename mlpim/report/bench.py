@@ -36,6 +36,9 @@ def rates_markdown(table: pd.DataFrame, k_dim: bool = False) -> str:
             "illusions flagged (above the gate)": [
                 fmt(r, "detection") for _, r in rates.iterrows()
             ],
+            "of those, m > 2 (the principle's illusions)": [
+                fmt(r, "detection_m") for _, r in rates.iterrows()
+            ],
             "real MLP called illusory (above the gate)": [
                 fmt(r, "false_positive") for _, r in rates.iterrows()
             ],
