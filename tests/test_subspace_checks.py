@@ -45,11 +45,15 @@ def check(capsys, tmp_path: Path, direction: Path, *overrides: str) -> pd.DataFr
 
 
 def _close(got: pd.DataFrame, want: pd.DataFrame, rows: pd.Series, rtol: float) -> None:
-    """The values of `rows` agree to `rtol` (and 1e-5 absolute, for FLDDs near zero)."""
-    names = want.intervention[rows] + "/" + want.metric[rows]
-    np.testing.assert_allclose(
-        got.value[rows], want.value[rows], rtol, 1e-5, err_msg=str(list(names))
-    )
+    """The values of `rows` agree to `rtol` and 1e-5 absolute (FLDDs near zero); z-scores, in
+    units of the references' spread, to 0.01 absolute (a near-zero check's z moves by 0.002
+    when its FLDDs move by their float32 rounding)."""
+    for z in (False, True):
+        part = rows & want.metric.eq("z").eq(z)
+        names = want.intervention[part] + "/" + want.metric[part]
+        np.testing.assert_allclose(
+            got.value[part], want.value[part], rtol, 1e-2 if z else 1e-5, err_msg=str(list(names))
+        )
 
 
 def test_one_direction_gives_the_numbers_it_gave_before(tmp_path, capsys):
@@ -65,7 +69,10 @@ def test_one_direction_gives_the_numbers_it_gave_before(tmp_path, capsys):
     moved its check value from −22.040 to −21.972. Compared to float32 rounding since session 6:
     bit for bit failed on CI's CPU (4 of 135 values), and torch's kernels without SIMD
     (ATEN_CPU_CAPABILITY=default) move FLDDs by up to 1e-5 and z-scores by 6e-3 relative; the
-    generalisation ratio's train FLDD is 4e-6 here, so its bounds move 5%, its value 0.7%."""
+    generalisation ratio's train FLDD is 4e-6 here, so its bounds move 5%, its value 0.7%.
+    Session 7's machine (an Intel Xeon with AVX-512, 2026-12-07) moved nullspace_bridging's z, a
+    near-zero check (−9e-5) over references whose spread is 6e-3, from 0.1271 to 0.1251: z is
+    compared to 0.01 absolute since."""
     g = torch.Generator().manual_seed(7)
     v = torch.randn(D_MLP, 1, generator=g)
     save_subspace(tmp_path / "v.pt", v / v.norm(), model="tiny", site="mlp_post", layer=1, k=1)
