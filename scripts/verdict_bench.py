@@ -86,10 +86,7 @@ def once(cases: pd.DataFrame) -> pd.DataFrame:
     if (labels > 1).any():
         names = ", ".join(str(k[-1]) for k in labels[labels > 1].index[:3])
         sys.exit(f"verdict-bench: error: parts measured the same case with other verdicts: {names}")
-    kept = cases.drop_duplicates(SAME_CASE, ignore_index=True)
-    if len(kept) < len(cases):
-        print(f"{len(cases) - len(kept)} repeated cases counted once", flush=True)
-    return kept
+    return cases.drop_duplicates(SAME_CASE, ignore_index=True)
 
 
 def report(out: Path) -> Path:
@@ -109,6 +106,7 @@ def report(out: Path) -> Path:
     text = "# The verdict's power: illusion_benchmark over models × tasks\n\n## Parts\n\n"
     text += markdown_table(parts.set_index("part")) + "\n\n"
     if (repeats := int(parts.cases.sum()) - len(cases)) > 0:
+        print(f"{repeats} repeated cases counted once", flush=True)
         text += f"{repeats} cases measured by more than one part (the same model, task, seed,"
         text += " rule, layer, site and name, with the same verdict) are counted once.\n\n"
     text += "\n\n".join(pages)
