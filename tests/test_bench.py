@@ -24,6 +24,7 @@ from mlpim.analysis.stats import resample
 from mlpim.config import compose
 from mlpim.engine.interventions import prepare
 from mlpim.engine.patching import subspace
+from mlpim.report import bench
 from mlpim.tasks import task_splits
 
 
@@ -91,6 +92,21 @@ def test_a_miss_says_its_m():
     """A missed illusion's row carries m, so the reader sees when the principle calls it real."""
     row = _case("illusory", "no warning signs") | {"m": 1.3, "principle": "real"}
     assert T.misses(pd.DataFrame([row])).m.tolist() == [1.3]
+
+
+def test_coverage_counts_near_gate_illusions_and_hard_negatives():
+    """Only 1-D MLP cases above the gate count; an illusion at 2x the gate is near it, above is not."""
+    likely = "likely illusory"
+    ill = [_case("illusory", likely) | {"fldd": f, "gate": 0.2} for f in (0.25, 0.4, 0.41)]
+    real = [_case("real", "caution") | {"kind": k, "gate": 0.2} for k in ("hard negative", "edit")]
+    off = [_case("illusory", likely, gate_pos="holds") | {"fldd": 0.3, "gate": 0.2}]
+    off += [_case("real", "caution", site="resid_post") | {"kind": "hard negative", "gate": 0.2}]
+    rows = pd.DataFrame(ill + real + off).assign(task="facts")
+    cov = T.coverage(pd.concat([rows, rows.assign(task="ioi")])).set_index("task")
+    assert cov.loc["facts", ["illusions", "near_gate", "real", "hard"]].tolist() == [3, 2, 2, 1]
+    assert cov.loc["ioi", "split"] == "calibration"
+    assert cov.loc["pooled", "illusions"] == 3  # held-out tasks only
+    assert "2/3 = 0.67" in bench.coverage_markdown(rows)
 
 
 def test_rule_hash_follows_the_frozen_files(tmp_path, monkeypatch):

@@ -174,6 +174,37 @@ def rates_row(model: str, task: str, split: str, g: pd.DataFrame, k_dim: bool = 
     return row | {"auc": r["auc"]["value"]}
 
 
+def coverage(table: pd.DataFrame) -> pd.DataFrame:
+    """Per model × task, and per model the held-out tasks pooled: the 1-D MLP cases above the
+    gate, the illusions among them within twice the gate, the real ones that are hard negatives."""
+    table = table.assign(
+        split=[split_of(m, t) for m, t in zip(table.model, table.task, strict=True)]
+    )
+    groups = [(m, t, s, g) for (m, t, s), g in table.groupby(["model", "task", "split"])]
+    held = table[table.split == "held-out"]
+    groups += [(m, "pooled", "held-out", g) for m, g in held.groupby("model")]
+    return pd.DataFrame([coverage_row(m, t, s, g) for m, t, s, g in groups])
+
+
+def coverage_row(model: str, task: str, split: str, g: pd.DataFrame) -> dict:
+    """One group's coverage: counts above the gate and the shares that make the rates hard."""
+    ill, real = mlp_above(g)
+    near = int((ill.fldd <= 2 * ill.gate).sum())
+    hard = int((real.kind == "hard negative").sum())
+    share = lambda k, n: k / n if n else NAN  # noqa: E731
+    return {
+        "model": model,
+        "task": task,
+        "split": split,
+        "illusions": len(ill),
+        "near_gate": near,
+        "near_gate_share": share(near, len(ill)),
+        "real": len(real),
+        "hard": hard,
+        "hard_share": share(hard, len(real)),
+    }
+
+
 def roc_curve(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(fpr, tpr) of the illusion score over the MLP cases above the gate."""
     ill, real = mlp_above(table)

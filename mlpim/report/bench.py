@@ -48,6 +48,28 @@ def rates_markdown(table: pd.DataFrame, k_dim: bool = False) -> str:
     return io.markdown_table(out.set_index("model"))
 
 
+def coverage_markdown(table: pd.DataFrame) -> str:
+    """How many 1-D MLP cases lie above the gate, and how hard they are, per model × task."""
+    cov = T.coverage(table)
+    part = lambda k, n: f"{k}/{n} = {k / n:.2f}" if n else "0/0"  # noqa: E731
+    out = pd.DataFrame(
+        {
+            "model": cov.model,
+            "task": cov.task,
+            "split": cov.split,
+            "illusions above the gate": cov.illusions,
+            "of those, within twice the gate": [
+                part(k, n) for k, n in zip(cov.near_gate, cov.illusions, strict=True)
+            ],
+            "real MLP above the gate": cov.real,
+            "of those, hard negatives": [
+                part(k, n) for k, n in zip(cov.hard, cov.real, strict=True)
+            ],
+        }
+    )
+    return io.markdown_table(out.set_index("model"))
+
+
 def kinds_markdown(table: pd.DataFrame) -> str:
     """Per kind and truth: how many cases lie above, at and below the gate, and how many of those
     above were called likely illusory."""
@@ -85,6 +107,10 @@ def markdown(header: str, table: pd.DataFrame) -> str:
         "A case counts in a rate only when its effect's whole 95% interval lies above the gate "
         "(MLP sites); a case whose interval holds the gate is in neither rate.\n\n"
         f"### Planted k-dim subspaces (beside, never pooled)\n\n{rates_markdown(table, True)}\n\n"
+        f"## Coverage\n\n{coverage_markdown(table)}\n\n"
+        "Directions only (k = 1). The benchmark aims at 60 or more cases a side per model, with at "
+        "least a third of the illusions within twice the gate (where detection is hard) and at "
+        "least a third of the real cases hard negatives.\n\n"
         f"## Cases by kind\n\n{kinds_markdown(table)}\n\n"
         f"## Confusion matrix\n\n{io.markdown_table(T.confusion(table))}\n\n"
         f"## Misses (above the gate)\n\n"
