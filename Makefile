@@ -63,9 +63,10 @@ format: setup  ## ruff format
 	$(VENV)/bin/ruff format mlpim tests scripts
 	$(VENV)/bin/ruff check --fix mlpim tests scripts
 
-bench: setup  ## DAS epoch timings: fast path vs plain path vs pyvene; FLDD from two logit columns
+bench: setup  ## DAS epoch timings: fast path vs plain path vs pyvene; FLDD from two logit columns; float32 vs bfloat16 ops
 	$(PY) scripts/bench_das.py model=$(MODEL) $(ARGS)
 	$(PY) scripts/bench_lds.py model=$(MODEL) $(ARGS)
+	$(PY) scripts/bench_dtype.py
 
 bench-check: setup  ## `mlpim check` cold and warm: the reference's serial path vs batched
 	$(PY) scripts/bench_check.py model=$(MODEL) $(ARGS)

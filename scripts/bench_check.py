@@ -3,20 +3,21 @@ random-MLP reference's seeds trained one after another for every epoch, on the p
 second time; only that reference cached) against today's (the seeds as one batched problem,
 stopped once converged, on the check's own preparation; the site's prepared pairs, natural
 activations and references cached too, `extra.activation_cache`); each cold (empty caches) and
-warm (the second check of the direction).
+warm (the second check of the direction). `--paths serial,batched,bfloat16` adds today's path
+with the model in bfloat16 (`model.dtype=bfloat16`).
 
-Usage (flags first, then Hydra overrides for both paths):
+Usage (flags first, then Hydra overrides for every path):
 
     .venv/bin/python scripts/bench_check.py [--direction PATH] [--out DIR] [--threads N]
-        model=smollm2-135m [...]
+        [--paths P[,P]] model=smollm2-135m [...]
 
 Without `--direction`, `mlpim run experiment=ioi_mlp8_das` finds v_MLP first (timed: the issue's
 target is a check no longer than finding the direction). Each check is its own process
-(`python -m mlpim check`), so that cold means cold; the runs alternate (serial cold, batched
-cold, serial warm, batched warm) so that a change in the machine's load touches both paths.
-Every run's printed table (`illusion_check.summarize`, to the 3 printed decimals) is compared
-with the serial cold run's: the verdict and every value agree, or the cells that differ are
-printed. The serial path is `extra.reference_mode=serial method.early_stop=none`.
+(`python -m mlpim check`), so that cold means cold; the runs alternate (every path cold, then
+every path warm) so that a change in the machine's load touches each path. Every run's printed
+table (`illusion_check.summarize`, to the 3 printed decimals) is compared with the first path's
+cold run: the verdict and every value agree, or the cells that differ are printed. The serial
+path is `extra.reference_mode=serial method.early_stop=none`.
 """
 
 from __future__ import annotations
@@ -48,9 +49,18 @@ PATHS = {  # path -> its overrides (the serial path keeps the random-MLP referen
         "extra.activation_cache=null",
     ],
     "batched": [],
+    "bfloat16": ["model.dtype=bfloat16"],  # today's path with the model in bfloat16
 }
-ORDER = [("serial", "cold"), ("batched", "cold"), ("serial", "warm"), ("batched", "warm")]
+DEFAULT_PATHS = "serial,batched"
 DEFAULT_OUT = Path("outputs/bench/bench_check")
+
+
+def order(paths: list[str]) -> list[tuple[str, str]]:
+    """The runs in order: every path cold, then every path warm (load touches each alike)."""
+    return [(p, cache) for cache in ("cold", "warm") for p in paths]
+
+
+ORDER = order(DEFAULT_PATHS.split(","))
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -58,7 +68,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--direction", type=Path, help="a saved direction (default: find v_MLP first)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of the runs and table")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs (default: as is)")
-    return p.parse_known_args(argv)
+    p.add_argument(
+        "--paths",
+        default=DEFAULT_PATHS,
+        help=f"comma-separated, the first the baseline: {', '.join(PATHS)} (default {DEFAULT_PATHS})",
+    )
+    args, overrides = p.parse_known_args(argv)
+    if unknown := set(args.paths.split(",")) - set(PATHS):
+        p.error(f"unknown path(s) {', '.join(sorted(unknown))}; allowed: {', '.join(PATHS)}")
+    return args, overrides
 
 
 def machine(threads: int | None = None) -> str:
@@ -114,12 +132,14 @@ def find_direction(overrides: list[str], out: Path, env: dict[str, str]) -> tupl
     return run_dir / C.DIRECTION, seconds
 
 
-def check_runs(direction: Path, overrides: list[str], out: Path, env: dict) -> pd.DataFrame:
-    """Every (path, cache) run of ORDER: seconds, peak RSS, and its printed table."""
+def check_runs(
+    direction: Path, overrides: list[str], out: Path, env: dict, paths: list[str]
+) -> pd.DataFrame:
+    """Every (path, cache) run of `order(paths)`: seconds, peak RSS, and its printed table."""
     rows = []
-    for path in PATHS:
+    for path in paths:
         shutil.rmtree(out / f"cache_{path}", ignore_errors=True)  # cold is cold
-    for path, cache in ORDER:
+    for path, cache in order(paths):
         run_dir = out / f"{path}_{cache}"
         args = ["check", str(direction), *overrides, *PATHS[path]]
         args += [f"extra.reference_cache={out / f'cache_{path}' / 'references'}"]
@@ -150,14 +170,15 @@ def differences(a: pd.DataFrame, b: pd.DataFrame) -> list[str]:
 
 
 def report(runs: pd.DataFrame, found: float | None) -> pd.DataFrame:
-    """The printed table: seconds and peak RSS per path and cache, batched/serial ratio,
-    verdict; then what differs from the serial cold run."""
-    ref = runs.table.iloc[0]
+    """The printed table: seconds and peak RSS per path and cache, the ratio to the first path
+    (the baseline) at the same cache, verdict; then what differs from the first cold run."""
+    ref, first = runs.table.iloc[0], runs.path.iloc[0]
     runs["verdict"] = [t.loc["verdict", "warning"].split(" (")[0] for t in runs.table]
     runs["differs"] = [len(differences(ref, t)) for t in runs.table]
-    base = runs[runs.path == "serial"].set_index("cache").seconds
-    runs["ratio_vs_serial"] = [s / base[c] for s, c in zip(runs.seconds, runs.cache, strict=True)]
-    cols = ["path", "cache", "reference", "seconds", "ratio_vs_serial", "peak_rss_mb"]
+    base = runs[runs.path == first].set_index("cache").seconds
+    ratio = f"ratio_vs_{first}"
+    runs[ratio] = [s / base[c] for s, c in zip(runs.seconds, runs.cache, strict=True)]
+    cols = ["path", "cache", "reference", "seconds", ratio, "peak_rss_mb"]
     cols += ["differs", "verdict"]
     with pd.option_context("display.width", 200, "display.max_colwidth", 40):
         print("\n" + runs[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
@@ -166,7 +187,7 @@ def report(runs: pd.DataFrame, found: float | None) -> pd.DataFrame:
     for _, run in runs.iloc[1:].iterrows():
         diff = differences(ref, run.table)
         said = "; ".join(diff) if diff else "the verdict and every printed value agree"
-        print(f"{run.path} {run.cache} vs serial cold: {said}")
+        print(f"{run.path} {run.cache} vs {first} cold: {said}")
     return runs[cols]
 
 
@@ -182,7 +203,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     direction = args.direction
     if direction is None:
         direction, found = find_direction(overrides, out, env)
-    runs = check_runs(direction.resolve(), overrides, out, env)
+    runs = check_runs(direction.resolve(), overrides, out, env, args.paths.split(","))
     table = report(runs, found)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     table.assign(

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from helpers import FAST, REFS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_check.py"
@@ -44,6 +45,20 @@ def test_bench_check_compares_both_paths_cold_and_warm(tmp_path, monkeypatch, ca
     saved = pd.read_csv(tmp_path / "bench_check.csv")
     assert set(saved.path) == {"serial", "batched"} and (saved.model == "tiny").all()
     assert "finding the direction (ioi_mlp8_das) took" in out
+
+
+def test_paths_run_cold_then_warm_and_an_unknown_one_is_refused(capsys):
+    bench = load_script()
+    assert bench.order(["batched", "bfloat16"]) == [
+        ("batched", "cold"),
+        ("bfloat16", "cold"),
+        ("batched", "warm"),
+        ("bfloat16", "warm"),
+    ]
+    assert bench.PATHS["bfloat16"] == ["model.dtype=bfloat16"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--paths", "batched,fp8"])
+    assert "unknown path(s) fp8" in capsys.readouterr().err
 
 
 def test_differences_name_each_printed_cell():
