@@ -104,7 +104,7 @@ def report(out: Path) -> Path:
         where.mkdir(exist_ok=True)
         bench.plots(table, where, f"verdict benchmark ({rule})")
     text = "# The verdict's power: illusion_benchmark over models × tasks\n\n## Parts\n\n"
-    text += markdown_table(parts.set_index("part")) + "\n\n"
+    text += markdown_table(parts.set_index("part")) + "\n\n" + wall_times(parts) + "\n\n"
     if (repeats := int(parts.cases.sum()) - len(cases)) > 0:
         print(f"{repeats} repeated cases counted once", flush=True)
         text += f"{repeats} cases measured by more than one part (the same model, task, seed,"
@@ -112,6 +112,16 @@ def report(out: Path) -> Path:
     text += "\n\n".join(pages)
     write_text(text, out, "REPORT.md")
     return out / "REPORT.md"
+
+
+def wall_times(parts: pd.DataFrame) -> str:
+    """One line: the parts' wall time summed per model."""
+    per = parts.groupby("model")["wall time (min)"].agg(["sum", "size"])
+    said = [
+        f"{m} {s:.1f} min over {n} parts"
+        for m, s, n in zip(per.index, per["sum"], per["size"], strict=True)
+    ]
+    return "Wall time per model: " + "; ".join(said) + "."
 
 
 def main(argv: list[str]) -> None:

@@ -102,10 +102,11 @@ def test_coverage_counts_near_gate_illusions_and_hard_negatives():
     off = [_case("illusory", likely, gate_pos="holds") | {"fldd": 0.3, "gate": 0.2}]
     off += [_case("real", "caution", site="resid_post") | {"kind": "hard negative", "gate": 0.2}]
     rows = pd.DataFrame(ill + real + off).assign(task="facts")
-    cov = T.coverage(pd.concat([rows, rows.assign(task="ioi")])).set_index("task")
+    both = pd.concat([rows, rows.assign(task="ioi"), rows.assign(task="pronouns")])
+    cov = T.coverage(both).set_index("task")
     assert cov.loc["facts", ["illusions", "near_gate", "real", "hard"]].tolist() == [3, 2, 2, 1]
     assert cov.loc["ioi", "split"] == "calibration"
-    assert cov.loc["pooled", "illusions"] == 3  # held-out tasks only
+    assert cov.loc["pooled", "illusions"] == 6  # held-out tasks only
     assert "2/3 = 0.67" in bench.coverage_markdown(rows)
 
 
@@ -360,6 +361,7 @@ def test_verdict_bench_runs_parts_resumes_and_merges(tmp_path, capsys):
     merged = pd.read_csv(tmp_path / "cases.csv")
     assert set(merged.task) == {"ioi", "pronouns"} and set(merged.seed) == {0}
     assert "| pooled | held-out |" in text  # tiny × both tasks: held-out, pooled under one hash
+    assert "Wall time per model: tiny " in text and " over 2 parts." in text
     assert (tmp_path / "roc.png").exists() and (tmp_path / "scores.png").exists()
     capsys.readouterr()
     vb.main(argv)

@@ -182,7 +182,9 @@ def coverage(table: pd.DataFrame) -> pd.DataFrame:
     )
     groups = [(m, t, s, g) for (m, t, s), g in table.groupby(["model", "task", "split"])]
     held = table[table.split == "held-out"]
-    groups += [(m, "pooled", "held-out", g) for m, g in held.groupby("model")]
+    groups += [
+        (m, "pooled", "held-out", g) for m, g in held.groupby("model") if g.task.nunique() > 1
+    ]
     return pd.DataFrame([coverage_row(m, t, s, g) for m, t, s, g in groups])
 
 
