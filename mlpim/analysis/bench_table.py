@@ -148,19 +148,24 @@ def rates(table: pd.DataFrame, k_dim: bool = False) -> dict[str, dict[str, float
     }
 
 
+def groups(table: pd.DataFrame) -> list[tuple[str, str, str, pd.DataFrame]]:
+    """(model, task, split, cases) per model × task, then per model its held-out tasks pooled
+    where it has several (the calibration split, SmolLM2 × IOI, is never pooled)."""
+    table = table.assign(
+        split=[split_of(m, t) for m, t in zip(table.model, table.task, strict=True)]
+    )
+    out = [(m, t, s, g) for (m, t, s), g in table.groupby(["model", "task", "split"])]
+    held = table[table.split == "held-out"]
+    return out + [
+        (m, "pooled", "held-out", g) for m, g in held.groupby("model") if g.task.nunique() > 1
+    ]
+
+
 def rates_table(table: pd.DataFrame, k_dim: bool = False) -> pd.DataFrame:
     """One row per model × task, and per model the held-out tasks pooled: the rates and their
     exact intervals (the calibration split, SmolLM2 × IOI, is never pooled with held-out ones);
     directions, or with `k_dim` the planted k-dim subspaces."""
-    table = table.assign(
-        split=[split_of(m, t) for m, t in zip(table.model, table.task, strict=True)]
-    )
-    groups = [(m, t, s, g) for (m, t, s), g in table.groupby(["model", "task", "split"])]
-    held = table[table.split == "held-out"]
-    groups += [
-        (m, "pooled", "held-out", g) for m, g in held.groupby("model") if g.task.nunique() > 1
-    ]
-    return pd.DataFrame([rates_row(m, t, s, g, k_dim) for m, t, s, g in groups])
+    return pd.DataFrame([rates_row(m, t, s, g, k_dim) for m, t, s, g in groups(table)])
 
 
 def rates_row(model: str, task: str, split: str, g: pd.DataFrame, k_dim: bool = False) -> dict:
@@ -177,15 +182,7 @@ def rates_row(model: str, task: str, split: str, g: pd.DataFrame, k_dim: bool = 
 def coverage(table: pd.DataFrame) -> pd.DataFrame:
     """Per model × task, and per model the held-out tasks pooled: the 1-D MLP cases above the
     gate, the illusions among them within twice the gate, the real ones that are hard negatives."""
-    table = table.assign(
-        split=[split_of(m, t) for m, t in zip(table.model, table.task, strict=True)]
-    )
-    groups = [(m, t, s, g) for (m, t, s), g in table.groupby(["model", "task", "split"])]
-    held = table[table.split == "held-out"]
-    groups += [
-        (m, "pooled", "held-out", g) for m, g in held.groupby("model") if g.task.nunique() > 1
-    ]
-    return pd.DataFrame([coverage_row(m, t, s, g) for m, t, s, g in groups])
+    return pd.DataFrame([coverage_row(m, t, s, g) for m, t, s, g in groups(table)])
 
 
 def coverage_row(model: str, task: str, split: str, g: pd.DataFrame) -> dict:
