@@ -186,22 +186,12 @@ def coverage(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def coverage_row(model: str, task: str, split: str, g: pd.DataFrame) -> dict:
-    """One group's coverage: counts above the gate and the shares that make the rates hard."""
+    """One group's coverage: its counts above the gate, and those near it or hard among them."""
     ill, real = mlp_above(g)
     near = int((ill.fldd <= 2 * ill.gate).sum())
     hard = int((real.kind == "hard negative").sum())
-    share = lambda k, n: k / n if n else NAN  # noqa: E731
-    return {
-        "model": model,
-        "task": task,
-        "split": split,
-        "illusions": len(ill),
-        "near_gate": near,
-        "near_gate_share": share(near, len(ill)),
-        "real": len(real),
-        "hard": hard,
-        "hard_share": share(hard, len(real)),
-    }
+    where = {"model": model, "task": task, "split": split}
+    return where | {"illusions": len(ill), "near_gate": near, "real": len(real), "hard": hard}
 
 
 def roc_curve(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

@@ -177,8 +177,7 @@ def agrees(model, kept: list[Prepared], kind: str, layer: int, rows: int = 4) ->
     if not kept:
         return True
     p = kept[0]
-    wide = p.clean_logits.dtype in (torch.float32, torch.float64)
-    first = p.pairs.head(rows) if wide else p.pairs
+    first = p.pairs.head(rows) if wide(p.clean_logits) else p.pairs
     fresh = prepare_sites(model, first, [(kind, layer)], p.engine, tuple(p.extra))[(kind, layer)]
     kept_parts = ("clean_logits", "base_act", "source_act")
     pairs = [(getattr(fresh, f), getattr(p, f)) for f in kept_parts]
@@ -248,10 +247,15 @@ def patch_each(
     return {s: cat(rs) for s, rs in results.items()}, torch.cat(clean)
 
 
+def wide(x: Tensor) -> bool:
+    """Whether `x` is float32 or float64 (else 16 bits, with their own tolerance)."""
+    return x.dtype in (torch.float32, torch.float64)
+
+
 def tolerance(logits: Tensor) -> float:
     """Allowed max |Δ| between engine and model logits for this dtype."""
     scale = logits.abs().max().item()
-    if logits.dtype == torch.float32 or logits.dtype == torch.float64:
+    if wide(logits):
         return 1e-3 * scale + 1e-4
     return 2e-2 * scale + 1e-2  # bfloat16 / float16
 
